@@ -1,0 +1,510 @@
+//! The HTTP API: JSON over axum, errors as `{"error": {"code", "message"}}`.
+//!
+//! Nothing below this module knows about HTTP. Every handler validates its whole input
+//! before calling the log, so a request that fails writes nothing.
+
+mod error;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+pub use error::ApiError;
+
+use crate::bus::{Bus, Start};
+use crate::event::{EventType, Metadata, NewEvent, Payload};
+use crate::log::{AppendError, EventLog, ExpectedVersion, ReadFilter, StreamAppend};
+use crate::pattern::PatternSet;
+
+/// Most events returned by one read.
+pub const MAX_READ_LIMIT: usize = 10_000;
+
+/// Limits the API enforces on requests.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest payload per event, in bytes of JSON text (413 above it).
+    pub max_event_bytes: usize,
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Most events per append request (413 above it).
+    pub max_batch_events: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1024 * 1024,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_batch_events: 10_000,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    log: Arc<dyn EventLog>,
+    bus: Bus,
+    config: Arc<ApiConfig>,
+}
+
+impl AppState {
+    /// State over `log` and `bus` with `config`'s limits.
+    pub fn new(log: Arc<dyn EventLog>, bus: Bus, config: ApiConfig) -> Self {
+        Self {
+            log,
+            bus,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/streams/{stream}", post(append_stream).get(read_stream))
+        .route("/v1/events", post(append_events).get(read_events))
+        .route("/v1/subscribe", get(subscribe))
+        .route("/v1/wait", get(wait))
+        .route("/v1/bus/stats", get(stats))
+        .route("/v1/bus/history", get(history))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "HTTP API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn health(State(st): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "head": st.log.head(), "version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// One event in an append request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    #[serde(rename = "type")]
+    event_type: EventType,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamAppendBody {
+    #[serde(default)]
+    expected_version: ExpectedVersion,
+    events: Vec<EventBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiEventBody {
+    stream: String,
+    #[serde(default)]
+    expected_version: ExpectedVersion,
+    #[serde(rename = "type")]
+    event_type: EventType,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiAppendBody {
+    events: Vec<MultiEventBody>,
+}
+
+/// Parses a JSON body, turning every failure into a 400/413 that says what was wrong.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("request body is too large: {}", e.body_text()))
+        } else {
+            ApiError::bad_request("bad_body", e.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+fn new_event(
+    cfg: &ApiConfig,
+    event_type: EventType,
+    payload: Box<RawValue>,
+    metadata: Metadata,
+    id: Option<String>,
+    source: Option<String>,
+) -> Result<NewEvent, ApiError> {
+    let text = payload.get();
+    if text.len() > cfg.max_event_bytes {
+        return Err(ApiError::too_large(format!(
+            "payload of a {event_type} event is {} bytes, more than the limit of {} bytes",
+            text.len(),
+            cfg.max_event_bytes
+        )));
+    }
+    if let Some(id) = &id {
+        crate::event::validate_id(id)
+            .map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
+    }
+    Ok(NewEvent {
+        id,
+        event_type,
+        source: source.unwrap_or_default(),
+        payload: Payload::trusted(text),
+        metadata,
+    })
+}
+
+fn check_batch(cfg: &ApiConfig, n: usize) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(ApiError::bad_request(
+            "empty_append",
+            "the append has no events; send at least one in \"events\"",
+        ));
+    }
+    if n > cfg.max_batch_events {
+        return Err(ApiError::too_large(format!(
+            "the append has {n} events, more than the limit of {}; split it",
+            cfg.max_batch_events
+        )));
+    }
+    Ok(())
+}
+
+fn stream_name(s: &str) -> Result<(), ApiError> {
+    crate::event::validate_stream(s)
+        .map_err(|e| ApiError::bad_request("invalid_stream", e.to_string()))
+}
+
+async fn append_stream(
+    State(st): State<AppState>,
+    Path(stream): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    stream_name(&stream)?;
+    let body: StreamAppendBody = parse_body(body)?;
+    check_batch(&st.config, body.events.len())?;
+    let events = body
+        .events
+        .into_iter()
+        .map(|e| {
+            new_event(
+                &st.config,
+                e.event_type,
+                e.payload,
+                e.metadata,
+                e.id,
+                e.source,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut done = st
+        .log
+        .append(vec![StreamAppend {
+            stream,
+            expected: body.expected_version,
+            events,
+        }])
+        .await
+        .map_err(append_error)?;
+    let appended = done.pop().expect("one group in, one result out");
+    Ok((StatusCode::OK, Json(appended)).into_response())
+}
+
+async fn append_events(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: MultiAppendBody = parse_body(body)?;
+    check_batch(&st.config, body.events.len())?;
+    let mut groups = Vec::with_capacity(body.events.len());
+    for e in body.events {
+        stream_name(&e.stream)?;
+        groups.push(StreamAppend {
+            stream: e.stream,
+            expected: e.expected_version,
+            events: vec![new_event(
+                &st.config,
+                e.event_type,
+                e.payload,
+                e.metadata,
+                e.id,
+                e.source,
+            )?],
+        });
+    }
+    let done = st.log.append(groups).await.map_err(append_error)?;
+    let positions: Vec<u64> = done.iter().map(|a| a.positions[0]).collect();
+    Ok(Json(json!({"positions": positions, "streams": done})).into_response())
+}
+
+fn append_error(e: AppendError) -> ApiError {
+    match e {
+        AppendError::Conflict {
+            ref stream,
+            expected,
+            current,
+        } => ApiError::new(StatusCode::CONFLICT, "version_conflict", e.to_string())
+            .with("stream", json!(stream))
+            .with("expected_version", json!(expected))
+            .with("current_version", json!(current)),
+        AppendError::Invalid(m) => ApiError::bad_request("invalid_append", m),
+        AppendError::Storage(e) => ApiError::unavailable(e.to_string()),
+    }
+}
+
+fn patterns(p: Option<&str>) -> Result<PatternSet, ApiError> {
+    match p {
+        None | Some("") => Ok(PatternSet::all()),
+        Some(p) => PatternSet::parse_list(p)
+            .map_err(|e| ApiError::bad_request("invalid_pattern", e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+    #[serde(rename = "type")]
+    pattern: Option<String>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+fn limit(l: Option<usize>) -> usize {
+    l.unwrap_or(100).clamp(1, MAX_READ_LIMIT)
+}
+
+async fn read_events(
+    State(st): State<AppState>,
+    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
+    let filter = ReadFilter {
+        types: q
+            .pattern
+            .as_deref()
+            .map(|p| patterns(Some(p)))
+            .transpose()?,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    let page = st
+        .log
+        .read(q.from, limit(q.limit), &filter)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(
+        json!({"events": page.events, "next": page.next, "head": st.log.head()}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    #[serde(default)]
+    from_version: u64,
+    limit: Option<usize>,
+}
+
+async fn read_stream(
+    State(st): State<AppState>,
+    Path(stream): Path<String>,
+    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    stream_name(&stream)?;
+    let q = query(q)?;
+    let version = st
+        .log
+        .stream_version(&stream)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if version == 0 {
+        return Err(ApiError::not_found(format!(
+            "stream {stream:?} has no events"
+        )));
+    }
+    let events = st
+        .log
+        .read_stream(&stream, q.from_version, limit(q.limit))
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(
+        json!({"stream": stream, "events": events, "version": version}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeQuery {
+    pattern: Option<String>,
+    from: Option<u64>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+}
+
+/// Server-Sent Events: `id` is the event's position, `data` the event as JSON. A client that
+/// reconnects with `from` (or `Last-Event-ID`) set past the last id it saw misses nothing.
+async fn subscribe(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<SubscribeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>>, ApiError> {
+    let q = query(q)?;
+    let pats = patterns(q.pattern.as_deref())?;
+    let last_seen = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let start = match (last_seen, q.from) {
+        (Some(id), _) => Start::Position(id + 1),
+        (None, Some(from)) => Start::Position(from),
+        (None, None) => Start::Head,
+    };
+    let filter = ReadFilter {
+        types: None,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    let sub = st.bus.subscribe(pats, filter, start);
+    let stream = sub.into_stream().map(|item| {
+        Ok(match item {
+            Ok(e) => axum::response::sse::Event::default()
+                .id(e.position.to_string())
+                .json_data(&*e)
+                .unwrap_or_else(|_| {
+                    axum::response::sse::Event::default().comment("unencodable event")
+                }),
+            Err(e) => axum::response::sse::Event::default()
+                .event("error")
+                .data(e.to_string()),
+        })
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    pattern: Option<String>,
+    timeout_ms: Option<u64>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+}
+
+/// Waits for the next matching event; 200 with it, or 408 when `timeout_ms` (default
+/// 30 s, at most 5 min) passes first.
+async fn wait(
+    State(st): State<AppState>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let pats = patterns(q.pattern.as_deref())?;
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
+    let filter = ReadFilter {
+        types: None,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    match st.bus.wait_for(pats, filter, timeout).await {
+        Ok(Some(e)) => Ok(Json(&*e).into_response()),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("no matching event within {} ms", timeout.as_millis()),
+        )),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+async fn stats(State(st): State<AppState>) -> Json<crate::bus::BusStats> {
+    Json(st.bus.stats())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    #[serde(rename = "type")]
+    pattern: Option<String>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The most recent events the bus keeps, newest first.
+async fn history(
+    State(st): State<AppState>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
+    let filter = ReadFilter {
+        types: q
+            .pattern
+            .as_deref()
+            .map(|p| patterns(Some(p)))
+            .transpose()?,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    let events = st.bus.history(&filter, limit(q.limit));
+    let events: Vec<&crate::event::Event> = events.iter().map(|e| &**e).collect();
+    Ok(Json(json!({"events": events})))
+}

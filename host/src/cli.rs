@@ -1,0 +1,359 @@
+//! The `evhost` command line: `serve` runs the host; `events` talks to a running host.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::api::{self, ApiConfig, AppState};
+use crate::bus::{Bus, Hub};
+use crate::log::{EventLog, SledLog, SledLogConfig};
+
+/// evhost: an event log and live bus that runs sandboxed WebAssembly event handlers.
+#[derive(Debug, Parser)]
+#[command(name = "evhost", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the host: the event log under --data and the HTTP API on --listen.
+    Serve(ServeArgs),
+    /// Append, read and follow events on a running host.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Directory holding the event log (created if missing).
+    #[arg(long, env = "EVHOST_DATA", default_value = "evhost-data")]
+    data: PathBuf,
+    /// Address of the HTTP API. Keep it on loopback unless a proxy guards it.
+    #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Largest payload accepted per event, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_event_bytes: usize,
+    /// Most events accepted in one append request.
+    #[arg(long, default_value_t = 10_000)]
+    max_batch_events: usize,
+    /// Memory for the storage cache, in MiB (bounds the host's memory use).
+    #[arg(long, default_value_t = 64)]
+    cache_mb: u64,
+    /// Events the bus keeps in memory for history and fast fan-out.
+    #[arg(long, default_value_t = 10_000)]
+    history: usize,
+}
+
+#[derive(Debug, Args)]
+struct Remote {
+    /// URL of the running host.
+    #[arg(long, env = "EVHOST_URL", default_value = "http://127.0.0.1:7700")]
+    url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Append one event to a stream; prints the positions and the stream's next version.
+    Append {
+        #[command(flatten)]
+        remote: Remote,
+        /// Stream to append to.
+        #[arg(long)]
+        stream: String,
+        /// Event type, e.g. assistant.tool.executed.
+        #[arg(long = "type")]
+        event_type: String,
+        /// Payload as JSON; `-` reads it from standard input.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Expected stream version: a number, `any` or `no_stream`.
+        #[arg(long, default_value = "any")]
+        expected_version: String,
+        /// Idempotency key: an event with an id already in the log is not appended again.
+        #[arg(long)]
+        id: Option<String>,
+        /// Correlation id (metadata.correlation_id).
+        #[arg(long)]
+        correlation_id: Option<String>,
+        /// Producing service.
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Read events by position; prints one JSON event per line.
+    Read {
+        #[command(flatten)]
+        remote: Remote,
+        /// First position to read.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Most events to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only types matching this pattern (e.g. `memory.*`, `assistant.>`).
+        #[arg(long = "type")]
+        pattern: Option<String>,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Follow events as they are committed; prints one JSON event per line.
+    Tail {
+        #[command(flatten)]
+        remote: Remote,
+        /// Patterns to follow, comma-separated.
+        #[arg(long, default_value = ">")]
+        pattern: String,
+        /// Start at this position instead of at the head.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Events(cmd) => events(cmd).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "listening beyond loopback: anyone who can reach this address can append events");
+    }
+    let hub = Hub::new(args.history);
+    let mut config = SledLogConfig::new(&args.data);
+    config.cache_bytes = args.cache_mb * 1024 * 1024;
+    config.max_event_bytes = args.max_event_bytes;
+    config.max_batch_events = args.max_batch_events;
+    let log = Arc::new(
+        SledLog::open(config, hub.clone())
+            .with_context(|| format!("opening the event log in {}", args.data.display()))?,
+    );
+    let dyn_log: Arc<dyn EventLog> = log.clone();
+    let bus = Bus::new(dyn_log.clone(), hub);
+    let state = AppState::new(
+        dyn_log,
+        bus,
+        ApiConfig {
+            max_event_bytes: args.max_event_bytes,
+            max_batch_events: args.max_batch_events,
+            ..ApiConfig::default()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    api::serve(listener, state, shutdown_signal())
+        .await
+        .context("serving the HTTP API")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// Returns the JSON body of a successful reply, or the server's error message.
+async fn json_reply(resp: reqwest::Response) -> Result<Value> {
+    let status = resp.status();
+    let body: Value = resp.json().await.context("reading the host's reply")?;
+    if !status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("(no message)");
+        bail!("host answered {status}: {msg}");
+    }
+    Ok(body)
+}
+
+async fn events(cmd: EventsCommand) -> Result<()> {
+    match cmd {
+        EventsCommand::Append {
+            remote,
+            stream,
+            event_type,
+            payload,
+            expected_version,
+            id,
+            correlation_id,
+            source,
+        } => {
+            let payload = if payload == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("reading the payload from stdin")?
+            } else {
+                payload
+            };
+            let payload: Value = serde_json::from_str(&payload)
+                .with_context(|| format!("--payload is not valid JSON: {payload}"))?;
+            let expected: Value = match expected_version.parse::<u64>() {
+                Ok(n) => json!(n),
+                Err(_) => json!(expected_version),
+            };
+            let mut event = json!({"type": event_type, "payload": payload});
+            if let Some(id) = id {
+                event["id"] = json!(id);
+            }
+            if let Some(c) = correlation_id {
+                event["metadata"] = json!({"correlation_id": c});
+            }
+            if let Some(s) = source {
+                event["source"] = json!(s);
+            }
+            let url = format!("{}/v1/streams/{}", remote.url, urlencode(&stream));
+            let resp = client()
+                .post(url)
+                .json(&json!({"expected_version": expected, "events": [event]}))
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
+        EventsCommand::Read {
+            remote,
+            from,
+            limit,
+            pattern,
+            stream,
+        } => {
+            let mut from = from;
+            let mut left = limit;
+            while left > 0 {
+                let mut q = vec![
+                    ("from", from.to_string()),
+                    ("limit", left.min(api::MAX_READ_LIMIT).to_string()),
+                ];
+                if let Some(p) = &pattern {
+                    q.push(("type", p.clone()));
+                }
+                if let Some(s) = &stream {
+                    q.push(("stream", s.clone()));
+                }
+                let resp = client()
+                    .get(format!("{}/v1/events", remote.url))
+                    .query(&q)
+                    .send()
+                    .await
+                    .with_context(|| format!("reaching the host at {}", remote.url))?;
+                let body = json_reply(resp).await?;
+                let events = body["events"].as_array().cloned().unwrap_or_default();
+                for e in &events {
+                    println!("{e}");
+                }
+                left -= events.len().min(left);
+                let next = body["next"].as_u64().unwrap_or(from);
+                if next >= body["head"].as_u64().unwrap_or(0) || next == from {
+                    break;
+                }
+                from = next;
+            }
+        }
+        EventsCommand::Tail {
+            remote,
+            pattern,
+            from,
+            count,
+        } => {
+            let mut q = vec![("pattern", pattern)];
+            if let Some(f) = from {
+                q.push(("from", f.to_string()));
+            }
+            let resp = client()
+                .get(format!("{}/v1/subscribe", remote.url))
+                .query(&q)
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            if !resp.status().is_success() {
+                json_reply(resp).await?;
+                return Ok(());
+            }
+            let mut seen = 0u64;
+            let mut buf = String::new();
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                buf.push_str(&String::from_utf8_lossy(
+                    &chunk.context("reading the event stream")?,
+                ));
+                while let Some(end) = buf.find('\n') {
+                    let line: String = buf.drain(..=end).collect();
+                    if let Some(data) = line.trim_end().strip_prefix("data:") {
+                        println!("{}", data.trim_start());
+                        seen += 1;
+                        if count.is_some_and(|c| seen >= c) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes a path segment.
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,344 @@
+//! The event envelope: what every event in the log carries, and what a client sends to append one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Longest event type accepted, in bytes; long enough for any sensible hierarchy.
+pub const MAX_TYPE_LEN: usize = 255;
+/// Longest stream name accepted, in bytes.
+pub const MAX_STREAM_LEN: usize = 255;
+/// Longest event id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why an event type, stream name or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidName {
+    /// The event type is not `segment(.segment)*` with segments of `[A-Za-z0-9_-]+`.
+    #[error(
+        "invalid event type {0:?}: use dot-separated segments of letters, digits, '_' or '-' (e.g. \"memory.entity.extracted\"), at most {MAX_TYPE_LEN} bytes"
+    )]
+    Type(String),
+    /// The stream name is empty, too long, or holds a control character.
+    #[error(
+        "invalid stream name {0:?}: use 1 to {MAX_STREAM_LEN} bytes with no control characters"
+    )]
+    Stream(String),
+    /// The event id is empty, too long, or holds a control character.
+    #[error("invalid event id {0:?}: use 1 to {MAX_ID_LEN} bytes with no control characters")]
+    Id(String),
+}
+
+/// True when `segment` is a valid type segment: one or more of `[A-Za-z0-9_-]`.
+pub(crate) fn is_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A validated event type such as `assistant.goal.completed`.
+///
+/// Types name what happened (`domain.action.state`); subscribers select them with
+/// [`Pattern`](crate::Pattern)s, so they must never contain the wildcard characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventType(Arc<str>);
+
+impl EventType {
+    /// Validates `s` as an event type.
+    pub fn new(s: &str) -> Result<Self, InvalidName> {
+        if s.len() > MAX_TYPE_LEN || !s.split('.').all(is_segment) {
+            return Err(InvalidName::Type(s.to_owned()));
+        }
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// Wraps a type the log validated when it was appended.
+    pub(crate) fn trusted(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+
+    /// The type as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for EventType {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        EventType::new(&s).map_err(D::Error::custom)
+    }
+}
+
+/// Checks a stream name: 1..=255 bytes, no control characters.
+pub fn validate_stream(s: &str) -> Result<(), InvalidName> {
+    if s.is_empty() || s.len() > MAX_STREAM_LEN || s.chars().any(char::is_control) {
+        return Err(InvalidName::Stream(s.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks a client-supplied event id: 1..=128 bytes, no control characters.
+pub fn validate_id(s: &str) -> Result<(), InvalidName> {
+    if s.is_empty() || s.len() > MAX_ID_LEN || s.chars().any(char::is_control) {
+        return Err(InvalidName::Id(s.to_owned()));
+    }
+    Ok(())
+}
+
+/// A JSON payload kept as its validated text.
+///
+/// The log stores and replays payloads without parsing them: decoding an envelope costs a
+/// copy, not a JSON parse, and plugins receive the text as it was appended.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(Arc<str>);
+
+impl Payload {
+    /// Parses `json` to check it is one JSON value and keeps its compact text.
+    pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        let raw: &RawValue = serde_json::from_str(json)?;
+        Ok(Self(Arc::from(raw.get())))
+    }
+
+    /// Wraps a value already known to be JSON.
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        Self(Arc::from(value.to_string()))
+    }
+
+    /// Wraps text that the log itself validated when it was appended.
+    pub(crate) fn trusted(text: &str) -> Self {
+        Self(Arc::from(text))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Size of the JSON text in bytes (what the per-event limit is measured on).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for an empty text, which a validated payload never is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Parses the payload into a value.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self(Arc::from("null"))
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Ok(Self(Arc::from(raw.get())))
+    }
+}
+
+/// Context that travels with an event: who caused it and which flow it belongs to.
+///
+/// The named fields are the ones evhost itself reads (flows group by `correlation_id`,
+/// derived events point at their source with `causation_id`); any other string keys are
+/// kept as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Groups every event of one flow (a conversation, a request, a saga).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The id of the event that directly caused this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    /// The user on whose behalf the event was produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The agent that produced the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// Version of the payload's schema, for consumers that handle several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<String>,
+    /// Any other keys, kept as given.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// True when no field is set.
+    pub fn is_empty(&self) -> bool {
+        self == &Metadata::default()
+    }
+}
+
+/// An event as stored in the log: the envelope the host assigned plus what the client sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique id: a UUIDv7 chosen by the host, or the client's own idempotency key.
+    pub id: String,
+    /// What happened, e.g. `assistant.tool.executed`.
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// The aggregate or entity the event belongs to.
+    pub stream: String,
+    /// Global order in the log, gap-free, starting at 0.
+    pub position: u64,
+    /// Order within the stream, starting at 0.
+    pub version: u64,
+    /// When the host appended the event (UTC).
+    pub timestamp: DateTime<Utc>,
+    /// The producing service or plugin.
+    #[serde(default)]
+    pub source: String,
+    /// The event's data as JSON.
+    pub payload: Payload,
+    /// Correlation, causation and free keys.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
+}
+
+/// An event a client asks to append; the log assigns the rest of the envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// Idempotency key; `None` lets the host assign a UUIDv7.
+    pub id: Option<String>,
+    /// What happened.
+    pub event_type: EventType,
+    /// The producing service or plugin.
+    pub source: String,
+    /// The event's data.
+    pub payload: Payload,
+    /// Correlation, causation and free keys.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// A new event of `event_type` with `payload` and nothing else set.
+    pub fn new(event_type: EventType, payload: Payload) -> Self {
+        Self {
+            id: None,
+            event_type,
+            source: String::new(),
+            payload,
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the producing service.
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_accept_dotted_segments_and_refuse_everything_else() {
+        for ok in ["a", "memory.created", "assistant.goal.completed", "A-b_9.x"] {
+            assert!(EventType::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "é.x", "a/b",
+        ] {
+            assert_eq!(
+                EventType::new(bad),
+                Err(InvalidName::Type(bad.into())),
+                "{bad}"
+            );
+        }
+        assert!(EventType::new(&"a".repeat(MAX_TYPE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn payload_keeps_compact_json_and_refuses_non_json() {
+        let p = Payload::from_json(" {\"a\": [1, 2]} ").unwrap();
+        assert_eq!(p.to_value(), serde_json::json!({"a": [1, 2]}));
+        assert!(Payload::from_json("{\"a\":").is_err());
+        assert!(Payload::from_json("1 2").is_err());
+    }
+
+    #[test]
+    fn event_serializes_payload_inline_and_round_trips() {
+        let e = Event {
+            id: "e1".into(),
+            event_type: EventType::new("memory.created").unwrap(),
+            stream: "s".into(),
+            position: 3,
+            version: 0,
+            timestamp: DateTime::from_timestamp_micros(1_700_000_000_000_000).unwrap(),
+            source: "api".into(),
+            payload: Payload::from_json(r#"{"content":"hi"}"#).unwrap(),
+            metadata: Metadata {
+                correlation_id: Some("c1".into()),
+                ..Metadata::default()
+            },
+        };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["payload"]["content"], "hi");
+        assert_eq!(json["type"], "memory.created");
+        assert_eq!(json["metadata"]["correlation_id"], "c1");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, e);
+    }
+}

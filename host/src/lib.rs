@@ -1,0 +1,20 @@
+//! evhost: an append-only event log and live bus that runs sandboxed WebAssembly
+//! components as event handlers.
+//!
+//! Data flows one way: [`api`] -> [`log`] -> [`bus`] -> runners -> commit. The log is the
+//! source of truth; the bus only wakes subscribers.
+
+pub mod api;
+pub mod bus;
+pub mod cli;
+pub mod event;
+pub mod log;
+pub mod pattern;
+
+pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
+pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};
+pub use log::{
+    AppendError, Appended, EventLog, ExpectedVersion, LogError, ReadFilter, ReadPage, SledLog,
+    SledLogConfig, StreamAppend,
+};
+pub use pattern::{InvalidPattern, Pattern, PatternSet, Router};

@@ -1,0 +1,225 @@
+//! The append-only event log: the [`EventLog`] contract every backend meets, and the
+//! embedded sled backend ([`SledLog`]).
+//!
+//! The log is the source of truth. An append is acknowledged only once durable; positions
+//! are global, gap-free and assigned in acknowledgement order; versions count events within
+//! a stream.
+
+mod codec;
+mod sled_log;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::event::{Event, NewEvent};
+use crate::pattern::PatternSet;
+
+pub use sled_log::{SledLog, SledLogConfig};
+
+/// What the client believes the stream's version is before its append.
+///
+/// A stream's version is the number of events in it, i.e. the version its next event gets.
+/// The reply to an append carries the new version, ready to send with the next append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version.
+    #[default]
+    Any,
+    /// The stream must not exist yet (version 0).
+    NoStream,
+    /// The stream must be at exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// True when a stream at `current` satisfies this expectation.
+    pub fn admits(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exact(v) => current == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no_stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl Serialize for ExpectedVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ExpectedVersion::Exact(v) => s.serialize_u64(*v),
+            other => s.serialize_str(&other.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ExpectedVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected_version must be a non-negative integer, \"any\" or \"no_stream\"",
+            )
+        })? {
+            Raw::Num(v) => Ok(ExpectedVersion::Exact(v)),
+            Raw::Word(w) if w == "any" => Ok(ExpectedVersion::Any),
+            Raw::Word(w) if w == "no_stream" => Ok(ExpectedVersion::NoStream),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected_version {w:?} is not a non-negative integer, \"any\" or \"no_stream\""
+            ))),
+        }
+    }
+}
+
+/// Events to append to one stream, guarded by an expected version.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    /// The stream to append to.
+    pub stream: String,
+    /// The version the stream must be at; checked against events not already in the log.
+    pub expected: ExpectedVersion,
+    /// The events, appended in order.
+    pub events: Vec<NewEvent>,
+}
+
+/// What one [`StreamAppend`] became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// The stream appended to.
+    pub stream: String,
+    /// The position of each event, in request order; an event whose id was already in the
+    /// log reports its original position.
+    pub positions: Vec<u64>,
+    /// The stream's version after the append (the version its next event will get).
+    pub next_version: u64,
+}
+
+/// Why an append was refused. Nothing was written in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The stream was not at the expected version.
+    #[error(
+        "version conflict on stream {stream:?}: expected version {expected}, but the stream is at version {current}; read the stream and retry with expected_version {current}"
+    )]
+    Conflict {
+        /// The stream whose version did not match.
+        stream: String,
+        /// What the client expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version (number of events).
+        current: u64,
+    },
+    /// The request itself is unusable (empty, too large, inconsistent).
+    #[error("{0}")]
+    Invalid(String),
+    /// The storage failed; the log refuses writes until the host restarts.
+    #[error(transparent)]
+    Storage(#[from] LogError),
+}
+
+/// A failure of the log's storage, or a log that has shut down.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The storage engine reported an error.
+    #[error(
+        "event log storage failed: {0}; the log stops accepting writes, restart the host after checking the data directory"
+    )]
+    Storage(String),
+    /// The log has been closed.
+    #[error("the event log is shut down")]
+    Closed,
+    /// Stored bytes could not be decoded.
+    #[error("corrupt record in the event log at {0}")]
+    Corrupt(String),
+}
+
+/// Which events a read returns, beyond its position range.
+#[derive(Debug, Clone, Default)]
+pub struct ReadFilter {
+    /// Only events whose type matches one of these patterns; `None` for all.
+    pub types: Option<PatternSet>,
+    /// Only events of this stream.
+    pub stream: Option<String>,
+    /// Only events with this `metadata.correlation_id`.
+    pub correlation_id: Option<String>,
+    /// Only events from this source.
+    pub source: Option<String>,
+}
+
+impl ReadFilter {
+    /// True when `event` passes every set criterion.
+    pub fn admits(&self, event: &Event) -> bool {
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.matches(event.event_type.as_str()))
+            && self.stream.as_ref().is_none_or(|s| *s == event.stream)
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| event.metadata.correlation_id.as_ref() == Some(c))
+            && self.source.as_ref().is_none_or(|s| *s == event.source)
+    }
+
+    /// True when no criterion is set.
+    pub fn is_empty(&self) -> bool {
+        self.types.is_none()
+            && self.stream.is_none()
+            && self.correlation_id.is_none()
+            && self.source.is_none()
+    }
+}
+
+/// A page of events read by position.
+#[derive(Debug, Clone, Default)]
+pub struct ReadPage {
+    /// The matching events, in position order.
+    pub events: Vec<Event>,
+    /// Where the next read should start: one past the last position examined.
+    pub next: u64,
+}
+
+/// The contract of an event log backend (embedded sled now, NATS JetStream next).
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends every group atomically: all are durable when this returns `Ok`, none on `Err`.
+    async fn append(&self, groups: Vec<StreamAppend>) -> Result<Vec<Appended>, AppendError>;
+
+    /// Reads up to `limit` matching events with positions in `from..head`. A call examines a
+    /// bounded number of positions, so a selective filter cannot make it unbounded: continue
+    /// from [`ReadPage::next`] until it reaches [`EventLog::head`].
+    async fn read(
+        &self,
+        from: u64,
+        limit: usize,
+        filter: &ReadFilter,
+    ) -> Result<ReadPage, LogError>;
+
+    /// Reads up to `limit` events of `stream` starting at version `from_version`.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, LogError>;
+
+    /// The stream's version (number of events); 0 when it does not exist.
+    async fn stream_version(&self, stream: &str) -> Result<u64, LogError>;
+
+    /// One past the last durable position: the position the next event will get.
+    fn head(&self) -> u64;
+}

@@ -1,0 +1,261 @@
+//! How events and indexes are laid out as sled keys and values.
+//!
+//! Key space of the log's tree (one tree, so one `Batch` commits everything atomically):
+//!
+//! | key                                   | value                                   |
+//! |---------------------------------------|-----------------------------------------|
+//! | `E` first_position (u64 BE)           | a chunk: consecutive events             |
+//! | `S` stream 0x00 first_version (u64 BE) | a run: first_position (u64), count (u32) |
+//! | `I` id                                 | position (u64 BE)                       |
+//!
+//! Events are stored in chunks of consecutive positions rather than one key each: sled
+//! costs about the same per key whatever its size, so chunking is what lets a batch append
+//! outrun sled's per-key insert rate. A chunk carries an offset table so one event can be
+//! decoded without decoding its neighbours.
+
+use chrono::DateTime;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, EventType, Metadata, Payload};
+use crate::log::LogError;
+
+pub(super) const EVENT_PREFIX: u8 = b'E';
+pub(super) const STREAM_PREFIX: u8 = b'S';
+pub(super) const ID_PREFIX: u8 = b'I';
+
+/// Most events per chunk.
+pub(super) const CHUNK_MAX_EVENTS: usize = 256;
+/// Soft size limit of a chunk's encoded events; a single larger event gets a chunk alone.
+pub(super) const CHUNK_MAX_BYTES: usize = 32 * 1024;
+
+pub(super) fn event_key(position: u64) -> [u8; 9] {
+    let mut k = [EVENT_PREFIX; 9];
+    k[1..].copy_from_slice(&position.to_be_bytes());
+    k
+}
+
+pub(super) fn position_of_event_key(key: &[u8]) -> Result<u64, LogError> {
+    key.get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| LogError::Corrupt(format!("event key {key:?}")))
+}
+
+/// Prefix of every run key of `stream`.
+pub(super) fn stream_prefix(stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 10);
+    k.push(STREAM_PREFIX);
+    k.extend_from_slice(stream.as_bytes());
+    k.push(0);
+    k
+}
+
+pub(super) fn stream_key(stream: &str, first_version: u64) -> Vec<u8> {
+    let mut k = stream_prefix(stream);
+    k.extend_from_slice(&first_version.to_be_bytes());
+    k
+}
+
+pub(super) fn version_of_stream_key(key: &[u8]) -> Result<u64, LogError> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| LogError::Corrupt(format!("stream key {key:?}")))
+}
+
+pub(super) fn id_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(ID_PREFIX);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A run of a stream's events with consecutive versions and consecutive positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Run {
+    pub first_position: u64,
+    pub count: u32,
+}
+
+impl Run {
+    pub fn encode(self) -> [u8; 12] {
+        let mut v = [0u8; 12];
+        v[..8].copy_from_slice(&self.first_position.to_be_bytes());
+        v[8..].copy_from_slice(&self.count.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Result<Self, LogError> {
+        if v.len() != 12 {
+            return Err(LogError::Corrupt(format!(
+                "stream run of {} bytes",
+                v.len()
+            )));
+        }
+        Ok(Self {
+            first_position: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+            count: u32::from_be_bytes(v[8..].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredEvent<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    stream: &'a str,
+    version: u64,
+    timestamp_micros: i64,
+    source: &'a str,
+    payload: &'a str,
+    #[serde(borrow)]
+    metadata: StoredMetadata<'a>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredMetadata<'a> {
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    agent_id: Option<&'a str>,
+    schema_version: Option<&'a str>,
+    #[serde(borrow)]
+    extra: Vec<(&'a str, &'a str)>,
+}
+
+/// Encodes one event (its position is implied by the chunk it lands in).
+pub(super) fn encode_event(e: &Event) -> Vec<u8> {
+    let m = &e.metadata;
+    let stored = StoredEvent {
+        id: &e.id,
+        event_type: e.event_type.as_str(),
+        stream: &e.stream,
+        version: e.version,
+        timestamp_micros: e.timestamp.timestamp_micros(),
+        source: &e.source,
+        payload: e.payload.as_str(),
+        metadata: StoredMetadata {
+            correlation_id: m.correlation_id.as_deref(),
+            causation_id: m.causation_id.as_deref(),
+            user_id: m.user_id.as_deref(),
+            agent_id: m.agent_id.as_deref(),
+            schema_version: m.schema_version.as_deref(),
+            extra: m
+                .extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        },
+    };
+    postcard::to_stdvec(&stored).expect("encoding to a Vec cannot fail")
+}
+
+/// Interns event types while decoding a chunk, so repeated types share one allocation.
+#[derive(Default)]
+pub(super) struct TypeCache(Vec<EventType>);
+
+impl TypeCache {
+    fn get(&mut self, s: &str) -> EventType {
+        if let Some(t) = self.0.iter().find(|t| t.as_str() == s) {
+            return t.clone();
+        }
+        let t = EventType::trusted(s);
+        if self.0.len() < 16 {
+            self.0.push(t.clone());
+        }
+        t
+    }
+}
+
+fn decode_event(bytes: &[u8], position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
+    let s: StoredEvent<'_> = postcard::from_bytes(bytes)
+        .map_err(|e| LogError::Corrupt(format!("event at position {position}: {e}")))?;
+    let m = s.metadata;
+    Ok(Event {
+        id: s.id.to_owned(),
+        event_type: types.get(s.event_type),
+        stream: s.stream.to_owned(),
+        position,
+        version: s.version,
+        timestamp: DateTime::from_timestamp_micros(s.timestamp_micros).ok_or_else(|| {
+            LogError::Corrupt(format!("timestamp of the event at position {position}"))
+        })?,
+        source: s.source.to_owned(),
+        payload: Payload::trusted(s.payload),
+        metadata: Metadata {
+            correlation_id: m.correlation_id.map(str::to_owned),
+            causation_id: m.causation_id.map(str::to_owned),
+            user_id: m.user_id.map(str::to_owned),
+            agent_id: m.agent_id.map(str::to_owned),
+            schema_version: m.schema_version.map(str::to_owned),
+            extra: m
+                .extra
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        },
+    })
+}
+
+/// Builds a chunk value from encoded events: `count: u32`, `count` end offsets (u32), bytes.
+pub(super) fn encode_chunk(events: &[Vec<u8>]) -> Vec<u8> {
+    let body: usize = events.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(4 + 4 * events.len() + body);
+    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    let mut end = 0u32;
+    for e in events {
+        end += e.len() as u32;
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for e in events {
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// A stored chunk, read lazily.
+pub(super) struct Chunk<'a> {
+    first_position: u64,
+    count: usize,
+    offsets: &'a [u8],
+    body: &'a [u8],
+}
+
+impl<'a> Chunk<'a> {
+    pub fn parse(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
+        let corrupt = || LogError::Corrupt(format!("chunk at position {first_position}"));
+        let count =
+            u32::from_le_bytes(v.get(..4).ok_or_else(corrupt)?.try_into().expect("4")) as usize;
+        let table_end = 4 + 4 * count;
+        let offsets = v.get(4..table_end).ok_or_else(corrupt)?;
+        let body = v.get(table_end..).ok_or_else(corrupt)?;
+        Ok(Self {
+            first_position,
+            count,
+            offsets,
+            body,
+        })
+    }
+
+    /// One past the chunk's last position.
+    pub fn end(&self) -> u64 {
+        self.first_position + self.count as u64
+    }
+
+    fn end_offset(&self, i: usize) -> usize {
+        u32::from_le_bytes(self.offsets[4 * i..4 * i + 4].try_into().expect("4")) as usize
+    }
+
+    /// Decodes the event at `position`, which must lie in this chunk.
+    pub fn event(&self, position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
+        let i = (position - self.first_position) as usize;
+        let start = if i == 0 { 0 } else { self.end_offset(i - 1) };
+        let end = self.end_offset(i);
+        let bytes = self
+            .body
+            .get(start..end)
+            .ok_or_else(|| LogError::Corrupt(format!("event at position {position}")))?;
+        decode_event(bytes, position, types)
+    }
+}

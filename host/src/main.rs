@@ -1,0 +1,5 @@
+//! The `evhost` binary: see [`evhost::cli`].
+
+fn main() -> std::process::ExitCode {
+    evhost::cli::main()
+}
