@@ -235,6 +235,8 @@ impl Bus {
             types: Some(patterns.clone()),
             ..filter
         };
+        // Routed from now on; anything committed before is read from the log.
+        let live = self.hub.register(id, &patterns, &filter);
         Subscription {
             id,
             bus: self.clone(),
@@ -242,7 +244,7 @@ impl Bus {
             filter,
             cursor,
             pending: VecDeque::new(),
-            live: None,
+            live,
             caught_up: false,
             cancelled,
         }

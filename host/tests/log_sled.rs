@@ -1,0 +1,422 @@
+//! The sled event log against real sled on a temporary directory: appends, versions,
+//! idempotency, atomicity, reads, and what survives a reopen.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use evhost::{
+    AppendError, EventLog, EventType, ExpectedVersion, Hub, Metadata, NewEvent, PatternSet,
+    Payload, ReadFilter, SledLog, SledLogConfig, StreamAppend,
+};
+
+fn open(dir: &std::path::Path) -> SledLog {
+    SledLog::open(SledLogConfig::new(dir), Hub::new(100)).expect("open log")
+}
+
+fn ev(ty: &str, payload: &str) -> NewEvent {
+    NewEvent::new(
+        EventType::new(ty).unwrap(),
+        Payload::from_json(payload).unwrap(),
+    )
+}
+
+fn one(stream: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> Vec<StreamAppend> {
+    vec![StreamAppend {
+        stream: stream.into(),
+        expected,
+        events,
+    }]
+}
+
+async fn all(log: &SledLog) -> Vec<evhost::Event> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while from < log.head() {
+        let page = log.read(from, 1000, &ReadFilter::default()).await.unwrap();
+        out.extend(page.events);
+        from = page.next;
+    }
+    out
+}
+
+#[tokio::test]
+async fn appends_get_gap_free_positions_and_stream_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let a = log
+        .append(one(
+            "s1",
+            ExpectedVersion::NoStream,
+            vec![ev("a.created", "1"), ev("a.updated", "2")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(a[0].positions, vec![0, 1]);
+    assert_eq!(a[0].next_version, 2);
+    let b = log
+        .append(one("s2", ExpectedVersion::Any, vec![ev("b.created", "{}")]))
+        .await
+        .unwrap();
+    assert_eq!(b[0].positions, vec![2]);
+    assert_eq!(b[0].next_version, 1);
+    let c = log
+        .append(one(
+            "s1",
+            ExpectedVersion::Exact(2),
+            vec![ev("a.updated", "3")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!((c[0].positions.clone(), c[0].next_version), (vec![3], 3));
+    assert_eq!(log.head(), 4);
+    let events = all(&log).await;
+    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(positions, vec![0, 1, 2, 3]);
+    let s1: Vec<u64> = log
+        .read_stream("s1", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(s1, vec![0, 1, 2]);
+    assert_eq!(log.stream_version("s1").await.unwrap(), 3);
+    assert_eq!(log.stream_version("nope").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn version_conflict_reports_current_version_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.append(one("s", ExpectedVersion::Any, vec![ev("a.b", "1")]))
+        .await
+        .unwrap();
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Exact(5),
+    ] {
+        let err = log
+            .append(one("s", expected, vec![ev("a.b", "2")]))
+            .await
+            .unwrap_err();
+        match err {
+            AppendError::Conflict {
+                current,
+                ref stream,
+                ..
+            } => {
+                assert_eq!((current, stream.as_str()), (1, "s"));
+            }
+            other => panic!("expected a conflict, got {other}"),
+        }
+    }
+    assert_eq!(log.head(), 1);
+    assert_eq!(log.stream_version("s").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_multi_stream_append_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.append(one("taken", ExpectedVersion::Any, vec![ev("a.b", "1")]))
+        .await
+        .unwrap();
+    let groups = vec![
+        StreamAppend {
+            stream: "fresh".into(),
+            expected: ExpectedVersion::NoStream,
+            events: vec![ev("a.b", "1")],
+        },
+        StreamAppend {
+            stream: "taken".into(),
+            expected: ExpectedVersion::NoStream,
+            events: vec![ev("a.b", "2")],
+        },
+    ];
+    assert!(matches!(
+        log.append(groups).await,
+        Err(AppendError::Conflict { .. })
+    ));
+    assert_eq!(log.head(), 1);
+    assert_eq!(log.stream_version("fresh").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn an_existing_id_returns_its_original_position_and_is_not_appended_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let first = log
+        .append(one(
+            "s",
+            ExpectedVersion::NoStream,
+            vec![ev("a.b", "1").with_id("k1"), ev("a.b", "2").with_id("k2")],
+        ))
+        .await
+        .unwrap();
+    // A client retrying the same request after a lost reply: same positions, no conflict.
+    let retry = log
+        .append(one(
+            "s",
+            ExpectedVersion::NoStream,
+            vec![ev("a.b", "1").with_id("k1"), ev("a.b", "2").with_id("k2")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(retry[0].positions, first[0].positions);
+    assert_eq!(log.head(), 2);
+    // A repeat inside one append points at the first occurrence; only new ids are written.
+    let mixed = log
+        .append(one(
+            "s",
+            ExpectedVersion::Exact(2),
+            vec![
+                ev("a.b", "3").with_id("k3"),
+                ev("a.b", "3").with_id("k3"),
+                ev("a.b", "1").with_id("k1"),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(mixed[0].positions, vec![2, 2, 0]);
+    assert_eq!(mixed[0].next_version, 3);
+    assert_eq!(log.head(), 3);
+}
+
+#[tokio::test]
+async fn bad_appends_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SledLogConfig::new(dir.path());
+    config.max_event_bytes = 10;
+    config.max_batch_events = 2;
+    let log = SledLog::open(config, Hub::new(0)).unwrap();
+    let too_big = log
+        .append(one(
+            "s",
+            ExpectedVersion::Any,
+            vec![ev("a.b", "\"0123456789\"")],
+        ))
+        .await;
+    assert!(
+        matches!(too_big, Err(AppendError::Invalid(ref m)) if m.contains("limit of 10 bytes")),
+        "{too_big:?}"
+    );
+    let too_many = log
+        .append(one(
+            "s",
+            ExpectedVersion::Any,
+            vec![ev("a.b", "1"), ev("a.b", "2"), ev("a.b", "3")],
+        ))
+        .await;
+    assert!(matches!(too_many, Err(AppendError::Invalid(_))));
+    let empty = log.append(one("s", ExpectedVersion::Any, vec![])).await;
+    assert!(matches!(empty, Err(AppendError::Invalid(_))));
+    let bad_stream = log
+        .append(one("", ExpectedVersion::Any, vec![ev("a.b", "1")]))
+        .await;
+    assert!(matches!(bad_stream, Err(AppendError::Invalid(_))));
+    assert_eq!(log.head(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_appenders_share_commits_and_get_unique_gap_free_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path()));
+    let mut tasks = Vec::new();
+    for client in 0..16 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut positions = Vec::new();
+            for i in 0..50u64 {
+                let stream = format!("client-{client}");
+                let r = log
+                    .append(one(
+                        &stream,
+                        ExpectedVersion::Exact(i),
+                        vec![ev("load.tick", &i.to_string())],
+                    ))
+                    .await
+                    .unwrap();
+                assert_eq!(r[0].next_version, i + 1);
+                positions.push(r[0].positions[0]);
+            }
+            positions
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for p in t.await.unwrap() {
+            assert!(seen.insert(p), "position {p} given twice");
+        }
+    }
+    assert_eq!(seen.len(), 800);
+    assert_eq!(log.head(), 800);
+    assert_eq!((0..800).collect::<HashSet<u64>>(), seen);
+    for client in 0..16 {
+        let events = log
+            .read_stream(&format!("client-{client}"), 0, 1000)
+            .await
+            .unwrap();
+        let payloads: Vec<String> = events
+            .iter()
+            .map(|e| e.payload.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            payloads,
+            (0..50).map(|i: u64| i.to_string()).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn reads_filter_by_pattern_stream_and_correlation_and_page_with_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    let meta = |c: &str| Metadata {
+        correlation_id: Some(c.into()),
+        ..Metadata::default()
+    };
+    log.append(vec![
+        StreamAppend {
+            stream: "m".into(),
+            expected: ExpectedVersion::Any,
+            events: vec![
+                ev("memory.created", "1").with_metadata(meta("c1")),
+                ev("memory.entity.extracted", "2").with_metadata(meta("c1")),
+                ev("tool.invocation.failed", "3").with_metadata(meta("c2")),
+            ],
+        },
+        StreamAppend {
+            stream: "n".into(),
+            expected: ExpectedVersion::Any,
+            events: vec![ev("memory.created", "4")],
+        },
+    ])
+    .await
+    .unwrap();
+    let types = |f: ReadFilter| {
+        let log = &log;
+        async move {
+            log.read(0, 100, &f)
+                .await
+                .unwrap()
+                .events
+                .into_iter()
+                .map(|e| e.position)
+                .collect::<Vec<_>>()
+        }
+    };
+    let pat = |p: &str| Some(PatternSet::parse_list(p).unwrap());
+    assert_eq!(
+        types(ReadFilter {
+            types: pat("memory.*"),
+            ..Default::default()
+        })
+        .await,
+        vec![0, 3]
+    );
+    assert_eq!(
+        types(ReadFilter {
+            types: pat("memory.>"),
+            ..Default::default()
+        })
+        .await,
+        vec![0, 1, 3]
+    );
+    assert_eq!(
+        types(ReadFilter {
+            types: pat("*.*.failed"),
+            ..Default::default()
+        })
+        .await,
+        vec![2]
+    );
+    assert_eq!(
+        types(ReadFilter {
+            stream: Some("n".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![3]
+    );
+    assert_eq!(
+        types(ReadFilter {
+            correlation_id: Some("c1".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![0, 1]
+    );
+    let page = log.read(1, 2, &ReadFilter::default()).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(page.next, 3);
+    let past = log.read(10, 5, &ReadFilter::default()).await.unwrap();
+    assert!(past.events.is_empty());
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen_including_large_events_and_long_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = format!("\"{}\"", "x".repeat(300 * 1024));
+    {
+        let log = open(dir.path());
+        // A batch spanning many chunks.
+        let batch: Vec<NewEvent> = (0..3000)
+            .map(|i| ev("bulk.added", &format!("{{\"i\":{i}}}")).with_id(format!("b{i}")))
+            .collect();
+        log.append(one("bulk", ExpectedVersion::NoStream, batch))
+            .await
+            .unwrap();
+        // Events large enough to leave sled's inline pages.
+        for _ in 0..5 {
+            log.append(one(
+                "big",
+                ExpectedVersion::Any,
+                vec![ev("big.added", &big)],
+            ))
+            .await
+            .unwrap();
+        }
+        assert_eq!(log.head(), 3005);
+    }
+    let log = open(dir.path());
+    assert_eq!(log.head(), 3005);
+    assert_eq!(log.stream_version("bulk").await.unwrap(), 3000);
+    assert_eq!(log.stream_version("big").await.unwrap(), 5);
+    let events = all(&log).await;
+    assert_eq!(events.len(), 3005);
+    assert_eq!(events[2999].payload.as_str(), "{\"i\":2999}");
+    assert_eq!(events[3004].payload.as_str(), big);
+    let mid = log.read_stream("bulk", 1234, 2).await.unwrap();
+    assert_eq!(
+        mid.iter()
+            .map(|e| (e.version, e.position))
+            .collect::<Vec<_>>(),
+        vec![(1234, 1234), (1235, 1235)]
+    );
+    // Versions and ids carry over: the next append continues the stream, a replayed id dedupes.
+    let r = log
+        .append(one(
+            "bulk",
+            ExpectedVersion::Exact(3000),
+            vec![ev("bulk.added", "1").with_id("b7")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r[0].positions, vec![7]);
+    let r = log
+        .append(one(
+            "bulk",
+            ExpectedVersion::Exact(3000),
+            vec![ev("bulk.added", "1")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r[0].positions.clone(), r[0].next_version),
+        (vec![3005], 3001)
+    );
+}
