@@ -4,6 +4,10 @@
 //! Data flows one way: [`api`] -> [`log`] -> [`bus`] -> runners -> commit. The log is the
 //! source of truth; the bus only wakes subscribers.
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod api;
 pub mod bus;
 pub mod cli;

@@ -6,6 +6,7 @@
 //! a stream.
 
 mod codec;
+mod segment;
 mod sled_log;
 
 use std::fmt;

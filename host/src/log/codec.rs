@@ -4,20 +4,23 @@
 //!
 //! | key                                   | value                                   |
 //! |---------------------------------------|-----------------------------------------|
-//! | `E` first_position (u64 BE)           | a chunk: consecutive events             |
+//! | `E` first_position (u64 BE)           | where a chunk of consecutive events is  |
 //! | `S` stream 0x00 first_version (u64 BE) | a run: first_position (u64), count (u32) |
 //! | `I` id                                 | position (u64 BE)                       |
 //!
-//! Events are stored in chunks of consecutive positions rather than one key each: sled
-//! costs about the same per key whatever its size, so chunking is what lets a batch append
-//! outrun sled's per-key insert rate. A chunk carries an offset table so one event can be
-//! decoded without decoding its neighbours.
+//! Events are stored in chunks of consecutive positions, written to segment files of our
+//! own (see `segment`), with one small sled entry per chunk rather than one per event:
+//! sled costs about the same per key whatever its size, so chunking is what lets a batch
+//! append outrun sled's per-key insert rate, and keeping event bytes out of sled keeps its
+//! memory small. A chunk carries an offset table so one event can be decoded without
+//! decoding its neighbours.
 
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, EventType, Metadata, Payload};
 use crate::log::LogError;
+use crate::log::segment::ChunkLocation;
 
 pub(super) const EVENT_PREFIX: u8 = b'E';
 pub(super) const STREAM_PREFIX: u8 = b'S';
@@ -26,7 +29,7 @@ pub(super) const ID_PREFIX: u8 = b'I';
 /// Most events per chunk.
 pub(super) const CHUNK_MAX_EVENTS: usize = 256;
 /// Soft size limit of a chunk's encoded events; a single larger event gets a chunk alone.
-pub(super) const CHUNK_MAX_BYTES: usize = 32 * 1024;
+pub(super) const CHUNK_MAX_BYTES: usize = 64 * 1024;
 
 pub(super) fn event_key(position: u64) -> [u8; 9] {
     let mut k = [EVENT_PREFIX; 9];
@@ -71,6 +74,42 @@ pub(super) fn id_key(id: &str) -> Vec<u8> {
     k
 }
 
+/// The index entry of a chunk: where its bytes are and how many events it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ChunkEntry {
+    pub location: ChunkLocation,
+    pub count: u32,
+}
+
+impl ChunkEntry {
+    pub fn encode(self) -> [u8; 20] {
+        let mut v = [0u8; 20];
+        v[..4].copy_from_slice(&self.location.segment.to_be_bytes());
+        v[4..12].copy_from_slice(&self.location.offset.to_be_bytes());
+        v[12..16].copy_from_slice(&self.location.len.to_be_bytes());
+        v[16..].copy_from_slice(&self.count.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Result<Self, LogError> {
+        if v.len() != 20 {
+            return Err(LogError::Corrupt(format!(
+                "chunk index entry of {} bytes",
+                v.len()
+            )));
+        }
+        let u32_at = |i: usize| u32::from_be_bytes(v[i..i + 4].try_into().expect("4 bytes"));
+        Ok(Self {
+            location: ChunkLocation {
+                segment: u32_at(0),
+                offset: u64::from_be_bytes(v[4..12].try_into().expect("8 bytes")),
+                len: u32_at(12),
+            },
+            count: u32_at(16),
+        })
+    }
+}
+
 /// A run of a stream's events with consecutive versions and consecutive positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Run {
@@ -107,6 +146,8 @@ struct StoredEvent<'a> {
     stream: &'a str,
     version: u64,
     timestamp_micros: i64,
+    /// The id was the client's: it goes in the id index when the index is rebuilt.
+    keyed: bool,
     source: &'a str,
     payload: &'a str,
     #[serde(borrow)]
@@ -124,8 +165,9 @@ struct StoredMetadata<'a> {
     extra: Vec<(&'a str, &'a str)>,
 }
 
-/// Encodes one event (its position is implied by the chunk it lands in).
-pub(super) fn encode_event(e: &Event) -> Vec<u8> {
+/// Encodes one event (its position is implied by the chunk it lands in); `keyed` says the
+/// id was supplied by the client.
+pub(super) fn encode_event(e: &Event, keyed: bool) -> Vec<u8> {
     let m = &e.metadata;
     let stored = StoredEvent {
         id: &e.id,
@@ -133,6 +175,7 @@ pub(super) fn encode_event(e: &Event) -> Vec<u8> {
         stream: &e.stream,
         version: e.version,
         timestamp_micros: e.timestamp.timestamp_micros(),
+        keyed,
         source: &e.source,
         payload: e.payload.as_str(),
         metadata: StoredMetadata {
@@ -168,11 +211,16 @@ impl TypeCache {
     }
 }
 
-fn decode_event(bytes: &[u8], position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
+fn decode_event(
+    bytes: &[u8],
+    position: u64,
+    types: &mut TypeCache,
+) -> Result<(Event, bool), LogError> {
     let s: StoredEvent<'_> = postcard::from_bytes(bytes)
         .map_err(|e| LogError::Corrupt(format!("event at position {position}: {e}")))?;
     let m = s.metadata;
-    Ok(Event {
+    let keyed = s.keyed;
+    let event = Event {
         id: s.id.to_owned(),
         event_type: types.get(s.event_type),
         stream: s.stream.to_owned(),
@@ -195,13 +243,20 @@ fn decode_event(bytes: &[u8], position: u64, types: &mut TypeCache) -> Result<Ev
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
         },
-    })
+    };
+    Ok((event, keyed))
 }
 
-/// Builds a chunk value from encoded events: `count: u32`, `count` end offsets (u32), bytes.
-pub(super) fn encode_chunk(events: &[Vec<u8>]) -> Vec<u8> {
+/// Bytes before a chunk's body: body length (u32 LE), CRC-32 of the body (u32 LE), first
+/// position (u64 LE). They let start-up find where the last complete chunk ends.
+pub(super) const CHUNK_HEADER: usize = 16;
+
+/// Builds a chunk: header, then `count: u32`, `count` end offsets (u32), the event bytes.
+pub(super) fn encode_chunk(first_position: u64, events: &[Vec<u8>]) -> Vec<u8> {
     let body: usize = events.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(4 + 4 * events.len() + body);
+    let mut out = Vec::with_capacity(CHUNK_HEADER + 4 + 4 * events.len() + body);
+    out.extend_from_slice(&[0u8; 8]);
+    out.extend_from_slice(&first_position.to_le_bytes());
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
     let mut end = 0u32;
     for e in events {
@@ -211,7 +266,21 @@ pub(super) fn encode_chunk(events: &[Vec<u8>]) -> Vec<u8> {
     for e in events {
         out.extend_from_slice(e);
     }
+    let body_len = (out.len() - CHUNK_HEADER) as u32;
+    let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
+    out[..4].copy_from_slice(&body_len.to_le_bytes());
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// Reads a chunk header: (body length, CRC, first position).
+pub(super) fn chunk_header(h: &[u8]) -> Option<(u32, u32, u64)> {
+    let h: &[u8; CHUNK_HEADER] = h.get(..CHUNK_HEADER)?.try_into().ok()?;
+    Some((
+        u32::from_le_bytes(h[..4].try_into().ok()?),
+        u32::from_le_bytes(h[4..8].try_into().ok()?),
+        u64::from_le_bytes(h[8..].try_into().ok()?),
+    ))
 }
 
 /// A stored chunk, read lazily.
@@ -223,19 +292,37 @@ pub(super) struct Chunk<'a> {
 }
 
 impl<'a> Chunk<'a> {
+    /// Parses a whole chunk (header included), checking its CRC and first position.
     pub fn parse(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
-        let corrupt = || LogError::Corrupt(format!("chunk at position {first_position}"));
-        let count =
-            u32::from_le_bytes(v.get(..4).ok_or_else(corrupt)?.try_into().expect("4")) as usize;
+        let corrupt =
+            |why: &str| LogError::Corrupt(format!("chunk at position {first_position}: {why}"));
+        let (len, crc, first) = chunk_header(v).ok_or_else(|| corrupt("short header"))?;
+        let v = &v[CHUNK_HEADER..];
+        if v.len() != len as usize || crc32fast::hash(v) != crc || first != first_position {
+            return Err(corrupt("checksum or header mismatch"));
+        }
+        let count = u32::from_le_bytes(
+            v.get(..4)
+                .ok_or_else(|| corrupt("short"))?
+                .try_into()
+                .expect("4"),
+        ) as usize;
         let table_end = 4 + 4 * count;
-        let offsets = v.get(4..table_end).ok_or_else(corrupt)?;
-        let body = v.get(table_end..).ok_or_else(corrupt)?;
+        let offsets = v
+            .get(4..table_end)
+            .ok_or_else(|| corrupt("short offset table"))?;
+        let body = v.get(table_end..).ok_or_else(|| corrupt("short body"))?;
         Ok(Self {
             first_position,
             count,
             offsets,
             body,
         })
+    }
+
+    /// Number of events in the chunk.
+    pub fn len(&self) -> usize {
+        self.count
     }
 
     /// One past the chunk's last position.
@@ -249,6 +336,15 @@ impl<'a> Chunk<'a> {
 
     /// Decodes the event at `position`, which must lie in this chunk.
     pub fn event(&self, position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
+        self.event_keyed(position, types).map(|(e, _)| e)
+    }
+
+    /// Decodes the event at `position` and whether its id was the client's.
+    pub fn event_keyed(
+        &self,
+        position: u64,
+        types: &mut TypeCache,
+    ) -> Result<(Event, bool), LogError> {
         let i = (position - self.first_position) as usize;
         let start = if i == 0 { 0 } else { self.end_offset(i - 1) };
         let end = self.end_offset(i);

@@ -1,14 +1,18 @@
-//! The embedded event log on sled, with group commit.
+//! The embedded event log: event chunks in segment files, indexes in sled, group commit.
 //!
 //! One writer thread owns every write. It takes all appends waiting at that moment (a
-//! group), checks versions and ids for each, applies the whole group as one sled `Batch`,
-//! then makes it durable once: `Db::flush` (which on Linux ends in `sync_file_range`, not a
-//! durability guarantee alone) followed by `fdatasync` of sled's data file and of any blob
-//! files sled wrote. Only then are the appenders acknowledged and the events published to
-//! the bus. Readers never see past the durable head.
+//! group), checks versions and ids for each, and commits the whole group at once:
+//!
+//! 1. the group's chunks are written to the current segment and `fdatasync`ed: one sync
+//!    for every append in the group, which is what makes the group durable;
+//! 2. their index entries, stream runs and client ids are applied as one sled `Batch`.
+//!
+//! Then the appenders are acknowledged and the events published to the bus. sled flushes
+//! its index in the background; at start-up, chunks in the segments past sled's last index
+//! entry are verified and indexed again, so an index lost in a crash is rebuilt and bytes
+//! of a group cut short are truncated. Readers never see past the durable head.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +23,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::{self, Chunk, Run, TypeCache};
+use super::codec::{self, Chunk, ChunkEntry, Run, TypeCache};
+use super::segment::{ChunkLocation, SegmentReader, SegmentWriter};
 use super::{AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend};
 use crate::bus::Hub;
 use crate::event::{Event, validate_id, validate_stream};
@@ -59,6 +64,7 @@ impl SledLogConfig {
 
 struct Shared {
     db: sled::Db,
+    segments: SegmentReader,
     /// One past the last durable position.
     durable: AtomicU64,
     /// Set when storage failed; every later append is refused.
@@ -87,22 +93,23 @@ impl SledLog {
         std::fs::create_dir_all(&config.path).map_err(|e| {
             LogError::Storage(format!("cannot create {}: {e}", config.path.display()))
         })?;
+        let index_dir = config.path.join("index");
         let db = sled::Config::new()
-            .path(&config.path)
+            .path(&index_dir)
             .cache_capacity(config.cache_bytes)
-            // Pages above segment_size / 4 become blob files; large segments keep chunked
-            // event pages inline in the log file.
-            .segment_size(8 * 1024 * 1024)
             .open()
             .map_err(storage)?;
-        let data_file = File::open(config.path.join("db")).map_err(|e| {
+        let data_file = File::open(index_dir.join("db")).map_err(|e| {
             LogError::Storage(format!("cannot open sled's data file to sync it: {e}"))
         })?;
-        let head = recover_head(&db)?;
+        let events_dir = config.path.join("events");
+        let (head, end) = recover(&db, &events_dir, &data_file)?;
+        let segment_writer = SegmentWriter::open(&events_dir, end)?;
         hub.set_head(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");
         let shared = Arc::new(Shared {
             db,
+            segments: SegmentReader::new(events_dir),
             durable: AtomicU64::new(head),
             poisoned: AtomicBool::new(false),
             hub,
@@ -111,8 +118,8 @@ impl SledLog {
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
         let writer = Writer {
             shared: shared.clone(),
+            segment: segment_writer,
             data_file,
-            blobs: HashSet::new(),
             versions: HashMap::new(),
             next_position: head,
         };
@@ -161,20 +168,100 @@ fn storage(e: sled::Error) -> LogError {
     LogError::Storage(e.to_string())
 }
 
-/// One past the last stored position, from the last chunk.
-fn recover_head(db: &sled::Db) -> Result<u64, LogError> {
+/// Indexes chunks that reached the segments but not sled's index before the host stopped,
+/// and makes the index durable. Returns the head and where the segments' valid data ends.
+fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u64)), LogError> {
+    let last = last_chunk(db)?;
+    let mut head = last
+        .map(|(first, c)| first + u64::from(c.count))
+        .unwrap_or(0);
+    let from = last
+        .map(|(_, c)| (c.location.segment, c.location.end()))
+        .unwrap_or((0, 0));
+    let mut recovered = 0u64;
+    let mut batch = sled::Batch::default();
+    let mut types = TypeCache::default();
+    let mut events: Vec<(Event, bool)> = Vec::new();
+    let end = super::segment::scan(dir, from, |location, bytes| {
+        let Some((_, _, first)) = codec::chunk_header(bytes) else {
+            return Ok(false);
+        };
+        if first != head {
+            return Ok(false);
+        }
+        let chunk = Chunk::parse(first, bytes)?;
+        for pos in first..chunk.end() {
+            events.push(chunk.event_keyed(pos, &mut types)?);
+        }
+        let count = chunk.len() as u32;
+        batch.insert(
+            &codec::event_key(first),
+            &ChunkEntry { location, count }.encode()[..],
+        );
+        head = chunk.end();
+        recovered += u64::from(count);
+        Ok(true)
+    })?;
+    if recovered > 0 {
+        index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
+        db.apply_batch(batch).map_err(storage)?;
+        tracing::info!(
+            events = recovered,
+            "indexed events written before the last stop"
+        );
+    }
+    db.flush().map_err(storage)?;
+    data_file
+        .sync_data()
+        .map_err(|e| LogError::Storage(format!("fdatasync of sled's data file: {e}")))?;
+    Ok((head, end))
+}
+
+/// Adds stream runs and client ids of `events` (consecutive positions) to `batch`.
+fn index_events<'a>(batch: &mut sled::Batch, events: impl Iterator<Item = (&'a Event, bool)>) {
+    // Consecutive versions at consecutive positions share one run entry.
+    let mut open: HashMap<&str, (u64, u64, u32)> = HashMap::new(); // first version, first position, count
+    let put = |batch: &mut sled::Batch, stream: &str, (v, p, n): (u64, u64, u32)| {
+        let run = Run {
+            first_position: p,
+            count: n,
+        };
+        batch.insert(codec::stream_key(stream, v), &run.encode()[..]);
+    };
+    for (e, keyed) in events {
+        if keyed {
+            batch.insert(codec::id_key(&e.id), &e.position.to_be_bytes()[..]);
+        }
+        match open.get_mut(e.stream.as_str()) {
+            Some((v, p, n))
+                if *v + u64::from(*n) == e.version && *p + u64::from(*n) == e.position =>
+            {
+                *n += 1;
+            }
+            Some(run) => {
+                let done = *run;
+                *run = (e.version, e.position, 1);
+                put(batch, &e.stream, done);
+            }
+            None => {
+                open.insert(&e.stream, (e.version, e.position, 1));
+            }
+        }
+    }
+    for (stream, run) in open {
+        put(batch, stream, run);
+    }
+}
+
+/// The last indexed chunk: its first position and entry.
+fn last_chunk(db: &sled::Db) -> Result<Option<(u64, ChunkEntry)>, LogError> {
     let last = db
         .range(codec::event_key(0)..=codec::event_key(u64::MAX))
         .next_back()
         .transpose()
         .map_err(storage)?;
-    match last {
-        None => Ok(0),
-        Some((k, v)) => {
-            let first = codec::position_of_event_key(&k)?;
-            Ok(Chunk::parse(first, &v)?.end())
-        }
-    }
+    last.map(|(k, v)| Ok((codec::position_of_event_key(&k)?, ChunkEntry::decode(&v)?)))
+        .transpose()
 }
 
 #[async_trait]
@@ -257,17 +344,16 @@ fn validate(groups: &[StreamAppend], config: &SledLogConfig) -> Result<(), Appen
     Ok(())
 }
 
-/// The chunk holding `position`, if stored.
-fn chunk_at(db: &sled::Db, position: u64) -> Result<Option<(u64, sled::IVec)>, LogError> {
+/// The index entry of the chunk holding `position`, with the chunk's first position.
+fn chunk_at(db: &sled::Db, position: u64) -> Result<Option<(u64, ChunkEntry)>, LogError> {
     let found = db
         .range(codec::event_key(0)..=codec::event_key(position))
         .next_back()
         .transpose()
         .map_err(storage)?;
-    match found {
-        Some((k, v)) => Ok(Some((codec::position_of_event_key(&k)?, v))),
-        None => Ok(None),
-    }
+    found
+        .map(|(k, v)| Ok((codec::position_of_event_key(&k)?, ChunkEntry::decode(&v)?)))
+        .transpose()
 }
 
 fn read_positions(
@@ -294,8 +380,10 @@ fn read_positions(
         .range(codec::event_key(start)..codec::event_key(stop))
     {
         let (k, v) = item.map_err(storage)?;
-        let chunk = Chunk::parse(codec::position_of_event_key(&k)?, &v)?;
-        for pos in page.next.max(codec::position_of_event_key(&k)?)..chunk.end().min(stop) {
+        let first = codec::position_of_event_key(&k)?;
+        let bytes = shared.segments.read(ChunkEntry::decode(&v)?.location)?;
+        let chunk = Chunk::parse(first, &bytes)?;
+        for pos in page.next.max(first)..chunk.end().min(stop) {
             let event = chunk.event(pos, &mut types)?;
             page.next = pos + 1;
             if filter.admits(&event) {
@@ -349,7 +437,8 @@ fn read_stream(
         .unwrap_or_else(|| codec::stream_key(stream, from_version));
     let mut out = Vec::new();
     let mut types = TypeCache::default();
-    let mut cached: Option<(u64, sled::IVec)> = None;
+    // The chunk last read: first position, one past its last, bytes.
+    let mut cached: Option<(u64, u64, Vec<u8>)> = None;
     for item in shared.db.range(start..) {
         let (k, v) = item.map_err(storage)?;
         if !k.starts_with(&prefix) {
@@ -366,13 +455,13 @@ fn read_stream(
             if pos >= head || out.len() >= limit {
                 return Ok(out);
             }
-            let hit = matches!(&cached, Some((first, v)) if Chunk::parse(*first, v)?.end() > pos && *first <= pos);
-            if !hit {
-                cached = chunk_at(&shared.db, pos)?;
+            if !matches!(&cached, Some((first, end, _)) if *first <= pos && pos < *end) {
+                let (first, entry) = chunk_at(&shared.db, pos)?
+                    .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {pos}")))?;
+                let bytes = shared.segments.read(entry.location)?;
+                cached = Some((first, first + u64::from(entry.count), bytes));
             }
-            let (first, bytes) = cached
-                .as_ref()
-                .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {pos}")))?;
+            let (first, _, bytes) = cached.as_ref().expect("filled above");
             out.push(Chunk::parse(*first, bytes)?.event(pos, &mut types)?);
         }
     }
@@ -382,9 +471,8 @@ fn read_stream(
 /// The writer thread's state.
 struct Writer {
     shared: Arc<Shared>,
+    segment: SegmentWriter,
     data_file: File,
-    /// Blob files already synced.
-    blobs: HashSet<OsString>,
     /// Next version of streams seen so far (everything applied is durable or poisoned).
     versions: HashMap<String, u64>,
     next_position: u64,
@@ -428,6 +516,9 @@ impl Writer {
                 continue;
             }
             self.commit_group(ops);
+        }
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "could not flush the index at shutdown; it will be rebuilt at the next start");
         }
         tracing::debug!("event log writer stopped");
     }
@@ -604,102 +695,66 @@ impl Writer {
     /// Applies the group as one batch and makes it durable.
     fn write(&mut self, group: &Group) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
+        // Every chunk of the group, back to back: one write, one fdatasync.
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut chunks: Vec<(u64, usize, usize, u32)> = Vec::new(); // first, start, len, count
         let mut encoded: Vec<Vec<u8>> = Vec::new();
-        let mut bytes = 0;
+        let mut size = 0;
         let mut chunk_first = group.first_position;
-        for e in &group.events {
-            let enc = codec::encode_event(e);
-            if !encoded.is_empty()
-                && (encoded.len() == codec::CHUNK_MAX_EVENTS
-                    || bytes + enc.len() > codec::CHUNK_MAX_BYTES)
-            {
-                batch.insert(
-                    &codec::event_key(chunk_first),
-                    codec::encode_chunk(&encoded),
-                );
-                chunk_first = e.position;
-                encoded.clear();
-                bytes = 0;
-            }
-            bytes += enc.len();
-            encoded.push(enc);
-        }
-        batch.insert(
-            &codec::event_key(chunk_first),
-            codec::encode_chunk(&encoded),
-        );
-
-        // Stream runs: consecutive versions at consecutive positions share one index entry.
-        let mut open: HashMap<&str, (u64, u64, u32)> = HashMap::new(); // first_version, first_position, count
-        let flush_run = |batch: &mut sled::Batch, stream: &str, (v, p, n): (u64, u64, u32)| {
-            batch.insert(
-                codec::stream_key(stream, v),
-                &Run {
-                    first_position: p,
-                    count: n,
-                }
-                .encode()[..],
-            );
+        let mut close = |encoded: &mut Vec<Vec<u8>>, first: u64, bytes: &mut Vec<u8>| {
+            let chunk = codec::encode_chunk(first, encoded);
+            chunks.push((first, bytes.len(), chunk.len(), encoded.len() as u32));
+            bytes.extend_from_slice(&chunk);
+            encoded.clear();
         };
         for e in &group.events {
-            match open.get_mut(e.stream.as_str()) {
-                Some((v, p, n))
-                    if *v + u64::from(*n) == e.version && *p + u64::from(*n) == e.position =>
-                {
-                    *n += 1;
-                }
-                Some(run) => {
-                    let done = *run;
-                    *run = (e.version, e.position, 1);
-                    flush_run(&mut batch, &e.stream, done);
-                }
-                None => {
-                    open.insert(&e.stream, (e.version, e.position, 1));
-                }
+            let enc = codec::encode_event(e, group.ids.contains_key(&e.id));
+            if !encoded.is_empty()
+                && (encoded.len() == codec::CHUNK_MAX_EVENTS
+                    || size + enc.len() > codec::CHUNK_MAX_BYTES)
+            {
+                close(&mut encoded, chunk_first, &mut bytes);
+                chunk_first = e.position;
+                size = 0;
             }
+            size += enc.len();
+            encoded.push(enc);
         }
-        for (stream, run) in open {
-            flush_run(&mut batch, stream, run);
+        close(&mut encoded, chunk_first, &mut bytes);
+        let (segment, base) = self.segment.append(&bytes)?;
+        self.segment.sync()?;
+        for (first, start, len, count) in chunks {
+            let entry = ChunkEntry {
+                location: ChunkLocation {
+                    segment,
+                    offset: base + start as u64,
+                    len: u32::try_from(len).map_err(|_| {
+                        LogError::Storage(format!("a chunk of {len} bytes is too large"))
+                    })?,
+                },
+                count,
+            };
+            batch.insert(&codec::event_key(first), &entry.encode()[..]);
         }
-        for (id, position) in &group.ids {
-            batch.insert(codec::id_key(id), &position.to_be_bytes()[..]);
-        }
-        self.shared.db.apply_batch(batch).map_err(storage)?;
-        self.sync()
+
+        index_events(
+            &mut batch,
+            group
+                .events
+                .iter()
+                .map(|e| (e, group.ids.contains_key(&e.id))),
+        );
+        // Durable already (the segment sync); sled's index is rebuilt from the segments if
+        // a crash loses it, so it is flushed in the background, not here.
+        self.shared.db.apply_batch(batch).map_err(storage)
     }
 
-    /// Makes everything applied so far durable against a process kill and an OS crash.
+    /// Makes sled's index durable, so the next start has nothing to index again.
     fn sync(&mut self) -> Result<(), LogError> {
         self.shared.db.flush().map_err(storage)?;
         self.data_file
             .sync_data()
             .map_err(|e| LogError::Storage(format!("fdatasync of sled's data file: {e}")))?;
-        self.sync_blobs(&self.shared.config.path.join("blobs"))
-    }
-
-    /// Syncs blob files sled wrote since the last call (sled does not sync them itself).
-    fn sync_blobs(&mut self, dir: &Path) -> Result<(), LogError> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Ok(());
-        };
-        let mut present = HashSet::new();
-        let mut synced_any = false;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !self.blobs.contains(&name) {
-                File::open(entry.path())
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| LogError::Storage(format!("fsync of blob {name:?}: {e}")))?;
-                synced_any = true;
-            }
-            present.insert(name);
-        }
-        if synced_any {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| LogError::Storage(format!("fsync of the blobs directory: {e}")))?;
-        }
-        self.blobs = present;
         Ok(())
     }
 }
