@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo run --release -p evhost --bin evhost -- serve --data "${EVHOST_DATA:-evhost-data}" "$@"
+scripts/build-plugins.sh
+exec cargo run --release -p evhost --bin evhost -- serve --data "${EVHOST_DATA:-evhost-data}" --plugins target/plugins "$@"

@@ -4,6 +4,7 @@
 //! before calling the log, so a request that fails writes nothing.
 
 mod error;
+mod plugins;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -60,6 +61,7 @@ pub struct AppState {
     log: Arc<dyn EventLog>,
     bus: Bus,
     config: Arc<ApiConfig>,
+    registry: Option<Arc<crate::registry::Registry>>,
 }
 
 impl AppState {
@@ -69,7 +71,14 @@ impl AppState {
             log,
             bus,
             config: Arc::new(config),
+            registry: None,
         }
+    }
+
+    /// Serves the plugin endpoints from `registry`.
+    pub fn with_registry(mut self, registry: Arc<crate::registry::Registry>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 }
 
@@ -84,6 +93,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/wait", get(wait))
         .route("/v1/bus/stats", get(stats))
         .route("/v1/bus/history", get(history))
+        .route("/v1/plugins", get(plugins::list_plugins))
+        .route(
+            "/v1/plugins/{name}",
+            put(plugins::put_plugin)
+                .get(plugins::get_plugin)
+                .delete(plugins::delete_plugin),
+        )
+        .route("/v1/projections/{name}/state", get(plugins::get_state))
+        .route("/v1/projections/{name}/query", post(plugins::post_query))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

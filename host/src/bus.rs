@@ -118,11 +118,14 @@ impl Hub {
                 st.recent.push_back(e.clone());
             }
             let live = &st.live;
+            // A subscription with several matching patterns gets the event once.
+            let mut sent: Vec<SubscriptionId> = Vec::new();
             st.router.for_each_match(e.event_type.as_str(), |id| {
                 let Some(sub) = live.get(id) else { return };
-                if !sub.filter.admits(e) || lagging.contains(id) {
+                if sent.contains(id) || lagging.contains(id) || !sub.filter.admits(e) {
                     return;
                 }
+                sent.push(*id);
                 if sub.tx.try_send(e.clone()).is_err() {
                     lagging.push(*id);
                 }
@@ -137,7 +140,8 @@ impl Hub {
                 st.resyncs += 1;
             }
         }
-        drop(st);
+        // Under the lock: a subscriber registering now either was routed these events or
+        // sees the new head and reads them from the log.
         self.head.send_replace(last.position + 1);
     }
 
@@ -375,6 +379,42 @@ impl Subscription {
                 None => self.live = None,
             }
         }
+    }
+
+    /// Waits for the next matching event, then takes every further one available without
+    /// waiting, up to `max`. Returns the events and the position to resume from after them.
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> Option<Result<(Vec<Arc<Event>>, u64), LogError>> {
+        let first = match self.next().await? {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut events = vec![first];
+        while events.len() < max {
+            if let Some(e) = self.pending.pop_front() {
+                events.push(e);
+                continue;
+            }
+            if !self.caught_up {
+                break;
+            }
+            let Some(rx) = self.live.as_mut() else { break };
+            match rx.try_recv() {
+                Ok(e) if e.position >= self.cursor => {
+                    self.cursor = e.position + 1;
+                    events.push(e);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let resume = match self.pending.front() {
+            Some(e) => e.position,
+            None => self.cursor,
+        };
+        Some(Ok((events, resume)))
     }
 
     /// Turns the subscription into a `Stream`.

@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use crate::api::{self, ApiConfig, AppState};
 use crate::bus::{Bus, Hub};
 use crate::log::{EventLog, SledLog, SledLogConfig};
+use crate::plugin::Runtime;
+use crate::registry::Registry;
 
 /// evhost: an event log and live bus that runs sandboxed WebAssembly event handlers.
 #[derive(Debug, Parser)]
@@ -29,6 +31,77 @@ enum Command {
     /// Append, read and follow events on a running host.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Load, list and unload plugins on a running host.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Read a projection's state on a running host, now or at a past position.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Load or replace a plugin from its manifest (the .wasm is taken from beside it).
+    Load {
+        #[command(flatten)]
+        remote: Remote,
+        /// The manifest, `<name>.toml`, with `<name>.wasm` beside it.
+        manifest: PathBuf,
+        /// The component, if not beside the manifest.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
+    },
+    /// List loaded plugins with their status, position and lag.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Unload a plugin; its state is kept unless --purge.
+    Unload {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+        /// Delete its state too.
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// The stored state of a projection under a key (or every key with --prefix).
+    Get {
+        #[command(flatten)]
+        remote: Remote,
+        /// The projection.
+        name: String,
+        /// The key (e.g. a stream name for assistant-stats).
+        key: String,
+        /// Treat KEY as a prefix and list every matching key.
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// The state under a key as it was right after the event at POSITION.
+    At {
+        #[command(flatten)]
+        remote: Remote,
+        /// The projection.
+        name: String,
+        /// The key.
+        key: String,
+        /// The position.
+        position: u64,
+    },
+    /// Calls the projection's query export with REQUEST.
+    Query {
+        #[command(flatten)]
+        remote: Remote,
+        /// The projection.
+        name: String,
+        /// The request text.
+        request: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +124,9 @@ struct ServeArgs {
     /// Events the bus keeps in memory for history and fast fan-out.
     #[arg(long, default_value_t = 10_000)]
     history: usize,
+    /// Load every plugin (`<name>.toml` + `<name>.wasm`) in this directory at start.
+    #[arg(long, env = "EVHOST_PLUGINS")]
+    plugins: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +227,8 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Events(cmd) => events(cmd).await,
+        Command::Plugin(cmd) => plugin(cmd).await,
+        Command::State(cmd) => state(cmd).await,
     }
 }
 
@@ -169,6 +247,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     let dyn_log: Arc<dyn EventLog> = log.clone();
     let bus = Bus::new(dyn_log.clone(), hub);
+    let runtime =
+        Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
+    let registry = Registry::new(
+        runtime,
+        log.db().clone(),
+        bus.clone(),
+        dyn_log.clone(),
+        args.data.join("plugins"),
+    );
+    let persisted = args.data.join("plugins");
+    let mut dirs: Vec<&std::path::Path> = vec![&persisted];
+    if let Some(dir) = &args.plugins {
+        if !dir.is_dir() {
+            bail!("--plugins {} is not a directory", dir.display());
+        }
+        dirs.push(dir);
+    }
+    for (file, err) in registry.load_dirs(&dirs).await {
+        tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
+    }
     let state = AppState::new(
         dyn_log,
         bus,
@@ -177,13 +275,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_batch_events: args.max_batch_events,
             ..ApiConfig::default()
         },
-    );
+    )
+    .with_registry(registry.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     api::serve(listener, state, shutdown_signal())
         .await
         .context("serving the HTTP API")?;
+    registry.stop_all().await;
     tracing::info!("shut down");
     Ok(())
 }
@@ -341,6 +441,115 @@ async fn events(cmd: EventsCommand) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+async fn plugin(cmd: PluginCommand) -> Result<()> {
+    match cmd {
+        PluginCommand::Load {
+            remote,
+            manifest,
+            wasm,
+        } => {
+            let wasm = wasm.unwrap_or_else(|| manifest.with_extension("wasm"));
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading the manifest {}", manifest.display()))?;
+            let bytes = std::fs::read(&wasm)
+                .with_context(|| format!("reading the component {}", wasm.display()))?;
+            let parsed = crate::plugin::Manifest::parse(&text)?;
+            let form = reqwest::multipart::Form::new()
+                .part("manifest", reqwest::multipart::Part::text(text))
+                .part("wasm", reqwest::multipart::Part::bytes(bytes));
+            let resp = client()
+                .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
+                .multipart(form)
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
+        PluginCommand::List { remote } => {
+            let resp = client()
+                .get(format!("{}/v1/plugins", remote.url))
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            let body = json_reply(resp).await?;
+            for p in body["plugins"].as_array().cloned().unwrap_or_default() {
+                println!("{p}");
+            }
+        }
+        PluginCommand::Unload {
+            remote,
+            name,
+            purge,
+        } => {
+            let resp = client()
+                .delete(format!("{}/v1/plugins/{}", remote.url, urlencode(&name)))
+                .query(&[("purge", purge.to_string())])
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn state(cmd: StateCommand) -> Result<()> {
+    let (url, query): (String, Vec<(&str, String)>) = match &cmd {
+        StateCommand::Get {
+            remote,
+            name,
+            key,
+            prefix,
+        } => (
+            format!("{}/v1/projections/{}/state", remote.url, urlencode(name)),
+            vec![(if *prefix { "prefix" } else { "key" }, key.clone())],
+        ),
+        StateCommand::At {
+            remote,
+            name,
+            key,
+            position,
+        } => (
+            format!("{}/v1/projections/{}/state", remote.url, urlencode(name)),
+            vec![("key", key.clone()), ("at", position.to_string())],
+        ),
+        StateCommand::Query {
+            remote,
+            name,
+            request,
+        } => {
+            let resp = client()
+                .post(format!(
+                    "{}/v1/projections/{}/query",
+                    remote.url,
+                    urlencode(name)
+                ))
+                .body(request.clone())
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?["answer"]);
+            return Ok(());
+        }
+    };
+    let resp = client()
+        .get(url)
+        .query(&query)
+        .send()
+        .await
+        .context("reaching the host")?;
+    let body = json_reply(resp).await?;
+    match &cmd {
+        StateCommand::Get { prefix: true, .. } => {
+            for item in body["items"].as_array().cloned().unwrap_or_default() {
+                println!("{item}");
+            }
+        }
+        _ => println!("{}", body["value"]),
     }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! evhost: an append-only event log and live bus that runs sandboxed WebAssembly
 //! components as event handlers.
 //!
-//! Data flows one way: [`api`] -> [`log`] -> [`bus`] -> runners -> commit. The log is the
+//! Data flows one way: [`api`] -> [`log`] -> [`bus`] -> [`runner`] -> [`plugin`] runtime ->
+//! commit. The log is the
 //! source of truth; the bus only wakes subscribers.
 
 #[cfg(feature = "mimalloc")]
@@ -14,6 +15,9 @@ pub mod cli;
 pub mod event;
 pub mod log;
 pub mod pattern;
+pub mod plugin;
+pub mod registry;
+pub mod runner;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
 pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};

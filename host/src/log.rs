@@ -110,7 +110,7 @@ pub struct Appended {
     pub next_version: u64,
 }
 
-/// Why an append was refused. Nothing was written in any case.
+/// Why an append was refused. Nothing was written, except possibly on `Storage`.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
     /// The stream was not at the expected version.
@@ -128,7 +128,10 @@ pub enum AppendError {
     /// The request itself is unusable (empty, too large, inconsistent).
     #[error("{0}")]
     Invalid(String),
-    /// The storage failed; the log refuses writes until the host restarts.
+    /// The storage failed; the log refuses writes until the host restarts. The append's
+    /// outcome is unknown (as with any database whose disk fails mid-write): the host takes
+    /// the bytes back out when it can, and a client that retries with the same event ids
+    /// after the restart gets exactly-once either way.
     #[error(transparent)]
     Storage(#[from] LogError),
 }

@@ -502,3 +502,54 @@ async fn a_torn_write_at_the_end_of_a_segment_is_truncated_and_appends_continue(
         .collect();
     assert_eq!(payloads, vec!["1", "2", "3"]);
 }
+
+#[tokio::test]
+async fn a_multi_chunk_append_cut_short_by_a_crash_is_dropped_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let segment = dir.path().join("events").join("00000000.seg");
+    let first_group_end;
+    {
+        let log = open(dir.path());
+        log.append(one("s", ExpectedVersion::NoStream, vec![ev("a.b", "0")]))
+            .await
+            .unwrap();
+        first_group_end = std::fs::metadata(&segment).unwrap().len();
+        // Many chunks in one group.
+        let big: Vec<NewEvent> = (0..1000)
+            .map(|i| {
+                ev(
+                    "a.b",
+                    &format!("{{\"pad\":\"{}\",\"i\":{i}}}", "x".repeat(200)),
+                )
+                .with_id(format!("k{i}"))
+            })
+            .collect();
+        log.append(one("s", ExpectedVersion::Exact(1), big))
+            .await
+            .unwrap();
+        std::fs::remove_dir_all(dir.path().join("index")).ok();
+    }
+    // As if only the first part of the group's write reached the disk before a crash.
+    let full = std::fs::metadata(&segment).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    f.set_len(first_group_end + (full - first_group_end) / 2)
+        .unwrap();
+    drop(f);
+    std::fs::remove_dir_all(dir.path().join("index")).ok();
+    let log = open(dir.path());
+    assert_eq!(log.head(), 1, "no part of the cut group survives");
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), first_group_end);
+    // The client's retry (same ids, same expected version) now succeeds exactly once.
+    let retry: Vec<NewEvent> = (0..1000)
+        .map(|i| ev("a.b", &format!("{{\"i\":{i}}}")).with_id(format!("k{i}")))
+        .collect();
+    let r = log
+        .append(one("s", ExpectedVersion::Exact(1), retry))
+        .await
+        .unwrap();
+    assert_eq!(r[0].next_version, 1001);
+    assert_eq!(log.head(), 1001);
+}

@@ -1,9 +1,81 @@
-//! evhost-sdk: what a plugin author needs to write an evhost plugin in Rust.
+//! evhost-sdk: write evhost plugins in Rust.
 //!
-//! Plugins are WebAssembly components built for `wasm32-wasip2` against the WIT package in
-//! `wit/`. This crate will carry the typed events, the plugin traits, the export macro and a
-//! native test harness; for now it only names the event-type rules plugins share with the
-//! host.
+//! A projection folds events into typed state. Implement [`Projection`], export it with
+//! [`export_projection!`], and build with `cargo build --release --target wasm32-wasip2`:
+//!
+//! ```
+//! use evhost_sdk::{Event, Error, Projection};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct Counts { total: u64 }
+//!
+//! pub struct Counter;
+//!
+//! impl Projection for Counter {
+//!     type State = Counts;
+//!     // Fold every event of a stream into that stream's state (the default key).
+//!     fn apply(state: &mut Counts, _event: &Event) -> Result<(), Error> {
+//!         state.total += 1;
+//!         Ok(())
+//!     }
+//! }
+//! // In the plugin crate: evhost_sdk::export_projection!(Counter);
+//!
+//! // Tested natively, no wasm needed:
+//! let mut h = evhost_sdk::testing::Harness::<Counter>::new();
+//! h.handle(vec![Event::new("a.b", "{}").with_stream("s1"), Event::new("a.c", "{}").with_stream("s1")]).unwrap();
+//! assert_eq!(h.state("s1").unwrap().total, 2);
+//! ```
+//!
+//! The host stores each key's state beside the projection's checkpoint, commits a batch's
+//! state and checkpoint together, and serves it at `GET /v1/projections/{name}/state?key=`.
+
+mod event;
+mod projection;
+pub mod testing;
+
+pub use event::{Error, Event};
+pub use projection::{Projection, Store};
+
+/// Generated bindings of the `projection` world; glue for [`export_projection!`].
+#[doc(hidden)]
+pub mod projection_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "projection",
+        pub_export_macro: true,
+        export_macro_name: "export_projection_world",
+        default_bindings_module: "evhost_sdk::projection_bindings",
+    });
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::projection::{wasm_handle, wasm_query};
+}
+
+/// Exports a [`Projection`] implementation as the component's `projection` world.
+#[macro_export]
+macro_rules! export_projection {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __EvhostProjectionExport;
+        impl $crate::projection_bindings::Guest for __EvhostProjectionExport {
+            fn handle(
+                events: ::std::vec::Vec<$crate::projection_bindings::evhost::plugin::types::Event>,
+            ) -> ::std::result::Result<(), $crate::projection_bindings::evhost::plugin::types::Error> {
+                $crate::__private::wasm_handle::<$t>(events)
+            }
+            fn query(
+                request: ::std::string::String,
+            ) -> ::std::result::Result<::std::string::String, $crate::projection_bindings::evhost::plugin::types::Error> {
+                $crate::__private::wasm_query::<$t>(request)
+            }
+        }
+        $crate::projection_bindings::export_projection_world!(__EvhostProjectionExport);
+    };
+}
 
 /// True when `s` is a valid event type: dot-separated segments of `[A-Za-z0-9_-]+`.
 ///

@@ -247,12 +247,17 @@ fn decode_event(
     Ok((event, keyed))
 }
 
-/// Bytes before a chunk's body: body length (u32 LE), CRC-32 of the body (u32 LE), first
-/// position (u64 LE). They let start-up find where the last complete chunk ends.
+/// Bytes before a chunk's body: body length (u32 LE, top bit set on the last chunk of a
+/// group), CRC-32 of the body (u32 LE), first position (u64 LE). They let start-up find
+/// where the last complete group ends.
 pub(super) const CHUNK_HEADER: usize = 16;
 
+/// Marks the last chunk of a commit group in the length field.
+const GROUP_END: u32 = 1 << 31;
+
 /// Builds a chunk: header, then `count: u32`, `count` end offsets (u32), the event bytes.
-pub(super) fn encode_chunk(first_position: u64, events: &[Vec<u8>]) -> Vec<u8> {
+/// `group_end` marks the last chunk of a commit group: recovery keeps whole groups only.
+pub(super) fn encode_chunk(first_position: u64, events: &[Vec<u8>], group_end: bool) -> Vec<u8> {
     let body: usize = events.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(CHUNK_HEADER + 4 + 4 * events.len() + body);
     out.extend_from_slice(&[0u8; 8]);
@@ -268,19 +273,36 @@ pub(super) fn encode_chunk(first_position: u64, events: &[Vec<u8>]) -> Vec<u8> {
     }
     let body_len = (out.len() - CHUNK_HEADER) as u32;
     let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
-    out[..4].copy_from_slice(&body_len.to_le_bytes());
+    let len_field = if group_end {
+        body_len | GROUP_END
+    } else {
+        body_len
+    };
+    out[..4].copy_from_slice(&len_field.to_le_bytes());
     out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
-/// Reads a chunk header: (body length, CRC, first position).
-pub(super) fn chunk_header(h: &[u8]) -> Option<(u32, u32, u64)> {
+/// A decoded chunk header.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChunkHeader {
+    pub body_len: u32,
+    pub crc: u32,
+    pub first_position: u64,
+    /// The last chunk of its commit group.
+    pub group_end: bool,
+}
+
+/// Reads a chunk header.
+pub(super) fn chunk_header(h: &[u8]) -> Option<ChunkHeader> {
     let h: &[u8; CHUNK_HEADER] = h.get(..CHUNK_HEADER)?.try_into().ok()?;
-    Some((
-        u32::from_le_bytes(h[..4].try_into().ok()?),
-        u32::from_le_bytes(h[4..8].try_into().ok()?),
-        u64::from_le_bytes(h[8..].try_into().ok()?),
-    ))
+    let len = u32::from_le_bytes(h[..4].try_into().ok()?);
+    Some(ChunkHeader {
+        body_len: len & !GROUP_END,
+        crc: u32::from_le_bytes(h[4..8].try_into().ok()?),
+        first_position: u64::from_le_bytes(h[8..].try_into().ok()?),
+        group_end: len & GROUP_END != 0,
+    })
 }
 
 /// A stored chunk, read lazily.
@@ -294,11 +316,23 @@ pub(super) struct Chunk<'a> {
 impl<'a> Chunk<'a> {
     /// Parses a whole chunk (header included), checking its CRC and first position.
     pub fn parse(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
+        Self::parse_inner(first_position, v, true)
+    }
+
+    /// Parses a chunk already checked by [`Chunk::parse`] (skips the CRC).
+    pub fn parse_checked(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
+        Self::parse_inner(first_position, v, false)
+    }
+
+    fn parse_inner(first_position: u64, v: &'a [u8], check_crc: bool) -> Result<Self, LogError> {
         let corrupt =
             |why: &str| LogError::Corrupt(format!("chunk at position {first_position}: {why}"));
-        let (len, crc, first) = chunk_header(v).ok_or_else(|| corrupt("short header"))?;
+        let h = chunk_header(v).ok_or_else(|| corrupt("short header"))?;
         let v = &v[CHUNK_HEADER..];
-        if v.len() != len as usize || crc32fast::hash(v) != crc || first != first_position {
+        if v.len() != h.body_len as usize
+            || h.first_position != first_position
+            || (check_crc && crc32fast::hash(v) != h.crc)
+        {
             return Err(corrupt("checksum or header mismatch"));
         }
         let count = u32::from_le_bytes(

@@ -161,6 +161,21 @@ impl SegmentWriter {
         Ok((self.segment, at))
     }
 
+    /// Cuts the current segment back to `offset` after a failed group, so its bytes cannot
+    /// be recovered as if they had been committed.
+    pub fn rollback(&mut self, segment: u32, offset: u64) -> Result<(), LogError> {
+        if segment != self.segment || offset > self.offset {
+            return Ok(());
+        }
+        let path = segment_path(&self.dir, self.segment);
+        self.file
+            .set_len(offset)
+            .and_then(|_| self.file.sync_all())
+            .map_err(io("cannot truncate segment", &path))?;
+        self.offset = offset;
+        Ok(())
+    }
+
     /// Makes every appended byte durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.file.sync_data().map_err(io(
@@ -224,17 +239,17 @@ pub(super) fn scan(
             {
                 break;
             }
-            let Some((body_len, crc, _)) = chunk_header(&header) else {
+            let Some(h) = chunk_header(&header) else {
                 break;
             };
-            let total = CHUNK_HEADER as u64 + u64::from(body_len);
-            if body_len == 0 || offset + total > len {
+            let total = CHUNK_HEADER as u64 + u64::from(h.body_len);
+            if h.body_len == 0 || offset + total > len {
                 return Ok(end);
             }
             let mut bytes = vec![0u8; total as usize];
             file.read_exact_at(&mut bytes, offset)
                 .map_err(io("cannot read segment", &path))?;
-            if crc32fast::hash(&bytes[CHUNK_HEADER..]) != crc {
+            if crc32fast::hash(&bytes[CHUNK_HEADER..]) != h.crc {
                 return Ok(end);
             }
             let loc = ChunkLocation {

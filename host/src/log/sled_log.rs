@@ -182,26 +182,48 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u6
     let mut batch = sled::Batch::default();
     let mut types = TypeCache::default();
     let mut events: Vec<(Event, bool)> = Vec::new();
-    let end = super::segment::scan(dir, from, |location, bytes| {
-        let Some((_, _, first)) = codec::chunk_header(bytes) else {
+    // Chunks of the group being read; indexed only once its last chunk is found, so a group
+    // cut short by a crash (never acknowledged) is dropped whole.
+    let mut group: Vec<(u64, ChunkEntry, Vec<(Event, bool)>)> = Vec::new();
+    let mut committed_end = from;
+    let mut expected = head;
+    super::segment::scan(dir, from, |location, bytes| {
+        let Some(h) = codec::chunk_header(bytes) else {
             return Ok(false);
         };
-        if first != head {
+        if h.first_position != expected {
             return Ok(false);
         }
-        let chunk = Chunk::parse(first, bytes)?;
-        for pos in first..chunk.end() {
-            events.push(chunk.event_keyed(pos, &mut types)?);
+        let chunk = Chunk::parse(h.first_position, bytes)?;
+        let mut chunk_events = Vec::with_capacity(chunk.len());
+        for pos in h.first_position..chunk.end() {
+            chunk_events.push(chunk.event_keyed(pos, &mut types)?);
         }
         let count = chunk.len() as u32;
-        batch.insert(
-            &codec::event_key(first),
-            &ChunkEntry { location, count }.encode()[..],
-        );
-        head = chunk.end();
-        recovered += u64::from(count);
+        group.push((
+            h.first_position,
+            ChunkEntry { location, count },
+            chunk_events,
+        ));
+        expected = chunk.end();
+        if h.group_end {
+            for (first, entry, evs) in group.drain(..) {
+                batch.insert(&codec::event_key(first), &entry.encode()[..]);
+                recovered += u64::from(entry.count);
+                events.extend(evs);
+            }
+            head = expected;
+            committed_end = (location.segment, location.end());
+        }
         Ok(true)
     })?;
+    if !group.is_empty() {
+        tracing::warn!(
+            chunks = group.len(),
+            "dropping an incomplete group that was never acknowledged"
+        );
+    }
+    let end = committed_end;
     if recovered > 0 {
         index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
         db.apply_batch(batch).map_err(storage)?;
@@ -459,10 +481,11 @@ fn read_stream(
                 let (first, entry) = chunk_at(&shared.db, pos)?
                     .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {pos}")))?;
                 let bytes = shared.segments.read(entry.location)?;
+                Chunk::parse(first, &bytes)?;
                 cached = Some((first, first + u64::from(entry.count), bytes));
             }
             let (first, _, bytes) = cached.as_ref().expect("filled above");
-            out.push(Chunk::parse(*first, bytes)?.event(pos, &mut types)?);
+            out.push(Chunk::parse_checked(*first, bytes)?.event(pos, &mut types)?);
         }
     }
     Ok(out)
@@ -701,28 +724,32 @@ impl Writer {
         let mut encoded: Vec<Vec<u8>> = Vec::new();
         let mut size = 0;
         let mut chunk_first = group.first_position;
-        let mut close = |encoded: &mut Vec<Vec<u8>>, first: u64, bytes: &mut Vec<u8>| {
-            let chunk = codec::encode_chunk(first, encoded);
-            chunks.push((first, bytes.len(), chunk.len(), encoded.len() as u32));
-            bytes.extend_from_slice(&chunk);
-            encoded.clear();
-        };
+        let mut close =
+            |encoded: &mut Vec<Vec<u8>>, first: u64, bytes: &mut Vec<u8>, last: bool| {
+                let chunk = codec::encode_chunk(first, encoded, last);
+                chunks.push((first, bytes.len(), chunk.len(), encoded.len() as u32));
+                bytes.extend_from_slice(&chunk);
+                encoded.clear();
+            };
         for e in &group.events {
             let enc = codec::encode_event(e, group.ids.contains_key(&e.id));
             if !encoded.is_empty()
                 && (encoded.len() == codec::CHUNK_MAX_EVENTS
                     || size + enc.len() > codec::CHUNK_MAX_BYTES)
             {
-                close(&mut encoded, chunk_first, &mut bytes);
+                close(&mut encoded, chunk_first, &mut bytes, false);
                 chunk_first = e.position;
                 size = 0;
             }
             size += enc.len();
             encoded.push(enc);
         }
-        close(&mut encoded, chunk_first, &mut bytes);
+        close(&mut encoded, chunk_first, &mut bytes, true);
         let (segment, base) = self.segment.append(&bytes)?;
-        self.segment.sync()?;
+        if let Err(e) = self.segment.sync() {
+            self.rollback(segment, base);
+            return Err(e);
+        }
         for (first, start, len, count) in chunks {
             let entry = ChunkEntry {
                 location: ChunkLocation {
@@ -746,7 +773,18 @@ impl Writer {
         );
         // Durable already (the segment sync); sled's index is rebuilt from the segments if
         // a crash loses it, so it is flushed in the background, not here.
-        self.shared.db.apply_batch(batch).map_err(storage)
+        self.shared.db.apply_batch(batch).map_err(|e| {
+            self.rollback(segment, base);
+            storage(e)
+        })
+    }
+
+    /// Best effort to take a failed group's bytes back out of the segment. If even that
+    /// fails, the group's outcome is unknown (see [`AppendError::Storage`]).
+    fn rollback(&mut self, segment: u32, offset: u64) {
+        if let Err(e) = self.segment.rollback(segment, offset) {
+            tracing::error!(error = %e, "could not take a failed append back out of the segment");
+        }
     }
 
     /// Makes sled's index durable, so the next start has nothing to index again.

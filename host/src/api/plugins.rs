@@ -1,0 +1,207 @@
+//! Plugin and projection endpoints: load, list, unload, read state, query, time travel.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, query};
+use crate::registry::{Registry, RegistryError};
+
+fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
+    st.registry.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "plugins_disabled",
+            "this host runs without plugins",
+        )
+    })
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
+        RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+        RegistryError::Plugin(p) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "plugin_failed",
+            p.to_string(),
+        ),
+        RegistryError::Storage(m) => ApiError::unavailable(m),
+    }
+}
+
+/// `PUT /v1/plugins/{name}`: multipart with parts `manifest` (TOML) and `wasm`.
+pub(super) async fn put_plugin(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::bad_request(
+            "bad_body",
+            format!(
+                "expected multipart/form-data with parts manifest and wasm: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let (mut manifest, mut wasm) = (None, None);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request("bad_body", format!("reading the upload: {e}")))?
+    {
+        let part = field.name().unwrap_or_default().to_owned();
+        let bytes = field.bytes().await.map_err(|e| {
+            ApiError::bad_request("bad_body", format!("reading part {part:?}: {e}"))
+        })?;
+        match part.as_str() {
+            "manifest" => {
+                manifest = Some(String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ApiError::bad_request("invalid_plugin", "the manifest is not UTF-8 text")
+                })?)
+            }
+            "wasm" => wasm = Some(bytes.to_vec()),
+            other => {
+                return Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("unexpected part {other:?}; send manifest and wasm"),
+                ));
+            }
+        }
+    }
+    let (Some(manifest), Some(wasm)) = (manifest, wasm) else {
+        return Err(ApiError::bad_request(
+            "bad_body",
+            "send both parts: manifest (TOML) and wasm (the component)",
+        ));
+    };
+    let parsed = crate::plugin::Manifest::parse(&manifest)
+        .map_err(|e| ApiError::bad_request("invalid_plugin", e.to_string()))?;
+    if parsed.name != name {
+        return Err(ApiError::bad_request(
+            "invalid_plugin",
+            format!(
+                "the manifest names the plugin {:?} but the URL says {name:?}",
+                parsed.name
+            ),
+        ));
+    }
+    let info = reg
+        .load(&manifest, wasm, true)
+        .await
+        .map_err(registry_error)?;
+    Ok((StatusCode::OK, Json(info)).into_response())
+}
+
+pub(super) async fn list_plugins(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(json!({"plugins": reg.list().await})))
+}
+
+pub(super) async fn get_plugin(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(reg.info(&name).await.map_err(registry_error)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeleteQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+pub(super) async fn delete_plugin(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let reg = registry(&st)?;
+    let q = query(q)?;
+    reg.unload(&name, q.purge).await.map_err(registry_error)?;
+    Ok(Json(json!({"unloaded": name, "state_purged": q.purge})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StateQuery {
+    key: Option<String>,
+    prefix: Option<String>,
+    at: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Stored state is JSON text by convention; anything else is returned as a string.
+fn as_json(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
+}
+
+/// `GET /v1/projections/{name}/state?key=K[&at=POSITION]` or `?prefix=P[&limit=N]`.
+pub(super) async fn get_state(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let reg = registry(&st)?;
+    let q = query(q)?;
+    match (q.key, q.prefix, q.at) {
+        (Some(key), None, None) => {
+            let value = reg.state(&name, &key).await.map_err(registry_error)?;
+            match value {
+                Some(v) => Ok(Json(json!({"key": key, "value": as_json(v)}))),
+                None => Err(ApiError::not_found(format!(
+                    "projection {name:?} has no state under key {key:?}"
+                ))),
+            }
+        }
+        (Some(key), None, Some(at)) => {
+            let value = reg
+                .state_at(&name, &key, at)
+                .await
+                .map_err(registry_error)?;
+            Ok(Json(
+                json!({"key": key, "at": at, "value": value.map(as_json)}),
+            ))
+        }
+        (None, Some(prefix), None) => {
+            let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+            let items = reg
+                .state_prefix(&name, &prefix, limit)
+                .await
+                .map_err(registry_error)?;
+            let items: Vec<Value> = items
+                .into_iter()
+                .map(|(k, v)| json!({"key": k, "value": as_json(v)}))
+                .collect();
+            Ok(Json(json!({"prefix": prefix, "items": items})))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_query",
+            "give key=K (optionally with at=POSITION) or prefix=P",
+        )),
+    }
+}
+
+/// `POST /v1/projections/{name}/query`: the body is passed to the plugin's `query` as text;
+/// a JSON answer is returned as JSON.
+pub(super) async fn post_query(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let reg = registry(&st)?;
+    let request = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("bad_body", "the query must be UTF-8 text"))?;
+    let answer = reg.query(&name, request).await.map_err(registry_error)?;
+    Ok(Json(json!({"answer": as_json(answer)})))
+}

@@ -1,0 +1,245 @@
+//! The plugin manifest (`<name>.toml` beside `<name>.wasm`): what a plugin is, what it
+//! subscribes to, its limits and its capabilities.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pattern::Pattern;
+
+/// What kind of handler a plugin is; each is a WIT world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Folds events into state (`projection` world).
+    Projection,
+    /// Derives new events from events (`extractor` world).
+    Extractor,
+    /// Carries out requested work (`tool` world).
+    Tool,
+}
+
+/// Where a plugin that has no checkpoint yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// From position 0: the whole log.
+    #[default]
+    Beginning,
+    /// From the head at first load: only events appended afterwards.
+    Now,
+}
+
+/// Resource limits of one plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear memory the plugin may grow to, in MiB.
+    pub memory_mb: u64,
+    /// Wall-clock time one batch (or one query) may take, in milliseconds.
+    pub batch_timeout_ms: u64,
+    /// Most events handed to the plugin in one call.
+    pub batch_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mb: 64,
+            batch_timeout_ms: 5_000,
+            batch_size: 512,
+        }
+    }
+}
+
+/// What a plugin may do beyond handling its input. Nothing by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capabilities {
+    /// Hosts (`host:port`) the plugin may call over HTTP.
+    pub http: Vec<String>,
+    /// A real wall clock (otherwise a fixed, deterministic one).
+    pub clock: bool,
+    /// Real randomness (otherwise a fixed, deterministic seed).
+    pub random: bool,
+}
+
+/// A parsed, validated manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Unique name: lower-case letters, digits and `-`, at most 64 bytes.
+    pub name: String,
+    /// The plugin's own version, reported in status and errors.
+    pub version: String,
+    /// Which world the component implements.
+    pub kind: Kind,
+    /// Event-type patterns the plugin receives.
+    #[serde(default)]
+    pub subscriptions: Vec<Pattern>,
+    /// Where a new plugin starts reading.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Granted capabilities.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid plugin manifest: {0}")]
+pub struct InvalidManifest(pub String);
+
+/// True when `name` is a valid plugin name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
+impl Manifest {
+    /// Parses and validates manifest TOML; unknown keys are refused.
+    pub fn parse(text: &str) -> Result<Self, InvalidManifest> {
+        let m: Manifest = toml::from_str(text).map_err(|e| InvalidManifest(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), InvalidManifest> {
+        let bad = |m: String| Err(InvalidManifest(m));
+        if !valid_name(&self.name) {
+            return bad(format!(
+                "name {:?} must be 1 to 64 lower-case letters, digits or '-'",
+                self.name
+            ));
+        }
+        if self.version.trim().is_empty() {
+            return bad("version must not be empty".into());
+        }
+        if self.kind != Kind::Tool && self.subscriptions.is_empty() {
+            return bad(format!(
+                "a {} needs at least one pattern in subscriptions (e.g. [\"assistant.>\"])",
+                self.kind.as_str()
+            ));
+        }
+        let l = &self.limits;
+        if !(1..=4096).contains(&l.memory_mb) {
+            return bad(format!(
+                "limits.memory_mb {} is outside 1..=4096",
+                l.memory_mb
+            ));
+        }
+        if !(1..=600_000).contains(&l.batch_timeout_ms) {
+            return bad(format!(
+                "limits.batch_timeout_ms {} is outside 1..=600000",
+                l.batch_timeout_ms
+            ));
+        }
+        if !(1..=10_000).contains(&l.batch_size) {
+            return bad(format!(
+                "limits.batch_size {} is outside 1..=10000",
+                l.batch_size
+            ));
+        }
+        for host in &self.capabilities.http {
+            let ok = host
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return bad(format!(
+                    "capabilities.http entry {host:?} must be host:port (e.g. \"api.example.com:443\")"
+                ));
+            }
+        }
+        if self.kind == Kind::Projection && !self.capabilities.http.is_empty() {
+            return bad(
+                "a projection cannot be granted http: its state must be a function of the log"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Kind {
+    /// The kind's name as in manifests and WIT worlds.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Projection => "projection",
+            Kind::Extractor => "extractor",
+            Kind::Tool => "tool",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "assistant-stats"
+version = "0.1.0"
+kind = "projection"
+subscriptions = ["assistant.>"]
+start = "now"
+[limits]
+memory_mb = 32
+"#;
+
+    #[test]
+    fn a_good_manifest_parses_with_defaults_for_what_it_omits() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.name, "assistant-stats");
+        assert_eq!(m.kind, Kind::Projection);
+        assert_eq!(m.start, StartFrom::Now);
+        assert_eq!(m.limits.memory_mb, 32);
+        assert_eq!(m.limits.batch_timeout_ms, 5_000);
+        assert_eq!(m.capabilities, Capabilities::default());
+    }
+
+    #[test]
+    fn bad_manifests_are_refused_with_what_is_wrong() {
+        let cases = [
+            ("name = \"x\"", "missing field"),
+            (
+                &GOOD.replace("assistant-stats", "Bad_Name"),
+                "name \"Bad_Name\"",
+            ),
+            (&GOOD.replace("projection", "daemon"), "unknown variant"),
+            (
+                &GOOD.replace("assistant.>", "assistant.>.x"),
+                "invalid pattern",
+            ),
+            (
+                &GOOD.replace("[\"assistant.>\"]", "[]"),
+                "at least one pattern",
+            ),
+            (
+                &GOOD.replace("memory_mb = 32", "memory_mb = 0"),
+                "memory_mb 0",
+            ),
+            (
+                &GOOD.replace("memory_mb = 32", "memroy_mb = 32"),
+                "unknown field `memroy_mb`",
+            ),
+            (&format!("{GOOD}\nextra = 1"), "unknown field"),
+            (
+                &format!("{GOOD}\n[capabilities]\nhttp = [\"example.com\"]"),
+                "host:port",
+            ),
+            (
+                &format!("{GOOD}\n[capabilities]\nhttp = [\"example.com:443\"]"),
+                "projection cannot",
+            ),
+            ("not toml at all [", "invalid plugin manifest"),
+        ];
+        for (text, want) in cases {
+            let err = Manifest::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}

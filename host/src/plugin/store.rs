@@ -1,0 +1,156 @@
+//! Where a plugin's state lives: a sled tree per plugin holding its keys beside its
+//! checkpoint, committed together.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use super::runtime::{StateView, Writes};
+
+const CHECKPOINT: &[u8] = b"c";
+const PROCESSED: &[u8] = b"n";
+const HASH: &[u8] = b"h";
+const STATE: u8 = b's';
+
+fn tree_name(plugin: &str) -> String {
+    format!("plugin/{plugin}")
+}
+
+fn state_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(STATE);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn u64_of(v: Option<sled::IVec>) -> Option<u64> {
+    v.and_then(|v| v.as_ref().try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// A plugin's stored state and checkpoint.
+#[derive(Clone)]
+pub struct PluginStore {
+    tree: sled::Tree,
+}
+
+impl PluginStore {
+    /// Opens (or creates) the store of `plugin` in `db`.
+    pub fn open(db: &sled::Db, plugin: &str) -> sled::Result<Self> {
+        Ok(Self {
+            tree: db.open_tree(tree_name(plugin))?,
+        })
+    }
+
+    /// Deletes everything stored for `plugin`.
+    pub fn purge(db: &sled::Db, plugin: &str) -> sled::Result<bool> {
+        db.drop_tree(tree_name(plugin))
+    }
+
+    /// The position the plugin resumes from, if it ever committed.
+    pub fn checkpoint(&self) -> sled::Result<Option<u64>> {
+        Ok(u64_of(self.tree.get(CHECKPOINT)?))
+    }
+
+    /// Events handled since the state was started.
+    pub fn processed(&self) -> sled::Result<u64> {
+        Ok(u64_of(self.tree.get(PROCESSED)?).unwrap_or(0))
+    }
+
+    /// Hash of the component that built this state.
+    pub fn component_hash(&self) -> sled::Result<Option<String>> {
+        Ok(self
+            .tree
+            .get(HASH)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Starts the state over for the component with `hash`: empty, at `checkpoint`.
+    pub fn reset(&self, hash: &str, checkpoint: u64) -> sled::Result<()> {
+        self.tree.clear()?;
+        let mut b = sled::Batch::default();
+        b.insert(HASH, hash.as_bytes());
+        b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
+        self.tree.apply_batch(b)
+    }
+
+    /// Commits a batch's writes with the new checkpoint and count, atomically.
+    pub fn commit(&self, writes: &Writes, checkpoint: u64, processed: u64) -> sled::Result<()> {
+        let mut b = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => b.insert(state_key(k), v.as_bytes()),
+                None => b.remove(state_key(k)),
+            }
+        }
+        b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
+        b.insert(PROCESSED, &processed.to_be_bytes()[..]);
+        self.tree.apply_batch(b)
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> sled::Result<Option<String>> {
+        Ok(self
+            .tree
+            .get(state_key(key))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Up to `limit` keys starting with `prefix`, in key order.
+    pub fn scan(&self, prefix: &str, limit: usize) -> sled::Result<Vec<(String, String)>> {
+        self.tree
+            .scan_prefix(state_key(prefix))
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k[1..]).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+impl StateView for PluginStore {
+    fn get(&self, key: &str) -> Option<String> {
+        PluginStore::get(self, key).ok().flatten()
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.scan(prefix, usize::MAX).unwrap_or_default()
+    }
+}
+
+/// State in memory: the scratch store of a replay (time travel).
+#[derive(Default)]
+pub struct MemState(pub RwLock<BTreeMap<String, String>>);
+
+impl MemState {
+    /// Applies a call's writes.
+    pub fn apply(&self, writes: Writes) {
+        let mut m = self.0.write().expect("scratch state lock");
+        for (k, v) in writes {
+            match v {
+                Some(v) => m.insert(k, v),
+                None => m.remove(&k),
+            };
+        }
+    }
+}
+
+impl StateView for MemState {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.read().expect("scratch state lock").get(key).cloned()
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.0
+            .read()
+            .expect("scratch state lock")
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,416 @@
+//! The loaded plugins: loading (at start-up from directories, or hot over the API),
+//! replacing, unloading, status, and reads of their state (now, by query, or at a past
+//! position).
+//!
+//! A plugin loaded over the API is kept in the data directory (`plugins/`) and loaded again
+//! at the next start, so a hot-loaded projection survives a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::bus::Bus;
+use crate::log::{EventLog, ReadFilter};
+use crate::pattern::PatternSet;
+use crate::plugin::{
+    Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom,
+    StateView, valid_name,
+};
+use crate::runner::{Runner, RunnerStatus};
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The manifest, the component, or the request is unusable; nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No plugin by that name is loaded.
+    #[error("no plugin named {0:?} is loaded; see GET /v1/plugins")]
+    NotFound(String),
+    /// The plugin failed while answering.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// Storage failed.
+    #[error("plugin storage failed: {0}")]
+    Storage(String),
+}
+
+fn storage(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+/// What `GET /v1/plugins` reports per plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginInfo {
+    /// Unique name.
+    pub name: String,
+    /// The plugin's version.
+    pub version: String,
+    /// projection, extractor or tool.
+    pub kind: Kind,
+    /// Patterns it receives.
+    pub subscriptions: Vec<String>,
+    /// SHA-256 of the component.
+    pub component_hash: String,
+    /// Milliseconds to compile (or load from the cache) the component.
+    pub load_ms: f64,
+    /// True when the compiled form came from the cache.
+    pub compiled_from_cache: bool,
+    /// The runner's state, checkpoint, counters and last error.
+    #[serde(flatten)]
+    pub status: RunnerStatus,
+    /// The log's head.
+    pub head: u64,
+    /// Events between the checkpoint and the head.
+    pub lag: u64,
+}
+
+struct Loaded {
+    manifest: Manifest,
+    plugin: ProjectionPlugin,
+    store: PluginStore,
+    runner: Runner,
+    hash: String,
+    load: Duration,
+    cached: bool,
+}
+
+/// The set of loaded plugins.
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    db: sled::Db,
+    bus: Bus,
+    log: Arc<dyn EventLog>,
+    /// Where plugins loaded over the API are kept.
+    dir: PathBuf,
+    loaded: Mutex<BTreeMap<String, Loaded>>,
+}
+
+impl Registry {
+    /// A registry storing state in `db` and hot-loaded plugins in `dir`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        db: sled::Db,
+        bus: Bus,
+        log: Arc<dyn EventLog>,
+        dir: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            db,
+            bus,
+            log,
+            dir,
+            loaded: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Loads (or replaces) a plugin. `persist` keeps a copy to load at the next start.
+    ///
+    /// Replacing a plugin with the same component keeps its state and checkpoint; a
+    /// different component starts its state over from the manifest's `start`.
+    pub async fn load(
+        &self,
+        manifest_text: &str,
+        wasm: Vec<u8>,
+        persist: bool,
+    ) -> Result<PluginInfo, RegistryError> {
+        let manifest =
+            Manifest::parse(manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        if manifest.kind != Kind::Projection {
+            return Err(RegistryError::Invalid(format!(
+                "plugin {}: kind {} is not hosted by this version of evhost yet; only projections are",
+                manifest.name,
+                manifest.kind.as_str()
+            )));
+        }
+        let runtime = self.runtime.clone();
+        let compiled = {
+            let wasm = Arc::new(wasm);
+            let w = wasm.clone();
+            tokio::task::spawn_blocking(move || runtime.compile(&w))
+                .await
+                .map_err(storage)?
+                .map_err(|m| {
+                    RegistryError::Invalid(format!(
+                        "plugin {}@{}: the component {m}",
+                        manifest.name, manifest.version
+                    ))
+                })
+                .map(|c| (c, wasm))?
+        };
+        let (compiled, wasm) = compiled;
+        let plugin = self.runtime.projection(&compiled, &manifest)?;
+        let store = PluginStore::open(&self.db, &manifest.name).map_err(storage)?;
+
+        let mut loaded = self.loaded.lock().await;
+        if let Some(old) = loaded.remove(&manifest.name) {
+            old.runner.stop().await;
+        }
+        if store.component_hash().map_err(storage)?.as_deref() != Some(compiled.hash.as_str()) {
+            let origin = match manifest.start {
+                StartFrom::Beginning => 0,
+                StartFrom::Now => self.log.head(),
+            };
+            store.reset(&compiled.hash, origin).map_err(storage)?;
+            tracing::info!(
+                plugin = plugin.id(),
+                origin,
+                "new component: state starts over"
+            );
+        }
+        if persist {
+            self.persist(&manifest.name, manifest_text, &wasm)
+                .map_err(storage)?;
+        }
+        let patterns = PatternSet::new(manifest.subscriptions.clone());
+        let runner = Runner::spawn(
+            plugin.clone(),
+            store.clone(),
+            self.bus.clone(),
+            patterns,
+            manifest.limits.batch_size,
+        )
+        .map_err(storage)?;
+        tracing::info!(
+            plugin = plugin.id(),
+            cached = compiled.cached,
+            load_ms = compiled.took.as_secs_f64() * 1e3,
+            "plugin loaded"
+        );
+        let name = manifest.name.clone();
+        loaded.insert(
+            name.clone(),
+            Loaded {
+                manifest,
+                plugin,
+                store,
+                runner,
+                hash: compiled.hash,
+                load: compiled.took,
+                cached: compiled.cached,
+            },
+        );
+        Ok(self.info_of(&loaded[&name]))
+    }
+
+    fn persist(&self, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        for (ext, bytes) in [("wasm", wasm), ("toml", manifest.as_bytes())] {
+            let path = self.dir.join(format!("{name}.{ext}"));
+            let tmp = self.dir.join(format!("{name}.{ext}.tmp"));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+
+    /// Loads every `<name>.toml` + `<name>.wasm` pair in each directory; later directories
+    /// override earlier ones. Returns what failed, by file.
+    pub async fn load_dirs(&self, dirs: &[&Path]) -> Vec<(PathBuf, RegistryError)> {
+        let mut found: BTreeMap<String, (PathBuf, PathBuf)> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                    continue;
+                }
+                let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                    continue;
+                };
+                let wasm = path.with_extension("wasm");
+                if !wasm.exists() {
+                    failed.push((
+                        path.clone(),
+                        RegistryError::Invalid(format!("no {stem}.wasm beside {stem}.toml")),
+                    ));
+                    continue;
+                }
+                found.insert(stem.to_owned(), (path, wasm));
+            }
+        }
+        for (_, (manifest, wasm)) in found {
+            let result = match (std::fs::read_to_string(&manifest), std::fs::read(&wasm)) {
+                (Ok(m), Ok(w)) => self.load(&m, w, false).await.map(|_| ()),
+                (Err(e), _) | (_, Err(e)) => Err(storage(e)),
+            };
+            if let Err(e) = result {
+                failed.push((manifest, e));
+            }
+        }
+        failed
+    }
+
+    /// Stops a plugin and forgets it; its state is deleted only when `purge` is set.
+    pub async fn unload(&self, name: &str, purge: bool) -> Result<(), RegistryError> {
+        let old = self
+            .loaded
+            .lock()
+            .await
+            .remove(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        old.runner.stop().await;
+        for ext in ["wasm", "toml"] {
+            let _ = std::fs::remove_file(self.dir.join(format!("{name}.{ext}")));
+        }
+        if purge {
+            PluginStore::purge(&self.db, name).map_err(storage)?;
+        }
+        tracing::info!(plugin = name, purge, "plugin unloaded");
+        Ok(())
+    }
+
+    /// Stops every runner (at shutdown).
+    pub async fn stop_all(&self) {
+        let mut loaded = self.loaded.lock().await;
+        for (_, l) in std::mem::take(&mut *loaded) {
+            l.runner.stop().await;
+        }
+    }
+
+    fn info_of(&self, l: &Loaded) -> PluginInfo {
+        let status = l.runner.status();
+        let head = self.log.head();
+        PluginInfo {
+            name: l.manifest.name.clone(),
+            version: l.manifest.version.clone(),
+            kind: l.manifest.kind,
+            subscriptions: l
+                .manifest
+                .subscriptions
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            component_hash: l.hash.clone(),
+            load_ms: l.load.as_secs_f64() * 1e3,
+            compiled_from_cache: l.cached,
+            lag: head.saturating_sub(status.position),
+            head,
+            status,
+        }
+    }
+
+    /// Every loaded plugin's status.
+    pub async fn list(&self) -> Vec<PluginInfo> {
+        let loaded = self.loaded.lock().await;
+        loaded.values().map(|l| self.info_of(l)).collect()
+    }
+
+    /// One plugin's status.
+    pub async fn info(&self, name: &str) -> Result<PluginInfo, RegistryError> {
+        let loaded = self.loaded.lock().await;
+        let l = loaded
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        Ok(self.info_of(l))
+    }
+
+    async fn with<T>(&self, name: &str, f: impl FnOnce(&Loaded) -> T) -> Result<T, RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_owned()));
+        }
+        let loaded = self.loaded.lock().await;
+        loaded
+            .get(name)
+            .map(f)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
+    }
+
+    /// The stored state under `key`, without calling the plugin.
+    pub async fn state(&self, name: &str, key: &str) -> Result<Option<String>, RegistryError> {
+        let store = self.with(name, |l| l.store.clone()).await?;
+        store.get(key).map_err(storage)
+    }
+
+    /// Up to `limit` stored keys starting with `prefix`, without calling the plugin.
+    pub async fn state_prefix(
+        &self,
+        name: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, RegistryError> {
+        let store = self.with(name, |l| l.store.clone()).await?;
+        store.scan(prefix, limit).map_err(storage)
+    }
+
+    /// Calls the plugin's `query` export.
+    pub async fn query(&self, name: &str, request: String) -> Result<String, RegistryError> {
+        let (plugin, store) = self
+            .with(name, |l| (l.plugin.clone(), l.store.clone()))
+            .await?;
+        let view: Arc<dyn StateView> = Arc::new(store);
+        tokio::task::spawn_blocking(move || plugin.query(view, &request))
+            .await
+            .map_err(storage)?
+            .map_err(RegistryError::from)
+    }
+
+    /// The state under `key` as it was right after the event at `position`, by replaying the
+    /// log into a scratch store; the plugin's real state is not touched.
+    pub async fn state_at(
+        &self,
+        name: &str,
+        key: &str,
+        position: u64,
+    ) -> Result<Option<String>, RegistryError> {
+        let (plugin, manifest, origin) = self
+            .with(name, |l| {
+                (l.plugin.clone(), l.manifest.clone(), l.store.clone())
+            })
+            .await?;
+        let origin = match manifest.start {
+            StartFrom::Beginning => 0,
+            // State that started at a later head cannot be rebuilt for earlier positions.
+            StartFrom::Now => origin
+                .checkpoint()
+                .map_err(storage)?
+                .unwrap_or(0)
+                .min(position),
+        };
+        let head = self.log.head();
+        if position >= head {
+            return Err(RegistryError::Invalid(format!(
+                "position {position} is not in the log yet (the head is {head})"
+            )));
+        }
+        let scratch = Arc::new(MemState::default());
+        let filter = ReadFilter {
+            types: Some(PatternSet::new(manifest.subscriptions.clone())),
+            ..ReadFilter::default()
+        };
+        let mut from = origin;
+        while from <= position {
+            let page = self
+                .log
+                .read(from, manifest.limits.batch_size, &filter)
+                .await
+                .map_err(storage)?;
+            let events: Vec<Arc<crate::event::Event>> = page
+                .events
+                .into_iter()
+                .filter(|e| e.position <= position)
+                .map(Arc::new)
+                .collect();
+            if !events.is_empty() {
+                let (p, s) = (plugin.clone(), scratch.clone());
+                let writes = tokio::task::spawn_blocking(move || p.handle(s, &events))
+                    .await
+                    .map_err(storage)??;
+                scratch.apply(writes);
+            }
+            if page.next <= from {
+                break;
+            }
+            from = page.next;
+        }
+        Ok(scratch.get(key))
+    }
+}

@@ -1,0 +1,337 @@
+//! assistant-stats: an assistant aggregate folded from `assistant.*` events, one per stream.
+//!
+//! The state is what `get_assistant_stats` returns for an event-sourced assistant
+//! (assistant_key, created_at, tool_count, tool_stats, active_goals, completed_goals,
+//! reflection_count, tick_count, is_stopped, version) plus the goals themselves, the last
+//! tool, the stop reason, configuration and the archive tombstone.
+
+use std::collections::BTreeMap;
+
+use evhost_sdk::{Error, Event, Projection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One goal of the assistant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Goal {
+    pub description: String,
+    pub priority: Option<i64>,
+    pub parent_id: Option<String>,
+    /// `active`, `completed`, or whatever status an update set (e.g. `blocked`).
+    pub status: String,
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, Value>,
+}
+
+/// The aggregate of one assistant stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AssistantStats {
+    pub assistant_key: String,
+    pub created_at: Option<String>,
+    pub tool_count: u64,
+    pub last_tool: Option<String>,
+    pub tool_stats: BTreeMap<String, u64>,
+    pub active_goals: u64,
+    pub completed_goals: u64,
+    pub goals: BTreeMap<String, Goal>,
+    pub reflection_count: u64,
+    pub tick_count: u64,
+    pub is_stopped: bool,
+    pub stop_reason: Option<String>,
+    pub config: BTreeMap<String, Value>,
+    pub is_archived: bool,
+    /// Number of events applied (the stream's version after the last one).
+    pub version: u64,
+}
+
+#[derive(Deserialize)]
+struct Created {
+    assistant_key: String,
+    #[serde(default)]
+    config: BTreeMap<String, Value>,
+}
+#[derive(Deserialize)]
+struct ToolExecuted {
+    tool_name: String,
+}
+#[derive(Deserialize)]
+struct GoalCreated {
+    goal_id: String,
+    #[serde(default)]
+    description: String,
+    priority: Option<i64>,
+    parent_id: Option<String>,
+}
+#[derive(Deserialize)]
+struct GoalUpdated {
+    goal_id: String,
+    status: Option<String>,
+    priority: Option<i64>,
+    #[serde(default)]
+    metadata: BTreeMap<String, Value>,
+}
+#[derive(Deserialize)]
+struct GoalCompleted {
+    goal_id: String,
+    outcome: Option<String>,
+}
+#[derive(Deserialize)]
+struct StopTriggered {
+    reason: Option<String>,
+}
+#[derive(Deserialize)]
+struct ConfigChanged {
+    key: String,
+    new_value: Value,
+}
+
+/// Projection of `assistant.>` events into [`AssistantStats`] per stream.
+pub struct AssistantStatsProjection;
+
+impl AssistantStats {
+    fn count_active(&mut self) {
+        self.active_goals = self
+            .goals
+            .values()
+            .filter(|g| g.status != "completed")
+            .count() as u64;
+    }
+
+    /// Applies one event; other types are ignored so new event types never break the fold.
+    pub fn apply(&mut self, e: &Event) -> Result<(), Error> {
+        match e.event_type.as_str() {
+            "assistant.created" => {
+                let p: Created = e.payload()?;
+                self.assistant_key = p.assistant_key;
+                self.config = p.config;
+                self.created_at = Some(rfc3339(e.timestamp_micros));
+            }
+            "assistant.tool.executed" => {
+                let p: ToolExecuted = e.payload()?;
+                self.tool_count += 1;
+                *self.tool_stats.entry(p.tool_name.clone()).or_default() += 1;
+                self.last_tool = Some(p.tool_name);
+            }
+            "assistant.goal.created" => {
+                let p: GoalCreated = e.payload()?;
+                self.goals.insert(
+                    p.goal_id,
+                    Goal {
+                        description: p.description,
+                        priority: p.priority,
+                        parent_id: p.parent_id,
+                        status: "active".into(),
+                        ..Goal::default()
+                    },
+                );
+            }
+            "assistant.goal.updated" => {
+                let p: GoalUpdated = e.payload()?;
+                let goal = self.goals.entry(p.goal_id).or_insert_with(|| Goal {
+                    status: "active".into(),
+                    ..Goal::default()
+                });
+                if let Some(s) = p.status {
+                    goal.status = s;
+                }
+                if p.priority.is_some() {
+                    goal.priority = p.priority;
+                }
+                goal.metadata.extend(p.metadata);
+            }
+            "assistant.goal.completed" => {
+                let p: GoalCompleted = e.payload()?;
+                let goal = self.goals.entry(p.goal_id).or_default();
+                if goal.status != "completed" {
+                    self.completed_goals += 1;
+                }
+                goal.status = "completed".into();
+                goal.outcome = p.outcome;
+            }
+            "assistant.reflection.recorded" => self.reflection_count += 1,
+            "assistant.emergency_stop.triggered" => {
+                let p: StopTriggered = e.payload()?;
+                self.is_stopped = true;
+                self.stop_reason = p.reason;
+            }
+            "assistant.emergency_stop.cleared" => {
+                self.is_stopped = false;
+                self.stop_reason = None;
+            }
+            "assistant.tick.completed" => self.tick_count += 1,
+            "assistant.configuration.changed" => {
+                let p: ConfigChanged = e.payload()?;
+                self.config.insert(p.key, p.new_value);
+            }
+            "assistant.archived" => self.is_archived = true,
+            _ => {}
+        }
+        self.count_active();
+        self.version = e.version + 1;
+        Ok(())
+    }
+}
+
+impl Projection for AssistantStatsProjection {
+    type State = AssistantStats;
+
+    fn apply(state: &mut AssistantStats, e: &Event) -> Result<(), Error> {
+        state.apply(e)
+    }
+}
+
+/// Formats microseconds since the epoch as RFC 3339 UTC (`2025-12-06T10:00:00+00:00`).
+fn rfc3339(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+evhost_sdk::export_projection!(AssistantStatsProjection);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evhost_sdk::testing::Harness;
+
+    fn ev(ty: &str, payload: &str, version: u64) -> Event {
+        let mut e = Event::new(ty, payload).with_stream("assistant-1");
+        e.version = version;
+        e.timestamp_micros = 1_765_015_200_000_000; // 2025-12-06T10:00:00Z
+        e
+    }
+
+    #[test]
+    fn folds_the_assistant_lifecycle_into_stats() {
+        let mut h = Harness::<AssistantStatsProjection>::new();
+        h.handle(vec![
+            ev(
+                "assistant.created",
+                r#"{"assistant_key":"my_assistant","config":{"model":"x"}}"#,
+                0,
+            ),
+            ev(
+                "assistant.tool.executed",
+                r#"{"tool_name":"say","parameters":{},"reasoning":"r","success":true}"#,
+                1,
+            ),
+            ev(
+                "assistant.tool.executed",
+                r#"{"tool_name":"inspect_location"}"#,
+                2,
+            ),
+            ev("assistant.tool.executed", r#"{"tool_name":"say"}"#, 3),
+            ev(
+                "assistant.goal.created",
+                r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#,
+                4,
+            ),
+            ev(
+                "assistant.goal.created",
+                r#"{"goal_id":"g2","description":"Sweep"}"#,
+                5,
+            ),
+        ])
+        .unwrap();
+        h.handle(vec![
+            ev(
+                "assistant.goal.updated",
+                r#"{"goal_id":"g1","status":"blocked"}"#,
+                6,
+            ),
+            ev(
+                "assistant.goal.completed",
+                r#"{"goal_id":"g2","outcome":"done"}"#,
+                7,
+            ),
+            ev(
+                "assistant.reflection.recorded",
+                r#"{"content":"c","tags":[]}"#,
+                8,
+            ),
+            ev(
+                "assistant.emergency_stop.triggered",
+                r#"{"reason":"Too many errors","consecutive_errors":5}"#,
+                9,
+            ),
+            ev(
+                "assistant.tick.completed",
+                r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#,
+                10,
+            ),
+            ev(
+                "assistant.configuration.changed",
+                r#"{"key":"model","old_value":"x","new_value":"y"}"#,
+                11,
+            ),
+        ])
+        .unwrap();
+        let s = h.state("assistant-1").unwrap();
+        assert_eq!(s.assistant_key, "my_assistant");
+        assert_eq!(s.created_at.as_deref(), Some("2025-12-06T10:00:00+00:00"));
+        assert_eq!(
+            (
+                s.tool_count,
+                s.tool_stats["say"],
+                s.tool_stats["inspect_location"]
+            ),
+            (3, 2, 1)
+        );
+        assert_eq!((s.active_goals, s.completed_goals), (1, 1));
+        assert_eq!(s.goals["g1"].status, "blocked");
+        assert_eq!(s.goals["g2"].outcome.as_deref(), Some("done"));
+        assert_eq!(
+            (s.reflection_count, s.tick_count, s.is_stopped),
+            (1, 1, true)
+        );
+        assert_eq!(s.stop_reason.as_deref(), Some("Too many errors"));
+        assert_eq!(s.config["model"], "y");
+        assert_eq!(s.version, 12);
+        h.handle(vec![ev(
+            "assistant.emergency_stop.cleared",
+            r#"{"cleared_by":"admin"}"#,
+            12,
+        )])
+        .unwrap();
+        assert!(!h.state("assistant-1").unwrap().is_stopped);
+    }
+
+    #[test]
+    fn a_payload_that_does_not_fit_fails_the_batch_and_changes_nothing() {
+        let mut h = Harness::<AssistantStatsProjection>::new();
+        h.handle(vec![ev("assistant.created", r#"{"assistant_key":"a"}"#, 0)])
+            .unwrap();
+        let err = h
+            .handle(vec![
+                ev("assistant.tick.completed", "{}", 1),
+                ev(
+                    "assistant.tool.executed",
+                    r#"{"tool":"missing tool_name"}"#,
+                    2,
+                ),
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput(ref m) if m.contains("tool_name")),
+            "{err:?}"
+        );
+        assert_eq!(h.state("assistant-1").unwrap().tick_count, 0);
+    }
+}

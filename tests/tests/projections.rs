@@ -1,0 +1,467 @@
+//! WASM projections end to end: the real binary with the real `.wasm` plugins built from
+//! `plugins/`, real sled, real HTTP on loopback.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use evhost_tests::{Host, jitter};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
+const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn append(h: &Host, stream: &str, events: Vec<Value>) -> Value {
+    let (s, body) = post(
+        &format!("{}/v1/streams/{stream}", h.url),
+        json!({"events": events}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    body
+}
+
+/// Waits until `plugin`'s checkpoint reaches the head.
+async fn caught_up(h: &Host, plugin: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, info) = get(&format!("{}/v1/plugins/{plugin}", h.url)).await;
+        assert_eq!(s, 200, "{info}");
+        if info["lag"] == 0 && info["head"].as_u64() > Some(0) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{plugin} did not catch up: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn state(h: &Host, plugin: &str, key: &str) -> (u16, Value) {
+    get(&format!(
+        "{}/v1/projections/{plugin}/state?key={key}",
+        h.url
+    ))
+    .await
+}
+
+fn ev(ty: &str, payload: Value) -> Value {
+    json!({"type": ty, "payload": payload})
+}
+
+async fn upload(h: &Host, name: &str, manifest: &str, wasm: Vec<u8>) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "manifest",
+            reqwest::multipart::Part::text(manifest.to_owned()),
+        )
+        .part("wasm", reqwest::multipart::Part::bytes(wasm));
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/plugins/{name}", h.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn wasm(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(PLUGINS).join(format!("{name}.wasm"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    let (_, list) = get(&format!("{}/v1/plugins", h.url)).await;
+    let names: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["assistant-stats", "history", "type-counter"]);
+
+    append(&h, "assistant-42", vec![
+        ev("assistant.created", json!({"assistant_key": "my_assistant", "config": {}})),
+        ev("assistant.tool.executed", json!({"tool_name": "say", "parameters": {}, "reasoning": "greet", "success": true})),
+        ev("assistant.goal.created", json!({"goal_id": "g1", "description": "Build tavern", "priority": 1})),
+    ]).await;
+    let mid = caught_up(&h, "assistant-stats").await["head"]
+        .as_u64()
+        .unwrap()
+        - 1;
+    append(
+        &h,
+        "assistant-42",
+        vec![
+            ev("assistant.tool.executed", json!({"tool_name": "say"})),
+            ev(
+                "assistant.tool.executed",
+                json!({"tool_name": "inspect_location"}),
+            ),
+            ev(
+                "assistant.goal.completed",
+                json!({"goal_id": "g1", "outcome": "built"}),
+            ),
+            ev(
+                "assistant.emergency_stop.triggered",
+                json!({"reason": "Too many errors", "consecutive_errors": 5}),
+            ),
+        ],
+    )
+    .await;
+    let (_, r) = post(&format!("{}/v1/events", h.url), json!({"events": [
+        {"stream": "chat-1", "type": "user.query.received", "payload": {"query": "hi"}, "metadata": {"correlation_id": "c-1"}},
+        {"stream": "chat-1", "type": "answer.synthesized", "payload": {"answer": "hello"}, "metadata": {"correlation_id": "c-1"}},
+    ]})).await;
+    assert_eq!(r["positions"], json!([7, 8]));
+    for p in ["assistant-stats", "history", "type-counter"] {
+        caught_up(&h, p).await;
+    }
+
+    let (s, now) = state(&h, "assistant-stats", "assistant-42").await;
+    assert_eq!(s, 200, "{now}");
+    let v = &now["value"];
+    assert_eq!(v["assistant_key"], "my_assistant");
+    assert_eq!(v["tool_count"], 3);
+    assert_eq!(v["tool_stats"], json!({"say": 2, "inspect_location": 1}));
+    assert_eq!(
+        (v["active_goals"].as_u64(), v["completed_goals"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(v["is_stopped"], true);
+    assert_eq!(v["version"], 7);
+
+    // Time travel: as it was right after position `mid`.
+    let (s, then) = get(&format!(
+        "{}/v1/projections/assistant-stats/state?key=assistant-42&at={mid}",
+        h.url
+    ))
+    .await;
+    assert_eq!(s, 200, "{then}");
+    assert_eq!(then["value"]["tool_count"], 1);
+    assert_eq!(then["value"]["active_goals"], 1);
+    assert_eq!(then["value"]["is_stopped"], false);
+    assert_eq!(then["value"]["version"], 3);
+    let (s, _) = get(&format!(
+        "{}/v1/projections/assistant-stats/state?key=assistant-42&at=999",
+        h.url
+    ))
+    .await;
+    assert_eq!(s, 400, "a position past the head is refused");
+
+    // The query export (default: the request is a key).
+    let (s, q) = post(
+        &format!("{}/v1/projections/assistant-stats/query", h.url),
+        json!("assistant-42"),
+    )
+    .await;
+    assert_eq!(s, 400, "the body is the request text, not JSON: {q}");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/projections/assistant-stats/query", h.url))
+        .body("assistant-42")
+        .send()
+        .await
+        .unwrap();
+    let q: Value = r.json().await.unwrap();
+    assert_eq!(q["answer"]["tool_count"], 3);
+
+    let (_, flow) = state(&h, "history", "c-1").await;
+    let types: Vec<&str> = flow["value"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, vec!["user.query.received", "answer.synthesized"]);
+    let (_, counted) = state(&h, "type-counter", "assistant.tool.executed").await;
+    assert_eq!(counted["value"], 3);
+    let (_, prefix) = get(&format!(
+        "{}/v1/projections/type-counter/state?prefix=assistant.",
+        h.url
+    ))
+    .await;
+    assert_eq!(prefix["items"].as_array().unwrap().len(), 5);
+    let (s, _) = state(&h, "assistant-stats", "nobody").await;
+    assert_eq!(s, 404);
+    let (s, _) = state(&h, "no-such-projection", "x").await;
+    assert_eq!(s, 404);
+
+    // CLI reads the same.
+    let (ok, out, err) = h.cli(&[
+        "state",
+        "at",
+        "assistant-stats",
+        "assistant-42",
+        &mid.to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap()["tool_count"],
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_hot_load_replace_and_unload_in_a_running_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Host::start(BIN, dir.path(), &[]).await;
+    append(
+        &h,
+        "a",
+        vec![
+            ev("assistant.tool.executed", json!({"tool_name": "x"})),
+            ev("other.thing", json!({})),
+        ],
+    )
+    .await;
+    let manifest = "name = \"tools\"\nversion = \"1.0.0\"\nkind = \"projection\"\nsubscriptions = [\"assistant.tool.*\"]\n";
+    let (s, info) = upload(&h, "tools", manifest, wasm("type-counter")).await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["compiled_from_cache"], false);
+    caught_up(&h, "tools").await;
+    assert_eq!(
+        state(&h, "tools", "assistant.tool.executed").await.1["value"],
+        1
+    );
+    assert_eq!(
+        state(&h, "tools", "other.thing").await.0,
+        404,
+        "only subscribed types are folded"
+    );
+
+    // Replacing with the same component keeps state and uses the compile cache.
+    let (s, info) = upload(
+        &h,
+        "tools",
+        &manifest.replace("1.0.0", "1.0.1"),
+        wasm("type-counter"),
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["compiled_from_cache"], true);
+    assert!(info["load_ms"].as_f64().unwrap() < 1000.0);
+    append(
+        &h,
+        "a",
+        vec![ev("assistant.tool.executed", json!({"tool_name": "y"}))],
+    )
+    .await;
+    caught_up(&h, "tools").await;
+    assert_eq!(
+        state(&h, "tools", "assistant.tool.executed").await.1["value"],
+        2
+    );
+
+    // A hot-loaded plugin survives a restart.
+    h.stop();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    caught_up(&h, "tools").await;
+    assert_eq!(
+        state(&h, "tools", "assistant.tool.executed").await.1["value"],
+        2
+    );
+
+    // Unload keeps state unless purged.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/plugins/tools", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&format!("{}/v1/plugins/tools", h.url)).await.0, 404);
+    upload(&h, "tools", manifest, wasm("type-counter")).await;
+    caught_up(&h, "tools").await;
+    assert_eq!(
+        state(&h, "tools", "assistant.tool.executed").await.1["value"],
+        2
+    );
+    let (ok, out, _) = h.cli(&["plugin", "list"]);
+    assert!(ok && out.contains("\"tools\""), "{out}");
+    let (ok, _, err) = h.cli(&["plugin", "unload", "tools", "--purge"]);
+    assert!(ok, "{err}");
+    let (s, _) = upload(&h, "tools", manifest, wasm("type-counter")).await;
+    assert_eq!(s, 200);
+    caught_up(&h, "tools").await;
+    assert_eq!(
+        state(&h, "tools", "assistant.tool.executed").await.1["value"],
+        2,
+        "rebuilt from the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_plugins_are_refused_with_a_reason_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let good = "name = \"p\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n";
+    let core_module = b"\0asm\x01\0\0\0".to_vec();
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        (
+            "unknown manifest key",
+            format!("{good}colour = \"red\"\n"),
+            wasm("type-counter"),
+            "unknown field",
+        ),
+        (
+            "bad pattern",
+            good.replace("\">\"", "\"a..b\""),
+            wasm("type-counter"),
+            "invalid pattern",
+        ),
+        (
+            "name differs from URL",
+            good.replace("\"p\"", "\"q\""),
+            wasm("type-counter"),
+            "URL says",
+        ),
+        (
+            "not wasm",
+            good.to_owned(),
+            b"hello".to_vec(),
+            "not WebAssembly",
+        ),
+        (
+            "core module",
+            good.to_owned(),
+            core_module,
+            "not a WebAssembly component",
+        ),
+        (
+            "tool kind",
+            good.replace("projection", "tool"),
+            wasm("type-counter"),
+            "not hosted",
+        ),
+    ];
+    for (what, manifest, bytes, want) in cases {
+        let (s, body) = upload(&h, "p", &manifest, bytes).await;
+        assert_eq!(s, 400, "{what}: {body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{what}: {msg}");
+    }
+    assert!(
+        get(&format!("{}/v1/plugins", h.url)).await.1["plugins"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_batch_is_contained_and_reported_while_others_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    append(
+        &h,
+        "a",
+        vec![
+            ev("assistant.created", json!({"assistant_key": "a"})),
+            ev("assistant.tool.executed", json!({"no_tool_name": true})),
+        ],
+    )
+    .await;
+    caught_up(&h, "type-counter").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let (_, info) = get(&format!("{}/v1/plugins/assistant-stats", h.url)).await;
+        if info["errors"].as_u64() >= Some(1) {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info["state"], "failing");
+    let err = info["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("assistant-stats@0.1.0") && err.contains("tool_name"),
+        "{err}"
+    );
+    assert_eq!(info["position"], 0, "the failing batch is not skipped");
+    assert_eq!(
+        state(&h, "assistant-stats", "a").await.0,
+        404,
+        "nothing of the failed batch was committed"
+    );
+    assert_eq!(
+        state(&h, "type-counter", "assistant.tool.executed").await.1["value"],
+        1
+    );
+    assert_eq!(get(&format!("{}/health", h.url)).await.0, 200);
+}
+
+/// Every stream's assistant-stats state after `kill -9` rounds equals a replay from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_state_after_kill_9_rounds_equals_a_replay_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let streams = 6;
+    for round in 0..4 {
+        let mut h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+        let url = h.url.clone();
+        let writer = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for i in 0u64.. {
+                let s = i % streams;
+                let events = json!({"events": [
+                    {"type": "assistant.tool.executed", "payload": {"tool_name": format!("t{}", i % 3)}},
+                    {"type": if i % 4 == 0 { "assistant.goal.created" } else { "assistant.tick.completed" }, "payload": {"goal_id": format!("g{round}-{i}"), "tick_number": i}},
+                ]});
+                if client
+                    .post(format!("{url}/v1/streams/assistant-{s}"))
+                    .json(&events)
+                    .send()
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300 + jitter(700))).await;
+        h.kill9();
+        let _ = writer.await;
+    }
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    caught_up(&h, "assistant-stats").await;
+    // The same component under another name builds its state from scratch.
+    let manifest = std::fs::read_to_string(Path::new(PLUGINS).join("assistant-stats.toml"))
+        .unwrap()
+        .replace("assistant-stats", "replay");
+    let (s, body) = upload(&h, "replay", &manifest, wasm("assistant-stats")).await;
+    assert_eq!(s, 200, "{body}");
+    caught_up(&h, "replay").await;
+    caught_up(&h, "assistant-stats").await;
+    let mut compared = 0;
+    for s in 0..streams {
+        let key = format!("assistant-{s}");
+        let (a, b) = (
+            state(&h, "assistant-stats", &key).await,
+            state(&h, "replay", &key).await,
+        );
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1["value"], b.1["value"], "{key} differs from a replay");
+        if a.0 == 200 {
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the load wrote nothing");
+}
