@@ -381,6 +381,22 @@ impl Subscription {
         }
     }
 
+    /// When nothing is waiting to be delivered, moves the cursor to the head (every matching
+    /// event before it was delivered) and returns it; `None` while events are waiting.
+    pub fn settle(&mut self) -> Option<u64> {
+        // The head is read first: any matching event below it was routed to the channel
+        // before the head moved, so an empty channel now means none is outstanding.
+        let head = self.bus.hub.head();
+        let idle = self.caught_up
+            && self.pending.is_empty()
+            && self.live.as_ref().is_some_and(|rx| rx.is_empty());
+        if !idle {
+            return None;
+        }
+        self.cursor = self.cursor.max(head);
+        Some(self.cursor)
+    }
+
     /// Waits for the next matching event, then takes every further one available without
     /// waiting, up to `max`. Returns the events and the position to resume from after them.
     pub async fn next_batch(

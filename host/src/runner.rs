@@ -142,7 +142,7 @@ async fn run(
         let Ok(next) = next else {
             // Nothing matching arrived for a while: everything up to the subscription's cursor
             // was examined, so the checkpoint can move there (and restarts rescan less).
-            let cursor = sub.cursor();
+            let Some(cursor) = sub.settle() else { continue };
             let (position, processed) = {
                 let s = status.lock().expect("runner status lock");
                 (s.position, s.events_processed)

@@ -239,21 +239,18 @@ impl Runtime {
             }
         }
         if wasm.get(..4) != Some(b"\0asm") {
-            return Err("the file is not WebAssembly".into());
+            return Err("is not WebAssembly".into());
         }
-        let bytes = self.engine.precompile_component(wasm).map_err(|e| {
-            let msg = format!("{e:#}");
-            if msg.contains("core module")
-                || msg.contains("expected component")
-                || msg.contains("unknown binary version")
-            {
-                format!(
-                    "not a WebAssembly component ({msg}); build plugins with --target wasm32-wasip2"
-                )
-            } else {
-                format!("does not compile: {msg}")
-            }
-        })?;
+        // Bytes 6..8 are the layer: 0 for a core module, 1 for a component.
+        if wasm.get(6..8) == Some(&[0, 0]) {
+            return Err("is a core WebAssembly module, not a component; build plugins with \
+                        --target wasm32-wasip2 (or wrap the module with wasm-tools component new)"
+                .into());
+        }
+        let bytes = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(|e| format!("does not compile: {e:#}"))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))
