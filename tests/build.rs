@@ -30,4 +30,10 @@ fn main() {
         "building the plugins failed (see the output above)"
     );
     println!("cargo:rustc-env=EVHOST_TEST_PLUGINS={}", out.display());
+    // Plugins built only for tests (no manifest) are used straight from the build.
+    let built = root.join("target/plugins-build/wasm32-wasip2/release");
+    println!(
+        "cargo:rustc-env=EVHOST_TEST_PLUGIN_BUILD={}",
+        built.display()
+    );
 }

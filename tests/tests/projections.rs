@@ -175,7 +175,11 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
         json!("assistant-42"),
     )
     .await;
-    assert_eq!((s, &q["answer"]), (200, &Value::Null), "the body is passed as text, quotes included: {q}");
+    assert_eq!(
+        (s, &q["answer"]),
+        (200, &Value::Null),
+        "the body is passed as text, quotes included: {q}"
+    );
     let r = reqwest::Client::new()
         .post(format!("{}/v1/projections/assistant-stats/query", h.url))
         .body("assistant-42")

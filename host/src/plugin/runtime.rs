@@ -243,9 +243,11 @@ impl Runtime {
         }
         // Bytes 6..8 are the layer: 0 for a core module, 1 for a component.
         if wasm.get(6..8) == Some(&[0, 0]) {
-            return Err("is a core WebAssembly module, not a component; build plugins with \
+            return Err(
+                "is a core WebAssembly module, not a component; build plugins with \
                         --target wasm32-wasip2 (or wrap the module with wasm-tools component new)"
-                .into());
+                    .into(),
+            );
         }
         let bytes = self
             .engine

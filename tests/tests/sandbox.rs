@@ -1,0 +1,110 @@
+//! The component sandbox, on the real runtime with a real `.wasm` (the sandbox-probe test
+//! plugin): time and memory limits, traps, and a WASI context that grants nothing. A
+//! failing call fails only itself: the next call on the same plugin works.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use evhost::plugin::{Manifest, MemState, PluginError, ProjectionPlugin, Runtime, StateView};
+use evhost::{Event, EventType, Metadata, Payload};
+
+const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
+
+fn probe(cache: &std::path::Path) -> ProjectionPlugin {
+    let runtime = Runtime::new(cache).unwrap();
+    let wasm = std::fs::read(format!("{BUILD}/sandbox_probe.wasm")).unwrap();
+    let compiled = runtime.compile(&wasm).unwrap();
+    let manifest = Manifest::parse(
+        "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
+         [limits]\nmemory_mb = 32\nbatch_timeout_ms = 300\n",
+    )
+    .unwrap();
+    runtime.projection(&compiled, &manifest).unwrap()
+}
+
+fn event(ty: &str, position: u64) -> Arc<Event> {
+    Arc::new(Event {
+        id: format!("e{position}"),
+        event_type: EventType::new(ty).unwrap(),
+        stream: "s".into(),
+        position,
+        version: position,
+        timestamp: Utc::now(),
+        source: String::new(),
+        payload: Payload::from_json("{}").unwrap(),
+        metadata: Metadata::default(),
+    })
+}
+
+fn call(p: &ProjectionPlugin, state: &Arc<MemState>, ty: &str) -> Result<(), PluginError> {
+    let view: Arc<dyn StateView> = state.clone();
+    let writes = p.handle(view, &[event(ty, 0)])?;
+    state.apply(writes);
+    Ok(())
+}
+
+fn seen(state: &MemState) -> serde_json::Value {
+    serde_json::from_str(&state.get("probe").unwrap_or_else(|| "{}".into())).unwrap()
+}
+
+fn assert_trapped(r: Result<(), PluginError>, want: &str) {
+    match r {
+        Err(PluginError::Trapped { plugin, message }) => {
+            assert_eq!(plugin, "probe@1");
+            assert!(message.contains(want), "{message}");
+        }
+        other => panic!("expected a trap naming {want:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn limits_and_traps_fail_only_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = probe(dir.path());
+    let state = Arc::new(MemState::default());
+    call(&p, &state, "probe.ok").unwrap();
+
+    let started = std::time::Instant::now();
+    assert_trapped(
+        call(&p, &state, "probe.loop"),
+        "longer than its limit of 300 ms",
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the loop was stopped"
+    );
+    assert_trapped(call(&p, &state, "probe.alloc"), "memory limit of 32 MiB");
+    assert_trapped(call(&p, &state, "probe.trap"), "trapped");
+    assert_trapped(call(&p, &state, "probe.recurse"), "trapped");
+
+    // Nothing of the failed calls was kept, and the plugin still works.
+    call(&p, &state, "probe.ok").unwrap();
+    assert_eq!(seen(&state)["probe.ok"], "2");
+    assert!(seen(&state).get("alloc").is_none());
+}
+
+#[test]
+fn the_sandbox_grants_no_environment_arguments_or_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = probe(dir.path());
+    let state = Arc::new(MemState::default());
+    call(&p, &state, "probe.env").unwrap();
+    call(&p, &state, "probe.file").unwrap();
+    let s = seen(&state);
+    assert!(s["env"].as_str().unwrap().starts_with("denied"), "{s}");
+    assert_eq!(s["args"], "0");
+    assert!(s["file"].as_str().unwrap().starts_with("Err"), "{s}");
+    assert!(s["dir"].as_str().unwrap().starts_with("Err"), "{s}");
+}
+
+#[test]
+fn a_compiled_component_is_cached_by_content_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(format!("{BUILD}/sandbox_probe.wasm")).unwrap();
+    let first = Runtime::new(dir.path()).unwrap().compile(&wasm).unwrap();
+    assert!(!first.cached);
+    let again = Runtime::new(dir.path()).unwrap().compile(&wasm).unwrap();
+    assert!(again.cached);
+    assert_eq!(first.hash, again.hash);
+    eprintln!("compile {:?}, load from cache {:?}", first.took, again.took);
+}
