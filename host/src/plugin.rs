@@ -5,5 +5,5 @@ mod runtime;
 mod store;
 
 pub use manifest::{Capabilities, InvalidManifest, Kind, Limits, Manifest, StartFrom, valid_name};
-pub use runtime::{Compiled, PluginError, ProjectionPlugin, Runtime, StateView, Writes};
+pub use runtime::{Compiled, PluginError, ProjectionPlugin, Projector, Runtime, StateView, Writes};
 pub use store::{MemState, PluginStore};

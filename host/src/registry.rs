@@ -169,7 +169,7 @@ impl Registry {
         }
         let patterns = PatternSet::new(manifest.subscriptions.clone());
         let runner = Runner::spawn(
-            plugin.clone(),
+            Arc::new(plugin.clone()),
             store.clone(),
             self.bus.clone(),
             patterns,

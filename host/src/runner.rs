@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::bus::{Bus, Start};
 use crate::log::ReadFilter;
 use crate::pattern::PatternSet;
-use crate::plugin::{PluginStore, ProjectionPlugin, StateView};
+use crate::plugin::{PluginStore, Projector, StateView};
 
 /// How long without a matching event before a runner counts as live at its cursor.
 const IDLE: Duration = Duration::from_millis(250);
@@ -67,7 +67,7 @@ pub struct Runner {
 impl Runner {
     /// Starts a runner for `plugin` over `patterns`, resuming from `store`'s checkpoint.
     pub fn spawn(
-        plugin: ProjectionPlugin,
+        plugin: Arc<dyn Projector>,
         store: PluginStore,
         bus: Bus,
         patterns: PatternSet,
@@ -121,7 +121,7 @@ impl Drop for Runner {
 }
 
 async fn run(
-    plugin: ProjectionPlugin,
+    plugin: Arc<dyn Projector>,
     store: PluginStore,
     bus: Bus,
     patterns: PatternSet,

@@ -85,3 +85,9 @@ impl<P: Projection> Harness<P> {
         &self.store
     }
 }
+
+/// Folds a batch with `P` over any [`Store`], natively, exactly as the wasm export does: for
+/// hosts that run a projection's logic without wasm (benchmarks, embedding).
+pub fn apply_batch<P: Projection>(store: &mut dyn Store, events: &[Event]) -> Result<(), Error> {
+    handle_batch::<P>(store, events)
+}

@@ -41,6 +41,24 @@ pub trait StateView: Send + Sync {
 /// The state writes of one successful call: `Some` sets, `None` deletes.
 pub type Writes = BTreeMap<String, Option<String>>;
 
+/// Something that folds a batch of events into state writes: a wasm projection, or native
+/// code run by the same runner (as the benchmarks compare).
+pub trait Projector: Send + Sync + 'static {
+    /// `name@version`, for logs and errors.
+    fn id(&self) -> &str;
+    /// Folds `events` into state over `view`; returns the writes to commit.
+    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError>;
+}
+
+impl Projector for ProjectionPlugin {
+    fn id(&self) -> &str {
+        ProjectionPlugin::id(self)
+    }
+    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError> {
+        ProjectionPlugin::handle(self, view, events)
+    }
+}
+
 /// Why a plugin call failed. The host is never affected; the call's writes are dropped.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {

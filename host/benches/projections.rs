@@ -1,0 +1,218 @@
+//! Projection benchmarks: assistant-stats as wasm against the same logic compiled natively,
+//! in the same runner and storage, side by side; catch-up of a fresh projection; latency
+//! from append to committed state under live load; plugin load time; time travel.
+//!
+//! Needs the plugins built: `scripts/build-plugins.sh`, then
+//! `cargo bench -p evhost --bench projections` (EVHOST_BENCH_EVENTS sets the log size,
+//! default 1,000,000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evhost::plugin::{Manifest, PluginError, PluginStore, Projector, Runtime, StateView, Writes};
+use evhost::registry::Registry;
+use evhost::runner::Runner;
+use evhost::{
+    Bus, Event, EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, PatternSet, SledLog,
+    SledLogConfig, StreamAppend,
+};
+
+const TYPES: [(&str, &str); 6] = [
+    ("assistant.tool.executed", r#"{"tool_name":"say","parameters":{"target":"room"},"reasoning":"greet the visitor","success":true}"#),
+    ("assistant.tool.executed", r#"{"tool_name":"inspect_location","parameters":{},"reasoning":"look around","success":true}"#),
+    ("assistant.tick.completed", r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#),
+    ("assistant.goal.created", r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#),
+    ("assistant.reflection.recorded", r#"{"content":"went well","tags":["a"]}"#),
+    ("assistant.goal.completed", r#"{"goal_id":"g1","outcome":"built"}"#),
+];
+
+fn event(i: u64) -> NewEvent {
+    let (ty, payload) = TYPES[(i % TYPES.len() as u64) as usize];
+    NewEvent::new(EventType::new(ty).unwrap(), Payload::from_json(payload).unwrap())
+}
+
+async fn ingest(log: &SledLog, n: u64) {
+    for b in 0..n / 1000 {
+        let groups = (0..10)
+            .map(|s| StreamAppend {
+                stream: format!("assistant-{}", (b * 10 + s) % 1000),
+                expected: ExpectedVersion::Any,
+                events: (0..100).map(|i| event(b * 1000 + s * 100 + i)).collect(),
+            })
+            .collect();
+        log.append(groups).await.unwrap();
+    }
+}
+
+/// assistant-stats compiled natively, run through the same runner and store as the wasm.
+struct Native;
+
+struct ViewStore {
+    view: Arc<dyn StateView>,
+    writes: Writes,
+}
+
+impl evhost_sdk::Store for ViewStore {
+    fn get(&mut self, key: &str) -> Option<String> {
+        match self.writes.get(key) {
+            Some(v) => v.clone(),
+            None => self.view.get(key),
+        }
+    }
+    fn set(&mut self, key: &str, value: &str) {
+        self.writes.insert(key.to_owned(), Some(value.to_owned()));
+    }
+    fn delete(&mut self, key: &str) {
+        self.writes.insert(key.to_owned(), None);
+    }
+    fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
+        self.view.scan_prefix(prefix)
+    }
+}
+
+impl Projector for Native {
+    fn id(&self) -> &str {
+        "assistant-stats@native"
+    }
+    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError> {
+        // The same conversion the wasm path makes into WIT records.
+        let evs: Vec<evhost_sdk::Event> = events
+            .iter()
+            .map(|e| evhost_sdk::Event {
+                id: e.id.clone(),
+                event_type: e.event_type.as_str().to_owned(),
+                stream: e.stream.clone(),
+                position: e.position,
+                version: e.version,
+                timestamp_micros: e.timestamp.timestamp_micros(),
+                source: e.source.clone(),
+                payload: e.payload.as_str().to_owned(),
+                metadata: Vec::new(),
+            })
+            .collect();
+        let mut store = ViewStore { view, writes: Writes::new() };
+        evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(&mut store, &evs)
+            .map_err(|e| PluginError::Refused { plugin: self.id().into(), message: e.to_string() })?;
+        Ok(store.writes)
+    }
+}
+
+async fn catch_up(projector: Arc<dyn Projector>, db: &sled::Db, name: &str, bus: &Bus, head: u64) -> Duration {
+    let store = PluginStore::open(db, name).unwrap();
+    let start = Instant::now();
+    let runner = Runner::spawn(projector, store, bus.clone(), PatternSet::parse_list("assistant.>").unwrap(), 512).unwrap();
+    while runner.status().position < head {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = start.elapsed();
+    runner.stop().await;
+    took
+}
+
+fn main() {
+    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let wasm = std::fs::read(plugins.join("assistant-stats.wasm"))
+        .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
+    let manifest_text = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
+    let manifest = Manifest::parse(&manifest_text).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    println!("evhost projection benchmarks ({n} events)");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::new(10_000);
+        let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
+        let bus = Bus::new(log.clone() as Arc<dyn EventLog>, hub);
+        ingest(&log, n).await;
+        let head = log.head();
+        let db = log.db().clone();
+
+        // Load: compile cold, then from the cache, then link and start.
+        let cache = dir.path().join("compiled");
+        let runtime = Runtime::new(&cache).unwrap();
+        let cold = runtime.compile(&wasm).unwrap();
+        let t = Instant::now();
+        let warm = Runtime::new(&cache).unwrap().compile(&wasm).unwrap();
+        let plugin = runtime.projection(&warm, &manifest).unwrap();
+        let ready = t.elapsed();
+        println!("load      compile (first load):                   {:>10.1} ms", cold.took.as_secs_f64() * 1e3);
+        println!("load      cached compiled form + link, to ready:  {:>10.2} ms  (target < 10 ms)", ready.as_secs_f64() * 1e3);
+
+        // Side by side in one run: native, wasm, native again (noise check).
+        let native = catch_up(Arc::new(Native), &db, "native-1", &bus, head).await;
+        let wasm_took = catch_up(Arc::new(plugin.clone()), &db, "wasm", &bus, head).await;
+        let native2 = catch_up(Arc::new(Native), &db, "native-2", &bus, head).await;
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        let native_best = native.min(native2);
+        println!("catch-up  assistant-stats native, same runner:    {:>10.0} events/s ({:.0} and {:.0})", rate(native_best), rate(native), rate(native2));
+        println!("catch-up  assistant-stats wasm:                   {:>10.0} events/s  (target >= 300,000)", rate(wasm_took));
+        println!("ratio     wasm / native throughput:               {:>10.2}x  (target >= 0.5x)", native_best.as_secs_f64() / wasm_took.as_secs_f64());
+        let a = PluginStore::open(&db, "wasm").unwrap().get("assistant-7").unwrap();
+        let b = PluginStore::open(&db, "native-1").unwrap().get("assistant-7").unwrap();
+        assert_eq!(a, b, "wasm and native states differ");
+
+        // Time travel to the middle, through the registry as the API does it.
+        let registry = Registry::new(runtime.clone(), db.clone(), bus.clone(), log.clone() as Arc<dyn EventLog>, dir.path().join("plugins"));
+        registry.load(&manifest_text, wasm.clone(), false).await.unwrap();
+        let t = Instant::now();
+        let then = registry.state_at("assistant-stats", "assistant-7", head / 2).await.unwrap();
+        let travel = t.elapsed();
+        assert!(then.is_some());
+        println!("travel    state at position {} of {head}:      {:>10.0} ms  (target < 2,000 ms; no snapshots)", head / 2, travel.as_secs_f64() * 1e3);
+        while registry.info("assistant-stats").await.unwrap().lag > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // Live: append at 20,000 events/s (20 per millisecond) for 5 s; time from each
+        // acknowledgement until the projection's committed checkpoint passes it.
+        let appender = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut acks: Vec<(u64, Instant)> = Vec::new();
+                let start = Instant::now();
+                for tick in 0..5_000u64 {
+                    let due = start + Duration::from_millis(tick);
+                    tokio::time::sleep_until(due.into()).await;
+                    let r = log
+                        .append(vec![StreamAppend {
+                            stream: format!("assistant-{}", tick % 1000),
+                            expected: ExpectedVersion::Any,
+                            events: (0..20).map(|i| event(tick * 20 + i)).collect(),
+                        }])
+                        .await
+                        .unwrap();
+                    acks.push((*r[0].positions.last().unwrap() + 1, Instant::now()));
+                }
+                (acks, start.elapsed())
+            })
+        };
+        let mut seen: Vec<(u64, Instant)> = Vec::new();
+        while !appender.is_finished() {
+            seen.push((registry.info("assistant-stats").await.unwrap().position, Instant::now()));
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let (acks, took) = appender.await.unwrap();
+        let end = acks.last().unwrap().0;
+        while registry.info("assistant-stats").await.unwrap().position < end {
+            seen.push((registry.info("assistant-stats").await.unwrap().position, Instant::now()));
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        seen.push((end, Instant::now()));
+        let mut lat: Vec<Duration> = acks
+            .iter()
+            .map(|(pos, at)| {
+                let done = seen.iter().find(|(p, t)| p >= pos && t >= at).map(|(_, t)| *t).unwrap_or_else(Instant::now);
+                done.saturating_duration_since(*at)
+            })
+            .collect();
+        lat.sort();
+        println!(
+            "live      {:.0} events/s appended: ack -> committed  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (target p99 < 50 ms)",
+            100_000.0 / took.as_secs_f64(),
+            lat[lat.len() / 2].as_secs_f64() * 1e3,
+            lat[lat.len() * 99 / 100].as_secs_f64() * 1e3,
+            lat.last().unwrap().as_secs_f64() * 1e3
+        );
+        registry.stop_all().await;
+    });
+}
