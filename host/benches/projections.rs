@@ -13,22 +13,43 @@ use evhost::plugin::{Manifest, PluginError, PluginStore, Projector, Runtime, Sta
 use evhost::registry::Registry;
 use evhost::runner::Runner;
 use evhost::{
-    Bus, Event, EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, PatternSet, SledLog,
+    Bus, Event, EventLog, EventType, ExpectedVersion, Hub, NewEvent, PatternSet, Payload, SledLog,
     SledLogConfig, StreamAppend,
 };
 
 const TYPES: [(&str, &str); 6] = [
-    ("assistant.tool.executed", r#"{"tool_name":"say","parameters":{"target":"room"},"reasoning":"greet the visitor","success":true}"#),
-    ("assistant.tool.executed", r#"{"tool_name":"inspect_location","parameters":{},"reasoning":"look around","success":true}"#),
-    ("assistant.tick.completed", r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#),
-    ("assistant.goal.created", r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#),
-    ("assistant.reflection.recorded", r#"{"content":"went well","tags":["a"]}"#),
-    ("assistant.goal.completed", r#"{"goal_id":"g1","outcome":"built"}"#),
+    (
+        "assistant.tool.executed",
+        r#"{"tool_name":"say","parameters":{"target":"room"},"reasoning":"greet the visitor","success":true}"#,
+    ),
+    (
+        "assistant.tool.executed",
+        r#"{"tool_name":"inspect_location","parameters":{},"reasoning":"look around","success":true}"#,
+    ),
+    (
+        "assistant.tick.completed",
+        r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#,
+    ),
+    (
+        "assistant.goal.created",
+        r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#,
+    ),
+    (
+        "assistant.reflection.recorded",
+        r#"{"content":"went well","tags":["a"]}"#,
+    ),
+    (
+        "assistant.goal.completed",
+        r#"{"goal_id":"g1","outcome":"built"}"#,
+    ),
 ];
 
 fn event(i: u64) -> NewEvent {
     let (ty, payload) = TYPES[(i % TYPES.len() as u64) as usize];
-    NewEvent::new(EventType::new(ty).unwrap(), Payload::from_json(payload).unwrap())
+    NewEvent::new(
+        EventType::new(ty).unwrap(),
+        Payload::from_json(payload).unwrap(),
+    )
 }
 
 async fn ingest(log: &SledLog, n: u64) {
@@ -74,7 +95,11 @@ impl Projector for Native {
     fn id(&self) -> &str {
         "assistant-stats@native"
     }
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError> {
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Writes, PluginError> {
         // The same conversion the wasm path makes into WIT records.
         let evs: Vec<evhost_sdk::Event> = events
             .iter()
@@ -90,17 +115,38 @@ impl Projector for Native {
                 metadata: Vec::new(),
             })
             .collect();
-        let mut store = ViewStore { view, writes: Writes::new() };
-        evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(&mut store, &evs)
-            .map_err(|e| PluginError::Refused { plugin: self.id().into(), message: e.to_string() })?;
+        let mut store = ViewStore {
+            view,
+            writes: Writes::new(),
+        };
+        evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(
+            &mut store, &evs,
+        )
+        .map_err(|e| PluginError::Refused {
+            plugin: self.id().into(),
+            message: e.to_string(),
+        })?;
         Ok(store.writes)
     }
 }
 
-async fn catch_up(projector: Arc<dyn Projector>, db: &sled::Db, name: &str, bus: &Bus, head: u64) -> Duration {
+async fn catch_up(
+    projector: Arc<dyn Projector>,
+    db: &sled::Db,
+    name: &str,
+    bus: &Bus,
+    head: u64,
+) -> Duration {
     let store = PluginStore::open(db, name).unwrap();
     let start = Instant::now();
-    let runner = Runner::spawn(projector, store, bus.clone(), PatternSet::parse_list("assistant.>").unwrap(), 512).unwrap();
+    let runner = Runner::spawn(
+        projector,
+        store,
+        bus.clone(),
+        PatternSet::parse_list("assistant.>").unwrap(),
+        512,
+    )
+    .unwrap();
     while runner.status().position < head {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -110,13 +156,20 @@ async fn catch_up(projector: Arc<dyn Projector>, db: &sled::Db, name: &str, bus:
 }
 
 fn main() {
-    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
     let wasm = std::fs::read(plugins.join("assistant-stats.wasm"))
         .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
     let manifest_text = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
     let manifest = Manifest::parse(&manifest_text).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     println!("evhost projection benchmarks ({n} events)");
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
@@ -132,7 +185,8 @@ fn main() {
         let runtime = Runtime::new(&cache).unwrap();
         let cold = runtime.compile(&wasm).unwrap();
         let t = Instant::now();
-        let warm = Runtime::new(&cache).unwrap().compile(&wasm).unwrap();
+        let warm = runtime.compile(&wasm).unwrap();
+        assert!(warm.cached);
         let plugin = runtime.projection(&warm, &manifest).unwrap();
         let ready = t.elapsed();
         println!("load      compile (first load):                   {:>10.1} ms", cold.took.as_secs_f64() * 1e3);
@@ -188,13 +242,13 @@ fn main() {
         };
         let mut seen: Vec<(u64, Instant)> = Vec::new();
         while !appender.is_finished() {
-            seen.push((registry.info("assistant-stats").await.unwrap().position, Instant::now()));
+            seen.push((registry.info("assistant-stats").await.unwrap().status.position, Instant::now()));
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         let (acks, took) = appender.await.unwrap();
         let end = acks.last().unwrap().0;
-        while registry.info("assistant-stats").await.unwrap().position < end {
-            seen.push((registry.info("assistant-stats").await.unwrap().position, Instant::now()));
+        while registry.info("assistant-stats").await.unwrap().status.position < end {
+            seen.push((registry.info("assistant-stats").await.unwrap().status.position, Instant::now()));
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         seen.push((end, Instant::now()));

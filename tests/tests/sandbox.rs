@@ -108,3 +108,26 @@ fn a_compiled_component_is_cached_by_content_hash() {
     assert_eq!(first.hash, again.hash);
     eprintln!("compile {:?}, load from cache {:?}", first.took, again.took);
 }
+
+#[test]
+fn a_component_of_another_world_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(dir.path()).unwrap();
+    let wasm = std::fs::read(format!("{BUILD}/wrong_world.wasm")).unwrap();
+    let compiled = runtime.compile(&wasm).unwrap();
+    let manifest = Manifest::parse(
+        "name = \"other\"\nversion = \"2\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n",
+    )
+    .unwrap();
+    match runtime.projection(&compiled, &manifest) {
+        Err(PluginError::Load { plugin, message }) => {
+            assert_eq!(plugin, "other@2");
+            assert!(
+                message.contains("does not implement the evhost:plugin/projection world"),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a component of another world was accepted"),
+    }
+}

@@ -47,14 +47,22 @@ pub trait Projector: Send + Sync + 'static {
     /// `name@version`, for logs and errors.
     fn id(&self) -> &str;
     /// Folds `events` into state over `view`; returns the writes to commit.
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError>;
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Writes, PluginError>;
 }
 
 impl Projector for ProjectionPlugin {
     fn id(&self) -> &str {
         ProjectionPlugin::id(self)
     }
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Writes, PluginError> {
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Writes, PluginError> {
         ProjectionPlugin::handle(self, view, events)
     }
 }
@@ -307,17 +315,45 @@ impl Runtime {
             pre,
             limits: manifest.limits.clone(),
             plugin,
+            warm: Arc::default(),
         })
     }
 }
 
+/// Instances kept between calls, per plugin.
+const WARM_INSTANCES: usize = 4;
+
+/// An instance with its store, ready for another call.
+struct Warm {
+    store: Store<HostState>,
+    bindings: bindings::Projection,
+    refused: Arc<AtomicBool>,
+}
+
+/// Reads nothing: what an idle warm instance holds instead of a real view.
+struct NoState;
+
+impl StateView for NoState {
+    fn get(&self, _key: &str) -> Option<String> {
+        None
+    }
+    fn scan_prefix(&self, _prefix: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
 /// A projection ready to be called; cheap to clone and share between threads.
+///
+/// Instances are reused across calls (instantiating costs fresh linear memory, page faults
+/// and unmapping on every batch); an instance whose call failed in any way is dropped, never
+/// reused, so a trap or a refused batch cannot leave state behind for the next call.
 #[derive(Clone)]
 pub struct ProjectionPlugin {
     runtime: Arc<Runtime>,
     pre: bindings::ProjectionPre<HostState>,
     limits: Limits,
     plugin: Arc<str>,
+    warm: Arc<std::sync::Mutex<Vec<Warm>>>,
 }
 
 impl ProjectionPlugin {
@@ -342,14 +378,50 @@ impl ProjectionPlugin {
         };
         let mut store = Store::new(&self.runtime.engine, data);
         store.limiter(|s| &mut s.limiter);
-        let ticks = self
-            .limits
-            .batch_timeout_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            + 1;
-        store.set_epoch_deadline(ticks);
+        store.set_epoch_deadline(self.deadline());
         store.epoch_deadline_trap();
         (store, refused)
+    }
+
+    fn deadline(&self) -> u64 {
+        self.limits
+            .batch_timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            + 1
+    }
+
+    /// A warm instance, or a new one, reading `view` with no writes and a fresh deadline.
+    fn checkout(&self, view: Arc<dyn StateView>) -> Result<Warm, PluginError> {
+        let reused = self.warm.lock().expect("warm instances lock").pop();
+        let mut w = match reused {
+            Some(w) => w,
+            None => {
+                let (mut store, refused) = self.store(view.clone());
+                let bindings = self
+                    .pre
+                    .instantiate(&mut store)
+                    .map_err(|e| self.trapped(e, refused.load(Ordering::Relaxed)))?;
+                Warm {
+                    store,
+                    bindings,
+                    refused,
+                }
+            }
+        };
+        let data = w.store.data_mut();
+        data.view = view;
+        data.writes.clear();
+        w.store.set_epoch_deadline(self.deadline());
+        Ok(w)
+    }
+
+    /// Keeps an instance whose call succeeded for the next call.
+    fn checkin(&self, mut w: Warm) {
+        w.store.data_mut().view = Arc::new(NoState);
+        let mut warm = self.warm.lock().expect("warm instances lock");
+        if warm.len() < WARM_INSTANCES {
+            warm.push(w);
+        }
     }
 
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
@@ -378,30 +450,29 @@ impl ProjectionPlugin {
         view: Arc<dyn StateView>,
         events: &[Arc<Event>],
     ) -> Result<Writes, PluginError> {
-        let (mut store, refused) = self.store(view);
         let batch: Vec<wit::Event> = events.iter().map(|e| to_wit(e)).collect();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.call_handle(&mut store, &batch));
-        match result {
-            Ok(Ok(())) => Ok(std::mem::take(&mut store.data_mut().writes)),
+        let mut w = self.checkout(view)?;
+        match w.bindings.call_handle(&mut w.store, &batch) {
+            Ok(Ok(())) => {
+                let writes = std::mem::take(&mut w.store.data_mut().writes);
+                self.checkin(w);
+                Ok(writes)
+            }
             Ok(Err(e)) => Err(self.refused(e)),
-            Err(e) => Err(self.trapped(e, refused.load(Ordering::Relaxed))),
+            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
         }
     }
 
     /// Calls the projection's `query` export over `view` (its writes are discarded).
     pub fn query(&self, view: Arc<dyn StateView>, request: &str) -> Result<String, PluginError> {
-        let (mut store, refused) = self.store(view);
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.call_query(&mut store, request));
-        match result {
-            Ok(Ok(answer)) => Ok(answer),
+        let mut w = self.checkout(view)?;
+        match w.bindings.call_query(&mut w.store, request) {
+            Ok(Ok(answer)) => {
+                self.checkin(w);
+                Ok(answer)
+            }
             Ok(Err(e)) => Err(self.refused(e)),
-            Err(e) => Err(self.trapped(e, refused.load(Ordering::Relaxed))),
+            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
         }
     }
 
