@@ -136,6 +136,7 @@ async fn catch_up(
     name: &str,
     bus: &Bus,
     head: u64,
+    batch: usize,
 ) -> Duration {
     let store = PluginStore::open(db, name).unwrap();
     let start = Instant::now();
@@ -144,7 +145,7 @@ async fn catch_up(
         store,
         bus.clone(),
         PatternSet::parse_list("assistant.>").unwrap(),
-        512,
+        batch,
     )
     .unwrap();
     while runner.status().position < head {
@@ -193,9 +194,9 @@ fn main() {
         println!("load      cached compiled form + link, to ready:  {:>10.2} ms  (target < 10 ms)", ready.as_secs_f64() * 1e3);
 
         // Side by side in one run: native, wasm, native again (noise check).
-        let native = catch_up(Arc::new(Native), &db, "native-1", &bus, head).await;
-        let wasm_took = catch_up(Arc::new(plugin.clone()), &db, "wasm", &bus, head).await;
-        let native2 = catch_up(Arc::new(Native), &db, "native-2", &bus, head).await;
+        let native = catch_up(Arc::new(Native), &db, "native-1", &bus, head, manifest.limits.batch_size).await;
+        let wasm_took = catch_up(Arc::new(plugin.clone()), &db, "wasm", &bus, head, manifest.limits.batch_size).await;
+        let native2 = catch_up(Arc::new(Native), &db, "native-2", &bus, head, manifest.limits.batch_size).await;
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let native_best = native.min(native2);
         println!("catch-up  assistant-stats native, same runner:    {:>10.0} events/s ({:.0} and {:.0})", rate(native_best), rate(native), rate(native2));

@@ -386,14 +386,18 @@ impl Registry {
             types: Some(PatternSet::new(manifest.subscriptions.clone())),
             ..ReadFilter::default()
         };
-        let mut from = origin;
-        while from <= position {
-            let page = self
-                .log
-                // A scratch replay folds big pages: fewer calls, same result.
-                .read(from, manifest.limits.batch_size.max(4096), &filter)
-                .await
-                .map_err(storage)?;
+        // Reading the next page overlaps with folding the current one.
+        let page_size = manifest.limits.batch_size.max(4096);
+        let read = |from: u64| {
+            let (log, filter) = (self.log.clone(), filter.clone());
+            tokio::spawn(async move { log.read(from, page_size, &filter).await })
+        };
+        let mut pending = (origin <= position).then(|| (origin, read(origin)));
+        while let Some((from, reading)) = pending.take() {
+            let page = reading.await.map_err(storage)?.map_err(storage)?;
+            if page.next > from && page.next <= position {
+                pending = Some((page.next, read(page.next)));
+            }
             let events: Vec<Arc<crate::event::Event>> = page
                 .events
                 .into_iter()
@@ -407,10 +411,6 @@ impl Registry {
                     .map_err(storage)??;
                 scratch.apply(writes);
             }
-            if page.next <= from {
-                break;
-            }
-            from = page.next;
         }
         Ok(scratch.get(key))
     }

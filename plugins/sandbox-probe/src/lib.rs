@@ -18,6 +18,7 @@ use evhost_sdk::{Error, Event, Projection};
 pub struct Probe;
 
 #[inline(never)]
+#[allow(unconditional_recursion)] // recursing until the stack overflows is the point
 fn recurse(n: u64, pad: &mut [u8; 256]) -> u64 {
     pad[(n % 256) as usize] = n as u8;
     let mut next = *pad;
