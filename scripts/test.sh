@@ -8,4 +8,4 @@ scripts/setup.sh
 scripts/build-plugins.sh
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked "$@"
-cargo test --manifest-path plugins/Cargo.toml --locked --quiet
+cargo test --manifest-path plugins/Cargo.toml --target-dir target/plugins-native --locked --quiet
