@@ -361,20 +361,18 @@ impl Registry {
         key: &str,
         position: u64,
     ) -> Result<Option<String>, RegistryError> {
-        let (plugin, manifest, origin) = self
+        let (plugin, manifest, store) = self
             .with(name, |l| {
                 (l.plugin.clone(), l.manifest.clone(), l.store.clone())
             })
             .await?;
-        let origin = match manifest.start {
-            StartFrom::Beginning => 0,
-            // State that started at a later head cannot be rebuilt for earlier positions.
-            StartFrom::Now => origin
-                .checkpoint()
-                .map_err(storage)?
-                .unwrap_or(0)
-                .min(position),
-        };
+        // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
+        let origin = store.origin().map_err(storage)?;
+        if position < origin {
+            return Err(RegistryError::Invalid(format!(
+                "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
+            )));
+        }
         let head = self.log.head();
         if position >= head {
             return Err(RegistryError::Invalid(format!(

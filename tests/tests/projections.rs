@@ -469,3 +469,42 @@ async fn projection_state_after_kill_9_rounds_equals_a_replay_from_scratch() {
     }
     assert!(compared > 0, "the load wrote nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_that_starts_now_folds_only_later_events_also_when_travelling_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    append(&h, "a", vec![ev("x.y", json!(1)), ev("x.y", json!(2))]).await; // 0, 1
+    let manifest = "name = \"late\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\">\"]\nstart = \"now\"\n";
+    let (s, body) = upload(&h, "late", manifest, wasm("type-counter")).await;
+    assert_eq!(s, 200, "{body}");
+    append(
+        &h,
+        "a",
+        vec![
+            ev("x.y", json!(3)),
+            ev("x.y", json!(4)),
+            ev("x.y", json!(5)),
+        ],
+    )
+    .await; // 2, 3, 4
+    caught_up(&h, "late").await;
+    assert_eq!(state(&h, "late", "x.y").await.1["value"], 3);
+    let at = |p: u64| get_at(&h, p);
+    assert_eq!(
+        at(3).await,
+        (200, json!(2)),
+        "events 2 and 3, not the ones before the load"
+    );
+    assert_eq!(at(4).await, (200, json!(3)));
+    assert_eq!(at(0).await.0, 400, "no state before the projection started");
+}
+
+async fn get_at(h: &Host, position: u64) -> (u16, Value) {
+    let (s, body) = get(&format!(
+        "{}/v1/projections/late/state?key=x.y&at={position}",
+        h.url
+    ))
+    .await;
+    (s, body["value"].clone())
+}

@@ -9,6 +9,7 @@ use super::runtime::{StateView, Writes};
 const CHECKPOINT: &[u8] = b"c";
 const PROCESSED: &[u8] = b"n";
 const HASH: &[u8] = b"h";
+const ORIGIN: &[u8] = b"o";
 const STATE: u8 = b's';
 
 fn tree_name(plugin: &str) -> String {
@@ -64,13 +65,19 @@ impl PluginStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Starts the state over for the component with `hash`: empty, at `checkpoint`.
-    pub fn reset(&self, hash: &str, checkpoint: u64) -> sled::Result<()> {
+    /// Starts the state over for the component with `hash`: empty, beginning at `origin`.
+    pub fn reset(&self, hash: &str, origin: u64) -> sled::Result<()> {
         self.tree.clear()?;
         let mut b = sled::Batch::default();
         b.insert(HASH, hash.as_bytes());
-        b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
+        b.insert(CHECKPOINT, &origin.to_be_bytes()[..]);
+        b.insert(ORIGIN, &origin.to_be_bytes()[..]);
         self.tree.apply_batch(b)
+    }
+
+    /// The position the state began at (replays for time travel start here).
+    pub fn origin(&self) -> sled::Result<u64> {
+        Ok(u64_of(self.tree.get(ORIGIN)?).unwrap_or(0))
     }
 
     /// Commits a batch's writes with the new checkpoint and count, atomically.
