@@ -102,6 +102,7 @@ impl Hub {
         let Some(last) = events.last() else { return };
         let mut st = self.state.lock().expect("bus lock");
         let mut lagging: Vec<SubscriptionId> = Vec::new();
+        let mut sent: Vec<SubscriptionId> = Vec::new();
         for e in events {
             let st = &mut *st;
             st.published += 1;
@@ -119,7 +120,7 @@ impl Hub {
             }
             let live = &st.live;
             // A subscription with several matching patterns gets the event once.
-            let mut sent: Vec<SubscriptionId> = Vec::new();
+            sent.clear();
             st.router.for_each_match(e.event_type.as_str(), |id| {
                 let Some(sub) = live.get(id) else { return };
                 if sent.contains(id) || lagging.contains(id) || !sub.filter.admits(e) {

@@ -120,7 +120,7 @@ pub fn validate_id(s: &str) -> Result<(), InvalidName> {
 pub struct Payload(Arc<str>);
 
 impl Payload {
-    /// Parses `json` to check it is one JSON value and keeps its compact text.
+    /// Parses `json` to check it is one JSON value, and keeps that value's text as sent.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         let raw: &RawValue = serde_json::from_str(json)?;
         Ok(Self(Arc::from(raw.get())))
@@ -311,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn payload_keeps_compact_json_and_refuses_non_json() {
+    fn payload_keeps_the_json_value_and_refuses_non_json() {
         let p = Payload::from_json(" {\"a\": [1, 2]} ").unwrap();
         assert_eq!(p.to_value(), serde_json::json!({"a": [1, 2]}));
         assert!(Payload::from_json("{\"a\":").is_err());

@@ -51,14 +51,17 @@ impl Default for Limits {
 }
 
 /// What a plugin may do beyond handling its input. Nothing by default.
+///
+/// Parsed and validated now; enforcing the grants (wasi:http to listed hosts, a fixed clock
+/// and seed unless granted) comes with the extractor and tool hosts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Capabilities {
     /// Hosts (`host:port`) the plugin may call over HTTP.
     pub http: Vec<String>,
-    /// A real wall clock (otherwise a fixed, deterministic one).
+    /// A real wall clock (to be: otherwise a fixed, deterministic one).
     pub clock: bool,
-    /// Real randomness (otherwise a fixed, deterministic seed).
+    /// Real randomness (to be: otherwise a fixed, deterministic seed).
     pub random: bool,
 }
 
