@@ -9,9 +9,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use evhost::plugin::{Manifest, PluginError, PluginStore, Projector, Runtime, StateView, Writes};
+use evhost::plugin::{
+    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, Runtime, StateView, Writes,
+};
 use evhost::registry::Registry;
-use evhost::runner::Runner;
+use evhost::runner::{Blocking, Runner};
 use evhost::{
     Bus, Event, EventLog, EventType, ExpectedVersion, Hub, NewEvent, PatternSet, Payload, SledLog,
     SledLogConfig, StreamAppend,
@@ -91,7 +93,7 @@ impl evhost_sdk::Store for ViewStore {
     }
 }
 
-impl Projector for Native {
+impl Handler for Native {
     fn id(&self) -> &str {
         "assistant-stats@native"
     }
@@ -99,7 +101,7 @@ impl Projector for Native {
         &self,
         view: Arc<dyn StateView>,
         events: &[Arc<Event>],
-    ) -> Result<Writes, PluginError> {
+    ) -> Result<Output, PluginError> {
         // The same conversion the wasm path makes into WIT records.
         let evs: Vec<evhost_sdk::Event> = events
             .iter()
@@ -126,12 +128,16 @@ impl Projector for Native {
             plugin: self.id().into(),
             message: e.to_string(),
         })?;
-        Ok(store.writes)
+        Ok(Output {
+            writes: store.writes,
+            derived: Vec::new(),
+        })
     }
 }
 
 async fn catch_up(
-    projector: Arc<dyn Projector>,
+    projector: Arc<dyn Handler>,
+    log: &Arc<dyn EventLog>,
     db: &sled::Db,
     name: &str,
     bus: &Bus,
@@ -141,9 +147,11 @@ async fn catch_up(
     let store = PluginStore::open(db, name).unwrap();
     let start = Instant::now();
     let runner = Runner::spawn(
-        projector,
+        name,
+        Arc::new(Blocking(projector)),
         store,
         bus.clone(),
+        log.clone(),
         PatternSet::parse_list("assistant.>").unwrap(),
         batch,
     )
@@ -176,7 +184,8 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let hub = Hub::new(10_000);
         let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
-        let bus = Bus::new(log.clone() as Arc<dyn EventLog>, hub);
+        let dyn_log = log.clone() as Arc<dyn EventLog>;
+        let bus = Bus::new(dyn_log.clone(), hub);
         ingest(&log, n).await;
         let head = log.head();
         let db = log.db().clone();
@@ -188,15 +197,15 @@ fn main() {
         let t = Instant::now();
         let warm = runtime.compile(&wasm).unwrap();
         assert!(warm.cached);
-        let plugin = runtime.projection(&warm, &manifest).unwrap();
+        let plugin: ProjectionPlugin = runtime.plugin(&warm, &manifest).unwrap();
         let ready = t.elapsed();
         println!("load      compile (first load):                   {:>10.1} ms", cold.took.as_secs_f64() * 1e3);
         println!("load      cached compiled form + link, to ready:  {:>10.2} ms  (target < 10 ms)", ready.as_secs_f64() * 1e3);
 
         // Side by side in one run: native, wasm, native again (noise check).
-        let native = catch_up(Arc::new(Native), &db, "native-1", &bus, head, manifest.limits.batch_size).await;
-        let wasm_took = catch_up(Arc::new(plugin.clone()), &db, "wasm", &bus, head, manifest.limits.batch_size).await;
-        let native2 = catch_up(Arc::new(Native), &db, "native-2", &bus, head, manifest.limits.batch_size).await;
+        let native = catch_up(Arc::new(Native), &dyn_log, &db, "native-1", &bus, head, manifest.limits.batch_size).await;
+        let wasm_took = catch_up(Arc::new(plugin.clone()), &dyn_log, &db, "wasm", &bus, head, manifest.limits.batch_size).await;
+        let native2 = catch_up(Arc::new(Native), &dyn_log, &db, "native-2", &bus, head, manifest.limits.batch_size).await;
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let native_best = native.min(native2);
         println!("catch-up  assistant-stats native, same runner:    {:>10.0} events/s ({:.0} and {:.0})", rate(native_best), rate(native), rate(native2));

@@ -267,6 +267,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     for (file, err) in registry.load_dirs(&dirs).await {
         tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
     }
+    registry
+        .answer_unknown_tools()
+        .await
+        .context("starting the runner for requests to unknown tools")?;
     let state = AppState::new(
         dyn_log,
         bus,

@@ -215,6 +215,42 @@ impl Metadata {
     pub fn is_empty(&self) -> bool {
         self == &Metadata::default()
     }
+
+    /// Metadata from key-value pairs (as plugins send it); a later key overrides an earlier.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut m = Metadata::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "correlation_id" => m.correlation_id = Some(v),
+                "causation_id" => m.causation_id = Some(v),
+                "user_id" => m.user_id = Some(v),
+                "agent_id" => m.agent_id = Some(v),
+                "schema_version" => m.schema_version = Some(v),
+                _ => {
+                    m.extra.insert(k, v);
+                }
+            }
+        }
+        m
+    }
+
+    /// Every set key with its value, named fields first (as plugins receive it).
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        for (k, v) in [
+            ("correlation_id", &self.correlation_id),
+            ("causation_id", &self.causation_id),
+            ("user_id", &self.user_id),
+            ("agent_id", &self.agent_id),
+            ("schema_version", &self.schema_version),
+        ] {
+            if let Some(v) = v {
+                pairs.push((k.to_owned(), v.clone()));
+            }
+        }
+        pairs.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        pairs
+    }
 }
 
 /// An event as stored in the log: the envelope the host assigned plus what the client sent.

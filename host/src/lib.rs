@@ -18,6 +18,7 @@ pub mod pattern;
 pub mod plugin;
 pub mod registry;
 pub mod runner;
+pub mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
 pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};

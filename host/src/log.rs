@@ -224,6 +224,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// The stream's version (number of events); 0 when it does not exist.
     async fn stream_version(&self, stream: &str) -> Result<u64, LogError>;
 
+    /// The position of the event appended with the id `id` given by its appender (ids the
+    /// host assigned are not indexed); `None` when there is none.
+    async fn find(&self, id: &str) -> Result<Option<u64>, LogError>;
+
     /// One past the last durable position: the position the next event will get.
     fn head(&self) -> u64;
 }

@@ -1,9 +1,16 @@
-//! Plugins: the manifest, the sandboxed component runtime, and the store of their state.
+//! Plugins: the manifest, the sandboxed component runtime and its worlds, and the store of
+//! their state.
 
 mod manifest;
 mod runtime;
+mod sandbox;
 mod store;
+mod worlds;
 
 pub use manifest::{Capabilities, InvalidManifest, Kind, Limits, Manifest, StartFrom, valid_name};
-pub use runtime::{Compiled, PluginError, ProjectionPlugin, Projector, Runtime, StateView, Writes};
+pub use runtime::{CallContext, Compiled, Plugin, PluginError, Runtime, StateView, Writes};
 pub use store::{MemState, PluginStore};
+pub use worlds::{
+    Derived, ExtractorPlugin, Handler, MAX_DERIVED_PER_BATCH, Output, ProjectionPlugin, ToolInfo,
+    ToolPlugin, World, batch_context,
+};

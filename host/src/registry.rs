@@ -5,9 +5,9 @@
 //! A plugin loaded over the API is kept in the data directory (`plugins/`) and loaded again
 //! at the next start, so a hot-loaded projection survives a restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -17,10 +17,11 @@ use crate::bus::Bus;
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom,
-    StateView, valid_name,
+    ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin,
+    Runtime, StartFrom, StateView, ToolInfo, ToolPlugin, valid_name,
 };
-use crate::runner::{Runner, RunnerStatus};
+use crate::runner::{BatchHandler, Blocking, Runner, RunnerStatus};
+use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +64,26 @@ pub struct PluginInfo {
     /// The runner's state, checkpoint, counters and last error.
     #[serde(flatten)]
     pub status: RunnerStatus,
+    /// A tool's description: name, description, input schema.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<ToolInfo>,
     /// The log's head.
     pub head: u64,
     /// Events between the checkpoint and the head.
     pub lag: u64,
 }
 
+/// The loaded component, by world.
+#[derive(Clone)]
+enum Component {
+    Projection(ProjectionPlugin),
+    Extractor(ExtractorPlugin),
+    Tool(Arc<ToolHandler>),
+}
+
 struct Loaded {
     manifest: Manifest,
-    plugin: ProjectionPlugin,
+    plugin: Component,
     store: PluginStore,
     runner: Runner,
     hash: String,
@@ -88,6 +100,9 @@ pub struct Registry {
     /// Where plugins loaded over the API are kept.
     dir: PathBuf,
     loaded: Mutex<BTreeMap<String, Loaded>>,
+    /// Names of loaded tools, for the runner that fails requests for unknown ones.
+    tools: Arc<RwLock<HashSet<String>>>,
+    unknown_tools: Mutex<Option<Runner>>,
 }
 
 impl Registry {
@@ -106,7 +121,28 @@ impl Registry {
             log,
             dir,
             loaded: Mutex::new(BTreeMap::new()),
+            tools: Arc::default(),
+            unknown_tools: Mutex::new(None),
         })
+    }
+
+    /// Starts answering requests for tools that are not loaded (after the plugins given at
+    /// start-up are loaded, so their requests are not failed early).
+    pub async fn answer_unknown_tools(&self) -> Result<(), RegistryError> {
+        let store = PluginStore::open(&self.db, "~unknown-tools").map_err(storage)?;
+        let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
+        let runner = Runner::spawn(
+            "evhost",
+            Arc::new(handler),
+            store,
+            self.bus.clone(),
+            self.log.clone(),
+            PatternSet::new(vec![REQUESTED.parse().expect("a valid pattern")]),
+            512,
+        )
+        .map_err(storage)?;
+        *self.unknown_tools.lock().await = Some(runner);
+        Ok(())
     }
 
     /// Loads (or replaces) a plugin. `persist` keeps a copy to load at the next start.
@@ -121,13 +157,6 @@ impl Registry {
     ) -> Result<PluginInfo, RegistryError> {
         let manifest =
             Manifest::parse(manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        if manifest.kind != Kind::Projection {
-            return Err(RegistryError::Invalid(format!(
-                "plugin {}: kind {} is not hosted by this version of evhost yet; only projections are",
-                manifest.name,
-                manifest.kind.as_str()
-            )));
-        }
         let runtime = self.runtime.clone();
         let compiled = {
             let wasm = Arc::new(wasm);
@@ -144,7 +173,7 @@ impl Registry {
                 .map(|c| (c, wasm))?
         };
         let (compiled, wasm) = compiled;
-        let plugin = self.runtime.projection(&compiled, &manifest)?;
+        let plugin = self.component(&compiled, &manifest).await?;
         let store = PluginStore::open(&self.db, &manifest.name).map_err(storage)?;
 
         let mut loaded = self.loaded.lock().await;
@@ -158,7 +187,7 @@ impl Registry {
             };
             store.reset(&compiled.hash, origin).map_err(storage)?;
             tracing::info!(
-                plugin = plugin.id(),
+                plugin = manifest.name,
                 origin,
                 "new component: state starts over"
             );
@@ -167,17 +196,41 @@ impl Registry {
             self.persist(&manifest.name, manifest_text, &wasm)
                 .map_err(storage)?;
         }
-        let patterns = PatternSet::new(manifest.subscriptions.clone());
+        let (handler, patterns): (Arc<dyn BatchHandler>, _) = match &plugin {
+            Component::Projection(p) => (
+                Arc::new(Blocking(Arc::new(p.clone()))),
+                manifest.subscriptions.clone(),
+            ),
+            Component::Extractor(p) => (
+                Arc::new(Blocking(Arc::new(p.clone()))),
+                manifest.subscriptions.clone(),
+            ),
+            Component::Tool(t) => (
+                t.clone(),
+                vec![REQUESTED.parse().expect("a valid pattern")],
+            ),
+        };
         let runner = Runner::spawn(
-            Arc::new(plugin.clone()),
+            &manifest.name,
+            handler,
             store.clone(),
             self.bus.clone(),
-            patterns,
+            self.log.clone(),
+            PatternSet::new(patterns),
             manifest.limits.batch_size,
         )
         .map_err(storage)?;
+        {
+            let mut tools = self.tools.write().expect("tool names lock");
+            tools.remove(&manifest.name);
+            if manifest.kind == Kind::Tool {
+                tools.insert(manifest.name.clone());
+            }
+        }
         tracing::info!(
-            plugin = plugin.id(),
+            plugin = manifest.name,
+            version = manifest.version,
+            kind = manifest.kind.as_str(),
             cached = compiled.cached,
             load_ms = compiled.took.as_secs_f64() * 1e3,
             "plugin loaded"
@@ -196,6 +249,42 @@ impl Registry {
             },
         );
         Ok(self.info_of(&loaded[&name]))
+    }
+
+    /// Links the compiled component as the manifest's world; a tool is also described.
+    async fn component(
+        &self,
+        compiled: &crate::plugin::Compiled,
+        manifest: &Manifest,
+    ) -> Result<Component, RegistryError> {
+        Ok(match manifest.kind {
+            Kind::Projection => Component::Projection(self.runtime.plugin(compiled, manifest)?),
+            Kind::Extractor => Component::Extractor(self.runtime.plugin(compiled, manifest)?),
+            Kind::Tool => {
+                let plugin: ToolPlugin = self.runtime.plugin(compiled, manifest)?;
+                let p = plugin.clone();
+                let info = tokio::task::spawn_blocking(move || p.describe())
+                    .await
+                    .map_err(storage)??;
+                let id = plugin.id().to_owned();
+                if info.name != manifest.name {
+                    return Err(RegistryError::Invalid(format!(
+                        "plugin {id}: the tool describes itself as {:?} but its manifest names it {:?}; requests name tools by the manifest's name, so make them agree",
+                        info.name, manifest.name
+                    )));
+                }
+                let handler = ToolHandler::new(
+                    &manifest.name,
+                    plugin,
+                    info,
+                    self.log.clone(),
+                    manifest.limits.concurrency,
+                    Duration::from_millis(manifest.limits.batch_timeout_ms),
+                )
+                .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?;
+                Component::Tool(Arc::new(handler))
+            }
+        })
     }
 
     fn persist(&self, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
@@ -258,6 +347,7 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
         old.runner.stop().await;
+        self.tools.write().expect("tool names lock").remove(name);
         for ext in ["wasm", "toml"] {
             let _ = std::fs::remove_file(self.dir.join(format!("{name}.{ext}")));
         }
@@ -273,6 +363,9 @@ impl Registry {
         let mut loaded = self.loaded.lock().await;
         for (_, l) in std::mem::take(&mut *loaded) {
             l.runner.stop().await;
+        }
+        if let Some(r) = self.unknown_tools.lock().await.take() {
+            r.stop().await;
         }
     }
 
@@ -292,6 +385,10 @@ impl Registry {
             component_hash: l.hash.clone(),
             load_ms: l.load.as_secs_f64() * 1e3,
             compiled_from_cache: l.cached,
+            tool: match &l.plugin {
+                Component::Tool(t) => Some(t.info().clone()),
+                _ => None,
+            },
             lag: head.saturating_sub(status.position),
             head,
             status,
@@ -346,6 +443,7 @@ impl Registry {
         let (plugin, store) = self
             .with(name, |l| (l.plugin.clone(), l.store.clone()))
             .await?;
+        let plugin = projection_of(name, plugin)?;
         let view: Arc<dyn StateView> = Arc::new(store);
         tokio::task::spawn_blocking(move || plugin.query(view, &request))
             .await
@@ -366,6 +464,7 @@ impl Registry {
                 (l.plugin.clone(), l.manifest.clone(), l.store.clone())
             })
             .await?;
+        let plugin = projection_of(name, plugin)?;
         // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
         let origin = store.origin().map_err(storage)?;
         if position < origin {
@@ -411,5 +510,17 @@ impl Registry {
             }
         }
         Ok(scratch.get(key))
+    }
+}
+
+fn projection_of(name: &str, c: Component) -> Result<ProjectionPlugin, RegistryError> {
+    match c {
+        Component::Projection(p) => Ok(p),
+        Component::Extractor(_) => Err(RegistryError::Invalid(format!(
+            "plugin {name:?} is an extractor: it has no query export and its past state is not replayed; read its stored state with ?key= or ?prefix="
+        ))),
+        Component::Tool(_) => Err(RegistryError::Invalid(format!(
+            "plugin {name:?} is a tool: it keeps no state; request invocations with tool.invocation.requested events"
+        ))),
     }
 }

@@ -1,11 +1,14 @@
-//! A runner drives one projection: it reads batches from the plugin's checkpoint (from the
-//! log while catching up, from the bus once live), calls the component, and commits the
-//! state writes with the new checkpoint in one storage batch.
+//! A runner drives one projection or extractor: it reads batches from the plugin's
+//! checkpoint (from the log while catching up, from the bus once live), calls the component,
+//! appends what it derived, and commits the state writes with the new checkpoint in one
+//! storage batch.
 //!
 //! A crash anywhere re-runs the batch from the last committed checkpoint, and since state
 //! and checkpoint commit together, the state always equals a replay of the log up to the
-//! checkpoint. A failing batch is retried with exponential backoff and never advances the
-//! checkpoint; the host keeps running.
+//! checkpoint. Derived events are appended before that commit under ids fixed by (plugin,
+//! source event, index), so a batch that runs again appends nothing twice: the log answers
+//! an id it already holds with the original position. A failing batch is retried with
+//! exponential backoff and never advances the checkpoint; the host keeps running.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,9 +17,52 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::bus::{Bus, Start};
-use crate::log::ReadFilter;
+use crate::event::Event;
+use crate::log::{EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::pattern::PatternSet;
-use crate::plugin::{PluginStore, Projector, StateView};
+use crate::plugin::{Derived, Handler, Output, PluginStore, StateView};
+
+/// A batch handler as the runner calls it: asynchronously, so a handler can append and wait
+/// (tool workers) or run its component on a blocking thread ([`Blocking`]).
+#[async_trait::async_trait]
+pub trait BatchHandler: Send + Sync + 'static {
+    /// `name@version`, for logs and errors.
+    fn id(&self) -> &str;
+    /// Handles `events` over `view`; returns what to commit, or why it failed.
+    async fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, String>;
+}
+
+/// Runs a synchronous [`Handler`] (a wasm component) on tokio's blocking threads.
+pub struct Blocking(pub Arc<dyn Handler>);
+
+#[async_trait::async_trait]
+impl BatchHandler for Blocking {
+    fn id(&self) -> &str {
+        self.0.id()
+    }
+    async fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, String> {
+        let h = self.0.clone();
+        match tokio::task::spawn_blocking(move || h.handle(view, &events)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the call was lost: {e}")),
+        }
+    }
+}
+
+/// Metadata key counting how many derivations separate an event from one a client appended.
+pub const DEPTH_KEY: &str = "derivation_depth";
+
+/// Deepest chain of derived events: an event that would be derived deeper is dropped (and
+/// counted), so extractors feeding each other in a cycle cannot spin forever.
+pub const MAX_DERIVATION_DEPTH: u32 = 16;
 
 /// How long without a matching event before a runner counts as live at its cursor.
 const IDLE: Duration = Duration::from_millis(250);
@@ -55,6 +101,10 @@ pub struct RunnerStatus {
     pub consecutive_errors: u64,
     /// The last failure, naming the plugin and what happened.
     pub last_error: Option<String>,
+    /// Events derived and appended since this runner started (extractors).
+    pub derived: u64,
+    /// Derived events dropped for exceeding the derivation depth limit.
+    pub dropped_by_depth: u64,
 }
 
 /// A running projection; stops when dropped or when [`Runner::stop`] is called.
@@ -65,11 +115,15 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts a runner for `plugin` over `patterns`, resuming from `store`'s checkpoint.
+    /// Starts a runner for `plugin` over `patterns`, resuming from `store`'s checkpoint;
+    /// derived events are appended to `log` in the name of `name`.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
-        plugin: Arc<dyn Projector>,
+        name: &str,
+        plugin: Arc<dyn BatchHandler>,
         store: PluginStore,
         bus: Bus,
+        log: Arc<dyn EventLog>,
         patterns: PatternSet,
         batch_size: usize,
     ) -> anyhow::Result<Self> {
@@ -82,12 +136,16 @@ impl Runner {
             errors: 0,
             consecutive_errors: 0,
             last_error: None,
+            derived: 0,
+            dropped_by_depth: 0,
         }));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(
+            name.to_owned(),
             plugin,
             store,
             bus,
+            log,
             patterns,
             batch_size,
             status.clone(),
@@ -120,10 +178,13 @@ impl Drop for Runner {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
-    plugin: Arc<dyn Projector>,
+    name: String,
+    plugin: Arc<dyn BatchHandler>,
     store: PluginStore,
     bus: Bus,
+    log: Arc<dyn EventLog>,
     patterns: PatternSet,
     batch_size: usize,
     status: Arc<Mutex<RunnerStatus>>,
@@ -174,20 +235,36 @@ async fn run(
         let events = Arc::new(events);
         let mut backoff = BACKOFF.0;
         loop {
-            let (p, v, evs) = (plugin.clone(), view.clone(), events.clone());
             let started = Instant::now();
-            let result = tokio::task::spawn_blocking(move || p.handle(v, &evs)).await;
+            let result = plugin.handle(view.clone(), events.clone()).await;
             let outcome = match result {
-                Ok(Ok(writes)) => {
+                Ok(output) => {
                     let processed = status.lock().expect("runner status lock").events_processed
                         + events.len() as u64;
-                    store
-                        .commit(&writes, resume, processed)
-                        .map(|_| processed)
-                        .map_err(|e| format!("committing state failed: {e}"))
+                    let (appends, derived, dropped) = derived_appends(&name, &events, output.derived);
+                    if dropped > 0 {
+                        tracing::warn!(plugin = plugin.id(), dropped, limit = MAX_DERIVATION_DEPTH, "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)");
+                    }
+                    let appended = if appends.is_empty() {
+                        Ok(())
+                    } else {
+                        log.append(appends)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| format!("appending derived events failed: {e}"))
+                    };
+                    appended.and_then(|()| {
+                        store
+                            .commit(&output.writes, resume, processed)
+                            .map(|_| processed)
+                            .map_err(|e| format!("committing state failed: {e}"))
+                    })
+                    .inspect(|_| update(&mut |s| {
+                        s.derived += derived;
+                        s.dropped_by_depth += dropped;
+                    }))
                 }
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(format!("the call was lost: {e}")),
+                Err(e) => Err(e),
             };
             match outcome {
                 Ok(processed) => {
@@ -227,4 +304,72 @@ async fn run(
         }
     }
     update(&mut |s| s.state = RunState::Stopped);
+}
+
+/// The id of the `index`-th event `plugin` derived from the event with `source_id`: the
+/// same on every run, so the log appends it once.
+pub fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [plugin.as_bytes(), source_id.as_bytes(), &(index as u64).to_be_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let bytes: [u8; 16] = h.finalize()[..16].try_into().expect("16 bytes");
+    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
+}
+
+/// How many derivations separate `event` from a client's append.
+pub fn depth_of(event: &Event) -> u32 {
+    event
+        .metadata
+        .extra
+        .get(DEPTH_KEY)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Stamps `d`, derived from `from`, with its id (unless the handler fixed one), causation,
+/// correlation and depth.
+pub fn stamp(plugin: &str, from: &Event, index: usize, d: &mut Derived) {
+    let m = &mut d.event.metadata;
+    m.causation_id = Some(from.id.clone());
+    if m.correlation_id.is_none() {
+        m.correlation_id.clone_from(&from.metadata.correlation_id);
+    }
+    m.extra
+        .insert(DEPTH_KEY.to_owned(), (depth_of(from) + 1).to_string());
+    if d.event.id.is_none() {
+        d.event.id = Some(derived_id(plugin, &from.id, index));
+    }
+}
+
+/// The appends of a batch's derived events, in derivation order (consecutive events of one
+/// stream share an append); also how many were kept and how many were too deep.
+fn derived_appends(
+    plugin: &str,
+    events: &[Arc<Event>],
+    derived: Vec<Vec<Derived>>,
+) -> (Vec<StreamAppend>, u64, u64) {
+    let mut appends: Vec<StreamAppend> = Vec::new();
+    let (mut kept, mut dropped) = (0, 0);
+    for (from, list) in events.iter().zip(derived) {
+        if depth_of(from) >= MAX_DERIVATION_DEPTH {
+            dropped += list.len() as u64;
+            continue;
+        }
+        for (index, mut d) in list.into_iter().enumerate() {
+            stamp(plugin, from, index, &mut d);
+            kept += 1;
+            match appends.last_mut() {
+                Some(a) if a.stream == d.stream => a.events.push(d.event),
+                _ => appends.push(StreamAppend {
+                    stream: d.stream,
+                    expected: ExpectedVersion::Any,
+                    events: vec![d.event],
+                }),
+            }
+        }
+    }
+    (appends, kept, dropped)
 }

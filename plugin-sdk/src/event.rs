@@ -87,6 +87,17 @@ pub enum Error {
     Failed(String),
 }
 
+impl Error {
+    /// The same error, naming the event it happened at.
+    pub fn at(self, event: &Event) -> Self {
+        let at = |m: String| format!("{} at position {}: {m}", event.event_type, event.position);
+        match self {
+            Error::InvalidInput(m) => Error::InvalidInput(at(m)),
+            Error::Failed(m) => Error::Failed(at(m)),
+        }
+    }
+}
+
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

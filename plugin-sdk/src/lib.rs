@@ -32,11 +32,15 @@
 //! state and checkpoint together, and serves it at `GET /v1/projections/{name}/state?key=`.
 
 mod event;
+mod extractor;
 mod projection;
 pub mod testing;
+mod tool;
 
 pub use event::{Error, Event};
+pub use extractor::{Extractor, NewEvent};
 pub use projection::{Projection, Store};
+pub use tool::{Tool, invoke_json};
 
 /// Generated bindings of the `projection` world; glue for [`export_projection!`].
 #[doc(hidden)]
@@ -50,9 +54,75 @@ pub mod projection_bindings {
     });
 }
 
+/// Generated bindings of the `extractor` world; glue for [`export_extractor!`].
+#[doc(hidden)]
+pub mod extractor_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "extractor",
+        pub_export_macro: true,
+        export_macro_name: "export_extractor_world",
+        default_bindings_module: "evhost_sdk::extractor_bindings",
+    });
+}
+
+/// Generated bindings of the `tool` world; glue for [`export_tool!`].
+#[doc(hidden)]
+pub mod tool_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "tool",
+        pub_export_macro: true,
+        export_macro_name: "export_tool_world",
+        default_bindings_module: "evhost_sdk::tool_bindings",
+    });
+}
+
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::extractor::wasm_extract;
     pub use crate::projection::{wasm_handle, wasm_query};
+    pub use crate::tool::wasm::{wasm_describe, wasm_invoke};
+}
+
+/// Exports an [`Extractor`] implementation as the component's `extractor` world.
+#[macro_export]
+macro_rules! export_extractor {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __EvhostExtractorExport;
+        impl $crate::extractor_bindings::Guest for __EvhostExtractorExport {
+            fn handle(
+                events: ::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::Event>,
+            ) -> ::std::result::Result<
+                ::std::vec::Vec<::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::NewEvent>>,
+                $crate::extractor_bindings::evhost::plugin::types::Error,
+            > {
+                $crate::__private::wasm_extract::<$t>(events)
+            }
+        }
+        $crate::extractor_bindings::export_extractor_world!(__EvhostExtractorExport);
+    };
+}
+
+/// Exports a [`Tool`] implementation as the component's `tool` world.
+#[macro_export]
+macro_rules! export_tool {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __EvhostToolExport;
+        impl $crate::tool_bindings::Guest for __EvhostToolExport {
+            fn describe() -> $crate::tool_bindings::evhost::plugin::types::ToolInfo {
+                $crate::__private::wasm_describe::<$t>()
+            }
+            fn invoke(
+                input: ::std::string::String,
+            ) -> ::std::result::Result<::std::string::String, $crate::tool_bindings::evhost::plugin::types::Error> {
+                $crate::__private::wasm_invoke::<$t>(input)
+            }
+        }
+        $crate::tool_bindings::export_tool_world!(__EvhostToolExport);
+    };
 }
 
 /// Exports a [`Projection`] implementation as the component's `projection` world.

@@ -1,7 +1,6 @@
 //! The projection model: typed state per key, folded from events batch by batch.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -35,8 +34,20 @@ pub trait Projection {
         Some(event.stream.clone())
     }
 
+    /// Every key an event folds into, for projections where one event touches several
+    /// states (an entity graph, say). Defaults to [`Projection::key`].
+    fn keys(event: &Event) -> Vec<String> {
+        Self::key(event).into_iter().collect()
+    }
+
     /// Folds `event` into `state`.
     fn apply(state: &mut Self::State, event: &Event) -> Result<(), Error>;
+
+    /// Folds `event` into the state under `key`; for projections overriding
+    /// [`Projection::keys`]. Defaults to [`Projection::apply`].
+    fn apply_keyed(_key: &str, state: &mut Self::State, event: &Event) -> Result<(), Error> {
+        Self::apply(state, event)
+    }
 
     /// Answers `POST /v1/projections/{name}/query`. Defaults to treating the request as a
     /// key and returning its state as JSON (`null` when absent).
@@ -52,29 +63,9 @@ pub(crate) fn handle_batch<P: Projection>(
 ) -> Result<(), Error> {
     let mut touched: HashMap<String, P::State> = HashMap::new();
     for event in events {
-        let Some(key) = P::key(event) else { continue };
-        let state = match touched.entry(key) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => {
-                let loaded = match store.get(v.key()) {
-                    Some(json) => serde_json::from_str(&json).map_err(|e| {
-                        Error::Failed(format!("stored state of {:?} does not parse: {e}", v.key()))
-                    })?,
-                    None => P::State::default(),
-                };
-                v.insert(loaded)
-            }
-        };
-        P::apply(state, event).map_err(|e| match e {
-            Error::InvalidInput(m) => Error::InvalidInput(format!(
-                "{} at position {}: {m}",
-                event.event_type, event.position
-            )),
-            Error::Failed(m) => Error::Failed(format!(
-                "{} at position {}: {m}",
-                event.event_type, event.position
-            )),
-        })?;
+        for key in P::keys(event) {
+            fold_into::<P>(store, &mut touched, key, event)?;
+        }
     }
     for (key, state) in touched {
         let json = serde_json::to_string(&state)
@@ -82,6 +73,33 @@ pub(crate) fn handle_batch<P: Projection>(
         store.set(&key, &json);
     }
     Ok(())
+}
+
+fn fold_into<P: Projection>(
+    store: &mut dyn Store,
+    touched: &mut HashMap<String, P::State>,
+    key: String,
+    event: &Event,
+) -> Result<(), Error> {
+    let state = state_of(store, touched, &key)?;
+    P::apply_keyed(&key, state, event).map_err(|e| e.at(event))
+}
+
+/// The state under `key`: touched earlier in the batch, else read from `store` (or default).
+pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
+    store: &mut dyn Store,
+    touched: &'a mut HashMap<String, S>,
+    key: &str,
+) -> Result<&'a mut S, Error> {
+    if !touched.contains_key(key) {
+        let loaded = match store.get(key) {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| Error::Failed(format!("stored state of {key:?} does not parse: {e}")))?,
+            None => S::default(),
+        };
+        touched.insert(key.to_owned(), loaded);
+    }
+    Ok(touched.get_mut(key).expect("just inserted"))
 }
 
 mod wasm {

@@ -91,3 +91,15 @@ impl<P: Projection> Harness<P> {
 pub fn apply_batch<P: Projection>(store: &mut dyn Store, events: &[Event]) -> Result<(), Error> {
     handle_batch::<P>(store, events)
 }
+
+/// Runs extractor `X` over one batch as the host would: one list of derived events per
+/// input event; on error `store` is left as it was.
+pub fn extract<X: crate::Extractor>(
+    store: &mut MemStore,
+    events: &[Event],
+) -> Result<Vec<Vec<crate::NewEvent>>, Error> {
+    let mut scratch = store.clone();
+    let out = crate::extractor::extract_batch::<X>(&mut scratch, events)?;
+    *store = scratch;
+    Ok(out)
+}

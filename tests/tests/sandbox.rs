@@ -19,7 +19,7 @@ fn probe(cache: &std::path::Path) -> ProjectionPlugin {
          [limits]\nmemory_mb = 32\nbatch_timeout_ms = 300\n",
     )
     .unwrap();
-    runtime.projection(&compiled, &manifest).unwrap()
+    runtime.plugin(&compiled, &manifest).unwrap()
 }
 
 fn event(ty: &str, position: u64) -> Arc<Event> {
@@ -119,7 +119,8 @@ fn a_component_of_another_world_is_refused_with_the_reason() {
         "name = \"other\"\nversion = \"2\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n",
     )
     .unwrap();
-    match runtime.projection(&compiled, &manifest) {
+    let linked: Result<ProjectionPlugin, _> = runtime.plugin(&compiled, &manifest);
+    match linked {
         Err(PluginError::Load { plugin, message }) => {
             assert_eq!(plugin, "other@2");
             assert!(

@@ -164,6 +164,19 @@ impl Drop for SledLog {
     }
 }
 
+/// The position the id index holds for a client-supplied `id`.
+fn indexed_position(db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
+    let found = db.get(codec::id_key(id)).map_err(storage)?;
+    found
+        .map(|v| {
+            v.as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| LogError::Corrupt(format!("id index entry of {id:?}")))
+        })
+        .transpose()
+}
+
 fn storage(e: sled::Error) -> LogError {
     LogError::Storage(e.to_string())
 }
@@ -326,6 +339,10 @@ impl EventLog for SledLog {
 
     async fn stream_version(&self, stream: &str) -> Result<u64, LogError> {
         durable_stream_version(&self.shared, stream)
+    }
+
+    async fn find(&self, id: &str) -> Result<Option<u64>, LogError> {
+        indexed_position(&self.shared.db, id)
     }
 
     fn head(&self) -> u64 {
@@ -612,15 +629,7 @@ impl Writer {
         if let Some(p) = group.ids.get(id) {
             return Ok(Some(*p));
         }
-        let found = self.shared.db.get(codec::id_key(id)).map_err(storage)?;
-        found
-            .map(|v| {
-                v.as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| LogError::Corrupt(format!("id index entry of {id:?}")))
-            })
-            .transpose()
+        indexed_position(&self.shared.db, id)
     }
 
     /// Checks one append against the log and the group so far and stages its new events;

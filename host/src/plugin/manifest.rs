@@ -34,10 +34,13 @@ pub enum StartFrom {
 pub struct Limits {
     /// Linear memory the plugin may grow to, in MiB.
     pub memory_mb: u64,
-    /// Wall-clock time one batch (or one query) may take, in milliseconds.
+    /// Wall-clock time one call (a batch, a query, a tool invocation) may take, in
+    /// milliseconds; also bounds each wait of a tool's outgoing HTTP.
     pub batch_timeout_ms: u64,
     /// Most events handed to the plugin in one call.
     pub batch_size: usize,
+    /// Tools: most invocations running at once.
+    pub concurrency: usize,
 }
 
 impl Default for Limits {
@@ -46,22 +49,22 @@ impl Default for Limits {
             memory_mb: 64,
             batch_timeout_ms: 5_000,
             batch_size: 512,
+            concurrency: 4,
         }
     }
 }
 
-/// What a plugin may do beyond handling its input. Nothing by default.
-///
-/// Parsed and validated now; enforcing the grants (wasi:http to listed hosts, a fixed clock
-/// and seed unless granted) comes with the extractor and tool hosts.
+/// What a plugin may do beyond handling its input. Nothing by default: no files,
+/// environment, sockets or hosts, a clock that reads 1970 and a fixed random seed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Capabilities {
-    /// Hosts (`host:port`) the plugin may call over HTTP.
+    /// Hosts (`host:port`) a tool may call over HTTP (wasi:http); any other is denied.
     pub http: Vec<String>,
-    /// A real wall clock (to be: otherwise a fixed, deterministic one).
+    /// A clock: the real one for tools; for projections and extractors the time of the
+    /// batch's last event, so a replay sees what the first run saw.
     pub clock: bool,
-    /// Real randomness (to be: otherwise a fixed, deterministic seed).
+    /// Randomness: real for tools; for projections and extractors seeded from the batch.
     pub random: bool,
 }
 
@@ -123,6 +126,13 @@ impl Manifest {
         if self.version.trim().is_empty() {
             return bad("version must not be empty".into());
         }
+        if self.kind == Kind::Tool && !self.subscriptions.is_empty() {
+            return bad(
+                "a tool has no subscriptions: it receives the tool.invocation.requested events \
+                 that name it"
+                    .into(),
+            );
+        }
         if self.kind != Kind::Tool && self.subscriptions.is_empty() {
             return bad(format!(
                 "a {} needs at least one pattern in subscriptions (e.g. [\"assistant.>\"])",
@@ -148,6 +158,12 @@ impl Manifest {
                 l.batch_size
             ));
         }
+        if !(1..=256).contains(&l.concurrency) {
+            return bad(format!(
+                "limits.concurrency {} is outside 1..=256",
+                l.concurrency
+            ));
+        }
         for host in &self.capabilities.http {
             let ok = host
                 .rsplit_once(':')
@@ -158,11 +174,12 @@ impl Manifest {
                 ));
             }
         }
-        if self.kind == Kind::Projection && !self.capabilities.http.is_empty() {
-            return bad(
-                "a projection cannot be granted http: its state must be a function of the log"
-                    .into(),
-            );
+        if self.kind != Kind::Tool && !self.capabilities.http.is_empty() {
+            return bad(format!(
+                "a {} cannot be granted http: what it computes must be a function of the log; \
+                 put network calls in a tool",
+                self.kind.as_str()
+            ));
         }
         Ok(())
     }
@@ -236,7 +253,7 @@ memory_mb = 32
             ),
             (
                 &format!("{GOOD}\n[capabilities]\nhttp = [\"example.com:443\"]"),
-                "projection cannot",
+                "projection cannot be granted http",
             ),
             ("not toml at all [", "invalid plugin manifest"),
         ];

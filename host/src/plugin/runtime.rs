@@ -1,8 +1,8 @@
 //! The component runtime: one wasmtime `Engine`, components compiled once and cached on
-//! disk by content hash, and a fresh sandboxed `Store` for every call.
+//! disk by content hash, and warm sandboxed instances per plugin.
 //!
-//! Generated WIT bindings stay in this module; callers see [`ProjectionPlugin`],
-//! [`Writes`] and [`PluginError`].
+//! Generated WIT bindings stay in this module and [`super::worlds`]; callers see the
+//! per-world plugin types, [`Writes`] and [`PluginError`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,19 +13,44 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::manifest::{Limits, Manifest};
-use crate::event::Event;
+use super::manifest::{Capabilities, Limits, Manifest};
+use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
+use super::worlds::World;
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "projection",
-    });
+pub(super) mod bindings {
+    pub mod projection {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "projection",
+        });
+    }
+    pub mod extractor {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "extractor",
+            with: {
+                "evhost:plugin/types": super::projection::evhost::plugin::types,
+                "evhost:plugin/state": super::projection::evhost::plugin::state,
+                "evhost:plugin/log": super::projection::evhost::plugin::log,
+            },
+        });
+    }
+    pub mod tool {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "tool",
+            with: {
+                "evhost:plugin/types": super::projection::evhost::plugin::types,
+                "evhost:plugin/log": super::projection::evhost::plugin::log,
+            },
+        });
+    }
 }
 
-use bindings::evhost::plugin::{log as wit_log, state as wit_state, types as wit};
+use bindings::projection::evhost::plugin::{log as wit_log, state as wit_state, types as wit};
 
 /// How often the engine's epoch advances: the granularity of batch time limits.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -40,32 +65,6 @@ pub trait StateView: Send + Sync {
 
 /// The state writes of one successful call: `Some` sets, `None` deletes.
 pub type Writes = BTreeMap<String, Option<String>>;
-
-/// Something that folds a batch of events into state writes: a wasm projection, or native
-/// code run by the same runner (as the benchmarks compare).
-pub trait Projector: Send + Sync + 'static {
-    /// `name@version`, for logs and errors.
-    fn id(&self) -> &str;
-    /// Folds `events` into state over `view`; returns the writes to commit.
-    fn handle(
-        &self,
-        view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Writes, PluginError>;
-}
-
-impl Projector for ProjectionPlugin {
-    fn id(&self) -> &str {
-        ProjectionPlugin::id(self)
-    }
-    fn handle(
-        &self,
-        view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Writes, PluginError> {
-        ProjectionPlugin::handle(self, view, events)
-    }
-}
 
 /// Why a plugin call failed. The host is never affected; the call's writes are dropped.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -96,13 +95,16 @@ pub enum PluginError {
     },
 }
 
-/// Per-call store data: the sandbox's WASI context (granting nothing), limits, state.
-struct HostState {
+/// Per-instance store data (opaque outside the runtime): the sandbox's WASI context, limits, and the current call's
+/// state view and writes.
+pub struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    grant: HttpGrant,
     table: ResourceTable,
     limiter: Limiter,
-    view: Arc<dyn StateView>,
-    writes: Writes,
+    pub(super) view: Arc<dyn StateView>,
+    pub(super) writes: Writes,
     plugin: Arc<str>,
 }
 
@@ -111,6 +113,16 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.grant,
         }
     }
 }
@@ -222,7 +234,9 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        bindings::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+        // The projection world imports every evhost interface; the other worlds a subset.
+        bindings::projection::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         std::fs::create_dir_all(cache_dir)?;
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -294,26 +308,30 @@ impl Runtime {
         })
     }
 
-    /// Links a compiled component as a projection, checking it implements the world.
-    pub fn projection(
+    /// Links a compiled component as a plugin of world `W`, checking it implements it.
+    pub fn plugin<W: World>(
         self: &Arc<Self>,
         compiled: &Compiled,
         manifest: &Manifest,
-    ) -> Result<ProjectionPlugin, PluginError> {
+    ) -> Result<Plugin<W>, PluginError> {
         let plugin: Arc<str> = format!("{}@{}", manifest.name, manifest.version).into();
         let load_err = |e: wasmtime::Error| PluginError::Load {
             plugin: plugin.to_string(),
-            message: format!("it does not implement the evhost:plugin/projection world: {e:#}"),
+            message: format!(
+                "it does not implement the evhost:plugin/{} world: {e:#}",
+                W::KIND.as_str()
+            ),
         };
         let pre = self
             .linker
             .instantiate_pre(&compiled.component)
             .map_err(load_err)?;
-        let pre = bindings::ProjectionPre::new(pre).map_err(load_err)?;
-        Ok(ProjectionPlugin {
+        let pre = W::pre(pre).map_err(load_err)?;
+        Ok(Plugin {
             runtime: self.clone(),
             pre,
             limits: manifest.limits.clone(),
+            caps: manifest.capabilities.clone(),
             plugin,
             warm: Arc::default(),
         })
@@ -324,14 +342,15 @@ impl Runtime {
 const WARM_INSTANCES: usize = 4;
 
 /// An instance with its store, ready for another call.
-struct Warm {
-    store: Store<HostState>,
-    bindings: bindings::Projection,
+pub(super) struct Warm<W> {
+    pub(super) store: Store<HostState>,
+    pub(super) bindings: W,
     refused: Arc<AtomicBool>,
+    clock: Arc<CallClock>,
 }
 
-/// Reads nothing: what an idle warm instance holds instead of a real view.
-struct NoState;
+/// Reads nothing: what an idle warm instance (and a tool) holds instead of a real view.
+pub(super) struct NoState;
 
 impl StateView for NoState {
     fn get(&self, _key: &str) -> Option<String> {
@@ -342,31 +361,56 @@ impl StateView for NoState {
     }
 }
 
-/// A projection ready to be called; cheap to clone and share between threads.
+/// A loaded plugin of world `W`, ready to be called; cheap to clone and share.
 ///
 /// Instances are reused across calls (instantiating costs fresh linear memory, page faults
 /// and unmapping on every batch); an instance whose call failed in any way is dropped, never
 /// reused, so a trap or a refused batch cannot leave state behind for the next call.
-#[derive(Clone)]
-pub struct ProjectionPlugin {
+pub struct Plugin<W: World> {
     runtime: Arc<Runtime>,
-    pre: bindings::ProjectionPre<HostState>,
-    limits: Limits,
-    plugin: Arc<str>,
-    warm: Arc<std::sync::Mutex<Vec<Warm>>>,
+    pre: W::Pre,
+    pub(super) limits: Limits,
+    pub(super) caps: Capabilities,
+    pub(super) plugin: Arc<str>,
+    warm: Arc<std::sync::Mutex<Vec<Warm<W>>>>,
 }
 
-impl ProjectionPlugin {
+impl<W: World> Clone for Plugin<W> {
+    fn clone(&self) -> Self {
+        Self {
+            runtime: self.runtime.clone(),
+            pre: self.pre.clone(),
+            limits: self.limits.clone(),
+            caps: self.caps.clone(),
+            plugin: self.plugin.clone(),
+            warm: self.warm.clone(),
+        }
+    }
+}
+
+/// What the sandbox shows during one call: the time and the random seed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallContext {
+    /// Microseconds since the Unix epoch the clock reads (unless a real clock is granted).
+    pub micros: i64,
+    /// The seed of the call's random numbers (unless real randomness is granted).
+    pub seed: u64,
+}
+
+impl<W: World> Plugin<W> {
     /// `name@version`.
     pub fn id(&self) -> &str {
         &self.plugin
     }
 
-    fn store(&self, view: Arc<dyn StateView>) -> (Store<HostState>, Arc<AtomicBool>) {
+    fn store(&self, view: Arc<dyn StateView>) -> (Store<HostState>, Arc<AtomicBool>, Arc<CallClock>) {
         let refused = Arc::new(AtomicBool::new(false));
+        let clock = Arc::new(CallClock::default());
+        let timeout = Duration::from_millis(self.limits.batch_timeout_ms);
         let data = HostState {
-            // Grants nothing: no arguments, environment, preopened directories or sockets.
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: wasi_ctx(W::KIND, &self.caps, &clock),
+            http: WasiHttpCtx::new(),
+            grant: HttpGrant::new(&self.caps.http, timeout, self.plugin.clone()),
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_bytes: (self.limits.memory_mb as usize) << 20,
@@ -380,7 +424,7 @@ impl ProjectionPlugin {
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(self.deadline());
         store.epoch_deadline_trap();
-        (store, refused)
+        (store, refused, clock)
     }
 
     fn deadline(&self) -> u64 {
@@ -391,23 +435,24 @@ impl ProjectionPlugin {
     }
 
     /// A warm instance, or a new one, reading `view` with no writes and a fresh deadline.
-    fn checkout(&self, view: Arc<dyn StateView>) -> Result<Warm, PluginError> {
+    fn checkout(&self, view: Arc<dyn StateView>, ctx: CallContext) -> Result<Warm<W>, PluginError> {
         let reused = self.warm.lock().expect("warm instances lock").pop();
         let mut w = match reused {
             Some(w) => w,
             None => {
-                let (mut store, refused) = self.store(view.clone());
-                let bindings = self
-                    .pre
-                    .instantiate(&mut store)
+                let (mut store, refused, clock) = self.store(view.clone());
+                clock.set(ctx.micros, ctx.seed);
+                let bindings = W::instantiate(&self.pre, &mut store)
                     .map_err(|e| self.trapped(e, refused.load(Ordering::Relaxed)))?;
                 Warm {
                     store,
                     bindings,
                     refused,
+                    clock,
                 }
             }
         };
+        w.clock.set(ctx.micros, ctx.seed);
         let data = w.store.data_mut();
         data.view = view;
         data.writes.clear();
@@ -416,7 +461,7 @@ impl ProjectionPlugin {
     }
 
     /// Keeps an instance whose call succeeded for the next call.
-    fn checkin(&self, mut w: Warm) {
+    fn checkin(&self, mut w: Warm<W>) {
         w.store.data_mut().view = Arc::new(NoState);
         let mut warm = self.warm.lock().expect("warm instances lock");
         if warm.len() < WARM_INSTANCES {
@@ -424,10 +469,30 @@ impl ProjectionPlugin {
         }
     }
 
+    /// Runs `f` on an instance over `view`: its result and the state writes it made. An
+    /// instance is reused only after a call that succeeded.
+    pub(super) fn call<R>(
+        &self,
+        view: Arc<dyn StateView>,
+        ctx: CallContext,
+        f: impl FnOnce(&W, &mut Store<HostState>) -> wasmtime::Result<Result<R, wit::Error>>,
+    ) -> Result<(R, Writes), PluginError> {
+        let mut w = self.checkout(view, ctx)?;
+        match f(&w.bindings, &mut w.store) {
+            Ok(Ok(r)) => {
+                let writes = std::mem::take(&mut w.store.data_mut().writes);
+                self.checkin(w);
+                Ok((r, writes))
+            }
+            Ok(Err(e)) => Err(self.refused(e)),
+            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
+        }
+    }
+
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
         let message = if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
             format!(
-                "ran longer than its limit of {} ms per batch",
+                "ran longer than its limit of {} ms per call",
                 self.limits.batch_timeout_ms
             )
         } else if memory_refused {
@@ -444,39 +509,7 @@ impl ProjectionPlugin {
         }
     }
 
-    /// Folds `events` into state over `view`; returns the writes to commit.
-    pub fn handle(
-        &self,
-        view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Writes, PluginError> {
-        let batch: Vec<wit::Event> = events.iter().map(|e| to_wit(e)).collect();
-        let mut w = self.checkout(view)?;
-        match w.bindings.call_handle(&mut w.store, &batch) {
-            Ok(Ok(())) => {
-                let writes = std::mem::take(&mut w.store.data_mut().writes);
-                self.checkin(w);
-                Ok(writes)
-            }
-            Ok(Err(e)) => Err(self.refused(e)),
-            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
-        }
-    }
-
-    /// Calls the projection's `query` export over `view` (its writes are discarded).
-    pub fn query(&self, view: Arc<dyn StateView>, request: &str) -> Result<String, PluginError> {
-        let mut w = self.checkout(view)?;
-        match w.bindings.call_query(&mut w.store, request) {
-            Ok(Ok(answer)) => {
-                self.checkin(w);
-                Ok(answer)
-            }
-            Ok(Err(e)) => Err(self.refused(e)),
-            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
-        }
-    }
-
-    fn refused(&self, e: wit::Error) -> PluginError {
+    pub(super) fn refused(&self, e: wit::Error) -> PluginError {
         let message = match e {
             wit::Error::InvalidInput(m) => format!("invalid input: {m}"),
             wit::Error::Failed(m) => m,
@@ -485,33 +518,5 @@ impl ProjectionPlugin {
             plugin: self.plugin.to_string(),
             message,
         }
-    }
-}
-
-fn to_wit(e: &Event) -> wit::Event {
-    let m = &e.metadata;
-    let mut metadata = Vec::new();
-    for (k, v) in [
-        ("correlation_id", &m.correlation_id),
-        ("causation_id", &m.causation_id),
-        ("user_id", &m.user_id),
-        ("agent_id", &m.agent_id),
-        ("schema_version", &m.schema_version),
-    ] {
-        if let Some(v) = v {
-            metadata.push((k.to_owned(), v.clone()));
-        }
-    }
-    metadata.extend(m.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-    wit::Event {
-        id: e.id.clone(),
-        event_type: e.event_type.as_str().to_owned(),
-        stream: e.stream.clone(),
-        position: e.position,
-        version: e.version,
-        timestamp_micros: e.timestamp.timestamp_micros(),
-        source: e.source.clone(),
-        payload: e.payload.as_str().to_owned(),
-        metadata,
     }
 }

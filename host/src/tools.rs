@@ -1,0 +1,366 @@
+//! Tool workers: `tool.invocation.requested` in, `tool.invocation.completed` or
+//! `tool.invocation.failed` out, each invocation run at most once.
+//!
+//! A worker is a [`crate::runner::Runner`] whose handler, for each request naming its tool:
+//! 1. skips it when the invocation already has an outcome (a duplicate request, a replay);
+//! 2. fails it without running when it was started before and never finished (the host
+//!    stopped mid-invocation: running it again could repeat a side effect);
+//! 3. fails it without running when its input violates the tool's schema;
+//! 4. otherwise appends `tool.invocation.started` (durable before the tool runs), runs it
+//!    within the tool's time and concurrency limits, and returns the outcome for the runner
+//!    to append before the checkpoint.
+//!
+//! Outcome and start events have ids fixed by the invocation id, so whichever way a request
+//! arrives (twice, after a crash, to a tool loaded twice) the log holds one of each.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
+use crate::log::{EventLog, ExpectedVersion, StreamAppend};
+use crate::plugin::{Derived, Output, StateView, ToolInfo, ToolPlugin};
+use crate::runner::{BatchHandler, derived_id, stamp};
+
+/// Requests for tools.
+pub const REQUESTED: &str = "tool.invocation.requested";
+/// A tool began running an invocation.
+pub const STARTED: &str = "tool.invocation.started";
+/// An invocation's output.
+pub const COMPLETED: &str = "tool.invocation.completed";
+/// Why an invocation has no output.
+pub const FAILED: &str = "tool.invocation.failed";
+
+/// The payload of a request.
+#[derive(Debug, Deserialize)]
+struct Request {
+    invocation_id: Option<String>,
+    tool: Option<String>,
+    #[serde(default)]
+    input: Value,
+}
+
+/// A request for some tool, as read from an event.
+struct Parsed {
+    /// The invocation id (the request event's id when the payload has none).
+    invocation_id: String,
+    tool: String,
+    input: Value,
+}
+
+fn parse(event: &Event) -> Option<Parsed> {
+    let r: Request = serde_json::from_str(event.payload.as_str()).ok()?;
+    Some(Parsed {
+        invocation_id: r.invocation_id.unwrap_or_else(|| event.id.clone()),
+        tool: r.tool?,
+        input: r.input,
+    })
+}
+
+/// The id of an invocation's one outcome event (completed or failed).
+pub fn outcome_id(invocation_id: &str) -> String {
+    derived_id("tool.invocation.outcome", invocation_id, 0)
+}
+
+/// The id of an invocation's start event.
+pub fn started_id(invocation_id: &str) -> String {
+    derived_id("tool.invocation.started", invocation_id, 0)
+}
+
+fn derived(stream: &str, ty: &str, id: String, source: &str, payload: Value) -> Derived {
+    Derived {
+        stream: stream.to_owned(),
+        event: NewEvent {
+            id: Some(id),
+            event_type: EventType::new(ty).expect("a valid built-in type"),
+            source: source.to_owned(),
+            payload: Payload::from_value(&payload),
+            metadata: Metadata::default(),
+        },
+    }
+}
+
+fn failed(event: &Event, p: &Parsed, source: &str, code: &str, message: String, ms: f64) -> Derived {
+    derived(
+        &event.stream,
+        FAILED,
+        outcome_id(&p.invocation_id),
+        source,
+        json!({
+            "invocation_id": p.invocation_id,
+            "tool": p.tool,
+            "error": {"code": code, "message": message},
+            "duration_ms": ms,
+        }),
+    )
+}
+
+/// Runs the invocations of one tool.
+pub struct ToolHandler {
+    name: String,
+    plugin: ToolPlugin,
+    info: ToolInfo,
+    schema: Arc<jsonschema::Validator>,
+    log: Arc<dyn EventLog>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl ToolHandler {
+    /// A handler for the tool `name`, described by `info`; refuses a schema that does not
+    /// compile.
+    pub fn new(
+        name: &str,
+        plugin: ToolPlugin,
+        info: ToolInfo,
+        log: Arc<dyn EventLog>,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let schema = jsonschema::validator_for(&info.input_schema)
+            .map_err(|e| format!("its input schema does not compile: {e}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            plugin,
+            info,
+            schema: Arc::new(schema),
+            log,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            timeout,
+        })
+    }
+
+    /// What the tool says of itself.
+    pub fn info(&self) -> &ToolInfo {
+        &self.info
+    }
+
+    /// Why `input` does not fit the schema, naming where; `None` when it fits.
+    fn schema_error(&self, input: &Value) -> Option<String> {
+        let errors: Vec<String> = self
+            .schema
+            .iter_errors(input)
+            .take(5)
+            .map(|e| {
+                let at = e.instance_path().as_str().to_owned();
+                format!("at {:?}: {e}", if at.is_empty() { "/" } else { &at })
+            })
+            .collect();
+        (!errors.is_empty()).then(|| {
+            format!(
+                "input does not match the schema of tool {}: {}",
+                self.name,
+                errors.join("; ")
+            )
+        })
+    }
+
+    /// Runs one invocation within the time limit: its output, or (code, message).
+    async fn invoke(&self, input: String) -> Result<Value, (&'static str, String)> {
+        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+        let plugin = self.plugin.clone();
+        let call = tokio::task::spawn_blocking(move || plugin.invoke(&input));
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err((
+                "timeout",
+                format!(
+                    "tool {} ran longer than its limit of {} ms",
+                    self.name,
+                    self.timeout.as_millis()
+                ),
+            )),
+            Ok(Err(e)) => Err(("lost", format!("the invocation was lost: {e}"))),
+            Ok(Ok(Err(e))) => Err(match &e {
+                crate::plugin::PluginError::Refused { .. } => ("refused", e.to_string()),
+                _ => ("trapped", e.to_string()),
+            }),
+            Ok(Ok(Ok(out))) => serde_json::from_str(&out).map_err(|e| {
+                (
+                    "invalid_output",
+                    format!("tool {} returned output that is not JSON: {e}", self.name),
+                )
+            }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BatchHandler for ToolHandler {
+    fn id(&self) -> &str {
+        self.plugin.id()
+    }
+
+    async fn handle(
+        &self,
+        _view: Arc<dyn StateView>,
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, String> {
+        let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
+        let mut seen = HashSet::new();
+        let mut to_run: Vec<(usize, Parsed)> = Vec::new();
+        let lookup = |id: String| async move {
+            self.log
+                .find(&id)
+                .await
+                .map_err(|e| format!("looking up an invocation failed: {e}"))
+        };
+        for (i, event) in events.iter().enumerate() {
+            let Some(p) = parse(event) else { continue };
+            if p.tool != self.name || !seen.insert(p.invocation_id.clone()) {
+                continue;
+            }
+            if lookup(outcome_id(&p.invocation_id)).await?.is_some() {
+                continue;
+            }
+            if lookup(started_id(&p.invocation_id)).await?.is_some() {
+                out[i].push(failed(
+                    event,
+                    &p,
+                    &self.name,
+                    "interrupted",
+                    format!(
+                        "the host stopped while tool {} ran invocation {}; it is not run again, \
+                         since it may have taken effect (at most once): request a new invocation",
+                        self.name, p.invocation_id
+                    ),
+                    0.0,
+                ));
+                continue;
+            }
+            if let Some(message) = self.schema_error(&p.input) {
+                out[i].push(failed(event, &p, &self.name, "invalid_input", message, 0.0));
+                continue;
+            }
+            to_run.push((i, p));
+        }
+        if to_run.is_empty() {
+            return Ok(Output {
+                derived: out,
+                ..Output::default()
+            });
+        }
+        // Durable before any tool runs: a crash from here on finds the start and never runs
+        // the invocation again.
+        let mut starts: Vec<StreamAppend> = Vec::new();
+        for (i, p) in &to_run {
+            let from = &events[*i];
+            let mut d = derived(
+                &from.stream,
+                STARTED,
+                started_id(&p.invocation_id),
+                &self.name,
+                json!({"invocation_id": p.invocation_id, "tool": p.tool}),
+            );
+            stamp(&self.name, from, 0, &mut d);
+            match starts.last_mut() {
+                Some(a) if a.stream == d.stream => a.events.push(d.event),
+                _ => starts.push(StreamAppend {
+                    stream: d.stream,
+                    expected: ExpectedVersion::Any,
+                    events: vec![d.event],
+                }),
+            }
+        }
+        self.log
+            .append(starts)
+            .await
+            .map_err(|e| format!("recording invocation starts failed: {e}"))?;
+        let runs = to_run.iter().map(|(i, p)| async move {
+            let began = Instant::now();
+            let result = self.invoke(p.input.to_string()).await;
+            (*i, p, result, began.elapsed().as_secs_f64() * 1e3)
+        });
+        for (i, p, result, ms) in futures::future::join_all(runs).await {
+            let event = &events[i];
+            out[i].push(match result {
+                Ok(output) => derived(
+                    &event.stream,
+                    COMPLETED,
+                    outcome_id(&p.invocation_id),
+                    &self.name,
+                    json!({
+                        "invocation_id": p.invocation_id,
+                        "tool": p.tool,
+                        "output": output,
+                        "duration_ms": ms,
+                    }),
+                ),
+                Err((code, message)) => failed(event, p, &self.name, code, message, ms),
+            });
+        }
+        Ok(Output {
+            derived: out,
+            ..Output::default()
+        })
+    }
+}
+
+/// Answers requests naming a tool that is not loaded, so a caller is not left waiting.
+pub struct UnknownTools {
+    loaded: Arc<RwLock<HashSet<String>>>,
+    log: Arc<dyn EventLog>,
+}
+
+impl UnknownTools {
+    /// Fails requests for tools not in `loaded` (kept current by the registry).
+    pub fn new(loaded: Arc<RwLock<HashSet<String>>>, log: Arc<dyn EventLog>) -> Self {
+        Self { loaded, log }
+    }
+}
+
+#[async_trait::async_trait]
+impl BatchHandler for UnknownTools {
+    fn id(&self) -> &str {
+        "evhost.tools"
+    }
+
+    async fn handle(
+        &self,
+        _view: Arc<dyn StateView>,
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, String> {
+        let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
+        for (i, event) in events.iter().enumerate() {
+            let known = |t: &str| self.loaded.read().expect("tool names lock").contains(t);
+            let (p, message) = match parse(event) {
+                Some(p) if known(&p.tool) => continue,
+                Some(p) => {
+                    let m = format!(
+                        "no tool named {:?} is loaded; see GET /v1/tools",
+                        p.tool
+                    );
+                    (p, m)
+                }
+                None => {
+                    let p = Parsed {
+                        invocation_id: event.id.clone(),
+                        tool: String::new(),
+                        input: Value::Null,
+                    };
+                    let m = "the request's payload must be {\"invocation_id\": ..., \"tool\": ..., \"input\": ...}".to_owned();
+                    (p, m)
+                }
+            };
+            let seen = |id: String| async move {
+                self.log
+                    .find(&id)
+                    .await
+                    .map_err(|e| format!("looking up an invocation failed: {e}"))
+            };
+            if seen(outcome_id(&p.invocation_id)).await?.is_some()
+                || seen(started_id(&p.invocation_id)).await?.is_some()
+            {
+                continue;
+            }
+            out[i].push(failed(event, &p, "evhost", "unknown_tool", message, 0.0));
+        }
+        Ok(Output {
+            derived: out,
+            ..Output::default()
+        })
+    }
+}
