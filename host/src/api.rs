@@ -4,6 +4,7 @@
 //! before calling the log, so a request that fails writes nothing.
 
 mod error;
+mod flows;
 mod plugins;
 
 use std::convert::Infallible;
@@ -62,6 +63,7 @@ pub struct AppState {
     bus: Bus,
     config: Arc<ApiConfig>,
     registry: Option<Arc<crate::registry::Registry>>,
+    flows: Option<crate::plugin::PluginStore>,
 }
 
 impl AppState {
@@ -72,7 +74,14 @@ impl AppState {
             bus,
             config: Arc::new(config),
             registry: None,
+            flows: None,
         }
+    }
+
+    /// Serves `/v1/flows` and `/v1/metrics` from the flow index's store.
+    pub fn with_flows(mut self, store: crate::plugin::PluginStore) -> Self {
+        self.flows = Some(store);
+        self
     }
 
     /// Serves the plugin endpoints from `registry`.
@@ -102,6 +111,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/projections/{name}/state", get(plugins::get_state))
         .route("/v1/projections/{name}/query", post(plugins::post_query))
+        .route("/v1/tools", get(flows::list_tools))
+        .route("/v1/flows/{correlation_id}", get(flows::get_flow))
+        .route("/v1/metrics", get(flows::get_metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

@@ -256,14 +256,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         dyn_log.clone(),
         args.data.join("plugins"),
     );
+    // Plugins loaded over the API (kept in the data directory) override those of the same
+    // name in --plugins, so a hot-loaded replacement survives a restart.
     let persisted = args.data.join("plugins");
-    let mut dirs: Vec<&std::path::Path> = vec![&persisted];
+    let mut dirs: Vec<&std::path::Path> = Vec::new();
     if let Some(dir) = &args.plugins {
         if !dir.is_dir() {
             bail!("--plugins {} is not a directory", dir.display());
         }
         dirs.push(dir);
     }
+    dirs.push(&persisted);
     for (file, err) in registry.load_dirs(&dirs).await {
         tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
     }
@@ -271,6 +274,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .answer_unknown_tools()
         .await
         .context("starting the runner for requests to unknown tools")?;
+    let (flow_index, flow_store) = crate::flows::start(log.db(), bus.clone(), dyn_log.clone())
+        .context("starting the flow index")?;
     let state = AppState::new(
         dyn_log,
         bus,
@@ -280,7 +285,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..ApiConfig::default()
         },
     )
-    .with_registry(registry.clone());
+    .with_registry(registry.clone())
+    .with_flows(flow_store);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -288,6 +294,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("serving the HTTP API")?;
     registry.stop_all().await;
+    flow_index.stop().await;
     tracing::info!("shut down");
     Ok(())
 }

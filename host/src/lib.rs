@@ -13,6 +13,7 @@ pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod event;
+pub mod flows;
 pub mod log;
 pub mod pattern;
 pub mod plugin;

@@ -117,3 +117,108 @@ pub fn jitter(max: u64) -> u64 {
     x ^= x >> 33;
     x % max.max(1)
 }
+
+/// `POST url` with a JSON body; returns the status and the JSON reply (`null` if none).
+pub async fn post(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .expect("the host answers");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `GET url`; returns the status and the JSON reply (`null` if none).
+pub async fn get(url: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::get(url).await.expect("the host answers");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `PUT /v1/plugins/{name}` with a manifest and a component.
+pub async fn upload(h: &Host, name: &str, manifest: &str, wasm: Vec<u8>) -> (u16, serde_json::Value) {
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "manifest",
+            reqwest::multipart::Part::text(manifest.to_owned()),
+        )
+        .part("wasm", reqwest::multipart::Part::bytes(wasm));
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/plugins/{name}", h.url))
+        .multipart(form)
+        .send()
+        .await
+        .expect("the host answers");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// A plain HTTP server on loopback that counts the requests it receives per path and
+/// answers each with `ok <path>`, after an optional delay: the observable side effect of a
+/// tool in tests.
+pub struct CountingServer {
+    /// `host:port` it listens on.
+    pub authority: String,
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingServer {
+    /// Starts a server answering after `delay`.
+    pub async fn start(delay: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> =
+            Default::default();
+        let c = counts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    *c.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    tokio::time::sleep(delay).await;
+                    let body = format!("ok {path}");
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        Self {
+            authority,
+            counts,
+            task,
+        }
+    }
+
+    /// Requests received for `path`.
+    pub fn count(&self, path: &str) -> u64 {
+        self.counts.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// Requests received in all.
+    pub fn total(&self) -> u64 {
+        self.counts.lock().unwrap().values().sum()
+    }
+}
+
+impl Drop for CountingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -4,28 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, jitter};
+use evhost_tests::{Host, get, jitter, post, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
 const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-
-async fn post(url: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get(url: &str) -> (u16, Value) {
-    let r = reqwest::get(url).await.unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
 
 async fn append(h: &Host, stream: &str, events: Vec<Value>) -> Value {
     let (s, body) = post(
@@ -66,23 +49,6 @@ fn ev(ty: &str, payload: Value) -> Value {
     json!({"type": ty, "payload": payload})
 }
 
-async fn upload(h: &Host, name: &str, manifest: &str, wasm: Vec<u8>) -> (u16, Value) {
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "manifest",
-            reqwest::multipart::Part::text(manifest.to_owned()),
-        )
-        .part("wasm", reqwest::multipart::Part::bytes(wasm));
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/plugins/{name}", h.url))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
 fn wasm(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(PLUGINS).join(format!("{name}.wasm"))).unwrap()
 }
@@ -98,7 +64,9 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec!["assistant-stats", "history", "type-counter"]);
+    for bundled in ["assistant-stats", "history", "type-counter", "knowledge-graph"] {
+        assert!(names.contains(&bundled), "{names:?}");
+    }
 
     append(&h, "assistant-42", vec![
         ev("assistant.created", json!({"assistant_key": "my_assistant", "config": {}})),
@@ -130,8 +98,8 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
     )
     .await;
     let (_, r) = post(&format!("{}/v1/events", h.url), json!({"events": [
-        {"stream": "chat-1", "type": "user.query.received", "payload": {"query": "hi"}, "metadata": {"correlation_id": "c-1"}},
-        {"stream": "chat-1", "type": "answer.synthesized", "payload": {"answer": "hello"}, "metadata": {"correlation_id": "c-1"}},
+        {"stream": "chat-1", "type": "user.message.received", "payload": {"text": "hi"}, "metadata": {"correlation_id": "c-1"}},
+        {"stream": "chat-1", "type": "agent.reply.sent", "payload": {"text": "hello"}, "metadata": {"correlation_id": "c-1"}},
     ]})).await;
     assert_eq!(r["positions"], json!([7, 8]));
     for p in ["assistant-stats", "history", "type-counter"] {
@@ -196,7 +164,7 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, vec!["user.query.received", "answer.synthesized"]);
+    assert_eq!(types, vec!["user.message.received", "agent.reply.sent"]);
     let (_, counted) = state(&h, "type-counter", "assistant.tool.executed").await;
     assert_eq!(counted["value"], 3);
     let (_, prefix) = get(&format!(
@@ -351,10 +319,10 @@ async fn bad_plugins_are_refused_with_a_reason_and_change_nothing() {
             "core WebAssembly module, not a component",
         ),
         (
-            "tool kind",
-            good.replace("projection", "tool"),
+            "a projection declared an extractor",
+            good.replace("projection", "extractor"),
             wasm("type-counter"),
-            "not hosted",
+            "does not implement the evhost:plugin/extractor world",
         ),
     ];
     for (what, manifest, bytes, want) in cases {

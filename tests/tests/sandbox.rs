@@ -11,13 +11,18 @@ use evhost::{Event, EventType, Metadata, Payload};
 const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
 
 fn probe(cache: &std::path::Path) -> ProjectionPlugin {
+    probe_with(cache, "")
+}
+
+/// The probe with `extra` manifest lines (e.g. a `[capabilities]` table).
+fn probe_with(cache: &std::path::Path, extra: &str) -> ProjectionPlugin {
     let runtime = Runtime::new(cache).unwrap();
     let wasm = std::fs::read(format!("{BUILD}/sandbox_probe.wasm")).unwrap();
     let compiled = runtime.compile(&wasm).unwrap();
-    let manifest = Manifest::parse(
+    let manifest = Manifest::parse(&format!(
         "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
-         [limits]\nmemory_mb = 32\nbatch_timeout_ms = 300\n",
-    )
+         [limits]\nmemory_mb = 32\nbatch_timeout_ms = 300\n{extra}"
+    ))
     .unwrap();
     runtime.plugin(&compiled, &manifest).unwrap()
 }
@@ -95,6 +100,42 @@ fn the_sandbox_grants_no_environment_arguments_or_files() {
     assert_eq!(s["args"], "0");
     assert!(s["file"].as_str().unwrap().starts_with("Err"), "{s}");
     assert!(s["dir"].as_str().unwrap().starts_with("Err"), "{s}");
+    call(&p, &state, "probe.net").unwrap();
+    assert!(seen(&state)["net"].as_str().unwrap().starts_with("Err"), "{}", seen(&state));
+}
+
+/// Reads what the probe saw of the clock and of randomness in one call over `batch`.
+fn clock_and_random(p: &ProjectionPlugin, batch: &[Arc<Event>]) -> (String, String) {
+    let state = Arc::new(MemState::default());
+    let view: Arc<dyn StateView> = state.clone();
+    state.apply(p.handle(view, batch).unwrap());
+    let s = seen(&state);
+    (
+        s["clock"].as_str().unwrap().to_owned(),
+        s["random"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn clock_and_randomness_are_fixed_unless_granted_and_deterministic_when_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = [event("probe.clock", 0), event("probe.random", 1)];
+    let bare = probe(dir.path());
+    let (clock, random) = clock_and_random(&bare, &batch);
+    assert_eq!(clock, "0", "no clock grant: the clock reads the Unix epoch");
+    assert_eq!(clock_and_random(&bare, &batch).1, random, "no random grant: a fixed seed");
+
+    let granted = probe_with(dir.path(), "[capabilities]\nclock = true\nrandom = true\n");
+    let (clock, random) = clock_and_random(&granted, &batch);
+    let last = batch[1].timestamp.timestamp_micros().to_string();
+    assert_eq!(clock, last, "a projection's clock reads its batch's last event");
+    assert_eq!(
+        clock_and_random(&granted, &batch),
+        (clock, random.clone()),
+        "a replay of the batch sees the same time and numbers"
+    );
+    let other = [event("probe.clock", 7), event("probe.random", 8)];
+    assert_ne!(clock_and_random(&granted, &other).1, random, "another batch, another seed");
 }
 
 #[test]

@@ -27,6 +27,9 @@ fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
         RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+        RegistryError::Plugin(p @ crate::plugin::PluginError::Load { .. }) => {
+            ApiError::bad_request("invalid_plugin", p.to_string())
+        }
         RegistryError::Plugin(p) => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "plugin_failed",

@@ -8,6 +8,9 @@
 //! | `probe.recurse` | recurses until the stack overflows             |
 //! | `probe.env`     | reads `HOME` and the argument list             |
 //! | `probe.file`    | reads `/etc/hostname` and lists `/`            |
+//! | `probe.net`     | opens a TCP connection to 127.0.0.1:9          |
+//! | `probe.clock`   | reads the wall clock (microseconds)            |
+//! | `probe.random`  | reads a random u64                             |
 //! | anything else   | counts it                                      |
 
 use std::collections::BTreeMap;
@@ -64,6 +67,23 @@ impl Projection for Probe {
                     .map(|d| d.count())
                     .map_err(|e| e.to_string());
                 seen.insert("dir".into(), format!("{dir:?}"));
+            }
+            "probe.net" => {
+                let r = std::net::TcpStream::connect("127.0.0.1:9").map(|_| "connected");
+                seen.insert("net".into(), format!("{r:?}"));
+            }
+            "probe.clock" => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros())
+                    .unwrap_or(0);
+                seen.insert("clock".into(), now.to_string());
+            }
+            "probe.random" => {
+                seen.insert(
+                    "random".into(),
+                    wasi::random::random::get_random_u64().to_string(),
+                );
             }
             other => {
                 let n: u64 = seen.get(other).and_then(|n| n.parse().ok()).unwrap_or(0);

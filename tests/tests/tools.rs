@@ -1,0 +1,354 @@
+//! Extractors and tool workers end to end: the real binary with the real `.wasm` plugins,
+//! real sled, real HTTP on loopback, and a local HTTP server whose request counts are the
+//! tools' side effects.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use evhost_tests::{CountingServer, Host, get, jitter, post, upload};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
+const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
+const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
+
+fn wasm(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(PLUGINS).join(format!("{name}.wasm"))).unwrap()
+}
+
+/// The http-get manifest granting exactly `authority`.
+fn http_get_manifest(authority: &str, timeout_ms: u64) -> String {
+    format!(
+        "name = \"http-get\"\nversion = \"0.1.0\"\nkind = \"tool\"\n[limits]\nbatch_timeout_ms = {timeout_ms}\n\
+         [capabilities]\nhttp = [\"{authority}\"]\n"
+    )
+}
+
+async fn append(h: &Host, stream: &str, events: Value) -> Value {
+    let (s, body) = post(&format!("{}/v1/streams/{stream}", h.url), json!({"events": events})).await;
+    assert_eq!(s, 200, "{body}");
+    body
+}
+
+fn query(text: &str, correlation: &str) -> Value {
+    json!({"type": "user.query.received", "payload": {"query": text},
+           "metadata": {"correlation_id": correlation}})
+}
+
+fn request(invocation: &str, tool: &str, input: Value) -> Value {
+    json!({"type": "tool.invocation.requested",
+           "payload": {"invocation_id": invocation, "tool": tool, "input": input}})
+}
+
+/// Every event in the log.
+async fn all_events(h: &Host) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let (s, page) = get(&format!("{}/v1/events?from={from}&limit=1000", h.url)).await;
+        assert_eq!(s, 200, "{page}");
+        out.extend(page["events"].as_array().unwrap().iter().cloned());
+        let next = page["next"].as_u64().unwrap();
+        if next >= page["head"].as_u64().unwrap() {
+            return out;
+        }
+        from = next;
+    }
+}
+
+/// Waits until the flow `correlation` is answered; returns the flow.
+async fn answered(h: &Host, correlation: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, flow) = get(&format!("{}/v1/flows/{correlation}", h.url)).await;
+        if s == 200 && flow["answered"] == true {
+            return flow;
+        }
+        assert!(Instant::now() < deadline, "flow {correlation} was not answered: {flow}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every invocation in `ids` has an outcome; returns outcomes by id.
+async fn outcomes(h: &Host, ids: &[&str]) -> BTreeMap<String, Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut by_id: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for e in all_events(h).await {
+            let t = e["type"].as_str().unwrap();
+            if t == "tool.invocation.completed" || t == "tool.invocation.failed" {
+                let id = e["payload"]["invocation_id"].as_str().unwrap().to_owned();
+                by_id.entry(id).or_default().push(e);
+            }
+        }
+        if ids.iter().all(|id| by_id.contains_key(*id)) {
+            return by_id;
+        }
+        assert!(Instant::now() < deadline, "missing outcomes: {by_id:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_flows_through_plan_and_tool_to_an_answer_with_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    append(&h, "chat-1", json!([query("what is 2+3*4", "flow-1")])).await;
+    let flow = answered(&h, "flow-1").await;
+    let events = flow["events"].as_array().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "user.query.received",
+            "plan.generated",
+            "tool.invocation.requested",
+            "tool.invocation.started",
+            "tool.invocation.completed",
+            "answer.synthesized"
+        ]
+    );
+    let answer = events[5]["payload"]["answer"].as_str().unwrap();
+    assert!(answer.contains("14"), "{answer}");
+    // Every derived event names its cause, which comes earlier in the same flow.
+    for (i, e) in events.iter().enumerate().skip(1) {
+        assert_eq!(e["metadata"]["correlation_id"], "flow-1");
+        let cause = e["metadata"]["causation_id"].as_str().unwrap();
+        assert!(events[..i].iter().any(|c| c["id"] == cause), "{e}");
+    }
+    assert_eq!(events[4]["payload"]["output"]["value"], 14);
+    assert_eq!(flow["tools"][0]["tool"], "math");
+    assert!(flow["tools"][0]["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert!(flow["latency_ms"].as_f64().unwrap() > 0.0);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let (_, m) = get(&format!("{}/v1/metrics", h.url)).await;
+        if m["flows"]["answered"] == 1 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metrics["tools"]["math"]["completed"], 1);
+    assert_eq!(metrics["tools"]["math"]["latency"]["count"], 1);
+    let (_, tools) = get(&format!("{}/v1/tools", h.url)).await;
+    let names: Vec<&str> = tools["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"math") && names.contains(&"http-get"), "{tools}");
+    assert_eq!(get(&format!("{}/v1/flows/no-such-flow", h.url)).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_invocation_runs_once_and_bad_requests_fail_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    append(
+        &h,
+        "calls",
+        json!([
+            request("twice", "math", json!({"expression": "6*7"})),
+            request("twice", "math", json!({"expression": "6*7"})),
+            request("schema", "math", json!({"expr": "1"})),
+            request("zero", "math", json!({"expression": "1/0"})),
+            request("ghost", "no-such-tool", json!({})),
+        ]),
+    )
+    .await;
+    let by_id = outcomes(&h, &["twice", "schema", "zero", "ghost"]).await;
+    // The same invocation id again, later: still no second run.
+    append(&h, "calls", json!([request("twice", "math", json!({"expression": "6*7"}))])).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let by_id_later = outcomes(&h, &["twice"]).await;
+    for (id, list) in &by_id_later {
+        assert_eq!(list.len(), 1, "{id} has {} outcomes: {list:?}", list.len());
+    }
+    let started = all_events(&h)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "tool.invocation.started" && e["payload"]["invocation_id"] == "twice")
+        .count();
+    assert_eq!(started, 1, "the invocation ran once");
+
+    let one = |id: &str| by_id[id][0].clone();
+    assert_eq!(one("twice")["type"], "tool.invocation.completed");
+    assert_eq!(one("twice")["payload"]["output"]["value"], 42);
+    let schema = one("schema");
+    assert_eq!(schema["type"], "tool.invocation.failed");
+    assert_eq!(schema["payload"]["error"]["code"], "invalid_input");
+    let msg = schema["payload"]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("schema of tool math") && msg.contains("expression"), "{msg}");
+    let zero = one("zero");
+    assert_eq!(zero["payload"]["error"]["code"], "refused");
+    assert!(zero["payload"]["error"]["message"].as_str().unwrap().contains("division by zero"));
+    let ghost = one("ghost");
+    assert_eq!(ghost["payload"]["error"]["code"], "unknown_tool");
+    assert!(ghost["payload"]["error"]["message"].as_str().unwrap().contains("no-such-tool"));
+    // No start was recorded for what never ran.
+    assert!(!all_events(&h).await.iter().any(|e| e["type"] == "tool.invocation.started"
+        && ["schema", "ghost"].contains(&e["payload"]["invocation_id"].as_str().unwrap())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_reaches_granted_hosts_only() {
+    let granted = CountingServer::start(Duration::ZERO).await;
+    let other = CountingServer::start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let (s, body) = upload(&h, "http-get", &http_get_manifest(&granted.authority, 5000), wasm("http-get")).await;
+    assert_eq!(s, 200, "{body}");
+    append(
+        &h,
+        "fetch",
+        json!([
+            request("yes", "http-get", json!({"url": format!("http://{}/hello", granted.authority)})),
+            request("no", "http-get", json!({"url": format!("http://{}/secret", other.authority)})),
+        ]),
+    )
+    .await;
+    let by_id = outcomes(&h, &["yes", "no"]).await;
+    let yes = &by_id["yes"][0];
+    assert_eq!(yes["type"], "tool.invocation.completed", "{yes}");
+    assert_eq!(yes["payload"]["output"]["status"], 200);
+    assert_eq!(yes["payload"]["output"]["body"], "ok /hello");
+    assert_eq!(granted.count("/hello"), 1);
+    let no = &by_id["no"][0];
+    assert_eq!(no["type"], "tool.invocation.failed", "{no}");
+    let msg = no["payload"]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("denied") && msg.contains("not granted"), "{msg}");
+    assert_eq!(other.total(), 0, "a host outside the grant saw no request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extractor_cycle_stops_at_the_depth_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let manifest = "name = \"echo\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"echo.>\"]\n";
+    let component = std::fs::read(format!("{BUILD}/echo_cycle.wasm")).unwrap();
+    let (s, body) = upload(&h, "echo", manifest, component).await;
+    assert_eq!(s, 200, "{body}");
+    append(&h, "loop", json!([{"type": "echo.start", "payload": {}}])).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let (_, info) = get(&format!("{}/v1/plugins/echo", h.url)).await;
+        if info["dropped_by_depth"] == 1 && info["lag"] == 0 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "{info}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info["derived"], 16, "{info}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let echoes = all_events(&h).await.iter().filter(|e| e["type"] == "echo.again").count();
+    assert_eq!(echoes, 16, "the chain ends at depth 16");
+    assert_eq!(get(&format!("{}/health", h.url)).await.0, 200);
+}
+
+/// `kill -9` at random moments while memories and queries arrive: afterwards every memory
+/// has exactly one extraction, every flow is answered exactly once, every invocation has
+/// exactly one outcome, and the local server saw each URL at most once (exactly once when
+/// the invocation completed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once() {
+    let server = CountingServer::start(Duration::from_millis(40)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 5;
+    let mut flows: Vec<String> = Vec::new();
+    let mut memories = 0u64;
+    for round in 0..rounds {
+        let mut h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+        if round == 0 {
+            let m = http_get_manifest(&server.authority, 5000);
+            let (s, body) = upload(&h, "http-get", &m, wasm("http-get")).await;
+            assert_eq!(s, 200, "{body}");
+        }
+        let url = h.url.clone();
+        let authority = server.authority.clone();
+        let writer = tokio::spawn(async move {
+            let mut sent: Vec<(String, u64)> = Vec::new();
+            for i in 0u64.. {
+                let cid = format!("r{round}-q{i}");
+                let events = json!({"events": [
+                    {"stream": format!("mem-{round}"), "type": "memory.created",
+                     "payload": {"content": format!("Ada Lovelace met Charles Babbage in round {round} step {i}")}},
+                    {"stream": format!("chat-{cid}"), "type": "user.query.received",
+                     "payload": {"query": format!("what is {i}+2*3 and fetch http://{authority}/{cid}")},
+                     "metadata": {"correlation_id": cid}},
+                ]});
+                let r = reqwest::Client::new().post(format!("{url}/v1/events")).json(&events).send().await;
+                match r {
+                    Ok(r) if r.status().is_success() => sent.push((cid, 1)),
+                    _ => break,
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            sent
+        });
+        tokio::time::sleep(Duration::from_millis(300 + jitter(700))).await;
+        h.kill9();
+        let sent = writer.await.unwrap();
+        memories += sent.len() as u64;
+        flows.extend(sent.into_iter().map(|(c, _)| c));
+    }
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    // A query the kill left unanswered may still be in the log: check every flow it holds.
+    let acked = flows;
+    let flows: Vec<String> = all_events(&h)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "user.query.received")
+        .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(acked.iter().all(|c| flows.contains(c)), "an acknowledged query was lost");
+    for cid in &flows {
+        answered(&h, cid).await;
+    }
+    // Let the runners settle so a late duplicate would show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = all_events(&h).await;
+    let count = |ty: &str| events.iter().filter(|e| e["type"] == ty).count();
+    assert!(count("memory.created") as u64 >= memories, "an acknowledged memory was lost");
+    let mut extracted_from: BTreeMap<String, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["type"] == "memory.entity.extracted") {
+        *extracted_from.entry(e["metadata"]["causation_id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    for e in events.iter().filter(|e| e["type"] == "memory.created") {
+        let id = e["id"].as_str().unwrap();
+        assert_eq!(extracted_from.get(id), Some(&1), "memory {id} extracted {:?} times", extracted_from.get(id));
+    }
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["type"] == "answer.synthesized" || e["type"] == "plan.generated") {
+        *answers.entry(format!("{}:{}", e["type"], e["metadata"]["correlation_id"])).or_default() += 1;
+    }
+    assert!(answers.values().all(|n| *n == 1), "{answers:?}");
+    assert_eq!(answers.len(), 2 * flows.len());
+    let mut outcomes: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed") {
+        outcomes.entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned()).or_default().push(e);
+    }
+    let (mut completed, mut interrupted) = (0, 0);
+    for cid in &flows {
+        for step in ["1", "2"] {
+            let id = format!("{cid}/{step}");
+            let list = outcomes.get(&id).unwrap_or_else(|| panic!("no outcome for {id}"));
+            assert_eq!(list.len(), 1, "{id}: {list:?}");
+            let o = list[0];
+            if o["payload"]["tool"] == "http-get" {
+                let seen = server.count(&format!("/{cid}"));
+                if o["type"] == "tool.invocation.completed" {
+                    assert_eq!(seen, 1, "{id} completed after {seen} requests");
+                    completed += 1;
+                } else {
+                    assert_eq!(o["payload"]["error"]["code"], "interrupted", "{o}");
+                    assert!(seen <= 1, "{id} was sent {seen} times");
+                    interrupted += 1;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{rounds} rounds: {} flows, {memories} memories, http-get completed {completed}, interrupted by a kill {interrupted}",
+        flows.len()
+    );
+    assert!(completed > 0);
+}
