@@ -20,6 +20,8 @@ pub struct CallClock {
     micros: AtomicI64,
     /// Seed of the call's random numbers.
     seed: AtomicU64,
+    /// Counts calls, so each call's numbers start over from its seed.
+    call: AtomicU64,
 }
 
 impl CallClock {
@@ -27,6 +29,7 @@ impl CallClock {
     pub fn set(&self, micros: i64, seed: u64) {
         self.micros.store(micros, Ordering::Relaxed);
         self.seed.store(seed, Ordering::Relaxed);
+        self.call.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -54,11 +57,12 @@ impl HostMonotonicClock for FixedMonotonic {
     }
 }
 
-/// Random numbers from the call's seed (splitmix64): the same call gives the same numbers.
+/// Random numbers from the call's seed (splitmix64), starting over at every call: the same
+/// call gives the same numbers.
 struct SeededRandom {
     clock: Arc<CallClock>,
-    /// The seed this stream started from, to notice when the runner sets a new one.
-    from: u64,
+    /// The call this stream belongs to, to start over at the next call.
+    call: u64,
     state: u64,
 }
 
@@ -66,16 +70,16 @@ impl SeededRandom {
     fn new(clock: Arc<CallClock>) -> Self {
         Self {
             clock,
-            from: 0,
+            call: u64::MAX,
             state: 0,
         }
     }
 
     fn next(&mut self) -> u64 {
-        let seed = self.clock.seed.load(Ordering::Relaxed);
-        if seed != self.from {
-            self.from = seed;
-            self.state = seed;
+        let call = self.clock.call.load(Ordering::Relaxed);
+        if call != self.call {
+            self.call = call;
+            self.state = self.clock.seed.load(Ordering::Relaxed);
         }
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
