@@ -203,6 +203,16 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends every group atomically: all are durable when this returns `Ok`, none on `Err`.
     async fn append(&self, groups: Vec<StreamAppend>) -> Result<Vec<Appended>, AppendError>;
 
+    /// Appends like [`EventLog::append`] for an appender that vouches its event ids are new
+    /// (a runner that has checked the log itself): the ids are kept but neither looked up
+    /// nor indexed, so [`EventLog::find`] does not know them. Saves an index entry per event.
+    async fn append_unindexed(
+        &self,
+        groups: Vec<StreamAppend>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.append(groups).await
+    }
+
     /// Reads up to `limit` matching events with positions in `from..head`. A call examines a
     /// bounded number of positions, so a selective filter cannot make it unbounded: continue
     /// from [`ReadPage::next`] until it reaches [`EventLog::head`].

@@ -279,7 +279,6 @@ impl Registry {
                     info,
                     self.log.clone(),
                     manifest.limits.concurrency,
-                    Duration::from_millis(manifest.limits.batch_timeout_ms),
                 )
                 .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?;
                 Component::Tool(Arc::new(handler))

@@ -6,9 +6,10 @@
 //! A crash anywhere re-runs the batch from the last committed checkpoint, and since state
 //! and checkpoint commit together, the state always equals a replay of the log up to the
 //! checkpoint. Derived events are appended before that commit under ids fixed by (plugin,
-//! source event, index), so a batch that runs again appends nothing twice: the log answers
-//! an id it already holds with the original position. A failing batch is retried with
-//! exponential backoff and never advances the checkpoint; the host keeps running.
+//! source event, index), so a batch that runs again appends nothing twice: once after a
+//! start the runner reads its own output between its checkpoint and the head and leaves
+//! out what is already there ([`Recovery`]). A failing batch is retried with exponential
+//! backoff and never advances the checkpoint; the host keeps running.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -195,6 +196,7 @@ async fn run(
     let start = status.lock().expect("runner status lock").position;
     let mut sub = bus.subscribe(patterns, ReadFilter::default(), Start::Position(start));
     let view: Arc<dyn StateView> = Arc::new(store.clone());
+    let mut recovery = Recovery::new(start);
     loop {
         let next = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
@@ -241,14 +243,31 @@ async fn run(
                 Ok(output) => {
                     let processed = status.lock().expect("runner status lock").events_processed
                         + events.len() as u64;
-                    let (appends, derived, dropped) = derived_appends(&name, &events, output.derived);
+                    let fixed_ids = output.derived.iter().flatten().any(|d| d.event.id.is_some());
+                    let (mut appends, derived, dropped) = derived_appends(&name, &events, output.derived);
+                    if !appends.is_empty() && !fixed_ids {
+                        match recovery.drop_appended(&name, &log, &mut appends).await {
+                            Ok(()) => {}
+                            Err(e) => {
+                                update(&mut |s| s.last_error = Some(e.clone()));
+                                tokio::time::sleep(backoff).await;
+                                continue;
+                            }
+                        }
+                    }
                     if dropped > 0 {
                         tracing::warn!(plugin = plugin.id(), dropped, limit = MAX_DERIVATION_DEPTH, "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)");
                     }
                     let appended = if appends.is_empty() {
                         Ok(())
-                    } else {
+                    } else if fixed_ids {
+                        // Ids a handler fixed are looked up later (tool outcomes): indexed.
                         log.append(appends)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| format!("appending derived events failed: {e}"))
+                    } else {
+                        log.append_unindexed(appends)
                             .await
                             .map(|_| ())
                             .map_err(|e| format!("appending derived events failed: {e}"))
@@ -268,6 +287,7 @@ async fn run(
             };
             match outcome {
                 Ok(processed) => {
+                    recovery.passed(resume);
                     let live = resume >= bus.head();
                     update(&mut |s| {
                         s.position = resume;
@@ -372,4 +392,86 @@ fn derived_appends(
         }
     }
     (appends, kept, dropped)
+}
+
+/// Derived events a runner may have appended before it last stopped, for batches whose
+/// checkpoint was not committed (a crash between the append and the commit, or storage that
+/// lost recent commits). They are found once, by reading this plugin's events from the
+/// checkpoint it started at to the head, and not appended again; past that head everything
+/// it derives is new, so derived events need no per-event index.
+struct Recovery {
+    from: u64,
+    /// The head when the log was read, and the ids found below it; `None` until needed.
+    seen: Option<(u64, std::collections::HashSet<String>)>,
+    done: bool,
+}
+
+impl Recovery {
+    fn new(from: u64) -> Self {
+        Self {
+            from,
+            seen: None,
+            done: false,
+        }
+    }
+
+    /// Removes from `appends` the events already in the log.
+    async fn drop_appended(
+        &mut self,
+        plugin: &str,
+        log: &Arc<dyn EventLog>,
+        appends: &mut Vec<StreamAppend>,
+    ) -> Result<(), String> {
+        if self.done {
+            return Ok(());
+        }
+        if self.seen.is_none() {
+            let until = log.head();
+            let filter = ReadFilter {
+                source: Some(plugin.to_owned()),
+                ..ReadFilter::default()
+            };
+            let mut ids = std::collections::HashSet::new();
+            let mut from = self.from;
+            while from < until {
+                let page = log
+                    .read(from, 10_000, &filter)
+                    .await
+                    .map_err(|e| format!("reading this plugin's earlier output failed: {e}"))?;
+                ids.extend(
+                    page.events
+                        .into_iter()
+                        .filter(|e| e.position < until)
+                        .map(|e| e.id),
+                );
+                if page.next <= from {
+                    break;
+                }
+                from = page.next;
+            }
+            if !ids.is_empty() {
+                tracing::info!(plugin, found = ids.len(), "derived events from before the restart are not appended again");
+            }
+            self.seen = Some((until, ids));
+        }
+        let (_, ids) = self.seen.as_ref().expect("just read");
+        if !ids.is_empty() {
+            for a in appends.iter_mut() {
+                a.events
+                    .retain(|e| e.id.as_ref().is_none_or(|id| !ids.contains(id)));
+            }
+            appends.retain(|a| !a.events.is_empty());
+        }
+        Ok(())
+    }
+
+    /// Notes that the checkpoint reached `position`.
+    fn passed(&mut self, position: u64) {
+        if let Some((until, _)) = &self.seen
+            && position >= *until
+        {
+            self.seen = None;
+            self.done = true;
+        }
+    }
 }

@@ -7,7 +7,8 @@
 //!    stopped mid-invocation: running it again could repeat a side effect);
 //! 3. fails it without running when its input violates the tool's schema;
 //! 4. otherwise appends `tool.invocation.started` (durable before the tool runs), runs it
-//!    within the tool's time and concurrency limits, and returns the outcome for the runner
+//!    within the tool's time limit (per call, as for any plugin) and concurrency limit
+//!    (blocking threads at once), and returns the outcome for the runner
 //!    to append before the checkpoint.
 //!
 //! Outcome and start events have ids fixed by the invocation id, so whichever way a request
@@ -15,11 +16,10 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
 use crate::log::{EventLog, ExpectedVersion, StreamAppend};
@@ -106,8 +106,7 @@ pub struct ToolHandler {
     info: ToolInfo,
     schema: Arc<jsonschema::Validator>,
     log: Arc<dyn EventLog>,
-    permits: Arc<Semaphore>,
-    timeout: Duration,
+    concurrency: usize,
 }
 
 impl ToolHandler {
@@ -119,7 +118,6 @@ impl ToolHandler {
         info: ToolInfo,
         log: Arc<dyn EventLog>,
         concurrency: usize,
-        timeout: Duration,
     ) -> Result<Self, String> {
         let schema = jsonschema::validator_for(&info.input_schema)
             .map_err(|e| format!("its input schema does not compile: {e}"))?;
@@ -129,8 +127,7 @@ impl ToolHandler {
             info,
             schema: Arc::new(schema),
             log,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            timeout,
+            concurrency,
         })
     }
 
@@ -159,32 +156,64 @@ impl ToolHandler {
         })
     }
 
-    /// Runs one invocation within the time limit: its output, or (code, message).
-    async fn invoke(&self, input: String) -> Result<Value, (&'static str, String)> {
-        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
-        let plugin = self.plugin.clone();
-        let call = tokio::task::spawn_blocking(move || plugin.invoke(&input));
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err((
-                "timeout",
-                format!(
-                    "tool {} ran longer than its limit of {} ms",
-                    self.name,
-                    self.timeout.as_millis()
-                ),
-            )),
-            Ok(Err(e)) => Err(("lost", format!("the invocation was lost: {e}"))),
-            Ok(Ok(Err(e))) => Err(match &e {
-                crate::plugin::PluginError::Refused { .. } => ("refused", e.to_string()),
-                _ => ("trapped", e.to_string()),
-            }),
-            Ok(Ok(Ok(out))) => serde_json::from_str(&out).map_err(|e| {
-                (
-                    "invalid_output",
-                    format!("tool {} returned output that is not JSON: {e}", self.name),
-                )
-            }),
+    /// Runs `inputs` on up to `concurrency` blocking threads at once (each thread takes a
+    /// share, so quick tools pay one thread hand-off per share, not per invocation): per
+    /// input, its output or (error code, message), and how long it ran.
+    async fn run_all(&self, inputs: Vec<String>) -> Vec<(Result<Value, (&'static str, String)>, f64)> {
+        let n = inputs.len();
+        let threads = self.concurrency.min(n).max(1);
+        let mut shares: Vec<Vec<(usize, String)>> = vec![Vec::new(); threads];
+        for (i, input) in inputs.into_iter().enumerate() {
+            shares[i % threads].push((i, input));
         }
+        let calls = shares.into_iter().map(|share| {
+            let plugin = self.plugin.clone();
+            let name = self.name.clone();
+            tokio::task::spawn_blocking(move || {
+                share
+                    .into_iter()
+                    .map(|(i, input)| {
+                        let began = Instant::now();
+                        let r = run_one(&plugin, &name, &input);
+                        (i, r, began.elapsed().as_secs_f64() * 1e3)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
+        let mut out: Vec<(Result<Value, (&'static str, String)>, f64)> =
+            (0..n).map(|_| (Err(("lost", String::new())), 0.0)).collect();
+        for done in futures::future::join_all(calls).await {
+            match done {
+                Ok(results) => {
+                    for (i, r, ms) in results {
+                        out[i] = (r, ms);
+                    }
+                }
+                Err(e) => {
+                    for slot in out.iter_mut().filter(|s| s.0.as_ref().is_err_and(|e| e.1.is_empty())) {
+                        slot.0 = Err(("lost", format!("the invocation was lost: {e}")));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One invocation: its output, or (error code, message).
+fn run_one(plugin: &ToolPlugin, name: &str, input: &str) -> Result<Value, (&'static str, String)> {
+    match plugin.invoke(input) {
+        Ok(out) => serde_json::from_str(&out).map_err(|e| {
+            (
+                "invalid_output",
+                format!("tool {name} returned output that is not JSON: {e}"),
+            )
+        }),
+        Err(e @ crate::plugin::PluginError::Refused { .. }) => Err(("refused", e.to_string())),
+        Err(e) if e.to_string().contains("ran longer than its limit") => {
+            Err(("timeout", e.to_string()))
+        }
+        Err(e) => Err(("trapped", e.to_string())),
     }
 }
 
@@ -269,14 +298,12 @@ impl BatchHandler for ToolHandler {
             .append(starts)
             .await
             .map_err(|e| format!("recording invocation starts failed: {e}"))?;
-        let runs = to_run.iter().map(|(i, p)| async move {
-            let began = Instant::now();
-            let result = self.invoke(p.input.to_string()).await;
-            (*i, p, result, began.elapsed().as_secs_f64() * 1e3)
-        });
-        for (i, p, result, ms) in futures::future::join_all(runs).await {
-            let event = &events[i];
-            out[i].push(match result {
+        let results = self
+            .run_all(to_run.iter().map(|(_, p)| p.input.to_string()).collect())
+            .await;
+        for ((i, p), (result, ms)) in to_run.iter().zip(results) {
+            let event = &events[*i];
+            out[*i].push(match result {
                 Ok(output) => derived(
                     &event.stream,
                     COMPLETED,

@@ -77,6 +77,9 @@ type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
 
 struct AppendOp {
     groups: Vec<StreamAppend>,
+    /// False when the appender vouches its ids are new: they are kept but neither looked
+    /// up nor indexed.
+    index_ids: bool,
     reply: Reply,
 }
 
@@ -88,6 +91,24 @@ pub struct SledLog {
 }
 
 impl SledLog {
+    async fn send(
+        &self,
+        groups: Vec<StreamAppend>,
+        index_ids: bool,
+    ) -> Result<Vec<Appended>, AppendError> {
+        validate(&groups, &self.shared.config)?;
+        let tx = self.tx.as_ref().ok_or(LogError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(AppendOp {
+            groups,
+            index_ids,
+            reply,
+        })
+        .await
+        .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
     /// Opens (or creates) the log and starts its writer; committed events go to `hub`.
     pub fn open(config: SledLogConfig, hub: Arc<Hub>) -> Result<Self, LogError> {
         std::fs::create_dir_all(&config.path).map_err(|e| {
@@ -302,13 +323,14 @@ fn last_chunk(db: &sled::Db) -> Result<Option<(u64, ChunkEntry)>, LogError> {
 #[async_trait]
 impl EventLog for SledLog {
     async fn append(&self, groups: Vec<StreamAppend>) -> Result<Vec<Appended>, AppendError> {
-        validate(&groups, &self.shared.config)?;
-        let tx = self.tx.as_ref().ok_or(LogError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(AppendOp { groups, reply })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        rx.await.map_err(|_| LogError::Closed)?
+        self.send(groups, true).await
+    }
+
+    async fn append_unindexed(
+        &self,
+        groups: Vec<StreamAppend>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.send(groups, false).await
     }
 
     async fn read(
@@ -572,7 +594,7 @@ impl Writer {
             staged: Vec::new(),
         };
         for op in ops {
-            match self.stage(&mut group, &op.groups) {
+            match self.stage(&mut group, &op.groups, op.index_ids) {
                 Ok(results) => group.staged.push(Staged {
                     reply: op.reply,
                     results,
@@ -638,6 +660,7 @@ impl Writer {
         &mut self,
         group: &mut Group,
         appends: &[StreamAppend],
+        index_ids: bool,
     ) -> Result<Vec<Appended>, AppendError> {
         let base = group.first_position + group.events.len() as u64;
         let mut staged: Vec<Event> = Vec::new();
@@ -653,6 +676,11 @@ impl Writer {
             let mut fresh: Vec<usize> = Vec::new();
             let mut pending: HashSet<&str> = HashSet::new();
             for (i, e) in append.events.iter().enumerate() {
+                if !index_ids {
+                    fresh.push(i);
+                    positions.push(None);
+                    continue;
+                }
                 let known = match e.id.as_deref() {
                     Some(id) => match ids.get(id) {
                         Some(p) => Some(*p),
@@ -685,10 +713,11 @@ impl Writer {
                 let e = &append.events[i];
                 let position = base + staged.len() as u64;
                 let id = match &e.id {
-                    Some(id) => {
+                    Some(id) if index_ids => {
                         ids.insert(id.clone(), position);
                         id.clone()
                     }
+                    Some(id) => id.clone(),
                     None => uuid::Uuid::now_v7().to_string(),
                 };
                 staged.push(Event {
