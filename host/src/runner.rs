@@ -197,6 +197,21 @@ async fn run(
     let mut sub = bus.subscribe(patterns, ReadFilter::default(), Start::Position(start));
     let view: Arc<dyn StateView> = Arc::new(store.clone());
     let mut recovery = Recovery::new(start);
+    let mut processed = status.lock().expect("runner status lock").events_processed;
+    // Appends and commits run in order on their own task, one batch behind at most.
+    let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(1);
+    let (committed_tx, mut committed) = watch::channel(start);
+    let mut handed = start;
+    let committer = tokio::spawn(commit_jobs(
+        queue,
+        plugin.id().to_owned(),
+        log.clone(),
+        store.clone(),
+        bus.clone(),
+        status.clone(),
+        committed_tx,
+        stopped.clone(),
+    ));
     loop {
         let next = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
@@ -206,6 +221,9 @@ async fn run(
             // Nothing matching arrived for a while: everything up to the subscription's cursor
             // was examined, so the checkpoint can move there (and restarts rescan less).
             let Some(cursor) = sub.settle() else { continue };
+            if !committed_to(&mut committed, handed, &mut stopped).await {
+                break;
+            }
             let (position, processed) = {
                 let s = status.lock().expect("runner status lock");
                 (s.position, s.events_processed)
@@ -239,68 +257,49 @@ async fn run(
         loop {
             let started = Instant::now();
             let result = plugin.handle(view.clone(), events.clone()).await;
-            let outcome = match result {
+            let job = match result {
                 Ok(output) => {
-                    let processed = status.lock().expect("runner status lock").events_processed
-                        + events.len() as u64;
                     let fixed_ids = output.derived.iter().flatten().any(|d| d.event.id.is_some());
                     let (mut appends, derived, dropped) = derived_appends(&name, &events, output.derived);
                     if !appends.is_empty() && !fixed_ids {
-                        match recovery.drop_appended(&name, &log, &mut appends).await {
-                            Ok(()) => {}
-                            Err(e) => {
-                                update(&mut |s| s.last_error = Some(e.clone()));
-                                tokio::time::sleep(backoff).await;
-                                continue;
-                            }
+                        if let Err(e) = recovery.drop_appended(&name, &log, &mut appends).await {
+                            update(&mut |s| s.last_error = Some(e.clone()));
+                            tokio::time::sleep(backoff).await;
+                            continue;
                         }
                     }
                     if dropped > 0 {
                         tracing::warn!(plugin = plugin.id(), dropped, limit = MAX_DERIVATION_DEPTH, "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)");
                     }
-                    let appended = if appends.is_empty() {
-                        Ok(())
-                    } else if fixed_ids {
-                        // Ids a handler fixed are looked up later (tool outcomes): indexed.
-                        log.append(appends)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| format!("appending derived events failed: {e}"))
-                    } else {
-                        log.append_unindexed(appends)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| format!("appending derived events failed: {e}"))
-                    };
-                    appended.and_then(|()| {
-                        store
-                            .commit(&output.writes, resume, processed)
-                            .map(|_| processed)
-                            .map_err(|e| format!("committing state failed: {e}"))
+                    processed += events.len() as u64;
+                    Ok(Job {
+                        appends,
+                        fixed_ids,
+                        writes: output.writes,
+                        resume,
+                        processed,
+                        derived,
+                        dropped,
+                        events: events.len(),
+                        started,
                     })
-                    .inspect(|_| update(&mut |s| {
-                        s.derived += derived;
-                        s.dropped_by_depth += dropped;
-                    }))
                 }
                 Err(e) => Err(e),
             };
-            match outcome {
-                Ok(processed) => {
+            match job {
+                Ok(job) => {
                     recovery.passed(resume);
-                    let live = resume >= bus.head();
-                    update(&mut |s| {
-                        s.position = resume;
-                        s.events_processed = processed;
-                        s.batches += 1;
-                        s.consecutive_errors = 0;
-                        s.state = if live {
-                            RunState::Live
-                        } else {
-                            RunState::CatchingUp
-                        };
-                    });
-                    tracing::trace!(plugin = plugin.id(), events = events.len(), took = ?started.elapsed(), "batch committed");
+                    // The next batch may run while this one is appended and committed only
+                    // when it cannot depend on them: no state writes to read back, and no
+                    // fixed ids (tool outcomes) that the next batch looks up.
+                    let wait = job.fixed_ids || !job.writes.is_empty();
+                    handed = resume;
+                    if jobs.send(job).await.is_err() {
+                        break;
+                    }
+                    if wait && !committed_to(&mut committed, handed, &mut stopped).await {
+                        break;
+                    }
                     break;
                 }
                 Err(message) => {
@@ -311,18 +310,23 @@ async fn run(
                         s.last_error = Some(message.clone());
                         s.state = RunState::Failing;
                     });
-                    tokio::select! {
-                        _ = stopped.wait_for(|s| *s) => {
-                            update(&mut |s| s.state = RunState::Stopped);
-                            return;
-                        }
-                        _ = tokio::time::sleep(backoff) => {}
+                    let stop = tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => true,
+                        _ = tokio::time::sleep(backoff) => false,
+                    };
+                    if stop {
+                        drop(jobs);
+                        let _ = committer.await;
+                        update(&mut |s| s.state = RunState::Stopped);
+                        return;
                     }
                     backoff = (backoff * 2).min(BACKOFF.1);
                 }
             }
         }
     }
+    drop(jobs);
+    let _ = committer.await;
     update(&mut |s| s.state = RunState::Stopped);
 }
 
@@ -473,5 +477,106 @@ impl Recovery {
             self.seen = None;
             self.done = true;
         }
+    }
+}
+
+/// One handled batch, waiting to be appended and committed.
+struct Job {
+    appends: Vec<StreamAppend>,
+    fixed_ids: bool,
+    writes: crate::plugin::Writes,
+    resume: u64,
+    processed: u64,
+    derived: u64,
+    dropped: u64,
+    events: usize,
+    started: Instant,
+}
+
+/// Waits until the committer has committed through `position`; false when stopped.
+async fn committed_to(
+    committed: &mut watch::Receiver<u64>,
+    position: u64,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        r = committed.wait_for(|c| *c >= position) => r.is_ok(),
+        _ = stopped.wait_for(|s| *s) => false,
+    }
+}
+
+/// Appends each job's derived events, then commits its writes and checkpoint, in order;
+/// retries a failing step with backoff (nothing after it is committed meanwhile).
+#[allow(clippy::too_many_arguments)]
+async fn commit_jobs(
+    mut queue: tokio::sync::mpsc::Receiver<Job>,
+    plugin: String,
+    log: Arc<dyn EventLog>,
+    store: PluginStore,
+    bus: Bus,
+    status: Arc<Mutex<RunnerStatus>>,
+    committed: watch::Sender<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let update =
+        |f: &mut dyn FnMut(&mut RunnerStatus)| f(&mut status.lock().expect("runner status lock"));
+    while let Some(job) = queue.recv().await {
+        let mut backoff = BACKOFF.0;
+        let mut appends = Some(job.appends);
+        loop {
+            let step = match appends.take() {
+                Some(a) if !a.is_empty() => {
+                    let r = if job.fixed_ids {
+                        // Ids a handler fixed are looked up later (tool outcomes): indexed.
+                        log.append(a.clone()).await
+                    } else {
+                        log.append_unindexed(a.clone()).await
+                    };
+                    r.map(|_| ()).map_err(|e| {
+                        appends = Some(a);
+                        format!("appending derived events failed: {e}")
+                    })
+                }
+                _ => Ok(()),
+            }
+            .and_then(|()| {
+                store
+                    .commit(&job.writes, job.resume, job.processed)
+                    .map_err(|e| format!("committing state failed: {e}"))
+            });
+            match step {
+                Ok(()) => break,
+                Err(message) => {
+                    tracing::warn!(plugin, error = %message, retry_in = ?backoff, "batch failed");
+                    update(&mut |s| {
+                        s.errors += 1;
+                        s.consecutive_errors += 1;
+                        s.last_error = Some(message.clone());
+                        s.state = RunState::Failing;
+                    });
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+            }
+        }
+        let live = job.resume >= bus.head();
+        update(&mut |s| {
+            s.position = job.resume;
+            s.events_processed = job.processed;
+            s.batches += 1;
+            s.consecutive_errors = 0;
+            s.derived += job.derived;
+            s.dropped_by_depth += job.dropped;
+            s.state = if live {
+                RunState::Live
+            } else {
+                RunState::CatchingUp
+            };
+        });
+        tracing::trace!(plugin, events = job.events, took = ?job.started.elapsed(), "batch committed");
+        let _ = committed.send(job.resume);
     }
 }
