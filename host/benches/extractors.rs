@@ -19,8 +19,14 @@ use evhost::{
 };
 
 const NAMES: [&str; 8] = [
-    "Ada Lovelace", "Charles Babbage", "Grace Hopper", "Alan Turing", "London", "Paris",
-    "Edsger Dijkstra", "Barbara Liskov",
+    "Ada Lovelace",
+    "Charles Babbage",
+    "Grace Hopper",
+    "Alan Turing",
+    "London",
+    "Paris",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
 ];
 
 fn memory(i: u64) -> NewEvent {
@@ -57,9 +63,13 @@ async fn ingest(log: &SledLog, n: u64, make: fn(u64) -> NewEvent) {
 }
 
 fn manifest(plugins: &std::path::Path, name: &str) -> (String, Vec<u8>) {
-    let m = std::fs::read_to_string(plugins.join(format!("{name}.toml")))
-        .unwrap_or_else(|_| panic!("target/plugins/{name}.toml: run scripts/build-plugins.sh first"));
-    (m, std::fs::read(plugins.join(format!("{name}.wasm"))).unwrap())
+    let m = std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap_or_else(|_| {
+        panic!("target/plugins/{name}.toml: run scripts/build-plugins.sh first")
+    });
+    (
+        m,
+        std::fs::read(plugins.join(format!("{name}.wasm"))).unwrap(),
+    )
 }
 
 /// Waits until `name` has derived `n` events; returns the time from `start`.
@@ -69,13 +79,22 @@ async fn derived(registry: &Registry, name: &str, n: u64, start: Instant) -> Dur
         if info.status.derived >= n {
             return start.elapsed();
         }
-        assert!(info.status.last_error.is_none(), "{:?}", info.status.last_error);
+        assert!(
+            info.status.last_error.is_none(),
+            "{:?}",
+            info.status.last_error
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
 fn main() {
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let n = env("EVHOST_BENCH_EVENTS", 1_000_000);
     let m = env("EVHOST_BENCH_INVOCATIONS", 100_000);
     let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evhost::plugin::{
-    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, Runtime, StateView, Writes,
+    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, Runtime, StateView,
+    Writes,
 };
 use evhost::registry::Registry;
 use evhost::runner::{Blocking, Runner};

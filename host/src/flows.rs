@@ -27,8 +27,22 @@ pub const ANSWER: &str = "answer.synthesized";
 
 /// Upper bounds (ms) of the latency histogram's buckets; the last catches the rest.
 const BUCKETS_MS: [f64; 16] = [
-    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0,
-    10_000.0, 60_000.0, f64::INFINITY,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1_000.0,
+    2_500.0,
+    5_000.0,
+    10_000.0,
+    60_000.0,
+    f64::INFINITY,
 ];
 
 /// A latency distribution: count, sum, max and a fixed-bucket histogram.
@@ -49,7 +63,10 @@ impl Latency {
         if self.buckets.len() != BUCKETS_MS.len() {
             self.buckets = vec![0; BUCKETS_MS.len()];
         }
-        let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(BUCKETS_MS.len() - 1);
+        let i = BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BUCKETS_MS.len() - 1);
         self.buckets[i] += 1;
         self.count += 1;
         self.sum_ms += ms;
@@ -158,21 +175,30 @@ impl BatchHandler for FlowIndex {
             let Some(correlation) = &e.metadata.correlation_id else {
                 continue;
             };
-            o.writes
-                .insert(flow_key(correlation, e.position), Some(e.event_type.as_str().to_owned()));
+            o.writes.insert(
+                flow_key(correlation, e.position),
+                Some(e.event_type.as_str().to_owned()),
+            );
             let micros = e.timestamp.timestamp_micros();
             let payload = || e.payload.to_value();
             match e.event_type.as_str() {
                 REQUESTED => {
                     let p = payload();
-                    if let (Some(id), Some(tool)) = (p["invocation_id"].as_str(), p["tool"].as_str()) {
-                        let pending = Pending { tool: tool.to_owned(), micros };
+                    if let (Some(id), Some(tool)) =
+                        (p["invocation_id"].as_str(), p["tool"].as_str())
+                    {
+                        let pending = Pending {
+                            tool: tool.to_owned(),
+                            micros,
+                        };
                         o.set(format!("{REQUEST}{id}"), &pending);
                     }
                 }
                 t @ (COMPLETED | FAILED) => {
                     let p = payload();
-                    let Some(id) = p["invocation_id"].as_str() else { continue };
+                    let Some(id) = p["invocation_id"].as_str() else {
+                        continue;
+                    };
                     let Some(pending) = o.get::<Pending>(&format!("{REQUEST}{id}")) else {
                         continue;
                     };
@@ -208,7 +234,11 @@ impl BatchHandler for FlowIndex {
 }
 
 /// Starts the flow index over the whole log.
-pub fn start(db: &sled::Db, bus: Bus, log: Arc<dyn EventLog>) -> anyhow::Result<(Runner, PluginStore)> {
+pub fn start(
+    db: &sled::Db,
+    bus: Bus,
+    log: Arc<dyn EventLog>,
+) -> anyhow::Result<(Runner, PluginStore)> {
     let store = PluginStore::open(db, "~flows")?;
     let runner = Runner::spawn(
         "evhost",
@@ -249,7 +279,9 @@ pub async fn flow(
     }
     let mut events: Vec<Event> = Vec::with_capacity(keys.len());
     for (k, _) in keys {
-        let Ok(position) = k[prefix.len()..].parse::<u64>() else { continue };
+        let Ok(position) = k[prefix.len()..].parse::<u64>() else {
+            continue;
+        };
         let page = log
             .read(position, 1, &ReadFilter::default())
             .await

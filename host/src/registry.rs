@@ -17,8 +17,8 @@ use crate::bus::Bus;
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin,
-    Runtime, StartFrom, StateView, ToolInfo, ToolPlugin, valid_name,
+    ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime,
+    StartFrom, StateView, ToolInfo, ToolPlugin, valid_name,
 };
 use crate::runner::{BatchHandler, Blocking, Runner, RunnerStatus};
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
@@ -205,10 +205,7 @@ impl Registry {
                 Arc::new(Blocking(Arc::new(p.clone()))),
                 manifest.subscriptions.clone(),
             ),
-            Component::Tool(t) => (
-                t.clone(),
-                vec![REQUESTED.parse().expect("a valid pattern")],
-            ),
+            Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
         };
         let runner = Runner::spawn(
             &manifest.name,

@@ -228,11 +228,11 @@ async fn run(
                 let s = status.lock().expect("runner status lock");
                 (s.position, s.events_processed)
             };
-            if cursor > position {
-                if let Err(e) = store.commit(&Default::default(), cursor, processed) {
-                    tracing::warn!(plugin = plugin.id(), error = %e, "could not advance the idle checkpoint");
-                    continue;
-                }
+            if cursor > position
+                && let Err(e) = store.commit(&Default::default(), cursor, processed)
+            {
+                tracing::warn!(plugin = plugin.id(), error = %e, "could not advance the idle checkpoint");
+                continue;
             }
             update(&mut |s| {
                 s.position = s.position.max(cursor);
@@ -259,17 +259,28 @@ async fn run(
             let result = plugin.handle(view.clone(), events.clone()).await;
             let job = match result {
                 Ok(output) => {
-                    let fixed_ids = output.derived.iter().flatten().any(|d| d.event.id.is_some());
-                    let (mut appends, derived, dropped) = derived_appends(&name, &events, output.derived);
-                    if !appends.is_empty() && !fixed_ids {
-                        if let Err(e) = recovery.drop_appended(&name, &log, &mut appends).await {
-                            update(&mut |s| s.last_error = Some(e.clone()));
-                            tokio::time::sleep(backoff).await;
-                            continue;
-                        }
+                    let fixed_ids = output
+                        .derived
+                        .iter()
+                        .flatten()
+                        .any(|d| d.event.id.is_some());
+                    let (mut appends, derived, dropped) =
+                        derived_appends(&name, &events, output.derived);
+                    if !appends.is_empty()
+                        && !fixed_ids
+                        && let Err(e) = recovery.drop_appended(&name, &log, &mut appends).await
+                    {
+                        update(&mut |s| s.last_error = Some(e.clone()));
+                        tokio::time::sleep(backoff).await;
+                        continue;
                     }
                     if dropped > 0 {
-                        tracing::warn!(plugin = plugin.id(), dropped, limit = MAX_DERIVATION_DEPTH, "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)");
+                        tracing::warn!(
+                            plugin = plugin.id(),
+                            dropped,
+                            limit = MAX_DERIVATION_DEPTH,
+                            "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)"
+                        );
                     }
                     processed += events.len() as u64;
                     Ok(Job {
@@ -335,12 +346,18 @@ async fn run(
 pub fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for part in [plugin.as_bytes(), source_id.as_bytes(), &(index as u64).to_be_bytes()] {
+    for part in [
+        plugin.as_bytes(),
+        source_id.as_bytes(),
+        &(index as u64).to_be_bytes(),
+    ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
     let bytes: [u8; 16] = h.finalize()[..16].try_into().expect("16 bytes");
-    uuid::Builder::from_custom_bytes(bytes).into_uuid().to_string()
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// How many derivations separate `event` from a client's append.
@@ -454,7 +471,11 @@ impl Recovery {
                 from = page.next;
             }
             if !ids.is_empty() {
-                tracing::info!(plugin, found = ids.len(), "derived events from before the restart are not appended again");
+                tracing::info!(
+                    plugin,
+                    found = ids.len(),
+                    "derived events from before the restart are not appended again"
+                );
             }
             self.seen = Some((until, ids));
         }

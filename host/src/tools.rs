@@ -84,7 +84,14 @@ fn derived(stream: &str, ty: &str, id: String, source: &str, payload: Value) -> 
     }
 }
 
-fn failed(event: &Event, p: &Parsed, source: &str, code: &str, message: String, ms: f64) -> Derived {
+fn failed(
+    event: &Event,
+    p: &Parsed,
+    source: &str,
+    code: &str,
+    message: String,
+    ms: f64,
+) -> Derived {
     derived(
         &event.stream,
         FAILED,
@@ -98,6 +105,9 @@ fn failed(event: &Event, p: &Parsed, source: &str, code: &str, message: String, 
         }),
     )
 }
+
+/// An invocation's output, or (error code, message); and how long it ran, in ms.
+type Ran = (Result<Value, (&'static str, String)>, f64);
 
 /// Runs the invocations of one tool.
 pub struct ToolHandler {
@@ -159,7 +169,7 @@ impl ToolHandler {
     /// Runs `inputs` on up to `concurrency` blocking threads at once (each thread takes a
     /// share, so quick tools pay one thread hand-off per share, not per invocation): per
     /// input, its output or (error code, message), and how long it ran.
-    async fn run_all(&self, inputs: Vec<String>) -> Vec<(Result<Value, (&'static str, String)>, f64)> {
+    async fn run_all(&self, inputs: Vec<String>) -> Vec<Ran> {
         let n = inputs.len();
         let threads = self.concurrency.min(n).max(1);
         let mut shares: Vec<Vec<(usize, String)>> = vec![Vec::new(); threads];
@@ -180,8 +190,9 @@ impl ToolHandler {
                     .collect::<Vec<_>>()
             })
         });
-        let mut out: Vec<(Result<Value, (&'static str, String)>, f64)> =
-            (0..n).map(|_| (Err(("lost", String::new())), 0.0)).collect();
+        let mut out: Vec<Ran> = (0..n)
+            .map(|_| (Err(("lost", String::new())), 0.0))
+            .collect();
         for done in futures::future::join_all(calls).await {
             match done {
                 Ok(results) => {
@@ -190,7 +201,10 @@ impl ToolHandler {
                     }
                 }
                 Err(e) => {
-                    for slot in out.iter_mut().filter(|s| s.0.as_ref().is_err_and(|e| e.1.is_empty())) {
+                    for slot in out
+                        .iter_mut()
+                        .filter(|s| s.0.as_ref().is_err_and(|e| e.1.is_empty()))
+                    {
                         slot.0 = Err(("lost", format!("the invocation was lost: {e}")));
                     }
                 }
@@ -356,10 +370,7 @@ impl BatchHandler for UnknownTools {
             let (p, message) = match parse(event) {
                 Some(p) if known(&p.tool) => continue,
                 Some(p) => {
-                    let m = format!(
-                        "no tool named {:?} is loaded; see GET /v1/tools",
-                        p.tool
-                    );
+                    let m = format!("no tool named {:?} is loaded; see GET /v1/tools", p.tool);
                     (p, m)
                 }
                 None => {

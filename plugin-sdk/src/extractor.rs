@@ -24,8 +24,9 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event of `event_type` on `stream` whose payload is `payload` serialized as JSON.
     pub fn new(event_type: &str, stream: &str, payload: &impl Serialize) -> Result<Self, Error> {
-        let payload = serde_json::to_string(payload)
-            .map_err(|e| Error::Failed(format!("payload of {event_type} does not serialize: {e}")))?;
+        let payload = serde_json::to_string(payload).map_err(|e| {
+            Error::Failed(format!("payload of {event_type} does not serialize: {e}"))
+        })?;
         Ok(Self {
             event_type: event_type.to_owned(),
             stream: stream.to_owned(),
@@ -68,7 +69,11 @@ pub trait Extractor {
     }
 
     /// Derives events from `event`, pushing them onto `out`.
-    fn extract(state: &mut Self::State, event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Error>;
+    fn extract(
+        state: &mut Self::State,
+        event: &Event,
+        out: &mut Vec<NewEvent>,
+    ) -> Result<(), Error>;
 }
 
 /// Runs `X` over a batch: one list of derived events per input event. On error nothing has

@@ -95,7 +95,9 @@ macro_rules! export_extractor {
             fn handle(
                 events: ::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::Event>,
             ) -> ::std::result::Result<
-                ::std::vec::Vec<::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::NewEvent>>,
+                ::std::vec::Vec<
+                    ::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::NewEvent>,
+                >,
                 $crate::extractor_bindings::evhost::plugin::types::Error,
             > {
                 $crate::__private::wasm_extract::<$t>(events)
@@ -117,7 +119,10 @@ macro_rules! export_tool {
             }
             fn invoke(
                 input: ::std::string::String,
-            ) -> ::std::result::Result<::std::string::String, $crate::tool_bindings::evhost::plugin::types::Error> {
+            ) -> ::std::result::Result<
+                ::std::string::String,
+                $crate::tool_bindings::evhost::plugin::types::Error,
+            > {
                 $crate::__private::wasm_invoke::<$t>(input)
             }
         }

@@ -93,8 +93,9 @@ pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
 ) -> Result<&'a mut S, Error> {
     if !touched.contains_key(key) {
         let loaded = match store.get(key) {
-            Some(json) => serde_json::from_str(&json)
-                .map_err(|e| Error::Failed(format!("stored state of {key:?} does not parse: {e}")))?,
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                Error::Failed(format!("stored state of {key:?} does not parse: {e}"))
+            })?,
             None => S::default(),
         };
         touched.insert(key.to_owned(), loaded);

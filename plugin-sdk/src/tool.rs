@@ -30,8 +30,12 @@ pub fn invoke_json<T: Tool>(input: &str) -> Result<String, Error> {
     let input: T::Input = serde_json::from_str(input)
         .map_err(|e| Error::InvalidInput(format!("input of tool {} does not fit: {e}", T::NAME)))?;
     let output = T::invoke(input)?;
-    serde_json::to_string(&output)
-        .map_err(|e| Error::Failed(format!("output of tool {} does not serialize: {e}", T::NAME)))
+    serde_json::to_string(&output).map_err(|e| {
+        Error::Failed(format!(
+            "output of tool {} does not serialize: {e}",
+            T::NAME
+        ))
+    })
 }
 
 #[doc(hidden)]

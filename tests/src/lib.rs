@@ -138,7 +138,12 @@ pub async fn get(url: &str) -> (u16, serde_json::Value) {
 }
 
 /// `PUT /v1/plugins/{name}` with a manifest and a component.
-pub async fn upload(h: &Host, name: &str, manifest: &str, wasm: Vec<u8>) -> (u16, serde_json::Value) {
+pub async fn upload(
+    h: &Host,
+    name: &str,
+    manifest: &str,
+    wasm: Vec<u8>,
+) -> (u16, serde_json::Value) {
     let form = reqwest::multipart::Form::new()
         .part(
             "manifest",

@@ -64,7 +64,12 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for bundled in ["assistant-stats", "history", "type-counter", "knowledge-graph"] {
+    for bundled in [
+        "assistant-stats",
+        "history",
+        "type-counter",
+        "knowledge-graph",
+    ] {
         assert!(names.contains(&bundled), "{names:?}");
     }
 
@@ -367,7 +372,9 @@ async fn a_failing_batch_is_contained_and_reported_while_others_continue() {
     assert_eq!(info["state"], "failing");
     let err = info["last_error"].as_str().unwrap();
     assert!(
-        err.contains("assistant-stats@0.1.0") && err.contains("tool_name") && err.contains("position 0"),
+        err.contains("assistant-stats@0.1.0")
+            && err.contains("tool_name")
+            && err.contains("position 0"),
         "{err}"
     );
     assert_eq!(info["position"], 0, "the failing batch is not skipped");

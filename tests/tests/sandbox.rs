@@ -101,7 +101,11 @@ fn the_sandbox_grants_no_environment_arguments_or_files() {
     assert!(s["file"].as_str().unwrap().starts_with("Err"), "{s}");
     assert!(s["dir"].as_str().unwrap().starts_with("Err"), "{s}");
     call(&p, &state, "probe.net").unwrap();
-    assert!(seen(&state)["net"].as_str().unwrap().starts_with("Err"), "{}", seen(&state));
+    assert!(
+        seen(&state)["net"].as_str().unwrap().starts_with("Err"),
+        "{}",
+        seen(&state)
+    );
 }
 
 /// Reads what the probe saw of the clock and of randomness in one call over `batch`.
@@ -123,19 +127,30 @@ fn clock_and_randomness_are_fixed_unless_granted_and_deterministic_when_granted(
     let bare = probe(dir.path());
     let (clock, random) = clock_and_random(&bare, &batch);
     assert_eq!(clock, "0", "no clock grant: the clock reads the Unix epoch");
-    assert_eq!(clock_and_random(&bare, &batch).1, random, "no random grant: a fixed seed");
+    assert_eq!(
+        clock_and_random(&bare, &batch).1,
+        random,
+        "no random grant: a fixed seed"
+    );
 
     let granted = probe_with(dir.path(), "[capabilities]\nclock = true\nrandom = true\n");
     let (clock, random) = clock_and_random(&granted, &batch);
     let last = batch[1].timestamp.timestamp_micros().to_string();
-    assert_eq!(clock, last, "a projection's clock reads its batch's last event");
+    assert_eq!(
+        clock, last,
+        "a projection's clock reads its batch's last event"
+    );
     assert_eq!(
         clock_and_random(&granted, &batch),
         (clock, random.clone()),
         "a replay of the batch sees the same time and numbers"
     );
     let other = [event("probe.clock", 7), event("probe.random", 8)];
-    assert_ne!(clock_and_random(&granted, &other).1, random, "another batch, another seed");
+    assert_ne!(
+        clock_and_random(&granted, &other).1,
+        random,
+        "another batch, another seed"
+    );
 }
 
 #[test]

@@ -26,7 +26,11 @@ fn http_get_manifest(authority: &str, timeout_ms: u64) -> String {
 }
 
 async fn append(h: &Host, stream: &str, events: Value) -> Value {
-    let (s, body) = post(&format!("{}/v1/streams/{stream}", h.url), json!({"events": events})).await;
+    let (s, body) = post(
+        &format!("{}/v1/streams/{stream}", h.url),
+        json!({"events": events}),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     body
 }
@@ -65,7 +69,10 @@ async fn answered(h: &Host, correlation: &str) -> Value {
         if s == 200 && flow["answered"] == true {
             return flow;
         }
-        assert!(Instant::now() < deadline, "flow {correlation} was not answered: {flow}");
+        assert!(
+            Instant::now() < deadline,
+            "flow {correlation} was not answered: {flow}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -134,9 +141,20 @@ async fn a_query_flows_through_plan_and_tool_to_an_answer_with_metrics() {
     assert_eq!(metrics["tools"]["math"]["completed"], 1);
     assert_eq!(metrics["tools"]["math"]["latency"]["count"], 1);
     let (_, tools) = get(&format!("{}/v1/tools", h.url)).await;
-    let names: Vec<&str> = tools["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"math") && names.contains(&"http-get"), "{tools}");
-    assert_eq!(get(&format!("{}/v1/flows/no-such-flow", h.url)).await.0, 404);
+    let names: Vec<&str> = tools["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"math") && names.contains(&"http-get"),
+        "{tools}"
+    );
+    assert_eq!(
+        get(&format!("{}/v1/flows/no-such-flow", h.url)).await.0,
+        404
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +175,12 @@ async fn each_invocation_runs_once_and_bad_requests_fail_with_a_reason() {
     .await;
     let by_id = outcomes(&h, &["twice", "schema", "zero", "ghost"]).await;
     // The same invocation id again, later: still no second run.
-    append(&h, "calls", json!([request("twice", "math", json!({"expression": "6*7"}))])).await;
+    append(
+        &h,
+        "calls",
+        json!([request("twice", "math", json!({"expression": "6*7"}))]),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let by_id_later = outcomes(&h, &["twice"]).await;
     for (id, list) in &by_id_later {
@@ -166,7 +189,9 @@ async fn each_invocation_runs_once_and_bad_requests_fail_with_a_reason() {
     let started = all_events(&h)
         .await
         .into_iter()
-        .filter(|e| e["type"] == "tool.invocation.started" && e["payload"]["invocation_id"] == "twice")
+        .filter(|e| {
+            e["type"] == "tool.invocation.started" && e["payload"]["invocation_id"] == "twice"
+        })
         .count();
     assert_eq!(started, 1, "the invocation ran once");
 
@@ -177,16 +202,34 @@ async fn each_invocation_runs_once_and_bad_requests_fail_with_a_reason() {
     assert_eq!(schema["type"], "tool.invocation.failed");
     assert_eq!(schema["payload"]["error"]["code"], "invalid_input");
     let msg = schema["payload"]["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("schema of tool math") && msg.contains("expression"), "{msg}");
+    assert!(
+        msg.contains("schema of tool math") && msg.contains("expression"),
+        "{msg}"
+    );
     let zero = one("zero");
     assert_eq!(zero["payload"]["error"]["code"], "refused");
-    assert!(zero["payload"]["error"]["message"].as_str().unwrap().contains("division by zero"));
+    assert!(
+        zero["payload"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("division by zero")
+    );
     let ghost = one("ghost");
     assert_eq!(ghost["payload"]["error"]["code"], "unknown_tool");
-    assert!(ghost["payload"]["error"]["message"].as_str().unwrap().contains("no-such-tool"));
+    assert!(
+        ghost["payload"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-tool")
+    );
     // No start was recorded for what never ran.
-    assert!(!all_events(&h).await.iter().any(|e| e["type"] == "tool.invocation.started"
-        && ["schema", "ghost"].contains(&e["payload"]["invocation_id"].as_str().unwrap())));
+    assert!(
+        !all_events(&h)
+            .await
+            .iter()
+            .any(|e| e["type"] == "tool.invocation.started"
+                && ["schema", "ghost"].contains(&e["payload"]["invocation_id"].as_str().unwrap()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,14 +238,28 @@ async fn http_reaches_granted_hosts_only() {
     let other = CountingServer::start(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
-    let (s, body) = upload(&h, "http-get", &http_get_manifest(&granted.authority, 5000), wasm("http-get")).await;
+    let (s, body) = upload(
+        &h,
+        "http-get",
+        &http_get_manifest(&granted.authority, 5000),
+        wasm("http-get"),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     append(
         &h,
         "fetch",
         json!([
-            request("yes", "http-get", json!({"url": format!("http://{}/hello", granted.authority)})),
-            request("no", "http-get", json!({"url": format!("http://{}/secret", other.authority)})),
+            request(
+                "yes",
+                "http-get",
+                json!({"url": format!("http://{}/hello", granted.authority)})
+            ),
+            request(
+                "no",
+                "http-get",
+                json!({"url": format!("http://{}/secret", other.authority)})
+            ),
         ]),
     )
     .await;
@@ -215,7 +272,10 @@ async fn http_reaches_granted_hosts_only() {
     let no = &by_id["no"][0];
     assert_eq!(no["type"], "tool.invocation.failed", "{no}");
     let msg = no["payload"]["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("denied") && msg.contains("not granted"), "{msg}");
+    assert!(
+        msg.contains("denied") && msg.contains("not granted"),
+        "{msg}"
+    );
     assert_eq!(other.total(), 0, "a host outside the grant saw no request");
 }
 
@@ -223,7 +283,8 @@ async fn http_reaches_granted_hosts_only() {
 async fn an_extractor_cycle_stops_at_the_depth_limit() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
-    let manifest = "name = \"echo\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"echo.>\"]\n";
+    let manifest =
+        "name = \"echo\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"echo.>\"]\n";
     let component = std::fs::read(format!("{BUILD}/echo_cycle.wasm")).unwrap();
     let (s, body) = upload(&h, "echo", manifest, component).await;
     assert_eq!(s, 200, "{body}");
@@ -239,7 +300,11 @@ async fn an_extractor_cycle_stops_at_the_depth_limit() {
     };
     assert_eq!(info["derived"], 16, "{info}");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let echoes = all_events(&h).await.iter().filter(|e| e["type"] == "echo.again").count();
+    let echoes = all_events(&h)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "echo.again")
+        .count();
     assert_eq!(echoes, 16, "the chain ends at depth 16");
     assert_eq!(get(&format!("{}/health", h.url)).await.0, 200);
 }
@@ -275,7 +340,11 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
                      "payload": {"query": format!("what is {i}+2*3 and fetch http://{authority}/{cid}")},
                      "metadata": {"correlation_id": cid}},
                 ]});
-                let r = reqwest::Client::new().post(format!("{url}/v1/events")).json(&events).send().await;
+                let r = reqwest::Client::new()
+                    .post(format!("{url}/v1/events"))
+                    .json(&events)
+                    .send()
+                    .await;
                 match r {
                     Ok(r) if r.status().is_success() => sent.push((cid, 1)),
                     _ => break,
@@ -299,7 +368,10 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
         .filter(|e| e["type"] == "user.query.received")
         .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
         .collect();
-    assert!(acked.iter().all(|c| flows.contains(c)), "an acknowledged query was lost");
+    assert!(
+        acked.iter().all(|c| flows.contains(c)),
+        "an acknowledged query was lost"
+    );
     for cid in &flows {
         answered(&h, cid).await;
     }
@@ -307,30 +379,55 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = all_events(&h).await;
     let count = |ty: &str| events.iter().filter(|e| e["type"] == ty).count();
-    assert!(count("memory.created") as u64 >= memories, "an acknowledged memory was lost");
+    assert!(
+        count("memory.created") as u64 >= memories,
+        "an acknowledged memory was lost"
+    );
     let mut extracted_from: BTreeMap<String, usize> = BTreeMap::new();
-    for e in events.iter().filter(|e| e["type"] == "memory.entity.extracted") {
-        *extracted_from.entry(e["metadata"]["causation_id"].as_str().unwrap().to_owned()).or_default() += 1;
+    for e in events
+        .iter()
+        .filter(|e| e["type"] == "memory.entity.extracted")
+    {
+        *extracted_from
+            .entry(e["metadata"]["causation_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     for e in events.iter().filter(|e| e["type"] == "memory.created") {
         let id = e["id"].as_str().unwrap();
-        assert_eq!(extracted_from.get(id), Some(&1), "memory {id} extracted {:?} times", extracted_from.get(id));
+        assert_eq!(
+            extracted_from.get(id),
+            Some(&1),
+            "memory {id} extracted {:?} times",
+            extracted_from.get(id)
+        );
     }
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-    for e in events.iter().filter(|e| e["type"] == "answer.synthesized" || e["type"] == "plan.generated") {
-        *answers.entry(format!("{}:{}", e["type"], e["metadata"]["correlation_id"])).or_default() += 1;
+    for e in events
+        .iter()
+        .filter(|e| e["type"] == "answer.synthesized" || e["type"] == "plan.generated")
+    {
+        *answers
+            .entry(format!("{}:{}", e["type"], e["metadata"]["correlation_id"]))
+            .or_default() += 1;
     }
     assert!(answers.values().all(|n| *n == 1), "{answers:?}");
     assert_eq!(answers.len(), 2 * flows.len());
     let mut outcomes: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for e in events.iter().filter(|e| e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed") {
-        outcomes.entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned()).or_default().push(e);
+    for e in events.iter().filter(|e| {
+        e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
+    }) {
+        outcomes
+            .entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e);
     }
     let (mut completed, mut interrupted) = (0, 0);
     for cid in &flows {
         for step in ["1", "2"] {
             let id = format!("{cid}/{step}");
-            let list = outcomes.get(&id).unwrap_or_else(|| panic!("no outcome for {id}"));
+            let list = outcomes
+                .get(&id)
+                .unwrap_or_else(|| panic!("no outcome for {id}"));
             assert_eq!(list.len(), 1, "{id}: {list:?}");
             let o = list[0];
             if o["payload"]["tool"] == "http-get" {

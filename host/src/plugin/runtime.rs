@@ -403,7 +403,10 @@ impl<W: World> Plugin<W> {
         &self.plugin
     }
 
-    fn store(&self, view: Arc<dyn StateView>) -> (Store<HostState>, Arc<AtomicBool>, Arc<CallClock>) {
+    fn store(
+        &self,
+        view: Arc<dyn StateView>,
+    ) -> (Store<HostState>, Arc<AtomicBool>, Arc<CallClock>) {
         let refused = Arc::new(AtomicBool::new(false));
         let clock = Arc::new(CallClock::default());
         let timeout = Duration::from_millis(self.limits.batch_timeout_ms);

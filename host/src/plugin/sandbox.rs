@@ -117,7 +117,9 @@ pub fn wasi_ctx(kind: Kind, caps: &Capabilities, clock: &Arc<CallClock>) -> Wasi
     let mut b = WasiCtxBuilder::new();
     // No arguments, environment, preopened directories, stdin; sockets are denied by
     // default, and HTTP goes only through the allow-list below.
-    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    b.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
     let real = kind == Kind::Tool;
     if !(real && caps.clock) {
         b.wall_clock(FixedWall(clock.clone()));

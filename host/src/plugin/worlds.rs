@@ -86,7 +86,11 @@ pub trait Handler: Send + Sync + 'static {
     /// `name@version`, for logs and errors.
     fn id(&self) -> &str;
     /// Handles `events` over `view`; returns what to commit.
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, PluginError>;
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Output, PluginError>;
 }
 
 /// What the sandbox shows during a batch: the time of its last event, a seed from its first.
@@ -141,7 +145,11 @@ impl Handler for ProjectionPlugin {
     fn id(&self) -> &str {
         Plugin::id(self)
     }
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, PluginError> {
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Output, PluginError> {
         ProjectionPlugin::handle(self, view, events).map(|writes| Output {
             writes,
             derived: Vec::new(),
@@ -188,13 +196,15 @@ impl ExtractorPlugin {
             .zip(events)
             .map(|(list, from)| {
                 list.into_iter()
-                    .map(|e| from_wit_new(e, &source).map_err(|m| {
-                        invalid(format!(
-                            "derived an invalid event from {} at position {}: {m}",
-                            from.event_type.as_str(),
-                            from.position
-                        ))
-                    }))
+                    .map(|e| {
+                        from_wit_new(e, &source).map_err(|m| {
+                            invalid(format!(
+                                "derived an invalid event from {} at position {}: {m}",
+                                from.event_type.as_str(),
+                                from.position
+                            ))
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -206,7 +216,11 @@ impl Handler for ExtractorPlugin {
     fn id(&self) -> &str {
         Plugin::id(self)
     }
-    fn handle(&self, view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, PluginError> {
+    fn handle(
+        &self,
+        view: Arc<dyn StateView>,
+        events: &[Arc<Event>],
+    ) -> Result<Output, PluginError> {
         self.extract(view, events)
     }
 }
@@ -228,12 +242,11 @@ impl ToolPlugin {
         let (info, _) = self.call(Arc::new(NoState), CallContext::default(), |b, store| {
             b.call_describe(store).map(Ok)
         })?;
-        let input_schema = serde_json::from_str(&info.input_schema).map_err(|e| {
-            PluginError::Load {
+        let input_schema =
+            serde_json::from_str(&info.input_schema).map_err(|e| PluginError::Load {
                 plugin: self.plugin.to_string(),
                 message: format!("describe() returned an input schema that is not JSON: {e}"),
-            }
-        })?;
+            })?;
         Ok(ToolInfo {
             name: info.name,
             description: info.description,

@@ -10,7 +10,11 @@ impl Extractor for Echo {
     type State = ();
 
     fn extract(_: &mut (), event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Error> {
-        out.push(NewEvent::new("echo.again", &event.stream, &serde_json::json!({}))?);
+        out.push(NewEvent::new(
+            "echo.again",
+            &event.stream,
+            &serde_json::json!({}),
+        )?);
         Ok(())
     }
 }

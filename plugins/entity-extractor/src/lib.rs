@@ -63,7 +63,9 @@ pub fn entities(text: &str) -> Vec<Entity> {
     for raw in text.split_whitespace() {
         let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
         let capitalised = word.chars().next().is_some_and(char::is_uppercase)
-            && word.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '\'');
+            && word
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '\'');
         if capitalised {
             if run.is_empty() {
                 run_opens_sentence = sentence_start;
@@ -136,8 +138,11 @@ mod tests {
     #[test]
     fn one_event_per_memory_with_entities() {
         let events = vec![
-            Event::new("memory.created", r#"{"content": "Grace Hopper wrote COBOL"}"#)
-                .with_stream("m1"),
+            Event::new(
+                "memory.created",
+                r#"{"content": "Grace Hopper wrote COBOL"}"#,
+            )
+            .with_stream("m1"),
             Event::new("memory.created", r#"{"content": "no names"}"#).with_stream("m2"),
         ];
         let out = extract::<EntityExtractor>(&mut MemStore::default(), &events).unwrap();

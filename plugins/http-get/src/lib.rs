@@ -52,7 +52,12 @@ impl Tool for HttpGet {
         let (https, rest) = match input.url.split_once("://") {
             Some(("https", rest)) => (true, rest),
             Some(("http", rest)) => (false, rest),
-            _ => return Err(Error::InvalidInput(format!("{} is not an http(s) URL", input.url))),
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "{} is not an http(s) URL",
+                    input.url
+                )));
+            }
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -77,7 +82,9 @@ fn get(https: bool, authority: &str, path: &str) -> Result<(u16, Vec<u8>), Error
     use wasi::http::types::{Fields, IncomingBody, Method, OutgoingRequest, Scheme};
     let failed = |what: &str| Error::Failed(format!("http-get: {what}"));
     let request = OutgoingRequest::new(Fields::new());
-    request.set_method(&Method::Get).map_err(|()| failed("bad method"))?;
+    request
+        .set_method(&Method::Get)
+        .map_err(|()| failed("bad method"))?;
     let scheme = if https { Scheme::Https } else { Scheme::Http };
     request
         .set_scheme(Some(&scheme))
@@ -100,7 +107,9 @@ fn get(https: bool, authority: &str, path: &str) -> Result<(u16, Vec<u8>), Error
             )));
         }
         Some(Ok(Err(code))) => {
-            return Err(Error::Failed(format!("GET {authority}{path} failed: {code:?}")));
+            return Err(Error::Failed(format!(
+                "GET {authority}{path} failed: {code:?}"
+            )));
         }
         _ => return Err(failed("the response was lost")),
     };

@@ -44,8 +44,11 @@ impl Projection for KnowledgeGraph {
     fn keys(event: &Event) -> Vec<String> {
         match event.payload::<Extracted>() {
             Ok(x) => {
-                let mut keys: Vec<String> =
-                    x.entities.iter().map(|m| format!("{PREFIX}{}", m.name)).collect();
+                let mut keys: Vec<String> = x
+                    .entities
+                    .iter()
+                    .map(|m| format!("{PREFIX}{}", m.name))
+                    .collect();
                 keys.dedup();
                 keys
             }
@@ -116,8 +119,11 @@ mod tests {
     #[test]
     fn co_occurrences_are_counted_both_ways() {
         let mut h = Harness::<KnowledgeGraph>::new();
-        h.handle(vec![extracted(&["Ada", "London"]), extracted(&["Ada", "Babbage"])])
-            .unwrap();
+        h.handle(vec![
+            extracted(&["Ada", "London"]),
+            extracted(&["Ada", "Babbage"]),
+        ])
+        .unwrap();
         let ada = h.state("entity/Ada").unwrap();
         assert_eq!(ada.mentions, 2);
         assert_eq!(ada.related["London"], 1);
@@ -125,6 +131,9 @@ mod tests {
         assert_eq!(h.state("entity/London").unwrap().related["Ada"], 1);
         let all: serde_json::Value = serde_json::from_str(&h.query("").unwrap()).unwrap();
         assert_eq!(all.as_object().unwrap().len(), 3);
-        assert!(h.handle(vec![Event::new("memory.entity.extracted", "{}")]).is_err());
+        assert!(
+            h.handle(vec![Event::new("memory.entity.extracted", "{}")])
+                .is_err()
+        );
     }
 }

@@ -48,8 +48,9 @@ impl Tool for Math {
         let value = if value.fract() == 0.0 && value.abs() < 9.0e15 {
             serde_json::Number::from(value as i64)
         } else {
-            serde_json::Number::from_f64(value)
-                .ok_or_else(|| Error::InvalidInput(format!("{} is not a finite number", input.expression)))?
+            serde_json::Number::from_f64(value).ok_or_else(|| {
+                Error::InvalidInput(format!("{} is not a finite number", input.expression))
+            })?
         };
         Ok(Output {
             expression: input.expression,

@@ -103,7 +103,11 @@ pub fn answer(flow: &Flow) -> String {
             let outcome = s.outcome.clone().unwrap_or(Value::Null);
             match (s.tool.as_str(), outcome.get("output"), outcome.get("error")) {
                 ("math", Some(out), _) => {
-                    format!("{} = {}", s.input["expression"].as_str().unwrap_or("?"), out["value"])
+                    format!(
+                        "{} = {}",
+                        s.input["expression"].as_str().unwrap_or("?"),
+                        out["value"]
+                    )
                 }
                 ("http-get", Some(out), _) => format!(
                     "{} answered {} with {} bytes",
@@ -169,7 +173,10 @@ impl Extractor for Orchestrator {
             }
             _ => {
                 let o: Outcome = event.payload()?;
-                let Some(step) = flow.steps.iter_mut().find(|s| s.invocation_id == o.invocation_id)
+                let Some(step) = flow
+                    .steps
+                    .iter_mut()
+                    .find(|s| s.invocation_id == o.invocation_id)
                 else {
                     return Ok(()); // Some other caller's invocation.
                 };
