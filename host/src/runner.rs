@@ -402,14 +402,7 @@ fn derived_appends(
         for (index, mut d) in list.into_iter().enumerate() {
             stamp(plugin, from, index, &mut d);
             kept += 1;
-            match appends.last_mut() {
-                Some(a) if a.stream == d.stream => a.events.push(d.event),
-                _ => appends.push(StreamAppend {
-                    stream: d.stream,
-                    expected: ExpectedVersion::Any,
-                    events: vec![d.event],
-                }),
-            }
+            push_grouped(&mut appends, d);
         }
     }
     (appends, kept, dropped)
@@ -599,5 +592,17 @@ async fn commit_jobs(
         });
         tracing::trace!(plugin, events = job.events, took = ?job.started.elapsed(), "batch committed");
         let _ = committed.send(job.resume);
+    }
+}
+
+/// Adds `d` to `appends`, in order: to the last append when it is for the same stream.
+pub fn push_grouped(appends: &mut Vec<StreamAppend>, d: Derived) {
+    match appends.last_mut() {
+        Some(a) if a.stream == d.stream => a.events.push(d.event),
+        _ => appends.push(StreamAppend {
+            stream: d.stream,
+            expected: ExpectedVersion::Any,
+            events: vec![d.event],
+        }),
     }
 }

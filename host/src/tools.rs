@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
-use crate::log::{EventLog, ExpectedVersion, StreamAppend};
+use crate::log::{EventLog, StreamAppend};
 use crate::plugin::{Derived, Output, StateView, ToolInfo, ToolPlugin};
-use crate::runner::{BatchHandler, derived_id, stamp};
+use crate::runner::{BatchHandler, derived_id, push_grouped, stamp};
 
 /// Requests for tools.
 pub const REQUESTED: &str = "tool.invocation.requested";
@@ -59,6 +59,13 @@ fn parse(event: &Event) -> Option<Parsed> {
         tool: r.tool?,
         input: r.input,
     })
+}
+
+/// Where the log holds the event with `id` (an invocation's start or outcome), if anywhere.
+async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, String> {
+    log.find(&id)
+        .await
+        .map_err(|e| format!("looking up an invocation failed: {e}"))
 }
 
 /// The id of an invocation's one outcome event (completed or failed).
@@ -245,12 +252,7 @@ impl BatchHandler for ToolHandler {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         let mut seen = HashSet::new();
         let mut to_run: Vec<(usize, Parsed)> = Vec::new();
-        let lookup = |id: String| async move {
-            self.log
-                .find(&id)
-                .await
-                .map_err(|e| format!("looking up an invocation failed: {e}"))
-        };
+        let lookup = |id: String| find_id(&self.log, id);
         for (i, event) in events.iter().enumerate() {
             let Some(p) = parse(event) else { continue };
             if p.tool != self.name || !seen.insert(p.invocation_id.clone()) {
@@ -299,14 +301,7 @@ impl BatchHandler for ToolHandler {
                 json!({"invocation_id": p.invocation_id, "tool": p.tool}),
             );
             stamp(&self.name, from, 0, &mut d);
-            match starts.last_mut() {
-                Some(a) if a.stream == d.stream => a.events.push(d.event),
-                _ => starts.push(StreamAppend {
-                    stream: d.stream,
-                    expected: ExpectedVersion::Any,
-                    events: vec![d.event],
-                }),
-            }
+            push_grouped(&mut starts, d);
         }
         self.log
             .append(starts)
@@ -383,12 +378,7 @@ impl BatchHandler for UnknownTools {
                     (p, m)
                 }
             };
-            let seen = |id: String| async move {
-                self.log
-                    .find(&id)
-                    .await
-                    .map_err(|e| format!("looking up an invocation failed: {e}"))
-            };
+            let seen = |id: String| find_id(&self.log, id);
             if seen(outcome_id(&p.invocation_id)).await?.is_some()
                 || seen(started_id(&p.invocation_id)).await?.is_some()
             {

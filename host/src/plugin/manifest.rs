@@ -222,6 +222,18 @@ memory_mb = 32
     }
 
     #[test]
+    fn a_tool_may_be_granted_http_clock_and_random() {
+        let m = Manifest::parse(
+            "name = \"http-get\"\nversion = \"1\"\nkind = \"tool\"\n\
+             [capabilities]\nhttp = [\"127.0.0.1:8080\"]\nclock = true\nrandom = true\n",
+        )
+        .unwrap();
+        assert_eq!(m.capabilities.http, ["127.0.0.1:8080"]);
+        assert!(m.capabilities.clock && m.capabilities.random);
+        assert_eq!(m.limits.concurrency, 4);
+    }
+
+    #[test]
     fn bad_manifests_are_refused_with_what_is_wrong() {
         let cases = [
             ("name = \"x\"", "missing field"),
@@ -254,6 +266,19 @@ memory_mb = 32
             (
                 &format!("{GOOD}\n[capabilities]\nhttp = [\"example.com:443\"]"),
                 "projection cannot be granted http",
+            ),
+            (
+                &format!("{GOOD}\n[capabilities]\nhttp = [\"example.com:443\"]")
+                    .replace("projection", "extractor"),
+                "extractor cannot be granted http",
+            ),
+            (
+                &GOOD.replace("projection", "tool"),
+                "a tool has no subscriptions",
+            ),
+            (
+                &GOOD.replace("memory_mb = 32", "concurrency = 0"),
+                "limits.concurrency 0",
             ),
             ("not toml at all [", "invalid plugin manifest"),
         ];
