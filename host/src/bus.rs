@@ -23,6 +23,8 @@ use crate::pattern::{PatternSet, Router};
 const LIVE_BUFFER: usize = 1024;
 /// Events read from the log per catch-up step.
 const CATCH_UP_PAGE: usize = 512;
+/// Most events read at once when filling a batch while catching up.
+const MAX_CATCH_UP_READ: usize = 4096;
 
 /// Identifies a subscription, for [`Bus::unsubscribe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -408,15 +410,28 @@ impl Subscription {
             Ok(e) => e,
             Err(e) => return Some(Err(e)),
         };
-        let mut events = vec![first];
-        while events.len() < max {
-            if let Some(e) = self.pending.pop_front() {
-                events.push(e);
-                continue;
+        // While catching up, read on from the log until the batch can be full. The events
+        // wait in `pending` across each read, so a caller that gives up waiting (a timeout
+        // dropping this future) loses none of them.
+        self.pending.push_front(first);
+        while !self.caught_up
+            && self.pending.len() < max
+            && self.cursor < self.bus.hub.head()
+            && !self.cancelled.load(Ordering::Acquire)
+        {
+            let want = (max - self.pending.len()).min(MAX_CATCH_UP_READ);
+            match self.bus.log.read(self.cursor, want, &self.filter).await {
+                Ok(page) if page.next > self.cursor || !page.events.is_empty() => {
+                    self.cursor = self.cursor.max(page.next);
+                    self.pending.extend(page.events.into_iter().map(Arc::new));
+                }
+                // Nothing more to read now, or a read error that the next call reports.
+                _ => break,
             }
-            if !self.caught_up {
-                break;
-            }
+        }
+        let take = self.pending.len().min(max);
+        let mut events: Vec<Arc<Event>> = self.pending.drain(..take).collect();
+        while events.len() < max && self.caught_up {
             let Some(rx) = self.live.as_mut() else { break };
             match rx.try_recv() {
                 Ok(e) if e.position >= self.cursor => {
