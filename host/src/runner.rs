@@ -196,7 +196,8 @@ async fn run(
     let start = status.lock().expect("runner status lock").position;
     let mut sub = bus.subscribe(patterns, ReadFilter::default(), Start::Position(start));
     let view: Arc<dyn StateView> = Arc::new(store.clone());
-    let mut recovery = Recovery::new(start);
+    // A plugin that never derived anything has nothing to recover.
+    let mut recovery = Recovery::new(start, store.has_derived().unwrap_or(true));
     let mut processed = status.lock().expect("runner status lock").events_processed;
     // Appends and commits run in order on their own task, one batch behind at most.
     let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(1);
@@ -412,7 +413,9 @@ fn derived_appends(
 /// checkpoint was not committed (a crash between the append and the commit, or storage that
 /// lost recent commits). They are found once, by reading this plugin's events from the
 /// checkpoint it started at to the head, and not appended again; past that head everything
-/// it derives is new, so derived events need no per-event index.
+/// it derives is new, so derived events need no per-event index. A plugin whose store
+/// records no derived append ([`PluginStore::mark_derived`], durable before the first) has
+/// nothing to find.
 struct Recovery {
     from: u64,
     /// The head when the log was read, and the ids found below it; `None` until needed.
@@ -421,11 +424,11 @@ struct Recovery {
 }
 
 impl Recovery {
-    fn new(from: u64) -> Self {
+    fn new(from: u64, needed: bool) -> Self {
         Self {
             from,
             seen: None,
-            done: false,
+            done: !needed,
         }
     }
 
@@ -534,30 +537,38 @@ async fn commit_jobs(
 ) {
     let update =
         |f: &mut dyn FnMut(&mut RunnerStatus)| f(&mut status.lock().expect("runner status lock"));
+    let mut marked = store.has_derived().unwrap_or(false);
     while let Some(job) = queue.recv().await {
         let mut backoff = BACKOFF.0;
-        let mut appends = Some(job.appends);
+        let mut appends = Some(job.appends).filter(|a| !a.is_empty());
         loop {
-            let step = match appends.take() {
-                Some(a) if !a.is_empty() => {
+            let step: Result<(), String> = 'step: {
+                if let Some(a) = &appends {
+                    // Durable before the first derived event of this plugin name, so a later
+                    // start knows to look for what it appended (see `Recovery`).
+                    if !marked {
+                        if let Err(e) = store.mark_derived() {
+                            break 'step Err(format!(
+                                "recording that derived events follow failed: {e}"
+                            ));
+                        }
+                        marked = true;
+                    }
                     let r = if job.fixed_ids {
                         // Ids a handler fixed are looked up later (tool outcomes): indexed.
                         log.append(a.clone()).await
                     } else {
                         log.append_unindexed(a.clone()).await
                     };
-                    r.map(|_| ()).map_err(|e| {
-                        appends = Some(a);
-                        format!("appending derived events failed: {e}")
-                    })
+                    if let Err(e) = r {
+                        break 'step Err(format!("appending derived events failed: {e}"));
+                    }
+                    appends = None;
                 }
-                _ => Ok(()),
-            }
-            .and_then(|()| {
                 store
                     .commit(&job.writes, job.resume, job.processed)
                     .map_err(|e| format!("committing state failed: {e}"))
-            });
+            };
             match step {
                 Ok(()) => break,
                 Err(message) => {

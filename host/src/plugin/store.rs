@@ -10,6 +10,7 @@ const CHECKPOINT: &[u8] = b"c";
 const PROCESSED: &[u8] = b"n";
 const HASH: &[u8] = b"h";
 const ORIGIN: &[u8] = b"o";
+const DERIVED: &[u8] = b"d";
 const STATE: u8 = b's';
 
 fn tree_name(plugin: &str) -> String {
@@ -66,13 +67,33 @@ impl PluginStore {
     }
 
     /// Starts the state over for the component with `hash`: empty, beginning at `origin`.
+    /// Whether the plugin ever derived events is kept: they stay in the log.
     pub fn reset(&self, hash: &str, origin: u64) -> sled::Result<()> {
+        let derived = self.has_derived()?;
         self.tree.clear()?;
         let mut b = sled::Batch::default();
+        if derived {
+            b.insert(DERIVED, &[1u8][..]);
+        }
         b.insert(HASH, hash.as_bytes());
         b.insert(CHECKPOINT, &origin.to_be_bytes()[..]);
         b.insert(ORIGIN, &origin.to_be_bytes()[..]);
         self.tree.apply_batch(b)
+    }
+
+    /// True once the plugin has (possibly) appended derived events under its name.
+    pub fn has_derived(&self) -> sled::Result<bool> {
+        Ok(self.tree.get(DERIVED)?.is_some())
+    }
+
+    /// Records, durably, that the plugin is about to append derived events; a runner that
+    /// starts later knows it must look for them before deriving again.
+    pub fn mark_derived(&self) -> sled::Result<()> {
+        if !self.has_derived()? {
+            self.tree.insert(DERIVED, &[1u8][..])?;
+            self.tree.flush()?;
+        }
+        Ok(())
     }
 
     /// The position the state began at (replays for time travel start here).
