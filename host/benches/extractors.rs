@@ -84,10 +84,12 @@ async fn derived(registry: &Registry, name: &str, n: u64, start: Instant) -> Dur
             "{:?}",
             info.status.last_error
         );
-        if std::env::var("EVHOST_BENCH_DEBUG").is_ok() && start.elapsed().as_secs() > 8 {
-            eprintln!("{}", serde_json::to_string(&info).unwrap());
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-        }
+        // A runner that stops progressing shows up here instead of as a silent hang.
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{name} stalled: {}",
+            serde_json::to_string(&info).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -138,14 +140,7 @@ fn main() {
         );
         let (text, wasm) = manifest(&plugins, "entity-extractor");
         let start = Instant::now();
-        let debug = std::env::var("EVHOST_BENCH_DEBUG").is_ok();
-        if debug {
-            eprintln!("loading");
-        }
         registry.load(&text, wasm, false).await.unwrap();
-        if debug {
-            eprintln!("loaded");
-        }
         let took = derived(&registry, "entity-extractor", n, start).await;
         println!(
             "extract   entity-extractor, derived appended:      {:>10.0} input events/s  ({n} in {:.2} s; target >= 100,000)",

@@ -199,8 +199,8 @@ async fn run(
     // A plugin that never derived anything has nothing to recover.
     let mut recovery = Recovery::new(start, store.has_derived().unwrap_or(true));
     let mut processed = status.lock().expect("runner status lock").events_processed;
-    // Appends and commits run in order on their own task, one batch behind at most.
-    let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(1);
+    // Appends and commits run in order on their own task, at most two batches behind.
+    let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(2);
     let (committed_tx, mut committed) = watch::channel(start);
     let mut handed = start;
     let committer = tokio::spawn(commit_jobs(

@@ -186,7 +186,7 @@ impl ExtractorPlugin {
         let total: usize = lists.iter().map(Vec::len).sum();
         if total > MAX_DERIVED_PER_BATCH {
             return Err(invalid(format!(
-                "derived {total} events from one batch of {}; the most is {MAX_DERIVED_PER_BATCH}",
+                "derived {total} events from one batch of {}; the most is {MAX_DERIVED_PER_BATCH}: lower limits.batch_size in the manifest",
                 events.len()
             )));
         }
