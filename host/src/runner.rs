@@ -309,8 +309,9 @@ async fn run(
                     if jobs.send(job).await.is_err() {
                         break;
                     }
-                    if wait && !committed_to(&mut committed, handed, &mut stopped).await {
-                        break;
+                    if wait {
+                        // Returns early when stopped; the loop's top then ends the runner.
+                        committed_to(&mut committed, handed, &mut stopped).await;
                     }
                     break;
                 }

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
 use crate::log::{EventLog, StreamAppend};
-use crate::plugin::{Derived, Output, StateView, ToolInfo, ToolPlugin};
+use crate::plugin::{Derived, Output, PluginError, StateView, ToolInfo, ToolPlugin};
 use crate::runner::{BatchHandler, derived_id, push_grouped, stamp};
 
 /// Requests for tools.
@@ -197,27 +197,20 @@ impl ToolHandler {
                     .collect::<Vec<_>>()
             })
         });
-        let mut out: Vec<Ran> = (0..n)
-            .map(|_| (Err(("lost", String::new())), 0.0))
-            .collect();
+        let mut out: Vec<Option<Ran>> = (0..n).map(|_| None).collect();
         for done in futures::future::join_all(calls).await {
-            match done {
-                Ok(results) => {
-                    for (i, r, ms) in results {
-                        out[i] = (r, ms);
-                    }
-                }
-                Err(e) => {
-                    for slot in out
-                        .iter_mut()
-                        .filter(|s| s.0.as_ref().is_err_and(|e| e.1.is_empty()))
-                    {
-                        slot.0 = Err(("lost", format!("the invocation was lost: {e}")));
-                    }
-                }
+            // A share whose thread panicked leaves its slots empty.
+            for (i, r, ms) in done.unwrap_or_default() {
+                out[i] = Some((r, ms));
             }
         }
-        out
+        out.into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|| {
+                    (Err(("lost", "the invocation's thread failed".into())), 0.0)
+                })
+            })
+            .collect()
     }
 }
 
@@ -230,10 +223,8 @@ fn run_one(plugin: &ToolPlugin, name: &str, input: &str) -> Result<Value, (&'sta
                 format!("tool {name} returned output that is not JSON: {e}"),
             )
         }),
-        Err(e @ crate::plugin::PluginError::Refused { .. }) => Err(("refused", e.to_string())),
-        Err(e) if e.to_string().contains("ran longer than its limit") => {
-            Err(("timeout", e.to_string()))
-        }
+        Err(e @ PluginError::Refused { .. }) => Err(("refused", e.to_string())),
+        Err(e @ PluginError::TimedOut { .. }) => Err(("timeout", e.to_string())),
         Err(e) => Err(("trapped", e.to_string())),
     }
 }

@@ -54,7 +54,9 @@ fn seen(state: &MemState) -> serde_json::Value {
 
 fn assert_trapped(r: Result<(), PluginError>, want: &str) {
     match r {
-        Err(PluginError::Trapped { plugin, message }) => {
+        Err(
+            PluginError::Trapped { plugin, message } | PluginError::TimedOut { plugin, message },
+        ) => {
             assert_eq!(plugin, "probe@1");
             assert!(message.contains(want), "{message}");
         }
@@ -70,10 +72,12 @@ fn limits_and_traps_fail_only_the_call() {
     call(&p, &state, "probe.ok").unwrap();
 
     let started = std::time::Instant::now();
-    assert_trapped(
-        call(&p, &state, "probe.loop"),
-        "longer than its limit of 300 ms",
+    let looped = call(&p, &state, "probe.loop");
+    assert!(
+        matches!(looped, Err(PluginError::TimedOut { .. })),
+        "{looped:?}"
     );
+    assert_trapped(looped, "longer than its limit of 300 ms");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "the loop was stopped"

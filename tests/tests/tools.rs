@@ -449,3 +449,34 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
     );
     assert!(completed > 0);
 }
+
+/// An invocation that waits on a slow host is cut off at the tool's time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_invocation_fails_at_the_time_limit() {
+    let slow = CountingServer::start(Duration::from_secs(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let (s, body) = upload(
+        &h,
+        "http-get",
+        &http_get_manifest(&slow.authority, 400),
+        wasm("http-get"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let url = format!("http://{}/slow", slow.authority);
+    append(
+        &h,
+        "fetch",
+        json!([request("slow", "http-get", json!({ "url": url }))]),
+    )
+    .await;
+    let by_id = outcomes(&h, &["slow"]).await;
+    let o = &by_id["slow"][0];
+    assert_eq!(o["type"], "tool.invocation.failed", "{o}");
+    let msg = o["payload"]["error"]["message"].as_str().unwrap();
+    assert!(msg.to_lowercase().contains("timeout"), "{msg}");
+    let ms = o["payload"]["duration_ms"].as_f64().unwrap();
+    assert!(ms < 2_000.0, "ran {ms} ms against a limit of 400 ms");
+    assert_eq!(slow.count("/slow"), 1);
+}

@@ -85,7 +85,15 @@ pub enum PluginError {
         /// The plugin's message.
         message: String,
     },
-    /// The plugin trapped, ran out of time or hit its memory limit.
+    /// The call ran longer than the plugin's time limit and was stopped.
+    #[error("plugin {plugin} failed: {message}")]
+    TimedOut {
+        /// `name@version`.
+        plugin: String,
+        /// Which limit.
+        message: String,
+    },
+    /// The plugin trapped or hit its memory limit.
     #[error("plugin {plugin} failed: {message}")]
     Trapped {
         /// `name@version`.
@@ -493,12 +501,16 @@ impl<W: World> Plugin<W> {
     }
 
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
-        let message = if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
-            format!(
-                "ran longer than its limit of {} ms per call",
-                self.limits.batch_timeout_ms
-            )
-        } else if memory_refused {
+        if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+            return PluginError::TimedOut {
+                plugin: self.plugin.to_string(),
+                message: format!(
+                    "ran longer than its limit of {} ms per call",
+                    self.limits.batch_timeout_ms
+                ),
+            };
+        }
+        let message = if memory_refused {
             format!(
                 "hit its memory limit of {} MiB ({e})",
                 self.limits.memory_mb
