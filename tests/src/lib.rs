@@ -137,6 +137,19 @@ pub async fn get(url: &str) -> (u16, serde_json::Value) {
     (s, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Appends `events` (a JSON array, or a `Vec` of events) to `stream`, expecting success;
+/// returns the reply.
+pub async fn append(
+    h: &Host,
+    stream: &str,
+    events: impl Into<serde_json::Value>,
+) -> serde_json::Value {
+    let body = serde_json::json!({ "events": events.into() });
+    let (s, reply) = post(&format!("{}/v1/streams/{stream}", h.url), body).await;
+    assert_eq!(s, 200, "{reply}");
+    reply
+}
+
 /// `PUT /v1/plugins/{name}` with a manifest and a component.
 pub async fn upload(
     h: &Host,

@@ -4,21 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, get, jitter, post, upload};
+use evhost_tests::{Host, append, get, jitter, post, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
 const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-
-async fn append(h: &Host, stream: &str, events: Vec<Value>) -> Value {
-    let (s, body) = post(
-        &format!("{}/v1/streams/{stream}", h.url),
-        json!({"events": events}),
-    )
-    .await;
-    assert_eq!(s, 200, "{body}");
-    body
-}
 
 /// Waits until `plugin`'s checkpoint reaches the head.
 async fn caught_up(h: &Host, plugin: &str) -> Value {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, get, jitter, post, upload};
+use evhost_tests::{CountingServer, Host, append, get, jitter, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -23,16 +23,6 @@ fn http_get_manifest(authority: &str, timeout_ms: u64) -> String {
         "name = \"http-get\"\nversion = \"0.1.0\"\nkind = \"tool\"\n[limits]\nbatch_timeout_ms = {timeout_ms}\n\
          [capabilities]\nhttp = [\"{authority}\"]\n"
     )
-}
-
-async fn append(h: &Host, stream: &str, events: Value) -> Value {
-    let (s, body) = post(
-        &format!("{}/v1/streams/{stream}", h.url),
-        json!({"events": events}),
-    )
-    .await;
-    assert_eq!(s, 200, "{body}");
-    body
 }
 
 fn query(text: &str, correlation: &str) -> Value {
