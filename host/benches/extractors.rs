@@ -117,7 +117,7 @@ fn main() {
         let dyn_log = log.clone() as Arc<dyn EventLog>;
         let bus = Bus::new(dyn_log.clone(), hub);
         let runtime = Runtime::new(&dir.path().join("compiled")).unwrap();
-        let registry = Registry::new(runtime, log.db().clone(), bus, dyn_log.clone(), dir.path().join("plugins"));
+        let registry = Registry::new(runtime, log.db().clone(), bus, dyn_log.clone(), dir.path().join("plugins"), evhost::schemas::Schemas::open(log.db()).unwrap());
 
         // Extractor: a backlog of n memories, one derived event each.
         let t = Instant::now();

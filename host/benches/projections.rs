@@ -217,7 +217,7 @@ fn main() {
         assert_eq!(a, b, "wasm and native states differ");
 
         // Time travel to the middle, through the registry as the API does it.
-        let registry = Registry::new(runtime.clone(), db.clone(), bus.clone(), log.clone() as Arc<dyn EventLog>, dir.path().join("plugins"));
+        let registry = Registry::new(runtime.clone(), db.clone(), bus.clone(), log.clone() as Arc<dyn EventLog>, dir.path().join("plugins"), evhost::schemas::Schemas::open(&db).unwrap());
         registry.load(&manifest_text, wasm.clone(), false).await.unwrap();
         let t = Instant::now();
         let then = registry.state_at("assistant-stats", "assistant-7", head / 2).await.unwrap();

@@ -4,6 +4,7 @@
 //! before calling the log, so a request that fails writes nothing.
 
 mod error;
+mod failures;
 mod flows;
 mod plugins;
 
@@ -64,6 +65,7 @@ pub struct AppState {
     config: Arc<ApiConfig>,
     registry: Option<Arc<crate::registry::Registry>>,
     flows: Option<crate::plugin::PluginStore>,
+    schemas: Option<crate::schemas::Schemas>,
 }
 
 impl AppState {
@@ -75,7 +77,14 @@ impl AppState {
             config: Arc::new(config),
             registry: None,
             flows: None,
+            schemas: None,
         }
+    }
+
+    /// Checks appended payloads against `schemas` and serves `/v1/schemas`.
+    pub fn with_schemas(mut self, schemas: crate::schemas::Schemas) -> Self {
+        self.schemas = Some(schemas);
+        self
     }
 
     /// Serves `/v1/flows` and `/v1/metrics` from the flow index's store.
@@ -108,6 +117,15 @@ pub fn router(state: AppState) -> Router {
             put(plugins::put_plugin)
                 .get(plugins::get_plugin)
                 .delete(plugins::delete_plugin),
+        )
+        .route("/v1/plugins/{name}/resume", post(failures::resume))
+        .route("/v1/dlq", get(failures::list_dead_letters))
+        .route("/v1/dlq/{id}", axum::routing::delete(failures::delete_dead_letter))
+        .route("/v1/dlq/{id}/retry", post(failures::retry_dead_letter))
+        .route("/v1/schemas", get(failures::list_schemas))
+        .route(
+            "/v1/schemas/{pattern}",
+            put(failures::put_schema).delete(failures::delete_schema),
         )
         .route("/v1/projections/{name}/state", get(plugins::get_state))
         .route("/v1/projections/{name}/query", post(plugins::post_query))
@@ -269,6 +287,7 @@ async fn append_stream(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    check_schemas(&st, events.iter())?;
     let mut done = st
         .log
         .append(vec![StreamAppend {
@@ -304,9 +323,26 @@ async fn append_events(
             )?],
         });
     }
+    check_schemas(&st, groups.iter().flat_map(|g| &g.events))?;
     let done = st.log.append(groups).await.map_err(append_error)?;
     let positions: Vec<u64> = done.iter().map(|a| a.positions[0]).collect();
     Ok(Json(json!({"positions": positions, "streams": done})).into_response())
+}
+
+/// Checks every event of an append against the schema registry, before anything is written.
+fn check_schemas<'a>(
+    st: &AppState,
+    events: impl Iterator<Item = &'a NewEvent>,
+) -> Result<(), ApiError> {
+    let Some(schemas) = &st.schemas else {
+        return Ok(());
+    };
+    for (index, e) in events.enumerate() {
+        schemas
+            .check(e.event_type.as_str(), e.payload.as_str())
+            .map_err(|v| failures::violation(index, v))?;
+    }
+    Ok(())
 }
 
 fn append_error(e: AppendError) -> ApiError {

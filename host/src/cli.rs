@@ -37,6 +37,35 @@ enum Command {
     /// Read a projection's state on a running host, now or at a past position.
     #[command(subcommand)]
     State(StateCommand),
+    /// List, retry and drop the events plugins failed on (the dead-letter store).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters, of one plugin or of all.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only this plugin's.
+        #[arg(long)]
+        plugin: Option<String>,
+    },
+    /// Run a dead letter through its plugin again (ids look like `<plugin>.<position>`).
+    Retry {
+        #[command(flatten)]
+        remote: Remote,
+        /// The dead letter's id.
+        id: String,
+    },
+    /// Drop a dead letter without handling it.
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        /// The dead letter's id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +94,13 @@ enum PluginCommand {
         /// Delete its state too.
         #[arg(long)]
         purge: bool,
+    },
+    /// Clear a plugin's quarantine: it consumes again from where it stopped.
+    Resume {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
     },
 }
 
@@ -229,6 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Events(cmd) => events(cmd).await,
         Command::Plugin(cmd) => plugin(cmd).await,
         Command::State(cmd) => state(cmd).await,
+        Command::Dlq(cmd) => dlq(cmd).await,
     }
 }
 
@@ -249,12 +286,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let bus = Bus::new(dyn_log.clone(), hub);
     let runtime =
         Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
+    let schemas =
+        crate::schemas::Schemas::open(log.db()).context("opening the schema registry")?;
     let registry = Registry::new(
         runtime,
         log.db().clone(),
         bus.clone(),
         dyn_log.clone(),
         args.data.join("plugins"),
+        schemas.clone(),
     );
     // Plugins loaded over the API (kept in the data directory) override those of the same
     // name in --plugins, so a hot-loaded replacement survives a restart.
@@ -286,7 +326,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
     )
     .with_registry(registry.clone())
-    .with_flows(flow_store);
+    .with_flows(flow_store)
+    .with_schemas(schemas);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -504,6 +545,54 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
             println!("{}", json_reply(resp).await?);
         }
+        PluginCommand::Resume { remote, name } => {
+            let resp = client()
+                .post(format!(
+                    "{}/v1/plugins/{}/resume",
+                    remote.url,
+                    urlencode(&name)
+                ))
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(cmd: DlqCommand) -> Result<()> {
+    let request = match &cmd {
+        DlqCommand::List { remote, plugin } => {
+            let mut r = client().get(format!("{}/v1/dlq", remote.url));
+            if let Some(p) = plugin {
+                r = r.query(&[("plugin", p)]);
+            }
+            r
+        }
+        DlqCommand::Retry { remote, id } => {
+            client().post(format!("{}/v1/dlq/{}/retry", remote.url, urlencode(id)))
+        }
+        DlqCommand::Delete { remote, id } => {
+            client().delete(format!("{}/v1/dlq/{}", remote.url, urlencode(id)))
+        }
+    };
+    let resp = request
+        .send()
+        .await
+        .context("reaching the host (is `evhost serve` running?)")?;
+    if resp.status() == reqwest::StatusCode::NO_CONTENT {
+        println!("deleted");
+        return Ok(());
+    }
+    let body = json_reply(resp).await?;
+    match cmd {
+        DlqCommand::List { .. } => {
+            for d in body["dead_letters"].as_array().cloned().unwrap_or_default() {
+                println!("{d}");
+            }
+        }
+        _ => println!("{body}"),
     }
     Ok(())
 }

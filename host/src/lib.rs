@@ -12,6 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod api;
 pub mod bus;
 pub mod cli;
+pub mod dead_letter;
 pub mod event;
 pub mod flows;
 pub mod log;
@@ -19,6 +20,7 @@ pub mod pattern;
 pub mod plugin;
 pub mod registry;
 pub mod runner;
+pub mod schemas;
 pub mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};

@@ -7,8 +7,12 @@ mod sandbox;
 mod store;
 mod worlds;
 
-pub use manifest::{Capabilities, InvalidManifest, Kind, Limits, Manifest, StartFrom, valid_name};
-pub use runtime::{CallContext, Compiled, Plugin, PluginError, Runtime, StateView, Writes};
+pub use manifest::{
+    Capabilities, InvalidManifest, Kind, Limits, Manifest, OnFailure, StartFrom, valid_name,
+};
+pub use runtime::{
+    CallContext, Compiled, Plugin, PluginError, Runtime, StateView, UsageReport, Writes,
+};
 pub use store::{MemState, PluginStore};
 pub use worlds::{
     Derived, ExtractorPlugin, Handler, MAX_DERIVED_PER_BATCH, Output, ProjectionPlugin, ToolInfo,

@@ -14,13 +14,15 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::bus::Bus;
+use crate::dead_letter::{self, DeadLetter, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
     ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime,
-    StartFrom, StateView, ToolInfo, ToolPlugin, valid_name,
+    StartFrom, StateView, ToolInfo, ToolPlugin, UsageReport, valid_name,
 };
-use crate::runner::{BatchHandler, Blocking, Runner, RunnerStatus};
+use crate::runner::{BatchHandler, Blocking, RetryError, RetryOutcome, Runner, RunnerOptions, RunnerStatus};
+use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 
 /// Why a registry operation failed.
@@ -32,6 +34,9 @@ pub enum RegistryError {
     /// No plugin by that name is loaded.
     #[error("no plugin named {0:?} is loaded; see GET /v1/plugins")]
     NotFound(String),
+    /// No dead letter has that id.
+    #[error("no dead letter {0:?}; see GET /v1/dlq")]
+    DeadLetterNotFound(String),
     /// The plugin failed while answering.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -71,6 +76,10 @@ pub struct PluginInfo {
     pub head: u64,
     /// Events between the checkpoint and the head.
     pub lag: u64,
+    /// Time, memory and fuel the plugin has used, against its limits.
+    pub usage: UsageReport,
+    /// Events waiting in its dead-letter store.
+    pub dead_letters: usize,
 }
 
 /// The loaded component, by world.
@@ -103,16 +112,19 @@ pub struct Registry {
     /// Names of loaded tools, for the runner that fails requests for unknown ones.
     tools: Arc<RwLock<HashSet<String>>>,
     unknown_tools: Mutex<Option<Runner>>,
+    schemas: Schemas,
 }
 
 impl Registry {
-    /// A registry storing state in `db` and hot-loaded plugins in `dir`.
+    /// A registry storing state in `db` and hot-loaded plugins in `dir`; the events its
+    /// plugins derive must satisfy `schemas`.
     pub fn new(
         runtime: Arc<Runtime>,
         db: sled::Db,
         bus: Bus,
         log: Arc<dyn EventLog>,
         dir: PathBuf,
+        schemas: Schemas,
     ) -> Arc<Self> {
         Arc::new(Self {
             runtime,
@@ -123,6 +135,7 @@ impl Registry {
             loaded: Mutex::new(BTreeMap::new()),
             tools: Arc::default(),
             unknown_tools: Mutex::new(None),
+            schemas,
         })
     }
 
@@ -160,8 +173,8 @@ impl Registry {
         let runtime = self.runtime.clone();
         let compiled = {
             let wasm = Arc::new(wasm);
-            let w = wasm.clone();
-            tokio::task::spawn_blocking(move || runtime.compile(&w))
+            let (w, m) = (wasm.clone(), manifest.clone());
+            tokio::task::spawn_blocking(move || runtime.compile_for(&m, &w))
                 .await
                 .map_err(storage)?
                 .map_err(|m| {
@@ -207,14 +220,19 @@ impl Registry {
             ),
             Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
         };
-        let runner = Runner::spawn(
+        let options = RunnerOptions {
+            batch_size: manifest.limits.batch_size,
+            on_failure: manifest.on_failure.clone(),
+            schemas: Some(self.schemas.clone()),
+        };
+        let runner = Runner::spawn_with(
             &manifest.name,
             handler,
             store.clone(),
             self.bus.clone(),
             self.log.clone(),
             PatternSet::new(patterns),
-            manifest.limits.batch_size,
+            options,
         )
         .map_err(storage)?;
         {
@@ -232,6 +250,18 @@ impl Registry {
             load_ms = compiled.took.as_secs_f64() * 1e3,
             "plugin loaded"
         );
+        self.announce(audit(
+            dead_letter::LOADED,
+            &manifest.name,
+            serde_json::json!({
+                "version": manifest.version,
+                "kind": manifest.kind.as_str(),
+                "component_hash": compiled.hash,
+            }),
+            None,
+            None,
+        ))
+        .await;
         let name = manifest.name.clone();
         loaded.insert(
             name.clone(),
@@ -351,6 +381,92 @@ impl Registry {
             PluginStore::purge(&self.db, name).map_err(storage)?;
         }
         tracing::info!(plugin = name, purge, "plugin unloaded");
+        self.announce(audit(
+            dead_letter::UNLOADED,
+            name,
+            serde_json::json!({"purged": purge}),
+            None,
+            None,
+        ))
+        .await;
+        Ok(())
+    }
+
+    /// Appends an `evhost.plugin.>` audit event; a failure is logged, not returned: the
+    /// change it announces has happened.
+    async fn announce(&self, event: crate::log::StreamAppend) {
+        if let Err(e) = self.log.append(vec![event]).await {
+            tracing::warn!(error = %e, "appending an audit event failed");
+        }
+    }
+
+    /// Clears a plugin's quarantine; false when it was not quarantined.
+    pub async fn resume(&self, name: &str) -> Result<bool, RegistryError> {
+        let loaded = self.loaded.lock().await;
+        let l = loaded
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        l.runner.resume().await.map_err(RegistryError::Storage)
+    }
+
+    /// Dead letters of `plugin` (every loaded plugin's when `None`), oldest position first.
+    pub async fn dead_letters(&self, plugin: Option<&str>) -> Result<Vec<DeadLetter>, RegistryError> {
+        let stores: Vec<PluginStore> = {
+            let loaded = self.loaded.lock().await;
+            match plugin {
+                Some(name) => vec![loaded
+                    .get(name)
+                    .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?
+                    .store
+                    .clone()],
+                None => loaded.values().map(|l| l.store.clone()).collect(),
+            }
+        };
+        let mut all = Vec::new();
+        for store in stores {
+            for (_, json) in store.dead_letters().map_err(storage)? {
+                all.push(serde_json::from_str(&json).map_err(storage)?);
+            }
+        }
+        Ok(all)
+    }
+
+    fn dead_letter_target(id: &str) -> Result<(&str, u64), RegistryError> {
+        dead_letter::parse_id(id).ok_or_else(|| {
+            RegistryError::Invalid(format!(
+                "{id:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)"
+            ))
+        })
+    }
+
+    /// Runs a dead letter through its plugin again.
+    pub async fn retry_dead_letter(&self, id: &str) -> Result<RetryOutcome, RegistryError> {
+        let (name, position) = Self::dead_letter_target(id)?;
+        let loaded = self.loaded.lock().await;
+        let l = loaded
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        l.runner.retry(position).await.map_err(|e| match e {
+            RetryError::NotFound { .. } => RegistryError::DeadLetterNotFound(id.to_owned()),
+            RetryError::Unavailable(m) => RegistryError::Storage(m),
+        })
+    }
+
+    /// Drops a dead letter without handling it.
+    pub async fn delete_dead_letter(&self, id: &str) -> Result<(), RegistryError> {
+        let (name, position) = Self::dead_letter_target(id)?;
+        let store = self.with(name, |l| l.store.clone()).await?;
+        if !store.remove_dead_letter(position).map_err(storage)? {
+            return Err(RegistryError::DeadLetterNotFound(id.to_owned()));
+        }
+        self.announce(audit(
+            dead_letter::DEAD_LETTER_DELETED,
+            name,
+            serde_json::json!({"dead_letter_id": id, "position": position}),
+            None,
+            None,
+        ))
+        .await;
         Ok(())
     }
 
@@ -388,6 +504,12 @@ impl Registry {
             lag: head.saturating_sub(status.position),
             head,
             status,
+            usage: match &l.plugin {
+                Component::Projection(p) => p.usage(),
+                Component::Extractor(p) => p.usage(),
+                Component::Tool(t) => t.usage(),
+            },
+            dead_letters: l.store.dead_letters().map_or(0, |d| d.len()),
         }
     }
 

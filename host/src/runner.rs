@@ -8,20 +8,30 @@
 //! checkpoint. Derived events are appended before that commit under ids fixed by (plugin,
 //! source event, index), so a batch that runs again appends nothing twice: once after a
 //! start the runner reads its own output between its checkpoint and the head and leaves
-//! out what is already there ([`Recovery`]). A failing batch is retried with exponential
-//! backoff and never advances the checkpoint; the host keeps running.
+//! out what is already there ([`Recovery`]).
+//!
+//! A failing batch follows the plugin's [`OnFailure`] policy: it is split until the failing
+//! event is found; that event is retried with exponential backoff, then parked in the
+//! plugin's dead-letter store, and the runner moves on. Too many dead letters in a row
+//! quarantine the plugin until an operator resumes it. Each transition is announced as an
+//! `evhost.plugin.>` event ([`crate::dead_letter`]). Failures of the host's own storage are
+//! not the plugin's fault: they are retried with backoff, never dead-lettered.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::watch;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::bus::{Bus, Start};
+use crate::bus::{Bus, Start, Subscription};
+use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
 use crate::event::Event;
 use crate::log::{EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::pattern::PatternSet;
-use crate::plugin::{Derived, Handler, Output, PluginStore, StateView};
+use crate::plugin::{Derived, Handler, OnFailure, Output, PluginStore, StateView};
+use crate::schemas::Schemas;
 
 /// A batch handler as the runner calls it: asynchronously, so a handler can append and wait
 /// (tool workers) or run its component on a blocking thread ([`Blocking`]).
@@ -68,7 +78,7 @@ pub const MAX_DERIVATION_DEPTH: u32 = 16;
 /// How long without a matching event before a runner counts as live at its cursor.
 const IDLE: Duration = Duration::from_millis(250);
 
-/// First and longest wait before retrying a failed batch.
+/// First and longest wait before retrying after the host's own storage failed.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(30));
 
 /// Where a runner is in its life.
@@ -79,8 +89,10 @@ pub enum RunState {
     CatchingUp,
     /// At the head, handling events as they are committed.
     Live,
-    /// The last batch failed; retrying with backoff.
+    /// The last call failed; finding the failing event or retrying it with backoff.
     Failing,
+    /// Stopped after too many dead letters in a row; resumes only when told to.
+    Quarantined,
     /// Stopped (unloaded or shutting down).
     Stopped,
 }
@@ -106,19 +118,73 @@ pub struct RunnerStatus {
     pub derived: u64,
     /// Derived events dropped for exceeding the derivation depth limit.
     pub dropped_by_depth: u64,
+    /// Events dead-lettered since this runner started.
+    pub dead_lettered: u64,
+    /// Dead letters since the last event handled (quarantine comes at the policy's limit).
+    pub dead_letters_in_a_row: u32,
+    /// Why the plugin is quarantined, while it is.
+    pub quarantine: Option<Quarantine>,
+}
+
+/// How a runner reads and what it does on failure.
+#[derive(Clone, Default)]
+pub struct RunnerOptions {
+    /// Most events per call.
+    pub batch_size: usize,
+    /// The failure policy.
+    pub on_failure: OnFailure,
+    /// Schemas derived events must satisfy.
+    pub schemas: Option<Schemas>,
+}
+
+/// What retrying a dead letter did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryOutcome {
+    /// True when the plugin handled the event: its effects are committed and the dead
+    /// letter is gone.
+    pub handled: bool,
+    /// Why it failed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The dead letter as it now stands, when it failed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// Why a retry could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    /// The plugin has no dead letter at that position.
+    #[error("plugin {plugin:?} has no dead letter at position {position}; see GET /v1/dlq?plugin={plugin}")]
+    NotFound {
+        /// The plugin.
+        plugin: String,
+        /// The position asked for.
+        position: u64,
+    },
+    /// The runner is stopped, or storage failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What an operator asks of a running runner.
+enum Control {
+    Resume(oneshot::Sender<Result<bool, String>>),
+    Retry(u64, oneshot::Sender<Result<RetryOutcome, RetryError>>),
 }
 
 /// A running projection; stops when dropped or when [`Runner::stop`] is called.
 pub struct Runner {
     status: Arc<Mutex<RunnerStatus>>,
     stop: watch::Sender<bool>,
+    control: mpsc::Sender<Control>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
     /// Starts a runner for `plugin` over `patterns`, resuming from `store`'s checkpoint;
-    /// derived events are appended to `log` in the name of `name`.
-    #[allow(clippy::too_many_arguments)]
+    /// derived events are appended to `log` in the name of `name`. The default failure
+    /// policy applies and no schemas are checked.
     pub fn spawn(
         name: &str,
         plugin: Arc<dyn BatchHandler>,
@@ -128,9 +194,34 @@ impl Runner {
         patterns: PatternSet,
         batch_size: usize,
     ) -> anyhow::Result<Self> {
+        let options = RunnerOptions {
+            batch_size,
+            ..RunnerOptions::default()
+        };
+        Self::spawn_with(name, plugin, store, bus, log, patterns, options)
+    }
+
+    /// Starts a runner like [`Runner::spawn`], with `options`.
+    pub fn spawn_with(
+        name: &str,
+        plugin: Arc<dyn BatchHandler>,
+        store: PluginStore,
+        bus: Bus,
+        log: Arc<dyn EventLog>,
+        patterns: PatternSet,
+        options: RunnerOptions,
+    ) -> anyhow::Result<Self> {
         let position = store.checkpoint()?.unwrap_or(0);
+        let quarantine: Option<Quarantine> = store
+            .quarantine()?
+            .map(|q| serde_json::from_str(&q))
+            .transpose()?;
         let status = Arc::new(Mutex::new(RunnerStatus {
-            state: RunState::CatchingUp,
+            state: if quarantine.is_some() {
+                RunState::Quarantined
+            } else {
+                RunState::CatchingUp
+            },
             position,
             events_processed: store.processed()?,
             batches: 0,
@@ -139,22 +230,49 @@ impl Runner {
             last_error: None,
             derived: 0,
             dropped_by_depth: 0,
+            dead_lettered: 0,
+            dead_letters_in_a_row: quarantine.as_ref().map_or(0, |q| q.dead_letters_in_a_row),
+            quarantine,
         }));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(
-            name.to_owned(),
+        let (control, requests) = mpsc::channel(16);
+        // Appends and commits run in order on their own task, at most two batches behind.
+        let (jobs, queue) = mpsc::channel::<Job>(2);
+        let (committed_tx, committed) = watch::channel(position);
+        let committer = tokio::spawn(commit_jobs(
+            queue,
+            plugin.id().to_owned(),
+            log.clone(),
+            store.clone(),
+            bus.clone(),
+            status.clone(),
+            committed_tx,
+            stopped.clone(),
+        ));
+        let task = Task {
+            name: name.to_owned(),
+            hash: store.component_hash()?.unwrap_or_default(),
+            view: Arc::new(store.clone()),
+            // A plugin that never derived anything has nothing to recover.
+            recovery: Recovery::new(position, store.has_derived().unwrap_or(true)),
+            processed: store.processed()?,
             plugin,
             store,
             bus,
             log,
             patterns,
-            batch_size,
-            status.clone(),
+            options,
+            status: status.clone(),
             stopped,
-        ));
+            jobs,
+            committed,
+            handed: position,
+        };
+        let task = tokio::spawn(task.run(requests, committer));
         Ok(Self {
             status,
             stop,
+            control,
             task: Some(task),
         })
     }
@@ -162,6 +280,29 @@ impl Runner {
     /// A snapshot of the runner's status.
     pub fn status(&self) -> RunnerStatus {
         self.status.lock().expect("runner status lock").clone()
+    }
+
+    /// Clears a quarantine: the runner consumes again from its checkpoint. False when it
+    /// was not quarantined.
+    pub async fn resume(&self) -> Result<bool, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Resume(tx))
+            .await
+            .map_err(|_| stopped_error())?;
+        rx.await.map_err(|_| stopped_error())?
+    }
+
+    /// Runs the dead letter at `position` through the plugin again, now; on success its
+    /// effects are committed (on top of the current state) and it leaves the store.
+    pub async fn retry(&self, position: u64) -> Result<RetryOutcome, RetryError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || RetryError::Unavailable(stopped_error());
+        self.control
+            .send(Control::Retry(position, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Stops the runner after the call in progress, if any, and waits for it.
@@ -173,174 +314,532 @@ impl Runner {
     }
 }
 
+fn stopped_error() -> String {
+    "the plugin's runner is stopped (being replaced or unloaded); try again".into()
+}
+
 impl Drop for Runner {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
+/// Why one call over part of a batch did not produce a job.
+enum Failure {
+    /// The plugin failed on these events: split, retry, dead-letter.
+    Plugin(String),
+    /// The host failed (reading the log): retry, the plugin is not at fault.
+    Host(String),
+}
+
+/// What to do after a batch.
+enum Flow {
+    Continue,
+    Stopped,
+    Quarantined,
+}
+
+/// The runner's task: everything it carries between batches.
+struct Task {
     name: String,
+    /// The component's hash: part of audit event ids, so a new component's dead letters
+    /// are announced again.
+    hash: String,
     plugin: Arc<dyn BatchHandler>,
     store: PluginStore,
     bus: Bus,
     log: Arc<dyn EventLog>,
     patterns: PatternSet,
-    batch_size: usize,
+    options: RunnerOptions,
     status: Arc<Mutex<RunnerStatus>>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let update =
-        |f: &mut dyn FnMut(&mut RunnerStatus)| f(&mut status.lock().expect("runner status lock"));
-    let start = status.lock().expect("runner status lock").position;
-    let mut sub = bus.subscribe(patterns, ReadFilter::default(), Start::Position(start));
-    let view: Arc<dyn StateView> = Arc::new(store.clone());
-    // A plugin that never derived anything has nothing to recover.
-    let mut recovery = Recovery::new(start, store.has_derived().unwrap_or(true));
-    let mut processed = status.lock().expect("runner status lock").events_processed;
-    // Appends and commits run in order on their own task, at most two batches behind.
-    let (jobs, queue) = tokio::sync::mpsc::channel::<Job>(2);
-    let (committed_tx, mut committed) = watch::channel(start);
-    let mut handed = start;
-    let committer = tokio::spawn(commit_jobs(
-        queue,
-        plugin.id().to_owned(),
-        log.clone(),
-        store.clone(),
-        bus.clone(),
-        status.clone(),
-        committed_tx,
-        stopped.clone(),
-    ));
-    loop {
-        let next = tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
-            next = tokio::time::timeout(IDLE, sub.next_batch(batch_size)) => next,
-        };
-        let Ok(next) = next else {
-            // Nothing matching arrived for a while: everything up to the subscription's cursor
-            // was examined, so the checkpoint can move there (and restarts rescan less).
-            let Some(cursor) = sub.settle() else { continue };
-            if !committed_to(&mut committed, handed, &mut stopped).await {
-                break;
-            }
-            let (position, processed) = {
-                let s = status.lock().expect("runner status lock");
-                (s.position, s.events_processed)
-            };
-            if cursor > position
-                && let Err(e) = store.commit(&Default::default(), cursor, processed)
-            {
-                tracing::warn!(plugin = plugin.id(), error = %e, "could not advance the idle checkpoint");
-                continue;
-            }
-            update(&mut |s| {
-                s.position = s.position.max(cursor);
-                if s.state == RunState::CatchingUp {
-                    s.state = RunState::Live;
-                }
-            });
-            continue;
-        };
-        let (events, resume) = match next {
-            None => break,
-            Some(Ok(batch)) => batch,
-            Some(Err(e)) => {
-                tracing::error!(plugin = plugin.id(), error = %e, "reading the log failed");
-                update(&mut |s| s.last_error = Some(e.to_string()));
-                tokio::time::sleep(BACKOFF.1).await;
-                continue;
-            }
-        };
-        let events = Arc::new(events);
-        let mut backoff = BACKOFF.0;
+    stopped: watch::Receiver<bool>,
+    view: Arc<dyn StateView>,
+    recovery: Recovery,
+    processed: u64,
+    jobs: mpsc::Sender<Job>,
+    committed: watch::Receiver<u64>,
+    /// Resume position of the last job handed to the committer.
+    handed: u64,
+}
+
+impl Task {
+    fn update(&self, f: impl FnOnce(&mut RunnerStatus)) {
+        f(&mut self.status.lock().expect("runner status lock"));
+    }
+
+    fn quarantined(&self) -> bool {
+        self.status
+            .lock()
+            .expect("runner status lock")
+            .quarantine
+            .is_some()
+    }
+
+    /// Sleeps for `d`; false when stopped meanwhile.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.stopped.wait_for(|s| *s) => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// Waits until everything handed to the committer is committed; false when stopped.
+    async fn settled(&mut self) -> bool {
+        committed_to(&mut self.committed, self.handed, &mut self.stopped).await
+    }
+
+    async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        committer: tokio::task::JoinHandle<()>,
+    ) {
+        let mut stopped = self.stopped.clone();
+        let mut sub: Option<Subscription> = None;
         loop {
-            let started = Instant::now();
-            let result = plugin.handle(view.clone(), events.clone()).await;
-            let job = match result {
-                Ok(output) => {
-                    let fixed_ids = output
-                        .derived
-                        .iter()
-                        .flatten()
-                        .any(|d| d.event.id.is_some());
-                    let (mut appends, derived, dropped) =
-                        derived_appends(&name, &events, output.derived);
-                    if !appends.is_empty()
-                        && !fixed_ids
-                        && let Err(e) = recovery.drop_appended(&name, &log, &mut appends).await
-                    {
-                        update(&mut |s| s.last_error = Some(e.clone()));
-                        tokio::time::sleep(backoff).await;
-                        continue;
-                    }
-                    if dropped > 0 {
-                        tracing::warn!(
-                            plugin = plugin.id(),
-                            dropped,
-                            limit = MAX_DERIVATION_DEPTH,
-                            "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)"
-                        );
-                    }
-                    processed += events.len() as u64;
-                    Ok(Job {
-                        appends,
-                        fixed_ids,
-                        writes: output.writes,
-                        resume,
-                        processed,
-                        derived,
-                        dropped,
-                        events: events.len(),
-                        started,
-                    })
+            if self.quarantined() {
+                sub = None;
+                self.update(|s| s.state = RunState::Quarantined);
+                let request = tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => None,
+                    r = control.recv() => r,
+                };
+                match request {
+                    Some(r) => self.control(r).await,
+                    None => break,
                 }
-                Err(e) => Err(e),
+                continue;
+            }
+            let s = sub.get_or_insert_with(|| {
+                self.bus.subscribe(
+                    self.patterns.clone(),
+                    ReadFilter::default(),
+                    Start::Position(self.handed),
+                )
+            });
+            let next = tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                Some(r) = control.recv() => Err(r),
+                next = tokio::time::timeout(IDLE, s.next_batch(self.options.batch_size.max(1))) => Ok(next),
             };
-            match job {
-                Ok(job) => {
-                    recovery.passed(resume);
-                    // The next batch may run while this one is appended and committed only
-                    // when it cannot depend on them: no state writes to read back, and no
-                    // fixed ids (tool outcomes) that the next batch looks up.
-                    let wait = job.fixed_ids || !job.writes.is_empty();
-                    handed = resume;
-                    if jobs.send(job).await.is_err() {
-                        break;
-                    }
-                    if wait {
-                        // Returns early when stopped; the loop's top then ends the runner.
-                        committed_to(&mut committed, handed, &mut stopped).await;
-                    }
+            let next = match next {
+                Ok(next) => next,
+                Err(request) => {
+                    self.control(request).await;
+                    continue;
+                }
+            };
+            let Ok(next) = next else {
+                // Nothing matching arrived for a while: everything up to the subscription's
+                // cursor was examined, so the checkpoint can move there (and restarts
+                // rescan less).
+                let Some(cursor) = s.settle() else { continue };
+                if !self.settled().await {
                     break;
                 }
-                Err(message) => {
-                    tracing::warn!(plugin = plugin.id(), error = %message, retry_in = ?backoff, "batch failed");
-                    update(&mut |s| {
-                        s.errors += 1;
-                        s.consecutive_errors += 1;
-                        s.last_error = Some(message.clone());
-                        s.state = RunState::Failing;
-                    });
-                    let stop = tokio::select! {
-                        _ = stopped.wait_for(|s| *s) => true,
-                        _ = tokio::time::sleep(backoff) => false,
-                    };
-                    if stop {
-                        drop(jobs);
-                        let _ = committer.await;
-                        update(&mut |s| s.state = RunState::Stopped);
-                        return;
+                self.settle_at(cursor);
+                continue;
+            };
+            let (events, resume) = match next {
+                None => break,
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => {
+                    tracing::error!(plugin = self.plugin.id(), error = %e, "reading the log failed");
+                    self.update(|s| s.last_error = Some(e.to_string()));
+                    if !self.sleep(BACKOFF.1).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(BACKOFF.1);
+                    continue;
                 }
+            };
+            match self.batch(events, resume).await {
+                Flow::Continue => {}
+                Flow::Stopped => break,
+                Flow::Quarantined => sub = None,
+            }
+        }
+        drop(self.jobs);
+        let _ = committer.await;
+        let mut s = self.status.lock().expect("runner status lock");
+        s.state = RunState::Stopped;
+    }
+
+    /// Moves an idle checkpoint to `cursor`.
+    fn settle_at(&self, cursor: u64) {
+        let (position, processed) = {
+            let s = self.status.lock().expect("runner status lock");
+            (s.position, s.events_processed)
+        };
+        if cursor > position
+            && let Err(e) = self.store.commit(&Default::default(), cursor, processed)
+        {
+            tracing::warn!(plugin = self.plugin.id(), error = %e, "could not advance the idle checkpoint");
+            return;
+        }
+        self.update(|s| {
+            s.position = s.position.max(cursor);
+            if s.state == RunState::CatchingUp {
+                s.state = RunState::Live;
+            }
+        });
+    }
+
+    /// Handles a batch under the failure policy: a failing part is halved until the
+    /// failing event is alone, which is retried with backoff and then dead-lettered.
+    async fn batch(&mut self, events: Vec<Arc<Event>>, resume: u64) -> Flow {
+        let policy = self.options.on_failure.clone();
+        let mut parts = VecDeque::from([events]);
+        while let Some(part) = parts.pop_front() {
+            let Some(last) = part.last() else { continue };
+            let part_resume = if parts.is_empty() {
+                resume
+            } else {
+                last.position + 1
+            };
+            let part = Arc::new(part);
+            let (mut attempts, mut backoff, mut host_backoff) =
+                (0u32, Duration::from_millis(policy.backoff_ms), BACKOFF.0);
+            let job = loop {
+                let message = match self.attempt(&part, part_resume).await {
+                    Ok(job) => break Some(job),
+                    Err(Failure::Host(message)) => {
+                        tracing::warn!(plugin = self.plugin.id(), error = %message, retry_in = ?host_backoff, "batch failed");
+                        self.update(|s| s.last_error = Some(message));
+                        if !self.sleep(host_backoff).await {
+                            return Flow::Stopped;
+                        }
+                        host_backoff = (host_backoff * 2).min(BACKOFF.1);
+                        continue;
+                    }
+                    Err(Failure::Plugin(message)) => message,
+                };
+                self.update(|s| {
+                    s.errors += 1;
+                    s.consecutive_errors += 1;
+                    s.last_error = Some(message.clone());
+                    s.state = RunState::Failing;
+                });
+                if part.len() > 1 {
+                    tracing::debug!(plugin = self.plugin.id(), events = part.len(), error = %message, "batch failed; splitting it to find the failing event");
+                    let mut first = Arc::unwrap_or_clone(part);
+                    let second = first.split_off(first.len() / 2);
+                    parts.push_front(second);
+                    parts.push_front(first);
+                    break None;
+                }
+                attempts += 1;
+                if attempts > policy.retries {
+                    match self
+                        .dead_letter(&part[0], message, attempts, part_resume)
+                        .await
+                    {
+                        Flow::Continue => break None,
+                        other => return other,
+                    }
+                }
+                tracing::warn!(plugin = self.plugin.id(), position = part[0].position, attempt = attempts, error = %message, retry_in = ?backoff, "event failed; retrying");
+                if !self.sleep(backoff).await {
+                    return Flow::Stopped;
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(policy.max_backoff_ms));
+            };
+            let Some(job) = job else { continue };
+            self.update(|s| s.dead_letters_in_a_row = 0);
+            self.processed = job.processed;
+            self.recovery.passed(part_resume);
+            // The next part may run while this one is appended and committed only when it
+            // cannot depend on them: no state writes to read back, and no fixed ids (tool
+            // outcomes) that the next part looks up.
+            let wait = job.fixed_ids || !job.writes.is_empty();
+            self.handed = part_resume;
+            if self.jobs.send(job).await.is_err() {
+                return Flow::Stopped;
+            }
+            if wait && !self.settled().await {
+                return Flow::Stopped;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// One call over `part`, checked: derived events must satisfy the schemas; what the
+    /// plugin already appended before a restart is left out.
+    async fn attempt(&mut self, part: &Arc<Vec<Arc<Event>>>, resume: u64) -> Result<Job, Failure> {
+        let started = Instant::now();
+        let output = self
+            .plugin
+            .handle(self.view.clone(), part.clone())
+            .await
+            .map_err(Failure::Plugin)?;
+        self.check_schemas(part, &output)
+            .map_err(Failure::Plugin)?;
+        let fixed_ids = output
+            .derived
+            .iter()
+            .flatten()
+            .any(|d| d.event.id.is_some());
+        let (mut appends, derived, dropped) = derived_appends(&self.name, part, output.derived);
+        if !appends.is_empty() && !fixed_ids {
+            self.recovery
+                .drop_appended(&self.name, &self.log, &mut appends)
+                .await
+                .map_err(Failure::Host)?;
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                plugin = self.plugin.id(),
+                dropped,
+                limit = MAX_DERIVATION_DEPTH,
+                "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)"
+            );
+        }
+        Ok(Job {
+            appends,
+            fixed_ids,
+            writes: output.writes,
+            resume,
+            processed: self.processed + part.len() as u64,
+            derived,
+            dropped,
+            events: part.len(),
+            started,
+            dead_letters: Vec::new(),
+            quarantine: None,
+        })
+    }
+
+    /// The first derived event that violates a registered schema, as a failure message.
+    fn check_schemas(&self, part: &[Arc<Event>], output: &Output) -> Result<(), String> {
+        let Some(schemas) = &self.options.schemas else {
+            return Ok(());
+        };
+        for (from, list) in part.iter().zip(&output.derived) {
+            for d in list {
+                schemas
+                    .check(d.event.event_type.as_str(), d.event.payload.as_str())
+                    .map_err(|v| {
+                        format!(
+                            "plugin {} derived an invalid event from the {} event at position {}: {v}",
+                            self.plugin.id(),
+                            from.event_type,
+                            from.position
+                        )
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parks `event` in the dead-letter store, announces it, and moves the checkpoint past
+    /// it; quarantines the plugin when this makes too many in a row.
+    async fn dead_letter(
+        &mut self,
+        event: &Arc<Event>,
+        error: String,
+        attempts: u32,
+        resume: u64,
+    ) -> Flow {
+        let policy = &self.options.on_failure;
+        let in_a_row = self.status.lock().expect("runner status lock").dead_letters_in_a_row + 1;
+        tracing::error!(plugin = self.plugin.id(), position = event.position, attempts, error = %error, "event dead-lettered");
+        let entry = DeadLetter::new(&self.name, event, error.clone(), attempts);
+        let fixed = |what: &str| Some(derived_id(&format!("{}/{what}/{}", self.name, self.hash), &event.id, 0));
+        let mut appends = vec![audit(
+            dead_letter::DEAD_LETTERED,
+            &self.name,
+            json!({
+                "dead_letter_id": entry.id,
+                "position": event.position,
+                "event_id": event.id,
+                "event_type": event.event_type.as_str(),
+                "error": error,
+                "attempts": attempts,
+            }),
+            Some(event),
+            fixed("dead-letter"),
+        )];
+        let quarantine = (policy.quarantine_after > 0 && in_a_row >= policy.quarantine_after)
+            .then(|| Quarantine {
+                reason: format!(
+                    "{in_a_row} events in a row were dead-lettered (on_failure.quarantine_after = {}); the last: {error}",
+                    policy.quarantine_after
+                ),
+                dead_letters_in_a_row: in_a_row,
+                position: resume,
+                since: chrono::Utc::now(),
+            });
+        if let Some(q) = &quarantine {
+            tracing::error!(plugin = self.plugin.id(), reason = %q.reason, "plugin quarantined: it consumes nothing until resumed");
+            appends.push(audit(
+                dead_letter::QUARANTINED,
+                &self.name,
+                json!({"reason": q.reason, "dead_letters_in_a_row": in_a_row, "position": resume}),
+                Some(event),
+                fixed("quarantine"),
+            ));
+        }
+        let job = Job {
+            appends,
+            fixed_ids: true,
+            writes: Default::default(),
+            resume,
+            processed: self.processed,
+            derived: 0,
+            dropped: 0,
+            events: 0,
+            started: Instant::now(),
+            dead_letters: vec![(
+                event.position,
+                serde_json::to_string(&entry).expect("a dead letter serializes"),
+            )],
+            quarantine: quarantine
+                .as_ref()
+                .map(|q| serde_json::to_string(q).expect("a quarantine serializes")),
+        };
+        self.handed = resume;
+        if self.jobs.send(job).await.is_err() || !self.settled().await {
+            return Flow::Stopped;
+        }
+        self.update(|s| {
+            s.dead_lettered += 1;
+            s.dead_letters_in_a_row = in_a_row;
+            s.consecutive_errors = 0;
+            if quarantine.is_some() {
+                s.state = RunState::Quarantined;
+            }
+            s.quarantine = quarantine.clone();
+        });
+        if quarantine.is_some() {
+            Flow::Quarantined
+        } else {
+            Flow::Continue
+        }
+    }
+
+    async fn control(&mut self, request: Control) {
+        match request {
+            Control::Resume(reply) => {
+                let r = self.resume().await;
+                let _ = reply.send(r);
+            }
+            Control::Retry(position, reply) => {
+                let r = self.retry(position).await;
+                let _ = reply.send(r);
             }
         }
     }
-    drop(jobs);
-    let _ = committer.await;
-    update(&mut |s| s.state = RunState::Stopped);
+
+    async fn resume(&mut self) -> Result<bool, String> {
+        let Some(q) = self.status.lock().expect("runner status lock").quarantine.clone() else {
+            return Ok(false);
+        };
+        self.store
+            .clear_quarantine()
+            .map_err(|e| format!("clearing the quarantine failed: {e}"))?;
+        let announce = audit(
+            dead_letter::RESUMED,
+            &self.name,
+            json!({"position": q.position, "was": q.reason}),
+            None,
+            None,
+        );
+        if let Err(e) = self.log.append(vec![announce]).await {
+            tracing::warn!(plugin = self.plugin.id(), error = %e, "announcing the resume failed");
+        }
+        tracing::info!(plugin = self.plugin.id(), "quarantine cleared; consuming again");
+        self.update(|s| {
+            s.quarantine = None;
+            s.dead_letters_in_a_row = 0;
+            s.consecutive_errors = 0;
+            s.state = RunState::CatchingUp;
+        });
+        Ok(true)
+    }
+
+    async fn retry(&mut self, position: u64) -> Result<RetryOutcome, RetryError> {
+        let unavailable = |e: String| RetryError::Unavailable(e);
+        if !self.settled().await {
+            return Err(unavailable(stopped_error()));
+        }
+        let not_found = || RetryError::NotFound {
+            plugin: self.name.clone(),
+            position,
+        };
+        let stored = self
+            .store
+            .dead_letter(position)
+            .map_err(|e| unavailable(e.to_string()))?
+            .ok_or_else(not_found)?;
+        let mut entry: DeadLetter =
+            serde_json::from_str(&stored).map_err(|e| unavailable(e.to_string()))?;
+        let page = self
+            .log
+            .read(position, 1, &ReadFilter::default())
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let event = page
+            .events
+            .into_iter()
+            .find(|e| e.position == position)
+            .ok_or_else(|| unavailable(format!("the event at position {position} cannot be read")))?;
+        let events = Arc::new(vec![Arc::new(event)]);
+        let result = match self.plugin.handle(self.view.clone(), events.clone()).await {
+            Ok(output) => self.check_schemas(&events, &output).map(|()| output),
+            Err(e) => Err(e),
+        };
+        let outcome = match result {
+            Ok(output) => {
+                let (appends, _, _) = derived_appends(&self.name, &events, output.derived);
+                // Indexed: a retry that is interrupted after its append and run again
+                // appends nothing twice.
+                if !appends.is_empty() {
+                    self.log
+                        .append(appends)
+                        .await
+                        .map_err(|e| unavailable(format!("appending derived events failed: {e}")))?;
+                }
+                self.store
+                    .commit_retried(&output.writes, position)
+                    .map_err(|e| unavailable(e.to_string()))?;
+                RetryOutcome {
+                    handled: true,
+                    error: None,
+                    dead_letter: None,
+                }
+            }
+            Err(error) => {
+                entry.attempts += 1;
+                entry.error = error.clone();
+                entry.last_failed_at = chrono::Utc::now();
+                self.store
+                    .put_dead_letter(
+                        position,
+                        &serde_json::to_string(&entry).expect("a dead letter serializes"),
+                    )
+                    .map_err(|e| unavailable(e.to_string()))?;
+                RetryOutcome {
+                    handled: false,
+                    error: Some(error),
+                    dead_letter: Some(entry),
+                }
+            }
+        };
+        let announce = audit(
+            dead_letter::DEAD_LETTER_RETRIED,
+            &self.name,
+            json!({
+                "dead_letter_id": dead_letter::id_of(&self.name, position),
+                "position": position,
+                "handled": outcome.handled,
+                "error": outcome.error,
+            }),
+            Some(&events[0]),
+            None,
+        );
+        if let Err(e) = self.log.append(vec![announce]).await {
+            tracing::warn!(plugin = self.plugin.id(), error = %e, "announcing the retry failed");
+        }
+        Ok(outcome)
+    }
 }
 
 /// The id of the `index`-th event `plugin` derived from the event with `source_id`: the
@@ -509,6 +1008,10 @@ struct Job {
     dropped: u64,
     events: usize,
     started: Instant,
+    /// Dead letters (position, JSON) committed with the checkpoint.
+    dead_letters: Vec<(u64, String)>,
+    /// A quarantine record (JSON) committed with the checkpoint.
+    quarantine: Option<String>,
 }
 
 /// Waits until the committer has committed through `position`; false when stopped.
@@ -567,7 +1070,13 @@ async fn commit_jobs(
                     appends = None;
                 }
                 store
-                    .commit(&job.writes, job.resume, job.processed)
+                    .commit_with(
+                        &job.writes,
+                        job.resume,
+                        job.processed,
+                        &job.dead_letters,
+                        job.quarantine.as_deref(),
+                    )
                     .map_err(|e| format!("committing state failed: {e}"))
             };
             match step {

@@ -153,6 +153,11 @@ impl ToolHandler {
         &self.info
     }
 
+    /// What the tool's component has used.
+    pub fn usage(&self) -> crate::plugin::UsageReport {
+        self.plugin.usage()
+    }
+
     /// Why `input` does not fit the schema, naming where; `None` when it fits.
     fn schema_error(&self, input: &Value) -> Option<String> {
         let errors: Vec<String> = self

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState, query};
 use crate::registry::{Registry, RegistryError};
 
-fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
+pub(super) fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
     st.registry.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -23,10 +23,12 @@ fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
     })
 }
 
-fn registry_error(e: RegistryError) -> ApiError {
+pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
-        RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+        RegistryError::NotFound(_) | RegistryError::DeadLetterNotFound(_) => {
+            ApiError::not_found(e.to_string())
+        }
         RegistryError::Plugin(p @ crate::plugin::PluginError::Load { .. }) => {
             ApiError::bad_request("invalid_plugin", p.to_string())
         }

@@ -41,6 +41,10 @@ pub struct Limits {
     pub batch_size: usize,
     /// Tools: most invocations running at once.
     pub concurrency: usize,
+    /// Optional deterministic budget: wasm fuel (roughly one unit per instruction) a call
+    /// may burn per event it handles (per invocation for tools). Unlike the time limit it
+    /// fails the same way on every machine. Unset: no fuel accounting, no cost.
+    pub fuel_per_event: Option<u64>,
 }
 
 impl Default for Limits {
@@ -50,6 +54,37 @@ impl Default for Limits {
             batch_timeout_ms: 5_000,
             batch_size: 512,
             concurrency: 4,
+            fuel_per_event: None,
+        }
+    }
+}
+
+/// What the runner does when a batch fails (`[on_failure]`).
+///
+/// A failing batch is split until the failing event is found; that event is retried
+/// `retries` times with exponential backoff, then parked in the dead-letter store and
+/// passed over. After `quarantine_after` dead letters in a row, with no event handled
+/// in between, the plugin is quarantined until resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnFailure {
+    /// Retries of one failing event before it is dead-lettered.
+    pub retries: u32,
+    /// Wait before the first retry, in milliseconds; doubled for each next one.
+    pub backoff_ms: u64,
+    /// Longest wait between retries, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Dead letters in a row that quarantine the plugin; 0 never quarantines.
+    pub quarantine_after: u32,
+}
+
+impl Default for OnFailure {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            backoff_ms: 100,
+            max_backoff_ms: 30_000,
+            quarantine_after: 5,
         }
     }
 }
@@ -90,6 +125,9 @@ pub struct Manifest {
     /// Granted capabilities.
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// The failure policy.
+    #[serde(default)]
+    pub on_failure: OnFailure,
 }
 
 /// Why a manifest was refused.
@@ -162,6 +200,25 @@ impl Manifest {
             return bad(format!(
                 "limits.concurrency {} is outside 1..=256",
                 l.concurrency
+            ));
+        }
+        if l.fuel_per_event == Some(0) {
+            return bad("limits.fuel_per_event must be at least 1 (or left out for no fuel budget)".into());
+        }
+        let f = &self.on_failure;
+        if f.retries > 100 {
+            return bad(format!("on_failure.retries {} is outside 0..=100", f.retries));
+        }
+        if !(1..=3_600_000).contains(&f.backoff_ms) || f.max_backoff_ms < f.backoff_ms {
+            return bad(format!(
+                "on_failure.backoff_ms {} must be in 1..=3600000 and at most on_failure.max_backoff_ms {}",
+                f.backoff_ms, f.max_backoff_ms
+            ));
+        }
+        if f.max_backoff_ms > 3_600_000 {
+            return bad(format!(
+                "on_failure.max_backoff_ms {} is more than an hour (3600000)",
+                f.max_backoff_ms
             ));
         }
         for host in &self.capabilities.http {
@@ -279,6 +336,18 @@ memory_mb = 32
             (
                 &GOOD.replace("memory_mb = 32", "concurrency = 0"),
                 "limits.concurrency 0",
+            ),
+            (
+                &GOOD.replace("memory_mb = 32", "fuel_per_event = 0"),
+                "fuel_per_event must be at least 1",
+            ),
+            (
+                &format!("{GOOD}\n[on_failure]\nbackoff_ms = 500\nmax_backoff_ms = 100"),
+                "on_failure.backoff_ms 500",
+            ),
+            (
+                &format!("{GOOD}\n[on_failure]\nretrys = 1"),
+                "unknown field `retrys`",
             ),
             ("not toml at all [", "invalid plugin manifest"),
         ];

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -135,10 +135,51 @@ impl WasiHttpView for HostState {
     }
 }
 
-/// Memory limiter that remembers whether it refused growth, to name the limit in errors.
+/// Memory limiter that remembers whether it refused growth, to name the limit in errors,
+/// and the largest memory it allowed, for the plugin's usage report.
 struct Limiter {
     memory_bytes: usize,
     refused: Arc<AtomicBool>,
+    usage: Arc<Usage>,
+}
+
+/// What a plugin has used since it was loaded, across all its instances: shown in its
+/// status so an operator can see which plugin costs what and how close it runs to its
+/// limits.
+#[derive(Debug, Default)]
+pub struct Usage {
+    calls: AtomicU64,
+    failed_calls: AtomicU64,
+    busy_micros: AtomicU64,
+    max_call_micros: AtomicU64,
+    peak_memory_bytes: AtomicU64,
+    fuel_consumed: AtomicU64,
+    max_call_fuel: AtomicU64,
+}
+
+/// A snapshot of [`Usage`] with the limits it is measured against.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UsageReport {
+    /// Calls into the component (batches, queries, invocations).
+    pub calls: u64,
+    /// Calls that trapped, timed out, ran out of fuel or memory, or returned an error.
+    pub failed_calls: u64,
+    /// Wall-clock time spent in calls, in milliseconds.
+    pub busy_ms: f64,
+    /// The longest call, in milliseconds, against `time_limit_ms`.
+    pub max_call_ms: f64,
+    /// The plugin's time limit per call.
+    pub time_limit_ms: u64,
+    /// The largest linear memory an instance grew to, against `memory_limit_bytes`.
+    pub peak_memory_bytes: u64,
+    /// The plugin's memory limit.
+    pub memory_limit_bytes: u64,
+    /// Fuel burnt in all calls (only with `limits.fuel_per_event`).
+    pub fuel_consumed: u64,
+    /// The most fuel one call burnt.
+    pub max_call_fuel: u64,
+    /// The plugin's fuel budget per event, if it has one.
+    pub fuel_per_event: Option<u64>,
 }
 
 impl ResourceLimiter for Limiter {
@@ -149,7 +190,11 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let ok = desired <= self.memory_bytes;
-        if !ok {
+        if ok {
+            self.usage
+                .peak_memory_bytes
+                .fetch_max(desired as u64, Ordering::Relaxed);
+        } else {
             self.refused.store(true, Ordering::Relaxed);
         }
         Ok(ok)
@@ -212,10 +257,38 @@ impl wit_log::Host for HostState {
     }
 }
 
-/// The shared engine, linker and compile cache.
-pub struct Runtime {
+/// An engine with its linker.
+struct Machine {
     engine: Engine,
     linker: Linker<HostState>,
+}
+
+impl Machine {
+    fn new(fuel: bool) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(fuel);
+        // Component-model async is not used; without it a call costs less.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
+        // The projection world imports every evhost interface; the other worlds a subset.
+        bindings::projection::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        Ok(Self { engine, linker })
+    }
+}
+
+/// The shared engines, linkers and compile cache.
+///
+/// Two engines: fuel accounting instruments the compiled code and slows every call, so
+/// only plugins that ask for a fuel budget (`limits.fuel_per_event`) run on the engine
+/// that counts it.
+pub struct Runtime {
+    plain: Machine,
+    fueled: Machine,
     cache_dir: PathBuf,
 }
 
@@ -223,6 +296,8 @@ pub struct Runtime {
 #[derive(Clone)]
 pub struct Compiled {
     component: Component,
+    /// Compiled for the engine that counts fuel.
+    fuel: bool,
     /// SHA-256 of the `.wasm`, hex.
     pub hash: String,
     /// True when the compiled form came from the on-disk cache.
@@ -234,47 +309,61 @@ pub struct Compiled {
 impl Runtime {
     /// A runtime caching compiled components in `cache_dir`; starts the epoch ticker.
     pub fn new(cache_dir: &Path) -> anyhow::Result<Arc<Self>> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        // Component-model async is not used; without it a call costs less.
-        config.concurrency_support(false);
-        let engine = Engine::new(&config)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
-        // The projection world imports every evhost interface; the other worlds a subset.
-        bindings::projection::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        let (plain, fueled) = (Machine::new(false)?, Machine::new(true)?);
         std::fs::create_dir_all(cache_dir)?;
-        let ticker = engine.weak();
+        let tickers = [plain.engine.weak(), fueled.engine.weak()];
         std::thread::Builder::new()
             .name("evhost-epoch".into())
             .spawn(move || {
-                while let Some(engine) = ticker.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
+                loop {
+                    let mut alive = false;
+                    for t in &tickers {
+                        if let Some(engine) = t.upgrade() {
+                            engine.increment_epoch();
+                            alive = true;
+                        }
+                    }
+                    if !alive {
+                        break;
+                    }
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
         Ok(Arc::new(Self {
-            engine,
-            linker,
+            plain,
+            fueled,
             cache_dir: cache_dir.to_owned(),
         }))
     }
 
-    /// Compiles `wasm`, or loads its compiled form from the cache.
+    /// Compiles `wasm` for a plugin without a fuel budget, or loads it from the cache.
     pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, String> {
+        self.compile_on(wasm, false)
+    }
+
+    /// Compiles `wasm` for the engine `manifest` needs (fuel accounting or not).
+    pub fn compile_for(&self, manifest: &Manifest, wasm: &[u8]) -> Result<Compiled, String> {
+        self.compile_on(wasm, manifest.limits.fuel_per_event.is_some())
+    }
+
+    fn compile_on(&self, wasm: &[u8], fuel: bool) -> Result<Compiled, String> {
         let start = Instant::now();
+        let machine = if fuel { &self.fueled } else { &self.plain };
         let hash = format!("{:x}", Sha256::digest(wasm));
-        let path = self.cache_dir.join(format!("{hash}.cwasm"));
+        let file = if fuel {
+            format!("{hash}.fuel.cwasm")
+        } else {
+            format!("{hash}.cwasm")
+        };
+        let path = self.cache_dir.join(file);
         if path.exists() {
             // SAFETY: the file was written by `precompile_component` of this host into its own
             // cache directory; wasmtime checks its version and configuration when loading.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+            match unsafe { Component::deserialize_file(&machine.engine, &path) } {
                 Ok(component) => {
                     return Ok(Compiled {
                         component,
+                        fuel,
                         hash,
                         cached: true,
                         took: start.elapsed(),
@@ -297,7 +386,7 @@ impl Runtime {
                     .into(),
             );
         }
-        let bytes = self
+        let bytes = machine
             .engine
             .precompile_component(wasm)
             .map_err(|e| format!("does not compile: {e:#}"))?;
@@ -306,10 +395,11 @@ impl Runtime {
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(|e| format!("cannot write the compile cache {}: {e}", path.display()))?;
         // SAFETY: as above; just written by this engine.
-        let component = unsafe { Component::deserialize_file(&self.engine, &path) }
+        let component = unsafe { Component::deserialize_file(&machine.engine, &path) }
             .map_err(|e| format!("cannot load the compiled component: {e:#}"))?;
         Ok(Compiled {
             component,
+            fuel,
             hash,
             cached: false,
             took: start.elapsed(),
@@ -330,13 +420,27 @@ impl Runtime {
                 W::KIND.as_str()
             ),
         };
-        let pre = self
+        if compiled.fuel != manifest.limits.fuel_per_event.is_some() {
+            return Err(PluginError::Load {
+                plugin: plugin.to_string(),
+                message: "the component was compiled for the other engine: compile it with \
+                          Runtime::compile_for and this manifest"
+                    .into(),
+            });
+        }
+        let machine = if compiled.fuel {
+            &self.fueled
+        } else {
+            &self.plain
+        };
+        let pre = machine
             .linker
             .instantiate_pre(&compiled.component)
             .map_err(load_err)?;
         let pre = W::pre(pre).map_err(load_err)?;
         Ok(Plugin {
-            runtime: self.clone(),
+            engine: machine.engine.clone(),
+            usage: Arc::default(),
             pre,
             limits: manifest.limits.clone(),
             caps: manifest.capabilities.clone(),
@@ -375,7 +479,8 @@ impl StateView for NoState {
 /// and unmapping on every batch); an instance whose call failed in any way is dropped, never
 /// reused, so a trap or a refused batch cannot leave state behind for the next call.
 pub struct Plugin<W: World> {
-    runtime: Arc<Runtime>,
+    engine: Engine,
+    usage: Arc<Usage>,
     pre: W::Pre,
     pub(super) limits: Limits,
     pub(super) caps: Capabilities,
@@ -386,7 +491,8 @@ pub struct Plugin<W: World> {
 impl<W: World> Clone for Plugin<W> {
     fn clone(&self) -> Self {
         Self {
-            runtime: self.runtime.clone(),
+            engine: self.engine.clone(),
+            usage: self.usage.clone(),
             pre: self.pre.clone(),
             limits: self.limits.clone(),
             caps: self.caps.clone(),
@@ -426,12 +532,13 @@ impl<W: World> Plugin<W> {
             limiter: Limiter {
                 memory_bytes: (self.limits.memory_mb as usize) << 20,
                 refused: refused.clone(),
+                usage: self.usage.clone(),
             },
             view,
             writes: Writes::new(),
             plugin: self.plugin.clone(),
         };
-        let mut store = Store::new(&self.runtime.engine, data);
+        let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(self.deadline());
         store.epoch_deadline_trap();
@@ -480,23 +587,86 @@ impl<W: World> Plugin<W> {
         }
     }
 
-    /// Runs `f` on an instance over `view`: its result and the state writes it made. An
-    /// instance is reused only after a call that succeeded.
+    /// What the plugin has used since it was loaded.
+    pub fn usage(&self) -> UsageReport {
+        let u = &*self.usage;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        UsageReport {
+            calls: get(&u.calls),
+            failed_calls: get(&u.failed_calls),
+            busy_ms: get(&u.busy_micros) as f64 / 1e3,
+            max_call_ms: get(&u.max_call_micros) as f64 / 1e3,
+            time_limit_ms: self.limits.batch_timeout_ms,
+            peak_memory_bytes: get(&u.peak_memory_bytes),
+            memory_limit_bytes: self.limits.memory_mb << 20,
+            fuel_consumed: get(&u.fuel_consumed),
+            max_call_fuel: get(&u.max_call_fuel),
+            fuel_per_event: self.limits.fuel_per_event,
+        }
+    }
+
+    /// Runs `f` on an instance over `view`: its result and the state writes it made. With a
+    /// fuel budget, the call may burn `fuel_per_event` per unit of `units` (events, or one
+    /// invocation); `units == 0` gives no fuel bound (queries, `describe`), leaving the
+    /// time limit. An instance is reused only after a call that succeeded.
     pub(super) fn call<R>(
         &self,
         view: Arc<dyn StateView>,
         ctx: CallContext,
+        units: u64,
         f: impl FnOnce(&W, &mut Store<HostState>) -> wasmtime::Result<Result<R, wit::Error>>,
     ) -> Result<(R, Writes), PluginError> {
+        let started = Instant::now();
         let mut w = self.checkout(view, ctx)?;
-        match f(&w.bindings, &mut w.store) {
+        let budget = self.limits.fuel_per_event.map(|per| {
+            if units == 0 {
+                u64::MAX / 2
+            } else {
+                per.saturating_mul(units)
+            }
+        });
+        if let Some(budget) = budget {
+            // Cannot fail: the plugin has a budget only on the engine that counts fuel.
+            let _ = w.store.set_fuel(budget);
+        }
+        let result = f(&w.bindings, &mut w.store);
+        let u = &*self.usage;
+        let took = started.elapsed().as_micros() as u64;
+        u.calls.fetch_add(1, Ordering::Relaxed);
+        u.busy_micros.fetch_add(took, Ordering::Relaxed);
+        u.max_call_micros.fetch_max(took, Ordering::Relaxed);
+        if let Some(budget) = budget {
+            let burnt = budget - w.store.get_fuel().unwrap_or(0);
+            u.fuel_consumed.fetch_add(burnt, Ordering::Relaxed);
+            if units > 0 {
+                u.max_call_fuel.fetch_max(burnt, Ordering::Relaxed);
+            }
+        }
+        match result {
             Ok(Ok(r)) => {
                 let writes = std::mem::take(&mut w.store.data_mut().writes);
                 self.checkin(w);
                 Ok((r, writes))
             }
-            Ok(Err(e)) => Err(self.refused(e)),
-            Err(e) => Err(self.trapped(e, w.refused.load(Ordering::Relaxed))),
+            Ok(Err(e)) => {
+                u.failed_calls.fetch_add(1, Ordering::Relaxed);
+                Err(self.refused(e))
+            }
+            Err(e) => {
+                u.failed_calls.fetch_add(1, Ordering::Relaxed);
+                let out_of_fuel =
+                    e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel);
+                if let (true, Some(budget)) = (out_of_fuel, budget) {
+                    return Err(PluginError::Trapped {
+                        plugin: self.plugin.to_string(),
+                        message: format!(
+                            "ran out of fuel: its budget is {} per event (limits.fuel_per_event), {budget} for this call of {units}",
+                            self.limits.fuel_per_event.unwrap_or_default()
+                        ),
+                    });
+                }
+                Err(self.trapped(e, w.refused.load(Ordering::Relaxed)))
+            }
         }
     }
 

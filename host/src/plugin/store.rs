@@ -11,7 +11,15 @@ const PROCESSED: &[u8] = b"n";
 const HASH: &[u8] = b"h";
 const ORIGIN: &[u8] = b"o";
 const DERIVED: &[u8] = b"d";
+const QUARANTINE: &[u8] = b"q";
 const STATE: u8 = b's';
+const DEAD_LETTER: u8 = b'x';
+
+fn dead_letter_key(position: u64) -> [u8; 9] {
+    let mut k = [DEAD_LETTER; 9];
+    k[1..].copy_from_slice(&position.to_be_bytes());
+    k
+}
 
 fn tree_name(plugin: &str) -> String {
     format!("plugin/{plugin}")
@@ -103,16 +111,87 @@ impl PluginStore {
 
     /// Commits a batch's writes with the new checkpoint and count, atomically.
     pub fn commit(&self, writes: &Writes, checkpoint: u64, processed: u64) -> sled::Result<()> {
+        self.commit_with(writes, checkpoint, processed, &[], None)
+    }
+
+    /// Commits like [`PluginStore::commit`], together with dead letters (position, JSON)
+    /// and, when given, a quarantine record (JSON): a crash keeps all or none of them.
+    pub fn commit_with(
+        &self,
+        writes: &Writes,
+        checkpoint: u64,
+        processed: u64,
+        dead_letters: &[(u64, String)],
+        quarantine: Option<&str>,
+    ) -> sled::Result<()> {
         let mut b = sled::Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => b.insert(state_key(k), v.as_bytes()),
-                None => b.remove(state_key(k)),
-            }
+        put_writes(&mut b, writes);
+        for (position, json) in dead_letters {
+            b.insert(&dead_letter_key(*position)[..], json.as_bytes());
+        }
+        if let Some(q) = quarantine {
+            b.insert(QUARANTINE, q.as_bytes());
         }
         b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
         b.insert(PROCESSED, &processed.to_be_bytes()[..]);
         self.tree.apply_batch(b)
+    }
+
+    /// Commits the writes of a dead letter handled on retry and removes the dead letter,
+    /// atomically; the checkpoint stays where it is.
+    pub fn commit_retried(&self, writes: &Writes, position: u64) -> sled::Result<()> {
+        let mut b = sled::Batch::default();
+        put_writes(&mut b, writes);
+        b.remove(&dead_letter_key(position)[..]);
+        self.tree.apply_batch(b)
+    }
+
+    /// The dead letters (position, JSON) in position order.
+    pub fn dead_letters(&self) -> sled::Result<Vec<(u64, String)>> {
+        self.tree
+            .scan_prefix([DEAD_LETTER])
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let position = k[1..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+                    (position, String::from_utf8_lossy(&v).into_owned())
+                })
+            })
+            .collect()
+    }
+
+    /// The dead letter at `position` (JSON).
+    pub fn dead_letter(&self, position: u64) -> sled::Result<Option<String>> {
+        Ok(self
+            .tree
+            .get(dead_letter_key(position))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores (replaces) the dead letter at `position`.
+    pub fn put_dead_letter(&self, position: u64, json: &str) -> sled::Result<()> {
+        self.tree
+            .insert(&dead_letter_key(position)[..], json.as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes the dead letter at `position`; false when there was none.
+    pub fn remove_dead_letter(&self, position: u64) -> sled::Result<bool> {
+        Ok(self.tree.remove(dead_letter_key(position))?.is_some())
+    }
+
+    /// The quarantine record (JSON) if the plugin is quarantined.
+    pub fn quarantine(&self) -> sled::Result<Option<String>> {
+        Ok(self
+            .tree
+            .get(QUARANTINE)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Clears the quarantine, durably.
+    pub fn clear_quarantine(&self) -> sled::Result<()> {
+        self.tree.remove(QUARANTINE)?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     /// The value under `key`.
@@ -147,6 +226,15 @@ impl StateView for PluginStore {
 
     fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)> {
         self.scan(prefix, usize::MAX).unwrap_or_default()
+    }
+}
+
+fn put_writes(b: &mut sled::Batch, writes: &Writes) {
+    for (k, v) in writes {
+        match v {
+            Some(v) => b.insert(state_key(k), v.as_bytes()),
+            None => b.remove(state_key(k)),
+        }
     }
 }
 

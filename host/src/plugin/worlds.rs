@@ -126,7 +126,7 @@ impl ProjectionPlugin {
         events: &[Arc<Event>],
     ) -> Result<Writes, PluginError> {
         let batch: Vec<wit::Event> = events.iter().map(|e| to_wit(e)).collect();
-        self.call(view, self.context_for(events), |b, store| {
+        self.call(view, self.context_for(events), events.len() as u64, |b, store| {
             b.call_handle(store, &batch)
         })
         .map(|((), writes)| writes)
@@ -134,7 +134,7 @@ impl ProjectionPlugin {
 
     /// Calls the projection's `query` export over `view` (its writes are discarded).
     pub fn query(&self, view: Arc<dyn StateView>, request: &str) -> Result<String, PluginError> {
-        self.call(view, CallContext::default(), |b, store| {
+        self.call(view, CallContext::default(), 0, |b, store| {
             b.call_query(store, request)
         })
         .map(|(answer, _)| answer)
@@ -168,7 +168,8 @@ impl ExtractorPlugin {
         events: &[Arc<Event>],
     ) -> Result<Output, PluginError> {
         let batch: Vec<wit::Event> = events.iter().map(|e| to_wit(e)).collect();
-        let (lists, writes) = self.call(view, self.context_for(events), |b, store| {
+        let units = events.len() as u64;
+        let (lists, writes) = self.call(view, self.context_for(events), units, |b, store| {
             b.call_handle(store, &batch)
         })?;
         let invalid = |message: String| PluginError::Refused {
@@ -239,7 +240,7 @@ pub struct ToolInfo {
 impl ToolPlugin {
     /// Calls `describe`.
     pub fn describe(&self) -> Result<ToolInfo, PluginError> {
-        let (info, _) = self.call(Arc::new(NoState), CallContext::default(), |b, store| {
+        let (info, _) = self.call(Arc::new(NoState), CallContext::default(), 0, |b, store| {
             b.call_describe(store).map(Ok)
         })?;
         let input_schema =
@@ -256,14 +257,25 @@ impl ToolPlugin {
 
     /// Runs one invocation on `input` (JSON text); returns its output (JSON text).
     pub fn invoke(&self, input: &str) -> Result<String, PluginError> {
-        self.call(Arc::new(NoState), CallContext::default(), |b, store| {
+        self.call(Arc::new(NoState), CallContext::default(), 1, |b, store| {
             b.call_invoke(store, input)
         })
         .map(|(out, _)| out)
     }
 }
 
+/// Largest payload of a derived event, in bytes of JSON text: the API's default limit on an
+/// event a client appends.
+pub const MAX_DERIVED_PAYLOAD_BYTES: usize = 1024 * 1024;
+
 fn from_wit_new(e: wit::NewEvent, source: &str) -> Result<Derived, String> {
+    if e.payload.len() > MAX_DERIVED_PAYLOAD_BYTES {
+        return Err(format!(
+            "the payload of {} is {} bytes, more than the limit of {MAX_DERIVED_PAYLOAD_BYTES}",
+            e.event_type,
+            e.payload.len()
+        ));
+    }
     let event_type = EventType::new(&e.event_type).map_err(|e| e.to_string())?;
     validate_stream(&e.stream).map_err(|e| e.to_string())?;
     let payload = Payload::from_json(&e.payload)

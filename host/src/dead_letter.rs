@@ -1,0 +1,155 @@
+//! What the failure policy records: dead letters (events a plugin could not handle,
+//! parked so the plugin moves on), quarantine (a plugin stopped after too many in a row),
+//! and the `evhost.plugin.>` events that announce each transition, so operators can audit
+//! and project them like any other event.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
+use crate::log::{ExpectedVersion, StreamAppend};
+
+/// An event a plugin failed on, parked after its retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// `<plugin>.<position>`: what `/v1/dlq/{id}` takes.
+    pub id: String,
+    /// The plugin that failed.
+    pub plugin: String,
+    /// The event's position in the log.
+    pub position: u64,
+    /// The event's id.
+    pub event_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The last failure, naming the plugin and what happened.
+    pub error: String,
+    /// Calls that failed on this event alone (first try, retries and operator retries).
+    pub attempts: u32,
+    /// When it was parked.
+    pub dead_lettered_at: DateTime<Utc>,
+    /// When it last failed.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// A dead letter of `plugin` for `event`, after `attempts` failed calls.
+    pub fn new(plugin: &str, event: &Event, error: String, attempts: u32) -> Self {
+        let now = Utc::now();
+        Self {
+            id: id_of(plugin, event.position),
+            plugin: plugin.to_owned(),
+            position: event.position,
+            event_id: event.id.clone(),
+            event_type: event.event_type.as_str().to_owned(),
+            error,
+            attempts,
+            dead_lettered_at: now,
+            last_failed_at: now,
+        }
+    }
+}
+
+/// The id of `plugin`'s dead letter at `position`.
+pub fn id_of(plugin: &str, position: u64) -> String {
+    format!("{plugin}.{position}")
+}
+
+/// The plugin and position a dead-letter id names (plugin names have no `.`).
+pub fn parse_id(id: &str) -> Option<(&str, u64)> {
+    let (plugin, position) = id.rsplit_once('.')?;
+    Some((plugin, position.parse().ok()?))
+}
+
+/// Why and since when a plugin is quarantined: it consumes nothing until resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// What happened, with the last failure.
+    pub reason: String,
+    /// Dead letters in a row that tripped it.
+    pub dead_letters_in_a_row: u32,
+    /// The checkpoint it stopped at.
+    pub position: u64,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+/// The stream audit events of `plugin` are appended to.
+pub fn audit_stream(plugin: &str) -> String {
+    format!("evhost-plugin-{plugin}")
+}
+
+/// `evhost.plugin.dead_lettered`: an event was parked.
+pub const DEAD_LETTERED: &str = "evhost.plugin.dead_lettered";
+/// `evhost.plugin.quarantined`: a plugin stopped consuming.
+pub const QUARANTINED: &str = "evhost.plugin.quarantined";
+/// `evhost.plugin.resumed`: an operator cleared a quarantine.
+pub const RESUMED: &str = "evhost.plugin.resumed";
+/// `evhost.plugin.dead_letter_retried`: an operator retried a dead letter (and how it went).
+pub const DEAD_LETTER_RETRIED: &str = "evhost.plugin.dead_letter_retried";
+/// `evhost.plugin.dead_letter_deleted`: an operator dropped a dead letter.
+pub const DEAD_LETTER_DELETED: &str = "evhost.plugin.dead_letter_deleted";
+/// `evhost.plugin.loaded`: a plugin was loaded or replaced.
+pub const LOADED: &str = "evhost.plugin.loaded";
+/// `evhost.plugin.unloaded`: a plugin was unloaded.
+pub const UNLOADED: &str = "evhost.plugin.unloaded";
+
+/// An audit event of `event_type` about `plugin`, caused by `cause` when there is one. A
+/// fixed `id` makes the append idempotent (a batch that runs again after a crash announces
+/// its dead letter once).
+pub fn audit(
+    event_type: &'static str,
+    plugin: &str,
+    mut payload: Value,
+    cause: Option<&Event>,
+    id: Option<String>,
+) -> StreamAppend {
+    if let Value::Object(m) = &mut payload {
+        m.insert("plugin".into(), json!(plugin));
+    }
+    let mut metadata = Metadata::default();
+    if let Some(c) = cause {
+        metadata.causation_id = Some(c.id.clone());
+        metadata.correlation_id.clone_from(&c.metadata.correlation_id);
+    }
+    StreamAppend {
+        stream: audit_stream(plugin),
+        expected: ExpectedVersion::Any,
+        events: vec![NewEvent {
+            id,
+            event_type: EventType::new(event_type).expect("audit types are valid"),
+            source: "evhost".into(),
+            payload: Payload::from_value(&payload),
+            metadata,
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_plugin_and_position_and_audit_types_are_valid() {
+        assert_eq!(id_of("my-plugin", 42), "my-plugin.42");
+        assert_eq!(parse_id("my-plugin.42"), Some(("my-plugin", 42)));
+        assert_eq!(parse_id("my-plugin"), None);
+        assert_eq!(parse_id("my-plugin.x"), None);
+        for t in [
+            DEAD_LETTERED,
+            QUARANTINED,
+            RESUMED,
+            DEAD_LETTER_RETRIED,
+            DEAD_LETTER_DELETED,
+            LOADED,
+            UNLOADED,
+        ] {
+            let a = audit(t, "p", json!({}), None, None);
+            assert!(crate::pattern::Pattern::new("evhost.plugin.>")
+                .unwrap()
+                .matches(a.events[0].event_type.as_str()));
+            assert_eq!(a.events[0].payload.to_value()["plugin"], "p");
+        }
+    }
+}
