@@ -120,7 +120,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/plugins/{name}/resume", post(failures::resume))
         .route("/v1/dlq", get(failures::list_dead_letters))
-        .route("/v1/dlq/{id}", axum::routing::delete(failures::delete_dead_letter))
+        .route(
+            "/v1/dlq/{id}",
+            axum::routing::delete(failures::delete_dead_letter),
+        )
         .route("/v1/dlq/{id}/retry", post(failures::retry_dead_letter))
         .route("/v1/schemas", get(failures::list_schemas))
         .route(

@@ -286,8 +286,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let bus = Bus::new(dyn_log.clone(), hub);
     let runtime =
         Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
-    let schemas =
-        crate::schemas::Schemas::open(log.db()).context("opening the schema registry")?;
+    let schemas = crate::schemas::Schemas::open(log.db()).context("opening the schema registry")?;
     let registry = Registry::new(
         runtime,
         log.db().clone(),

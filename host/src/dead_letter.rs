@@ -111,7 +111,9 @@ pub fn audit(
     let mut metadata = Metadata::default();
     if let Some(c) = cause {
         metadata.causation_id = Some(c.id.clone());
-        metadata.correlation_id.clone_from(&c.metadata.correlation_id);
+        metadata
+            .correlation_id
+            .clone_from(&c.metadata.correlation_id);
     }
     StreamAppend {
         stream: audit_stream(plugin),
@@ -146,9 +148,11 @@ mod tests {
             UNLOADED,
         ] {
             let a = audit(t, "p", json!({}), None, None);
-            assert!(crate::pattern::Pattern::new("evhost.plugin.>")
-                .unwrap()
-                .matches(a.events[0].event_type.as_str()));
+            assert!(
+                crate::pattern::Pattern::new("evhost.plugin.>")
+                    .unwrap()
+                    .matches(a.events[0].event_type.as_str())
+            );
             assert_eq!(a.events[0].payload.to_value()["plugin"], "p");
         }
     }

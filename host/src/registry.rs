@@ -21,7 +21,9 @@ use crate::plugin::{
     ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime,
     StartFrom, StateView, ToolInfo, ToolPlugin, UsageReport, valid_name,
 };
-use crate::runner::{BatchHandler, Blocking, RetryError, RetryOutcome, Runner, RunnerOptions, RunnerStatus};
+use crate::runner::{
+    BatchHandler, Blocking, RetryError, RetryOutcome, Runner, RunnerOptions, RunnerStatus,
+};
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 
@@ -250,18 +252,22 @@ impl Registry {
             load_ms = compiled.took.as_secs_f64() * 1e3,
             "plugin loaded"
         );
-        self.announce(audit(
-            dead_letter::LOADED,
-            &manifest.name,
-            serde_json::json!({
-                "version": manifest.version,
-                "kind": manifest.kind.as_str(),
-                "component_hash": compiled.hash,
-            }),
-            None,
-            None,
-        ))
-        .await;
+        // Loads over the API are operator actions worth an audit trail; loads at start-up
+        // are configuration and would add events on every restart.
+        if persist {
+            self.announce(audit(
+                dead_letter::LOADED,
+                &manifest.name,
+                serde_json::json!({
+                    "version": manifest.version,
+                    "kind": manifest.kind.as_str(),
+                    "component_hash": compiled.hash,
+                }),
+                None,
+                None,
+            ))
+            .await;
+        }
         let name = manifest.name.clone();
         loaded.insert(
             name.clone(),
@@ -410,15 +416,20 @@ impl Registry {
     }
 
     /// Dead letters of `plugin` (every loaded plugin's when `None`), oldest position first.
-    pub async fn dead_letters(&self, plugin: Option<&str>) -> Result<Vec<DeadLetter>, RegistryError> {
+    pub async fn dead_letters(
+        &self,
+        plugin: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, RegistryError> {
         let stores: Vec<PluginStore> = {
             let loaded = self.loaded.lock().await;
             match plugin {
-                Some(name) => vec![loaded
-                    .get(name)
-                    .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?
-                    .store
-                    .clone()],
+                Some(name) => vec![
+                    loaded
+                        .get(name)
+                        .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?
+                        .store
+                        .clone(),
+                ],
                 None => loaded.values().map(|l| l.store.clone()).collect(),
             }
         };

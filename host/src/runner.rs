@@ -155,7 +155,9 @@ pub struct RetryOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError {
     /// The plugin has no dead letter at that position.
-    #[error("plugin {plugin:?} has no dead letter at position {position}; see GET /v1/dlq?plugin={plugin}")]
+    #[error(
+        "plugin {plugin:?} has no dead letter at position {position}; see GET /v1/dlq?plugin={plugin}"
+    )]
     NotFound {
         /// The plugin.
         plugin: String,
@@ -570,8 +572,7 @@ impl Task {
             .handle(self.view.clone(), part.clone())
             .await
             .map_err(Failure::Plugin)?;
-        self.check_schemas(part, &output)
-            .map_err(Failure::Plugin)?;
+        self.check_schemas(part, &output).map_err(Failure::Plugin)?;
         let fixed_ids = output
             .derived
             .iter()
@@ -639,10 +640,21 @@ impl Task {
         resume: u64,
     ) -> Flow {
         let policy = &self.options.on_failure;
-        let in_a_row = self.status.lock().expect("runner status lock").dead_letters_in_a_row + 1;
+        let in_a_row = self
+            .status
+            .lock()
+            .expect("runner status lock")
+            .dead_letters_in_a_row
+            + 1;
         tracing::error!(plugin = self.plugin.id(), position = event.position, attempts, error = %error, "event dead-lettered");
         let entry = DeadLetter::new(&self.name, event, error.clone(), attempts);
-        let fixed = |what: &str| Some(derived_id(&format!("{}/{what}/{}", self.name, self.hash), &event.id, 0));
+        let fixed = |what: &str| {
+            Some(derived_id(
+                &format!("{}/{what}/{}", self.name, self.hash),
+                &event.id,
+                0,
+            ))
+        };
         let mut appends = vec![audit(
             dead_letter::DEAD_LETTERED,
             &self.name,
@@ -729,7 +741,13 @@ impl Task {
     }
 
     async fn resume(&mut self) -> Result<bool, String> {
-        let Some(q) = self.status.lock().expect("runner status lock").quarantine.clone() else {
+        let Some(q) = self
+            .status
+            .lock()
+            .expect("runner status lock")
+            .quarantine
+            .clone()
+        else {
             return Ok(false);
         };
         self.store
@@ -745,7 +763,10 @@ impl Task {
         if let Err(e) = self.log.append(vec![announce]).await {
             tracing::warn!(plugin = self.plugin.id(), error = %e, "announcing the resume failed");
         }
-        tracing::info!(plugin = self.plugin.id(), "quarantine cleared; consuming again");
+        tracing::info!(
+            plugin = self.plugin.id(),
+            "quarantine cleared; consuming again"
+        );
         self.update(|s| {
             s.quarantine = None;
             s.dead_letters_in_a_row = 0;
@@ -780,7 +801,9 @@ impl Task {
             .events
             .into_iter()
             .find(|e| e.position == position)
-            .ok_or_else(|| unavailable(format!("the event at position {position} cannot be read")))?;
+            .ok_or_else(|| {
+                unavailable(format!("the event at position {position} cannot be read"))
+            })?;
         let events = Arc::new(vec![Arc::new(event)]);
         let result = match self.plugin.handle(self.view.clone(), events.clone()).await {
             Ok(output) => self.check_schemas(&events, &output).map(|()| output),
@@ -792,10 +815,9 @@ impl Task {
                 // Indexed: a retry that is interrupted after its append and run again
                 // appends nothing twice.
                 if !appends.is_empty() {
-                    self.log
-                        .append(appends)
-                        .await
-                        .map_err(|e| unavailable(format!("appending derived events failed: {e}")))?;
+                    self.log.append(appends).await.map_err(|e| {
+                        unavailable(format!("appending derived events failed: {e}"))
+                    })?;
                 }
                 self.store
                     .commit_retried(&output.writes, position)

@@ -29,7 +29,9 @@ pub enum SchemaError {
 
 /// A payload that does not fit a registered schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
-#[error("the payload of {event_type} does not match the schema registered for {pattern:?}: at {path:?}: {message}")]
+#[error(
+    "the payload of {event_type} does not match the schema registered for {pattern:?}: at {path:?}: {message}"
+)]
 pub struct Violation {
     /// The event's type.
     pub event_type: String,
@@ -97,7 +99,9 @@ impl Schemas {
             let schema: Value = serde_json::from_slice(&v).map_err(storage)?;
             match compile(&pattern, &schema) {
                 Ok(e) => entries.push(Arc::new(e)),
-                Err(e) => tracing::error!(pattern, error = %e, "a stored schema no longer compiles; it is not enforced"),
+                Err(e) => {
+                    tracing::error!(pattern, error = %e, "a stored schema no longer compiles; it is not enforced")
+                }
             }
         }
         Ok(Self {
@@ -206,21 +210,35 @@ mod tests {
             &json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
         )
         .unwrap();
-        s.put("user.created", &json!({"properties": {"age": {"minimum": 0}}}))
-            .unwrap();
+        s.put(
+            "user.created",
+            &json!({"properties": {"age": {"minimum": 0}}}),
+        )
+        .unwrap();
         assert!(s.check("user.created", r#"{"name":"a","age":3}"#).is_ok());
-        assert!(s.check("order.created", r#"{}"#).is_ok(), "no schema matches");
+        assert!(
+            s.check("order.created", r#"{}"#).is_ok(),
+            "no schema matches"
+        );
         let v = s.check("user.created", r#"{"name":7}"#).unwrap_err();
         assert_eq!((v.pattern.as_str(), v.path.as_str()), ("user.*", "/name"));
-        let v = s.check("user.created", r#"{"name":"a","age":-1}"#).unwrap_err();
-        assert_eq!((v.pattern.as_str(), v.path.as_str()), ("user.created", "/age"));
+        let v = s
+            .check("user.created", r#"{"name":"a","age":-1}"#)
+            .unwrap_err();
+        assert_eq!(
+            (v.pattern.as_str(), v.path.as_str()),
+            ("user.created", "/age")
+        );
         drop(s);
         let again = Schemas::open(&db).unwrap();
         assert_eq!(again.list().len(), 2);
         assert!(again.check("user.renamed", "{}").is_err());
         again.delete("user.*").unwrap();
         assert!(again.check("user.renamed", "{}").is_ok());
-        assert!(matches!(again.delete("user.*"), Err(SchemaError::NotFound(_))));
+        assert!(matches!(
+            again.delete("user.*"),
+            Err(SchemaError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -230,7 +248,11 @@ mod tests {
         let s = Schemas::open(&db).unwrap();
         for (pattern, schema, want) in [
             ("user.>.x", json!({}), "invalid pattern"),
-            ("user.*", json!({"type": "no-such-type"}), "not a valid JSON Schema"),
+            (
+                "user.*",
+                json!({"type": "no-such-type"}),
+                "not a valid JSON Schema",
+            ),
             ("user.*", json!([1]), "must be a JSON object"),
         ] {
             let err = s.put(pattern, &schema).unwrap_err().to_string();

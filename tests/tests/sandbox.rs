@@ -192,3 +192,46 @@ fn a_component_of_another_world_is_refused_with_the_reason() {
         Ok(_) => panic!("a component of another world was accepted"),
     }
 }
+
+/// A fuel budget fails a runaway call the same way on every machine, well before its time
+/// limit, and the plugin's usage shows the fuel, time and memory it used.
+#[test]
+fn a_fuel_budget_stops_a_runaway_call_and_usage_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(dir.path()).unwrap();
+    let wasm = std::fs::read(format!("{BUILD}/sandbox_probe.wasm")).unwrap();
+    let manifest = Manifest::parse(
+        "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
+         [limits]\nmemory_mb = 32\nbatch_timeout_ms = 60000\nfuel_per_event = 50000000\n",
+    )
+    .unwrap();
+    let plain = runtime.compile(&wasm).unwrap();
+    let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
+    let p: ProjectionPlugin = runtime.plugin(&compiled, &manifest).unwrap();
+    let state = Arc::new(MemState::default());
+    call(&p, &state, "probe.count").unwrap();
+    let started = std::time::Instant::now();
+    assert_trapped(call(&p, &state, "probe.loop"), "ran out of fuel");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "fuel, not the 60 s time limit, stopped the loop"
+    );
+    call(&p, &state, "probe.count").unwrap();
+    let u = p.usage();
+    assert_eq!(u.calls, 3);
+    assert_eq!(u.failed_calls, 1);
+    assert_eq!(u.fuel_per_event, Some(50_000_000));
+    assert!(u.max_call_fuel >= 50_000_000, "{u:?}");
+    assert!(u.fuel_consumed > u.max_call_fuel, "{u:?}");
+    assert!(
+        u.peak_memory_bytes > 0 && u.peak_memory_bytes <= 32 << 20,
+        "{u:?}"
+    );
+    // A component compiled for the plain engine is refused for a fuel-budgeted manifest.
+    let refused: Result<ProjectionPlugin, _> = runtime.plugin(&plain, &manifest);
+    assert!(
+        matches!(&refused, Err(PluginError::Load { message, .. }) if message.contains("other engine")),
+        "{:?}",
+        refused.err()
+    );
+}

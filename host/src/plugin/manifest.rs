@@ -203,11 +203,16 @@ impl Manifest {
             ));
         }
         if l.fuel_per_event == Some(0) {
-            return bad("limits.fuel_per_event must be at least 1 (or left out for no fuel budget)".into());
+            return bad(
+                "limits.fuel_per_event must be at least 1 (or left out for no fuel budget)".into(),
+            );
         }
         let f = &self.on_failure;
         if f.retries > 100 {
-            return bad(format!("on_failure.retries {} is outside 0..=100", f.retries));
+            return bad(format!(
+                "on_failure.retries {} is outside 0..=100",
+                f.retries
+            ));
         }
         if !(1..=3_600_000).contains(&f.backoff_ms) || f.max_backoff_ms < f.backoff_ms {
             return bad(format!(

@@ -540,6 +540,11 @@ impl<W: World> Plugin<W> {
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limiter);
+        if self.limits.fuel_per_event.is_some() {
+            // Instantiation (the component's start-up code) is bounded by time only; each
+            // call sets its own budget.
+            let _ = store.set_fuel(u64::MAX / 2);
+        }
         store.set_epoch_deadline(self.deadline());
         store.epoch_deadline_trap();
         (store, refused, clock)
@@ -682,11 +687,27 @@ impl<W: World> Plugin<W> {
         }
         let message = if memory_refused {
             format!(
-                "hit its memory limit of {} MiB ({e})",
-                self.limits.memory_mb
+                "hit its memory limit of {} MiB ({})",
+                self.limits.memory_mb,
+                e.root_cause()
             )
         } else {
-            format!("trapped: {e:#}")
+            // The trap, not the wasm backtrace: operators read this in status and dead letters.
+            match e.downcast_ref::<wasmtime::Trap>() {
+                Some(wasmtime::Trap::StackOverflow) => {
+                    "trapped: stack overflow (call stack exhausted; unbounded recursion?)".into()
+                }
+                Some(wasmtime::Trap::UnreachableCodeReached) => {
+                    "trapped: wasm `unreachable` executed (a Rust plugin panicked?)".into()
+                }
+                Some(wasmtime::Trap::MemoryOutOfBounds) => {
+                    "trapped: out-of-bounds memory access (deep recursion overflowing the \
+                     plugin's stack, or a memory bug)"
+                        .into()
+                }
+                Some(trap) => format!("trapped: {trap}"),
+                None => format!("trapped: {}", e.root_cause()),
+            }
         };
         PluginError::Trapped {
             plugin: self.plugin.to_string(),

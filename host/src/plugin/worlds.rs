@@ -126,9 +126,12 @@ impl ProjectionPlugin {
         events: &[Arc<Event>],
     ) -> Result<Writes, PluginError> {
         let batch: Vec<wit::Event> = events.iter().map(|e| to_wit(e)).collect();
-        self.call(view, self.context_for(events), events.len() as u64, |b, store| {
-            b.call_handle(store, &batch)
-        })
+        self.call(
+            view,
+            self.context_for(events),
+            events.len() as u64,
+            |b, store| b.call_handle(store, &batch),
+        )
         .map(|((), writes)| writes)
     }
 

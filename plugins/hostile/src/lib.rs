@@ -1,6 +1,7 @@
 //! hostile (tests only): an extractor that misbehaves on request, so the host's limits,
 //! failure policy and sandbox can be tested end to end. Every other event type it echoes
-//! as `hostile.ok`, so a test sees it keep working around its poison events.
+//! as `hostile.ok` (except its own `hostile.ok` and `hostile.out`), so a test sees it keep
+//! working around its poison events.
 //!
 //! | event type        | what it does                                                 |
 //! |-------------------|--------------------------------------------------------------|
@@ -94,6 +95,8 @@ impl Extractor for Hostile {
                     .map_err(|e| Error::Failed(format!("connecting to 127.0.0.1:9: {e}")))?;
                 out.push(derived("hostile.ok", stream, "\"connected\"".into()));
             }
+            // Its own output: nothing, so it does not feed itself.
+            "hostile.ok" | "hostile.out" => {}
             _ => out.push(derived("hostile.ok", stream, e.position.to_string())),
         }
         Ok(())
