@@ -207,15 +207,68 @@ struct MultiAppendBody {
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
-    let bytes = body.map_err(|e| {
+    parse_json(&body_bytes(body)?)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+/// Parses and validates the body of `POST /v1/streams/{stream}`: the append it asks for,
+/// or the error the API answers. Nothing is written either way.
+pub fn parse_stream_append(
+    cfg: &ApiConfig,
+    stream: &str,
+    body: &[u8],
+) -> Result<StreamAppend, ApiError> {
+    stream_name(stream)?;
+    let body: StreamAppendBody = parse_json(body)?;
+    check_batch(cfg, body.events.len())?;
+    let events = body
+        .events
+        .into_iter()
+        .map(|e| new_event(cfg, e.event_type, e.payload, e.metadata, e.id, e.source))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StreamAppend {
+        stream: stream.to_owned(),
+        expected: body.expected_version,
+        events,
+    })
+}
+
+/// Parses and validates the body of `POST /v1/events`: one append per event.
+pub fn parse_multi_append(cfg: &ApiConfig, body: &[u8]) -> Result<Vec<StreamAppend>, ApiError> {
+    let body: MultiAppendBody = parse_json(body)?;
+    check_batch(cfg, body.events.len())?;
+    let mut groups = Vec::with_capacity(body.events.len());
+    for e in body.events {
+        stream_name(&e.stream)?;
+        groups.push(StreamAppend {
+            stream: e.stream,
+            expected: e.expected_version,
+            events: vec![new_event(
+                cfg,
+                e.event_type,
+                e.payload,
+                e.metadata,
+                e.id,
+                e.source,
+            )?],
+        });
+    }
+    Ok(groups)
+}
+
+/// The request body, or the 400/413 for an unreadable one.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!("request body is too large: {}", e.body_text()))
         } else {
             ApiError::bad_request("bad_body", e.body_text())
         }
-    })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+    })
 }
 
 fn new_event(
@@ -227,6 +280,12 @@ fn new_event(
     source: Option<String>,
 ) -> Result<NewEvent, ApiError> {
     let text = payload.get();
+    crate::event::check_unicode_escapes(text).map_err(|m| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the payload of a {event_type} event is not valid JSON: {m}"),
+        )
+    })?;
     if text.len() > cfg.max_event_bytes {
         return Err(ApiError::too_large(format!(
             "payload of a {event_type} event is {} bytes, more than the limit of {} bytes",
@@ -273,33 +332,9 @@ async fn append_stream(
     Path(stream): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    stream_name(&stream)?;
-    let body: StreamAppendBody = parse_body(body)?;
-    check_batch(&st.config, body.events.len())?;
-    let events = body
-        .events
-        .into_iter()
-        .map(|e| {
-            new_event(
-                &st.config,
-                e.event_type,
-                e.payload,
-                e.metadata,
-                e.id,
-                e.source,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    check_schemas(&st, events.iter())?;
-    let mut done = st
-        .log
-        .append(vec![StreamAppend {
-            stream,
-            expected: body.expected_version,
-            events,
-        }])
-        .await
-        .map_err(append_error)?;
+    let append = parse_stream_append(&st.config, &stream, &body_bytes(body)?)?;
+    check_schemas(&st, append.events.iter())?;
+    let mut done = st.log.append(vec![append]).await.map_err(append_error)?;
     let appended = done.pop().expect("one group in, one result out");
     Ok((StatusCode::OK, Json(appended)).into_response())
 }
@@ -308,24 +343,7 @@ async fn append_events(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: MultiAppendBody = parse_body(body)?;
-    check_batch(&st.config, body.events.len())?;
-    let mut groups = Vec::with_capacity(body.events.len());
-    for e in body.events {
-        stream_name(&e.stream)?;
-        groups.push(StreamAppend {
-            stream: e.stream,
-            expected: e.expected_version,
-            events: vec![new_event(
-                &st.config,
-                e.event_type,
-                e.payload,
-                e.metadata,
-                e.id,
-                e.source,
-            )?],
-        });
-    }
+    let groups = parse_multi_append(&st.config, &body_bytes(body)?)?;
     check_schemas(&st, groups.iter().flat_map(|g| &g.events))?;
     let done = st.log.append(groups).await.map_err(append_error)?;
     let positions: Vec<u64> = done.iter().map(|a| a.positions[0]).collect();

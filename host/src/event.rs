@@ -112,6 +112,54 @@ pub fn validate_id(s: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
+/// Refuses a `\u` escape of a lone UTF-16 surrogate in JSON text. serde_json's raw-value
+/// parsing (which keeps a payload's text without building it) lets one through, but no JSON
+/// parser can turn it into a string, so a reader of the event would fail on it later.
+pub fn check_unicode_escapes(text: &str) -> Result<(), String> {
+    if !text.contains("\\u") {
+        return Ok(());
+    }
+    let b = text.as_bytes();
+    let hex = |i: usize| -> Option<u16> {
+        let h = b.get(i..i + 4)?;
+        if !h.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    let lone = |cp: u16| {
+        format!(
+            "\\u{cp:04x} is a lone UTF-16 surrogate, which is not a character; pair it or send the character itself"
+        )
+    };
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if b.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        let cp = hex(i + 2).ok_or("a \\u escape needs four hex digits")?;
+        i += 6;
+        if (0xDC00..0xE000).contains(&cp) {
+            return Err(lone(cp));
+        }
+        if (0xD800..0xDC00).contains(&cp) {
+            let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                .then(|| hex(i + 2))
+                .flatten();
+            match low {
+                Some(l) if (0xDC00..0xE000).contains(&l) => i += 6,
+                _ => return Err(lone(cp)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A JSON payload kept as its validated text.
 ///
 /// The log stores and replays payloads without parsing them: decoding an envelope costs a
@@ -123,6 +171,8 @@ impl Payload {
     /// Parses `json` to check it is one JSON value, and keeps that value's text as sent.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         let raw: &RawValue = serde_json::from_str(json)?;
+        check_unicode_escapes(raw.get())
+            .map_err(<serde_json::Error as serde::de::Error>::custom)?;
         Ok(Self(Arc::from(raw.get())))
     }
 
@@ -344,6 +394,27 @@ mod tests {
             );
         }
         assert!(EventType::new(&"a".repeat(MAX_TYPE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_are_refused_and_pairs_kept() {
+        for bad in [
+            r#""\ud800x""#,
+            r#""\udc00""#,
+            r#"["\ud800\u0041"]"#,
+            r#""\ud800""#,
+        ] {
+            assert!(Payload::from_json(bad).is_err(), "{bad}");
+        }
+        for good in [
+            r#""\ud83d\ude00""#,
+            r#""\\ud800""#,
+            r#""\u00e9""#,
+            r#"{"a":"\\\u0041"}"#,
+        ] {
+            let p = Payload::from_json(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert!(serde_json::from_str::<serde_json::Value>(p.as_str()).is_ok());
+        }
     }
 
     #[test]
