@@ -75,8 +75,13 @@ async fn dump(h: &Host, plugin: &str) -> BTreeMap<String, Value> {
 fn by_cause(events: &[Value], ty: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for e in events.iter().filter(|e| e["type"] == ty) {
-        *m.entry(e["metadata"]["causation_id"].as_str().unwrap_or("").to_owned())
-            .or_default() += 1;
+        *m.entry(
+            e["metadata"]["causation_id"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        )
+        .or_default() += 1;
     }
     m
 }
@@ -105,7 +110,11 @@ async fn kill_9_rounds_under_load_lose_nothing_and_apply_nothing_twice() {
             for i in 0u64.. {
                 let id = |k: &str| format!("r{round}-{i}-{k}");
                 let cid = id("q");
-                let poison = if i % 5 == 0 { "hostile.trap" } else { "hostile.good" };
+                let poison = if i % 5 == 0 {
+                    "hostile.trap"
+                } else {
+                    "hostile.good"
+                };
                 let body = json!({"events": [
                     {"id": id("m"), "stream": format!("mem-{round}"), "type": "memory.created",
                      "payload": {"content": format!("Ada Lovelace met Charles Babbage in round {round} step {i}")}},
@@ -116,7 +125,12 @@ async fn kill_9_rounds_under_load_lose_nothing_and_apply_nothing_twice() {
                      "payload": {"tool_name": format!("t{}", i % 3)}},
                     {"id": id("h"), "stream": "h", "type": poison, "payload": {}},
                 ]});
-                match client.post(format!("{url}/v1/events")).json(&body).send().await {
+                match client
+                    .post(format!("{url}/v1/events"))
+                    .json(&body)
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status().is_success() => {
                         ids.extend(["m", "q", "a", "h"].map(id));
                     }
@@ -134,14 +148,31 @@ async fn kill_9_rounds_under_load_lose_nothing_and_apply_nothing_twice() {
     let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
     // Replicas of the projections, loaded now, replay the whole log from scratch.
     for (name, file, toml) in [
-        ("type-counter", "type-counter.wasm", "subscriptions = [\">\"]"),
-        ("assistant-stats", "assistant-stats.wasm", "subscriptions = [\"assistant.>\"]"),
-        ("knowledge-graph", "knowledge-graph.wasm", "subscriptions = [\"memory.entity.extracted\"]"),
+        (
+            "type-counter",
+            "type-counter.wasm",
+            "subscriptions = [\">\"]",
+        ),
+        (
+            "assistant-stats",
+            "assistant-stats.wasm",
+            "subscriptions = [\"assistant.>\"]",
+        ),
+        (
+            "knowledge-graph",
+            "knowledge-graph.wasm",
+            "subscriptions = [\"memory.entity.extracted\"]",
+        ),
     ] {
-        let manifest = format!(
-            "name = \"{name}-replay\"\nversion = \"1\"\nkind = \"projection\"\n{toml}\n"
-        );
-        let (s, body) = upload(&h, &format!("{name}-replay"), &manifest, wasm(PLUGINS, file)).await;
+        let manifest =
+            format!("name = \"{name}-replay\"\nversion = \"1\"\nkind = \"projection\"\n{toml}\n");
+        let (s, body) = upload(
+            &h,
+            &format!("{name}-replay"),
+            &manifest,
+            wasm(PLUGINS, file),
+        )
+        .await;
         assert_eq!(s, 200, "{body}");
     }
     settled(&h).await;
@@ -151,7 +182,10 @@ async fn kill_9_rounds_under_load_lose_nothing_and_apply_nothing_twice() {
     let mut ids = BTreeSet::new();
     for e in &events {
         let id = e["id"].as_str().unwrap();
-        assert!(ids.insert(id.to_owned()), "event id {id} is in the log twice");
+        assert!(
+            ids.insert(id.to_owned()),
+            "event id {id} is in the log twice"
+        );
     }
     let lost: Vec<&String> = acked.iter().filter(|id| !ids.contains(*id)).collect();
     assert!(lost.is_empty(), "acknowledged events lost: {lost:?}");
@@ -227,7 +261,10 @@ async fn kill_9_rounds_under_load_lose_nothing_and_apply_nothing_twice() {
 
     // Every projection equals its replay from scratch.
     for name in ["type-counter", "assistant-stats", "knowledge-graph"] {
-        let (live, replay) = (dump(&h, name).await, dump(&h, &format!("{name}-replay")).await);
+        let (live, replay) = (
+            dump(&h, name).await,
+            dump(&h, &format!("{name}-replay")).await,
+        );
         assert!(!live.is_empty(), "{name} has no state");
         assert_eq!(live, replay, "{name} differs from its replay");
     }
