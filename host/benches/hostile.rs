@@ -29,7 +29,10 @@ const POISON: [&str; 8] = [
 ];
 
 fn event(ty: &str, payload: &str) -> NewEvent {
-    NewEvent::new(EventType::new(ty).unwrap(), Payload::from_json(payload).unwrap())
+    NewEvent::new(
+        EventType::new(ty).unwrap(),
+        Payload::from_json(payload).unwrap(),
+    )
 }
 
 /// `n` assistant events, with `poison` hostile events spread evenly among them (and a good
@@ -45,9 +48,15 @@ async fn ingest(log: &SledLog, n: u64, poison: u64) {
                 events: (0..100)
                     .map(|i| {
                         if (b * 1000 + s * 100 + i) % 2 == 0 {
-                            event("assistant.tool.executed", r#"{"tool_name":"say","success":true}"#)
+                            event(
+                                "assistant.tool.executed",
+                                r#"{"tool_name":"say","success":true}"#,
+                            )
                         } else {
-                            event("assistant.tick.completed", r#"{"tick_number":42,"duration_ms":250.0}"#)
+                            event(
+                                "assistant.tick.completed",
+                                r#"{"tick_number":42,"duration_ms":250.0}"#,
+                            )
                         }
                     })
                     .collect(),
@@ -57,7 +66,10 @@ async fn ingest(log: &SledLog, n: u64, poison: u64) {
             groups.push(StreamAppend {
                 stream: "hostile".into(),
                 expected: ExpectedVersion::Any,
-                events: vec![event(POISON[kind % POISON.len()], "{}"), event("hostile.good", "{}")],
+                events: vec![
+                    event(POISON[kind % POISON.len()], "{}"),
+                    event("hostile.good", "{}"),
+                ],
             });
             kind += 1;
         }
@@ -71,7 +83,10 @@ async fn catch_up(registry: &Registry, name: &str, wasm: &[u8]) -> Duration {
          [limits]\nbatch_size = 2048\n"
     );
     let start = Instant::now();
-    registry.load(&manifest, wasm.to_vec(), false).await.unwrap();
+    registry
+        .load(&manifest, wasm.to_vec(), false)
+        .await
+        .unwrap();
     while registry.info(name).await.unwrap().lag > 0 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -86,8 +101,9 @@ fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let stats = std::fs::read(root.join("target/plugins/assistant-stats.wasm"))
         .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
-    let hostile = std::fs::read(root.join("target/plugins-build/wasm32-wasip2/release/hostile.wasm"))
-        .expect("hostile.wasm: run scripts/build-plugins.sh first");
+    let hostile =
+        std::fs::read(root.join("target/plugins-build/wasm32-wasip2/release/hostile.wasm"))
+            .expect("hostile.wasm: run scripts/build-plugins.sh first");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

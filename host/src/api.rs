@@ -280,7 +280,7 @@ fn new_event(
     source: Option<String>,
 ) -> Result<NewEvent, ApiError> {
     let text = payload.get();
-    crate::event::check_unicode_escapes(text).map_err(|m| {
+    crate::event::check_payload_text(text).map_err(|m| {
         ApiError::bad_request(
             "invalid_json",
             format!("the payload of a {event_type} event is not valid JSON: {m}"),

@@ -112,13 +112,11 @@ pub fn validate_id(s: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
-/// Refuses a `\u` escape of a lone UTF-16 surrogate in JSON text. serde_json's raw-value
-/// parsing (which keeps a payload's text without building it) lets one through, but no JSON
-/// parser can turn it into a string, so a reader of the event would fail on it later.
-pub fn check_unicode_escapes(text: &str) -> Result<(), String> {
-    if !text.contains("\\u") {
-        return Ok(());
-    }
+/// Refuses what serde_json's raw-value parsing (which keeps a payload's text without
+/// building it) lets through but no reader can turn into a value: a `\u` escape of a lone
+/// UTF-16 surrogate, and a number beyond the range of a double (`1e999`). `text` is
+/// syntactically valid JSON; one pass over its bytes.
+pub fn check_payload_text(text: &str) -> Result<(), String> {
     let b = text.as_bytes();
     let hex = |i: usize| -> Option<u16> {
         let h = b.get(i..i + 4)?;
@@ -134,27 +132,51 @@ pub fn check_unicode_escapes(text: &str) -> Result<(), String> {
     };
     let mut i = 0;
     while i < b.len() {
-        if b[i] != b'\\' {
-            i += 1;
-            continue;
-        }
-        if b.get(i + 1) != Some(&b'u') {
-            i += 2;
-            continue;
-        }
-        let cp = hex(i + 2).ok_or("a \\u escape needs four hex digits")?;
-        i += 6;
-        if (0xDC00..0xE000).contains(&cp) {
-            return Err(lone(cp));
-        }
-        if (0xD800..0xDC00).contains(&cp) {
-            let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
-                .then(|| hex(i + 2))
-                .flatten();
-            match low {
-                Some(l) if (0xDC00..0xE000).contains(&l) => i += 6,
-                _ => return Err(lone(cp)),
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] != b'\\' {
+                        i += 1;
+                        continue;
+                    }
+                    if b.get(i + 1) != Some(&b'u') {
+                        i += 2;
+                        continue;
+                    }
+                    let cp = hex(i + 2).ok_or("a \\u escape needs four hex digits")?;
+                    i += 6;
+                    if (0xDC00..0xE000).contains(&cp) {
+                        return Err(lone(cp));
+                    }
+                    if (0xD800..0xDC00).contains(&cp) {
+                        let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                            .then(|| hex(i + 2))
+                            .flatten();
+                        match low {
+                            Some(l) if (0xDC00..0xE000).contains(&l) => i += 6,
+                            _ => return Err(lone(cp)),
+                        }
+                    }
+                }
+                i += 1;
             }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let number = &text[start..i];
+                let big = number.len() > 300 || number.bytes().any(|c| c == b'e' || c == b'E');
+                if big && !number.parse::<f64>().is_ok_and(f64::is_finite) {
+                    return Err(format!(
+                        "the number {} is out of range (beyond a double)",
+                        &number[..number.len().min(40)]
+                    ));
+                }
+            }
+            _ => i += 1,
         }
     }
     Ok(())
@@ -171,8 +193,7 @@ impl Payload {
     /// Parses `json` to check it is one JSON value, and keeps that value's text as sent.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         let raw: &RawValue = serde_json::from_str(json)?;
-        check_unicode_escapes(raw.get())
-            .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        check_payload_text(raw.get()).map_err(<serde_json::Error as serde::de::Error>::custom)?;
         Ok(Self(Arc::from(raw.get())))
     }
 
@@ -397,12 +418,14 @@ mod tests {
     }
 
     #[test]
-    fn lone_surrogate_escapes_are_refused_and_pairs_kept() {
+    fn lone_surrogates_and_numbers_out_of_range_are_refused() {
         for bad in [
             r#""\ud800x""#,
             r#""\udc00""#,
             r#"["\ud800\u0041"]"#,
             r#""\ud800""#,
+            "[1e9991,2]",
+            r#"{"a":-1E400}"#,
         ] {
             assert!(Payload::from_json(bad).is_err(), "{bad}");
         }
@@ -410,6 +433,7 @@ mod tests {
             r#""\ud83d\ude00""#,
             r#""\\ud800""#,
             r#""\u00e9""#,
+            r#"{"e1e999":1e308,"b":-0.5e-9999,"c":"1e999"}"#,
             r#"{"a":"\\\u0041"}"#,
         ] {
             let p = Payload::from_json(good).unwrap_or_else(|e| panic!("{good}: {e}"));

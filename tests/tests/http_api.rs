@@ -165,6 +165,12 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
             400,
             "invalid_json",
         ),
+        (
+            "lone surrogate in the payload",
+            r#"{"events":[{"type":"a.b","payload":"\ud800x"}]}"#.into(),
+            400,
+            "invalid_json",
+        ),
         ("no events", r#"{"events":[]}"#.into(), 400, "empty_append"),
         ("oversized payload", big, 413, "too_large"),
         ("too many events", six, 413, "too_large"),
