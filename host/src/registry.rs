@@ -408,11 +408,8 @@ impl Registry {
 
     /// Clears a plugin's quarantine; false when it was not quarantined.
     pub async fn resume(&self, name: &str) -> Result<bool, RegistryError> {
-        let loaded = self.loaded.lock().await;
-        let l = loaded
-            .get(name)
-            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-        l.runner.resume().await.map_err(RegistryError::Storage)
+        let runner = self.with(name, |l| l.runner.controller()).await?;
+        runner.resume().await.map_err(RegistryError::Storage)
     }
 
     /// Dead letters of `plugin` (every loaded plugin's when `None`), oldest position first.
@@ -453,11 +450,9 @@ impl Registry {
     /// Runs a dead letter through its plugin again.
     pub async fn retry_dead_letter(&self, id: &str) -> Result<RetryOutcome, RegistryError> {
         let (name, position) = Self::dead_letter_target(id)?;
-        let loaded = self.loaded.lock().await;
-        let l = loaded
-            .get(name)
-            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-        l.runner.retry(position).await.map_err(|e| match e {
+        // The lock is not held while the plugin runs.
+        let runner = self.with(name, |l| l.runner.controller()).await?;
+        runner.retry(position).await.map_err(|e| match e {
             RetryError::NotFound { .. } => RegistryError::DeadLetterNotFound(id.to_owned()),
             RetryError::Unavailable(m) => RegistryError::Storage(m),
         })

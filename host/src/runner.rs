@@ -284,6 +284,29 @@ impl Runner {
         self.status.lock().expect("runner status lock").clone()
     }
 
+    /// What operators use to reach the runner, without holding on to it.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            control: self.control.clone(),
+        }
+    }
+
+    /// Stops the runner after the call in progress, if any, and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Sends operator requests to a runner; cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    control: mpsc::Sender<Control>,
+}
+
+impl Controller {
     /// Clears a quarantine: the runner consumes again from its checkpoint. False when it
     /// was not quarantined.
     pub async fn resume(&self) -> Result<bool, String> {
@@ -305,14 +328,6 @@ impl Runner {
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
-    }
-
-    /// Stops the runner after the call in progress, if any, and waits for it.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
     }
 }
 

@@ -150,6 +150,22 @@ pub async fn append(
     reply
 }
 
+/// Every event in the log, in position order.
+pub async fn all_events(h: &Host) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let (s, page) = get(&format!("{}/v1/events?from={from}&limit=10000", h.url)).await;
+        assert_eq!(s, 200, "{page}");
+        out.extend(page["events"].as_array().unwrap().iter().cloned());
+        let next = page["next"].as_u64().unwrap();
+        if next >= page["head"].as_u64().unwrap() {
+            return out;
+        }
+        from = next;
+    }
+}
+
 /// `PUT /v1/plugins/{name}` with a manifest and a component.
 pub async fn upload(
     h: &Host,

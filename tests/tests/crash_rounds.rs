@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, get, jitter, upload};
+use evhost_tests::{Host, all_events, get, jitter, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -20,22 +20,6 @@ const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
 
 fn wasm(dir: &str, file: &str) -> Vec<u8> {
     std::fs::read(Path::new(dir).join(file)).unwrap()
-}
-
-/// Every event in the log.
-async fn all_events(h: &Host) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let (s, page) = get(&format!("{}/v1/events?from={from}&limit=10000", h.url)).await;
-        assert_eq!(s, 200, "{page}");
-        out.extend(page["events"].as_array().unwrap().iter().cloned());
-        let next = page["next"].as_u64().unwrap();
-        if next >= page["head"].as_u64().unwrap() {
-            return out;
-        }
-        from = next;
-    }
 }
 
 /// Waits until every loaded plugin is at the head and none is failing.

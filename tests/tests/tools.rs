@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, append, get, jitter, upload};
+use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -33,22 +33,6 @@ fn query(text: &str, correlation: &str) -> Value {
 fn request(invocation: &str, tool: &str, input: Value) -> Value {
     json!({"type": "tool.invocation.requested",
            "payload": {"invocation_id": invocation, "tool": tool, "input": input}})
-}
-
-/// Every event in the log.
-async fn all_events(h: &Host) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let (s, page) = get(&format!("{}/v1/events?from={from}&limit=1000", h.url)).await;
-        assert_eq!(s, 200, "{page}");
-        out.extend(page["events"].as_array().unwrap().iter().cloned());
-        let next = page["next"].as_u64().unwrap();
-        if next >= page["head"].as_u64().unwrap() {
-            return out;
-        }
-        from = next;
-    }
 }
 
 /// Waits until the flow `correlation` is answered; returns the flow.
