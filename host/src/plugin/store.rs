@@ -74,8 +74,9 @@ impl PluginStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Starts the state over for the component with `hash`: empty, beginning at `origin`.
-    /// Whether the plugin ever derived events is kept: they stay in the log.
+    /// Starts the state over for the component with `hash`: empty, beginning at `origin`,
+    /// with no dead letters and no quarantine (they were the old component's). Whether the
+    /// plugin ever derived events is kept: they stay in the log.
     pub fn reset(&self, hash: &str, origin: u64) -> sled::Result<()> {
         let derived = self.has_derived()?;
         self.tree.clear()?;
