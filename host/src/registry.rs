@@ -146,14 +146,23 @@ impl Registry {
     pub async fn answer_unknown_tools(&self) -> Result<(), RegistryError> {
         let store = PluginStore::open(&self.db, "~unknown-tools").map_err(storage)?;
         let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
-        let runner = Runner::spawn(
+        // A built-in runner has no operator to resume it: it is never quarantined.
+        let options = RunnerOptions {
+            batch_size: 512,
+            on_failure: crate::plugin::OnFailure {
+                quarantine_after: 0,
+                ..Default::default()
+            },
+            schemas: None,
+        };
+        let runner = Runner::spawn_with(
             "evhost",
             Arc::new(handler),
             store,
             self.bus.clone(),
             self.log.clone(),
             PatternSet::new(vec![REQUESTED.parse().expect("a valid pattern")]),
-            512,
+            options,
         )
         .map_err(storage)?;
         *self.unknown_tools.lock().await = Some(runner);
@@ -461,8 +470,12 @@ impl Registry {
     /// Drops a dead letter without handling it.
     pub async fn delete_dead_letter(&self, id: &str) -> Result<(), RegistryError> {
         let (name, position) = Self::dead_letter_target(id)?;
-        let store = self.with(name, |l| l.store.clone()).await?;
-        if !store.remove_dead_letter(position).map_err(storage)? {
+        let runner = self.with(name, |l| l.runner.controller()).await?;
+        if !runner
+            .delete(position)
+            .await
+            .map_err(RegistryError::Storage)?
+        {
             return Err(RegistryError::DeadLetterNotFound(id.to_owned()));
         }
         self.announce(audit(

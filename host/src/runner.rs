@@ -173,6 +173,7 @@ pub enum RetryError {
 enum Control {
     Resume(oneshot::Sender<Result<bool, String>>),
     Retry(u64, oneshot::Sender<Result<RetryOutcome, RetryError>>),
+    Delete(u64, oneshot::Sender<Result<bool, String>>),
 }
 
 /// A running projection; stops when dropped or when [`Runner::stop`] is called.
@@ -328,6 +329,17 @@ impl Controller {
             .await
             .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Drops the dead letter at `position` (false when there is none), in order with the
+    /// runner's own work, so a retry in progress cannot bring it back.
+    pub async fn delete(&self, position: u64) -> Result<bool, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Delete(position, tx))
+            .await
+            .map_err(|_| stopped_error())?;
+        rx.await.map_err(|_| stopped_error())?
     }
 }
 
@@ -629,7 +641,9 @@ impl Task {
             return Ok(());
         };
         for (from, list) in part.iter().zip(&output.derived) {
-            for d in list {
+            // Events with ids the handler fixed are a tool worker's outcomes: the tool has
+            // already run (at most once), so failing the batch would lose its result.
+            for d in list.iter().filter(|d| d.event.id.is_none()) {
                 schemas
                     .check(d.event.event_type.as_str(), d.event.payload.as_str())
                     .map_err(|v| {
@@ -704,6 +718,16 @@ impl Task {
                 fixed("quarantine"),
             ));
         }
+        // Announcements are derived from the failing event: a plugin that fails on them
+        // cannot feed itself (or another) announcements past the derivation depth limit.
+        if depth_of(event) >= MAX_DERIVATION_DEPTH {
+            appends.clear();
+        }
+        for e in appends.iter_mut().flat_map(|a| &mut a.events) {
+            e.metadata
+                .extra
+                .insert(DEPTH_KEY.to_owned(), (depth_of(event) + 1).to_string());
+        }
         let job = Job {
             appends,
             fixed_ids: true,
@@ -750,6 +774,13 @@ impl Task {
             }
             Control::Retry(position, reply) => {
                 let r = self.retry(position).await;
+                let _ = reply.send(r);
+            }
+            Control::Delete(position, reply) => {
+                let r = self
+                    .store
+                    .remove_dead_letter(position)
+                    .map_err(|e| format!("removing the dead letter failed: {e}"));
                 let _ = reply.send(r);
             }
         }

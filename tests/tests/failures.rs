@@ -399,3 +399,60 @@ async fn the_schema_registry_refuses_bad_appends_and_persists() {
     assert_eq!(r.status(), 204);
     append(&h, "u", json!([{"type": "user.created", "payload": {}}])).await;
 }
+
+/// A plugin that fails on the announcements of dead letters (an alert whose webhook is
+/// down) cannot feed itself forever: announcements are derived from the failing event and
+/// stop at the derivation depth limit, even when it is never quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_on_dead_letter_announcements_stops_at_the_depth_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let manifest = "name = \"alarm\"\nversion = \"1\"\nkind = \"extractor\"\n\
+        subscriptions = [\"hostile.trap\", \"evhost.plugin.dead_lettered\"]\n\
+        [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    let (s, body) = upload(&h, "alarm", manifest, hostile_wasm()).await;
+    assert_eq!(s, 200, "{body}");
+    append(&h, "x", vec![ev("hostile.trap")]).await;
+    let done = until(&h, "alarm", "stops", |i| {
+        caught_up(i) && i["dead_letters"] == 17
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let announced = events_of(&h, "evhost.plugin.dead_lettered").await;
+    assert_eq!(announced.len(), 16, "{done}");
+    assert_eq!(
+        announced.last().unwrap()["metadata"]["derivation_depth"],
+        "16"
+    );
+    assert_eq!(info(&h, "alarm").await["dead_letters"], 17);
+}
+
+/// A tool's outcome is not held to a schema the way derived events are: the tool has run
+/// (at most once), so refusing its outcome would lose the result. The outcome is appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_outcomes_are_not_lost_to_a_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/schemas/tool.invocation.completed", h.url))
+        .json(&json!({"required": ["no_such_field"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    append(
+        &h,
+        "t",
+        json!([{"type": "tool.invocation.requested",
+                "payload": {"invocation_id": "i1", "tool": "math", "input": {"expression": "1+1"}}}]),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events_of(&h, "tool.invocation.completed").await.is_empty() {
+        assert!(Instant::now() < deadline, "no outcome");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let math = until(&h, "math", "settles", caught_up).await;
+    assert_eq!(math["dead_letters"], 0, "{math}");
+    assert!(events_of(&h, "tool.invocation.failed").await.is_empty());
+}

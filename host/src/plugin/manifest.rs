@@ -42,8 +42,9 @@ pub struct Limits {
     /// Tools: most invocations running at once.
     pub concurrency: usize,
     /// Optional deterministic budget: wasm fuel (roughly one unit per instruction) a call
-    /// may burn per event it handles (per invocation for tools). Unlike the time limit it
-    /// fails the same way on every machine. Unset: no fuel accounting, no cost.
+    /// may burn per event it handles (per invocation for tools): a call of n events gets n
+    /// times this, shared among them. Unlike the time limit it fails the same way on every
+    /// machine. Unset: no fuel accounting, no cost.
     pub fuel_per_event: Option<u64>,
 }
 

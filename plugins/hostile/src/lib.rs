@@ -16,6 +16,7 @@
 //! | `hostile.file`    | insists on reading `/etc/hostname` (fails when denied)       |
 //! | `hostile.env`     | insists on reading `HOME` (fails when denied)                |
 //! | `hostile.net`     | insists on connecting to 127.0.0.1:9 (fails when denied)     |
+//! | `evhost.plugin.dead_lettered` | panics (an alerting plugin whose alerts fail)    |
 
 use evhost_sdk::{Error, Event, Extractor, NewEvent};
 
@@ -65,6 +66,7 @@ impl Extractor for Hostile {
                 ));
             }
             "hostile.trap" => panic!("hostile was asked to panic"),
+            "evhost.plugin.dead_lettered" => panic!("hostile fails on every announcement"),
             "hostile.flood" => {
                 for i in 0..20_000 {
                     out.push(derived("hostile.ok", stream, i.to_string()));
