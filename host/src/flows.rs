@@ -166,7 +166,7 @@ impl BatchHandler for FlowIndex {
         &self,
         view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, crate::runner::BatchError> {
         let mut o = Overlay {
             view: &*view,
             writes: Writes::new(),

@@ -44,7 +44,19 @@ pub trait BatchHandler: Send + Sync + 'static {
         &self,
         view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, String>;
+    ) -> Result<Output, BatchError>;
+}
+
+/// Why a batch handler failed, which decides what the runner does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The plugin failed on these events: the failure policy applies (split, retry,
+    /// dead-letter, quarantine).
+    #[error("{0}")]
+    Plugin(String),
+    /// The host failed (the log or the store): retried with backoff, never dead-lettered.
+    #[error("{0}")]
+    Host(String),
 }
 
 /// Runs a synchronous [`Handler`] (a wasm component) on tokio's blocking threads.
@@ -59,11 +71,11 @@ impl BatchHandler for Blocking {
         &self,
         view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, BatchError> {
         let h = self.0.clone();
         match tokio::task::spawn_blocking(move || h.handle(view, &events)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("the call was lost: {e}")),
+            Ok(r) => r.map_err(|e| BatchError::Plugin(e.to_string())),
+            Err(e) => Err(BatchError::Plugin(format!("the call was lost: {e}"))),
         }
     }
 }
@@ -353,14 +365,6 @@ impl Drop for Runner {
     }
 }
 
-/// Why one call over part of a batch did not produce a job.
-enum Failure {
-    /// The plugin failed on these events: split, retry, dead-letter.
-    Plugin(String),
-    /// The host failed (reading the log): retry, the plugin is not at fault.
-    Host(String),
-}
-
 /// What to do after a batch.
 enum Flow {
     Continue,
@@ -530,7 +534,7 @@ impl Task {
             let job = loop {
                 let message = match self.attempt(&part, part_resume).await {
                     Ok(job) => break Some(job),
-                    Err(Failure::Host(message)) => {
+                    Err(BatchError::Host(message)) => {
                         tracing::warn!(plugin = self.plugin.id(), error = %message, retry_in = ?host_backoff, "batch failed");
                         self.update(|s| s.last_error = Some(message));
                         if !self.sleep(host_backoff).await {
@@ -539,7 +543,7 @@ impl Task {
                         host_backoff = (host_backoff * 2).min(BACKOFF.1);
                         continue;
                     }
-                    Err(Failure::Plugin(message)) => message,
+                    Err(BatchError::Plugin(message)) => message,
                 };
                 self.update(|s| {
                     s.errors += 1;
@@ -592,14 +596,15 @@ impl Task {
 
     /// One call over `part`, checked: derived events must satisfy the schemas; what the
     /// plugin already appended before a restart is left out.
-    async fn attempt(&mut self, part: &Arc<Vec<Arc<Event>>>, resume: u64) -> Result<Job, Failure> {
+    async fn attempt(
+        &mut self,
+        part: &Arc<Vec<Arc<Event>>>,
+        resume: u64,
+    ) -> Result<Job, BatchError> {
         let started = Instant::now();
-        let output = self
-            .plugin
-            .handle(self.view.clone(), part.clone())
-            .await
-            .map_err(Failure::Plugin)?;
-        self.check_schemas(part, &output).map_err(Failure::Plugin)?;
+        let output = self.plugin.handle(self.view.clone(), part.clone()).await?;
+        self.check_schemas(part, &output)
+            .map_err(BatchError::Plugin)?;
         let fixed_ids = output
             .derived
             .iter()
@@ -610,7 +615,7 @@ impl Task {
             self.recovery
                 .drop_appended(&self.name, &self.log, &mut appends)
                 .await
-                .map_err(Failure::Host)?;
+                .map_err(BatchError::Host)?;
         }
         if dropped > 0 {
             tracing::warn!(
@@ -853,7 +858,8 @@ impl Task {
         let events = Arc::new(vec![Arc::new(event)]);
         let result = match self.plugin.handle(self.view.clone(), events.clone()).await {
             Ok(output) => self.check_schemas(&events, &output).map(|()| output),
-            Err(e) => Err(e),
+            Err(BatchError::Plugin(e)) => Err(e),
+            Err(BatchError::Host(e)) => return Err(unavailable(e)),
         };
         let outcome = match result {
             Ok(output) => {

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
 use crate::log::{EventLog, StreamAppend};
 use crate::plugin::{Derived, Output, PluginError, StateView, ToolInfo, ToolPlugin};
-use crate::runner::{BatchHandler, derived_id, push_grouped, stamp};
+use crate::runner::{BatchError, BatchHandler, derived_id, push_grouped, stamp};
 
 /// Requests for tools.
 pub const REQUESTED: &str = "tool.invocation.requested";
@@ -62,10 +62,10 @@ fn parse(event: &Event) -> Option<Parsed> {
 }
 
 /// Where the log holds the event with `id` (an invocation's start or outcome), if anywhere.
-async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, String> {
+async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, BatchError> {
     log.find(&id)
         .await
-        .map_err(|e| format!("looking up an invocation failed: {e}"))
+        .map_err(|e| BatchError::Host(format!("looking up an invocation failed: {e}")))
 }
 
 /// The id of an invocation's one outcome event (completed or failed).
@@ -244,7 +244,7 @@ impl BatchHandler for ToolHandler {
         &self,
         _view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, BatchError> {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         let mut seen = HashSet::new();
         let mut to_run: Vec<(usize, Parsed)> = Vec::new();
@@ -302,7 +302,7 @@ impl BatchHandler for ToolHandler {
         self.log
             .append(starts)
             .await
-            .map_err(|e| format!("recording invocation starts failed: {e}"))?;
+            .map_err(|e| BatchError::Host(format!("recording invocation starts failed: {e}")))?;
         let results = self
             .run_all(to_run.iter().map(|(_, p)| p.input.to_string()).collect())
             .await;
@@ -354,7 +354,7 @@ impl BatchHandler for UnknownTools {
         &self,
         _view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, String> {
+    ) -> Result<Output, BatchError> {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         for (i, event) in events.iter().enumerate() {
             let known = |t: &str| self.loaded.read().expect("tool names lock").contains(t);
