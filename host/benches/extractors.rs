@@ -8,15 +8,12 @@
 //! memories, default 1,000,000; EVHOST_BENCH_INVOCATIONS the number of invocations, default
 //! 100,000).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use evhost::plugin::Runtime;
 use evhost::registry::Registry;
-use evhost::{
-    Bus, EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, SledLog, SledLogConfig,
-    StreamAppend,
-};
+use evhost::{EventLog, EventType, ExpectedVersion, NewEvent, Payload, SledLog, StreamAppend};
 
 const NAMES: [&str; 8] = [
     "Ada Lovelace",
@@ -104,20 +101,11 @@ fn main() {
     let n = env("EVHOST_BENCH_EVENTS", 1_000_000);
     let m = env("EVHOST_BENCH_INVOCATIONS", 100_000);
     let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::tokio();
     println!("evhost extractor and tool benchmarks ({n} memories, {m} invocations)");
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::new(10_000);
-        let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
-        let dyn_log = log.clone() as Arc<dyn EventLog>;
-        let bus = Bus::new(dyn_log.clone(), hub);
-        let runtime = Runtime::new(&dir.path().join("compiled")).unwrap();
-        let registry = Registry::new(runtime, log.db().clone(), bus, dyn_log.clone(), dir.path().join("plugins"), evhost::schemas::Schemas::open(log.db()).unwrap());
+        let host = common::host();
+        let (log, registry) = (&host.log, &host.registry);
 
         // Extractor: a backlog of n memories, one derived event each.
         let t = Instant::now();

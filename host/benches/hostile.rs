@@ -8,14 +8,12 @@
 //! `cargo bench -p evhost --bench hostile` (EVHOST_BENCH_EVENTS sets the log size, default
 //! 300,000).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use evhost::registry::Registry;
-use evhost::{
-    Bus, EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, SledLog, SledLogConfig,
-    StreamAppend,
-};
+use evhost::{EventLog, EventType, ExpectedVersion, NewEvent, Payload, SledLog, StreamAppend};
 
 const POISON: [&str; 8] = [
     "hostile.loop",
@@ -104,34 +102,24 @@ fn main() {
     let hostile =
         std::fs::read(root.join("target/plugins-build/wasm32-wasip2/release/hostile.wasm"))
             .expect("hostile.wasm: run scripts/build-plugins.sh first");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::tokio();
     println!("evhost containment benchmark ({n} events, 40 poison events)");
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::new(10_000);
-        let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
-        let dyn_log = log.clone() as Arc<dyn EventLog>;
-        let bus = Bus::new(dyn_log.clone(), hub);
-        ingest(&log, n, 40).await;
-        let runtime = evhost::plugin::Runtime::new(&dir.path().join("compiled")).unwrap();
-        let db = log.db().clone();
-        let registry = Registry::new(runtime, db.clone(), bus, dyn_log, dir.path().join("plugins"), evhost::schemas::Schemas::open(&db).unwrap());
+        let host = common::host();
+        let registry = &host.registry;
+        ingest(&host.log, n, 40).await;
         // Compile once so neither side pays for it.
-        catch_up(&registry, "warm-up", &stats).await;
+        catch_up(registry, "warm-up", &stats).await;
 
-        let alone = catch_up(&registry, "alone-1", &stats).await;
+        let alone = catch_up(registry, "alone-1", &stats).await;
         let hostile_manifest = "name = \"hostile\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"hostile.>\"]\n\
             [limits]\nmemory_mb = 32\nbatch_timeout_ms = 100\nbatch_size = 64\n\
             [on_failure]\nretries = 1\nbackoff_ms = 10\nmax_backoff_ms = 100\nquarantine_after = 0\n";
         registry.load(hostile_manifest, hostile.clone(), false).await.unwrap();
-        let beside = catch_up(&registry, "beside-hostile", &stats).await;
+        let beside = catch_up(registry, "beside-hostile", &stats).await;
         let failing = registry.info("hostile").await.unwrap();
         registry.unload("hostile", true).await.unwrap();
-        let alone2 = catch_up(&registry, "alone-2", &stats).await;
+        let alone2 = catch_up(registry, "alone-2", &stats).await;
 
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let best_alone = alone.min(alone2);

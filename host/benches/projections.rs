@@ -6,18 +6,18 @@
 //! `cargo bench -p evhost --bench projections` (EVHOST_BENCH_EVENTS sets the log size,
 //! default 1,000,000).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evhost::plugin::{
-    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, Runtime, StateView,
-    Writes,
+    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, StateView, Writes,
 };
-use evhost::registry::Registry;
-use evhost::runner::{Blocking, Runner};
+use evhost::runner::{Blocking, Runner, RunnerOptions};
 use evhost::{
-    Bus, Event, EventLog, EventType, ExpectedVersion, Hub, NewEvent, PatternSet, Payload, SledLog,
-    SledLogConfig, StreamAppend,
+    Bus, Event, EventLog, EventType, ExpectedVersion, NewEvent, PatternSet, Payload, SledLog,
+    StreamAppend,
 };
 
 const TYPES: [(&str, &str); 6] = [
@@ -154,7 +154,10 @@ async fn catch_up(
         bus.clone(),
         log.clone(),
         PatternSet::parse_list("assistant.>").unwrap(),
-        batch,
+        RunnerOptions {
+            batch_size: batch,
+            ..RunnerOptions::default()
+        },
     )
     .unwrap();
     while runner.status().position < head {
@@ -175,25 +178,16 @@ fn main() {
         .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
     let manifest_text = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
     let manifest = Manifest::parse(&manifest_text).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::tokio();
     println!("evhost projection benchmarks ({n} events)");
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::new(10_000);
-        let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
-        let dyn_log = log.clone() as Arc<dyn EventLog>;
-        let bus = Bus::new(dyn_log.clone(), hub);
+        let host = common::host();
+        let (log, dyn_log, bus, runtime) = (&host.log, &host.dyn_log, &host.bus, &host.runtime);
         ingest(&log, n).await;
         let head = log.head();
         let db = log.db().clone();
 
         // Load: compile cold, then from the cache, then link and start.
-        let cache = dir.path().join("compiled");
-        let runtime = Runtime::new(&cache).unwrap();
         let cold = runtime.compile(&wasm).unwrap();
         let t = Instant::now();
         let warm = runtime.compile(&wasm).unwrap();
@@ -217,7 +211,7 @@ fn main() {
         assert_eq!(a, b, "wasm and native states differ");
 
         // Time travel to the middle, through the registry as the API does it.
-        let registry = Registry::new(runtime.clone(), db.clone(), bus.clone(), log.clone() as Arc<dyn EventLog>, dir.path().join("plugins"), evhost::schemas::Schemas::open(&db).unwrap());
+        let registry = &host.registry;
         registry.load(&manifest_text, wasm.clone(), false).await.unwrap();
         let t = Instant::now();
         let then = registry.state_at("assistant-stats", "assistant-7", head / 2).await.unwrap();

@@ -240,23 +240,14 @@ pub fn start(
     log: Arc<dyn EventLog>,
 ) -> anyhow::Result<(Runner, PluginStore)> {
     let store = PluginStore::open(db, "~flows")?;
-    // A built-in runner has no operator to resume it: it is never quarantined.
-    let options = crate::runner::RunnerOptions {
-        batch_size: 2048,
-        on_failure: crate::plugin::OnFailure {
-            quarantine_after: 0,
-            ..Default::default()
-        },
-        schemas: None,
-    };
-    let runner = Runner::spawn_with(
+    let runner = Runner::spawn(
         "evhost",
         Arc::new(FlowIndex),
         store.clone(),
         bus,
         log,
         PatternSet::parse_list(">").expect("a valid pattern"),
-        options,
+        crate::runner::RunnerOptions::built_in(2048),
     )?;
     Ok((runner, store))
 }

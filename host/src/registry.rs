@@ -146,23 +146,14 @@ impl Registry {
     pub async fn answer_unknown_tools(&self) -> Result<(), RegistryError> {
         let store = PluginStore::open(&self.db, "~unknown-tools").map_err(storage)?;
         let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
-        // A built-in runner has no operator to resume it: it is never quarantined.
-        let options = RunnerOptions {
-            batch_size: 512,
-            on_failure: crate::plugin::OnFailure {
-                quarantine_after: 0,
-                ..Default::default()
-            },
-            schemas: None,
-        };
-        let runner = Runner::spawn_with(
+        let runner = Runner::spawn(
             "evhost",
             Arc::new(handler),
             store,
             self.bus.clone(),
             self.log.clone(),
             PatternSet::new(vec![REQUESTED.parse().expect("a valid pattern")]),
-            options,
+            RunnerOptions::built_in(512),
         )
         .map_err(storage)?;
         *self.unknown_tools.lock().await = Some(runner);
@@ -236,7 +227,7 @@ impl Registry {
             on_failure: manifest.on_failure.clone(),
             schemas: Some(self.schemas.clone()),
         };
-        let runner = Runner::spawn_with(
+        let runner = Runner::spawn(
             &manifest.name,
             handler,
             store.clone(),

@@ -149,6 +149,21 @@ pub struct RunnerOptions {
     pub schemas: Option<Schemas>,
 }
 
+impl RunnerOptions {
+    /// Options of a runner built into the host (the flow index, unknown tools): no schemas,
+    /// and never quarantined, since no operator resumes it.
+    pub fn built_in(batch_size: usize) -> Self {
+        Self {
+            batch_size,
+            on_failure: OnFailure {
+                quarantine_after: 0,
+                ..OnFailure::default()
+            },
+            schemas: None,
+        }
+    }
+}
+
 /// What retrying a dead letter did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RetryOutcome {
@@ -198,26 +213,8 @@ pub struct Runner {
 
 impl Runner {
     /// Starts a runner for `plugin` over `patterns`, resuming from `store`'s checkpoint;
-    /// derived events are appended to `log` in the name of `name`. The default failure
-    /// policy applies and no schemas are checked.
+    /// derived events are appended to `log` in the name of `name`.
     pub fn spawn(
-        name: &str,
-        plugin: Arc<dyn BatchHandler>,
-        store: PluginStore,
-        bus: Bus,
-        log: Arc<dyn EventLog>,
-        patterns: PatternSet,
-        batch_size: usize,
-    ) -> anyhow::Result<Self> {
-        let options = RunnerOptions {
-            batch_size,
-            ..RunnerOptions::default()
-        };
-        Self::spawn_with(name, plugin, store, bus, log, patterns, options)
-    }
-
-    /// Starts a runner like [`Runner::spawn`], with `options`.
-    pub fn spawn_with(
         name: &str,
         plugin: Arc<dyn BatchHandler>,
         store: PluginStore,
@@ -320,38 +317,34 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// Sends the request `make` builds and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(make(tx))
+            .await
+            .map_err(|_| stopped_error())?;
+        rx.await.map_err(|_| stopped_error())
+    }
+
     /// Clears a quarantine: the runner consumes again from its checkpoint. False when it
     /// was not quarantined.
     pub async fn resume(&self) -> Result<bool, String> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .send(Control::Resume(tx))
-            .await
-            .map_err(|_| stopped_error())?;
-        rx.await.map_err(|_| stopped_error())?
+        self.ask(Control::Resume).await?
     }
 
     /// Runs the dead letter at `position` through the plugin again, now; on success its
     /// effects are committed (on top of the current state) and it leaves the store.
     pub async fn retry(&self, position: u64) -> Result<RetryOutcome, RetryError> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || RetryError::Unavailable(stopped_error());
-        self.control
-            .send(Control::Retry(position, tx))
+        self.ask(|tx| Control::Retry(position, tx))
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(RetryError::Unavailable)?
     }
 
     /// Drops the dead letter at `position` (false when there is none), in order with the
     /// runner's own work, so a retry in progress cannot bring it back.
     pub async fn delete(&self, position: u64) -> Result<bool, String> {
-        let (tx, rx) = oneshot::channel();
-        self.control
-            .send(Control::Delete(position, tx))
-            .await
-            .map_err(|_| stopped_error())?;
-        rx.await.map_err(|_| stopped_error())?
+        self.ask(|tx| Control::Delete(position, tx)).await?
     }
 }
 
