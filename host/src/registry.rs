@@ -519,7 +519,7 @@ impl Registry {
                 Component::Extractor(p) => p.usage(),
                 Component::Tool(t) => t.usage(),
             },
-            dead_letters: l.store.dead_letters().map_or(0, |d| d.len()),
+            dead_letters: l.store.dead_letter_count(),
         }
     }
 

@@ -525,6 +525,7 @@ impl Task {
             let (mut attempts, mut backoff, mut host_backoff) =
                 (0u32, Duration::from_millis(policy.backoff_ms), BACKOFF.0);
             let job = loop {
+                let called = Instant::now();
                 let message = match self.attempt(&part, part_resume).await {
                     Ok(job) => break Some(job),
                     Err(BatchError::Host(message)) => {
@@ -544,7 +545,14 @@ impl Task {
                     s.last_error = Some(message.clone());
                     s.state = RunState::Failing;
                 });
+                // A failing plugin waits at least as long as its failed call ran before it
+                // runs again, so one that spins to its time limit on every call uses at most
+                // half a core while the others keep theirs.
+                let burnt = called.elapsed();
                 if part.len() > 1 {
+                    if !self.sleep(burnt).await {
+                        return Flow::Stopped;
+                    }
                     tracing::debug!(plugin = self.plugin.id(), events = part.len(), error = %message, "batch failed; splitting it to find the failing event");
                     let mut first = Arc::unwrap_or_clone(part);
                     let second = first.split_off(first.len() / 2);
@@ -563,7 +571,7 @@ impl Task {
                     }
                 }
                 tracing::warn!(plugin = self.plugin.id(), position = part[0].position, attempt = attempts, error = %message, retry_in = ?backoff, "event failed; retrying");
-                if !self.sleep(backoff).await {
+                if !self.sleep(backoff.max(burnt)).await {
                     return Flow::Stopped;
                 }
                 backoff = (backoff * 2).min(Duration::from_millis(policy.max_backoff_ms));

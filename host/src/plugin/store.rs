@@ -160,6 +160,11 @@ impl PluginStore {
             .collect()
     }
 
+    /// How many dead letters there are (reads keys only).
+    pub fn dead_letter_count(&self) -> usize {
+        self.tree.scan_prefix([DEAD_LETTER]).keys().count()
+    }
+
     /// The dead letter at `position` (JSON).
     pub fn dead_letter(&self, position: u64) -> sled::Result<Option<String>> {
         Ok(self
