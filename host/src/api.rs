@@ -153,8 +153,24 @@ pub async fn serve(
         .await
 }
 
-async fn health(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ok", "head": st.log.head(), "version": env!("CARGO_PKG_VERSION")}))
+/// `ok`; `degraded` (still 200) when stored events are damaged or an append failed on
+/// storage lately; `read_only` (503) when the log refuses writes until a restart.
+async fn health(State(st): State<AppState>) -> Response {
+    let log = st.log.health();
+    let (code, status) = if log.read_only {
+        (StatusCode::SERVICE_UNAVAILABLE, "read_only")
+    } else if !log.damaged.is_empty() || log.last_write_error.is_some() {
+        (StatusCode::OK, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    let body = json!({
+        "status": status,
+        "head": st.log.head(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "log": log,
+    });
+    (code, Json(body)).into_response()
 }
 
 /// One event in an append request.
@@ -377,6 +393,13 @@ fn append_error(e: AppendError) -> ApiError {
             .with("expected_version", json!(expected))
             .with("current_version", json!(current)),
         AppendError::Invalid(m) => ApiError::bad_request("invalid_append", m),
+        AppendError::IdInUse {
+            ref stream,
+            position,
+            ..
+        } => ApiError::new(StatusCode::CONFLICT, "id_conflict", e.to_string())
+            .with("stream", json!(stream))
+            .with("position", json!(position)),
         AppendError::Storage(e) => ApiError::unavailable(e.to_string()),
     }
 }

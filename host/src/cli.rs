@@ -40,6 +40,20 @@ enum Command {
     /// List, retry and drop the events plugins failed on (the dead-letter store).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Work on the stored event log of a stopped host.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LogCommand {
+    /// Move damaged segment bytes aside (into DATA/damaged/) and keep every valid event:
+    /// each unreadable position gets an evhost.log.damaged event. Stop the host first.
+    Repair {
+        /// The host's data directory.
+        #[arg(long, env = "EVHOST_DATA", default_value = "evhost-data")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +177,10 @@ struct ServeArgs {
     /// Load every plugin (`<name>.toml` + `<name>.wasm`) in this directory at start.
     #[arg(long, env = "EVHOST_PLUGINS")]
     plugins: Option<PathBuf>,
+    /// Size of one segment file of the log, in MiB (default 256); small ones exercise
+    /// segment changes in tests.
+    #[arg(long, hide = true)]
+    segment_mb: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -266,7 +284,32 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plugin(cmd) => plugin(cmd).await,
         Command::State(cmd) => state(cmd).await,
         Command::Dlq(cmd) => dlq(cmd).await,
+        Command::Log(LogCommand::Repair { data }) => repair_log(&data),
     }
+}
+
+fn repair_log(data: &std::path::Path) -> Result<()> {
+    let report = crate::log::repair(data)
+        .with_context(|| format!("repairing the event log in {}", data.display()))?;
+    if report.repaired.is_empty() && report.reindex_from.is_none() {
+        println!(
+            "the event log in {} has no damage; nothing changed ({} events)",
+            data.display(),
+            report.head
+        );
+        return Ok(());
+    }
+    for r in &report.repaired {
+        println!("repaired: {r}");
+    }
+    for m in &report.moved {
+        println!("original kept as {}", m.display());
+    }
+    if let Some(p) = report.reindex_from {
+        println!("the index is rebuilt from position {p} at the next start");
+    }
+    println!("the log now holds {} positions; start the host again", report.head);
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -278,6 +321,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.cache_bytes = args.cache_mb * 1024 * 1024;
     config.max_event_bytes = args.max_event_bytes;
     config.max_batch_events = args.max_batch_events;
+    if let Some(mb) = args.segment_mb {
+        config.segment_bytes = mb * 1024 * 1024;
+    }
     let log = Arc::new(
         SledLog::open(config, hub.clone())
             .with_context(|| format!("opening the event log in {}", args.data.display()))?,

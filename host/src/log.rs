@@ -6,6 +6,7 @@
 //! a stream.
 
 mod codec;
+mod repair;
 mod segment;
 mod sled_log;
 
@@ -17,7 +18,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::event::{Event, NewEvent};
 use crate::pattern::PatternSet;
 
-pub use sled_log::{SledLog, SledLogConfig};
+pub use segment::Damage;
+pub use repair::{DAMAGED_TYPE, RepairReport, repair};
+pub use sled_log::{LogHealth, SledLog, SledLogConfig};
 
 /// What the client believes the stream's version is before its append.
 ///
@@ -128,6 +131,20 @@ pub enum AppendError {
     /// The request itself is unusable (empty, too large, inconsistent).
     #[error("{0}")]
     Invalid(String),
+    /// An event's client id is already the id of an event on another stream; nothing was
+    /// written. (On the same stream the append is a retry and answers the original
+    /// positions.)
+    #[error(
+        "event id {id:?} is already used by the event at position {position} on stream {stream:?}; ids are unique across the log, so give this event another id (or append it to {stream:?} if it is a retry)"
+    )]
+    IdInUse {
+        /// The id sent.
+        id: String,
+        /// The stream of the event that has it.
+        stream: String,
+        /// That event's position.
+        position: u64,
+    },
     /// The storage failed; the log refuses writes until the host restarts. The append's
     /// outcome is unknown (as with any database whose disk fails mid-write): the host takes
     /// the bytes back out when it can, and a client that retries with the same event ids
@@ -150,6 +167,12 @@ pub enum LogError {
     /// Stored bytes could not be decoded.
     #[error("corrupt record in the event log at {0}")]
     Corrupt(String),
+    /// The segments hold damaged bytes with valid events after them: the log does not open
+    /// over them, since writing on would lose or reuse acknowledged positions.
+    #[error(
+        "the event log is damaged: {0}. evhost does not start over damaged events, so that nothing acknowledged is lost or its position reused. Restore the segment from a backup, or stop the host and run `evhost log repair --data DIR`, which moves the damaged bytes aside into DIR/damaged/, puts an evhost.log.damaged event at each unreadable position, and keeps every valid event after them"
+    )]
+    Damaged(Box<Damage>),
 }
 
 /// Which events a read returns, beyond its position range.
@@ -240,4 +263,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// One past the last durable position: the position the next event will get.
     fn head(&self) -> u64;
+
+    /// Whether the log accepts writes and what is known to be wrong with its stored events,
+    /// for `/health`.
+    fn health(&self) -> LogHealth {
+        LogHealth::default()
+    }
 }

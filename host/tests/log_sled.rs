@@ -553,3 +553,241 @@ async fn a_multi_chunk_append_cut_short_by_a_crash_is_dropped_whole() {
     assert_eq!(r[0].next_version, 1001);
     assert_eq!(log.head(), 1001);
 }
+
+/// Appends `groups` appends of `per` events with client ids `g<i>-<j>` to stream `s`.
+async fn fill(log: &SledLog, groups: usize, per: usize) {
+    for g in 0..groups {
+        let events = (0..per)
+            .map(|j| ev("a.b", &format!("{{\"g\":{g},\"j\":{j}}}")).with_id(format!("g{g}-{j}")))
+            .collect();
+        log.append(one("s", ExpectedVersion::Any, events))
+            .await
+            .unwrap();
+    }
+}
+
+/// XORs one bit of `path` at `at`.
+fn flip_bit(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn open_err(dir: &std::path::Path) -> evhost::LogError {
+    match SledLog::open(SledLogConfig::new(dir), Hub::new(100)) {
+        Ok(_) => panic!("the log opened over damaged segments"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn a_flipped_bit_with_events_after_it_refuses_to_open_and_repair_keeps_every_valid_event() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path());
+        fill(&log, 60, 100).await;
+    }
+    let segment = dir.path().join("events").join("00000000.seg");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    flip_bit(&segment, len / 2);
+    // As if sled's background flush had not reached the disk: the segments are all there is.
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let err = open_err(dir.path()).to_string();
+    assert!(
+        err.contains("00000000.seg") && err.contains("positions ") && err.contains("evhost log repair"),
+        "{err}"
+    );
+    // Nothing was cut or deleted by the refused start, and a second start refuses again.
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), len);
+    open_err(dir.path());
+
+    let report = evhost::log::repair(dir.path()).unwrap();
+    assert_eq!(report.repaired.len(), 1, "{report:?}");
+    assert_eq!(report.head, 6000);
+    assert!(report.moved[0].starts_with(dir.path().join("damaged")));
+    let log = open(dir.path());
+    assert_eq!(log.head(), 6000, "every position is kept");
+    let events = all(&log).await;
+    assert_eq!(events.len(), 6000);
+    let damaged: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event_type.as_str() == evhost::log::DAMAGED_TYPE)
+        .map(|e| e.position)
+        .collect();
+    assert!(!damaged.is_empty() && damaged.len() <= 256, "{}", damaged.len());
+    for e in &events {
+        if e.event_type.as_str() == "a.b" {
+            let v: serde_json::Value = serde_json::from_str(e.payload.as_str()).unwrap();
+            assert_eq!(e.id, format!("g{}-{}", v["g"], v["j"]));
+            assert_eq!(e.position, v["g"].as_u64().unwrap() * 100 + v["j"].as_u64().unwrap());
+        }
+    }
+    // Ids after the damage are indexed again: a retry still returns the original position.
+    let r = log
+        .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "0").with_id("g59-99")]))
+        .await
+        .unwrap();
+    assert_eq!(r[0].positions, vec![5999]);
+    let r = log
+        .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "0")]))
+        .await
+        .unwrap();
+    assert_eq!(r[0].positions, vec![6000], "new events never reuse a position");
+    drop(log);
+    // A second repair finds nothing to do.
+    let again = evhost::log::repair(dir.path()).unwrap();
+    assert!(again.repaired.is_empty() && again.reindex_from.is_none(), "{again:?}");
+}
+
+#[tokio::test]
+async fn damage_in_an_earlier_segment_keeps_the_later_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        let mut c = SledLogConfig::new(dir.path());
+        c.segment_bytes = 64 * 1024;
+        c
+    };
+    {
+        let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
+        fill(&log, 40, 50).await;
+    }
+    let events_dir = dir.path().join("events");
+    let second = events_dir.join("00000001.seg");
+    let second_len = std::fs::metadata(&second).unwrap().len();
+    assert!(second_len > 0);
+    flip_bit(&events_dir.join("00000000.seg"), 1000);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let err = SledLog::open(cfg(), Hub::new(10)).err().expect("refused").to_string();
+    assert!(err.contains("00000000.seg"), "{err}");
+    assert_eq!(std::fs::metadata(&second).unwrap().len(), second_len, "later segment kept");
+    evhost::log::repair(dir.path()).unwrap();
+    let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
+    assert_eq!(log.head(), 2000);
+    assert_eq!(all(&log).await.len(), 2000);
+}
+
+#[tokio::test]
+async fn a_damaged_indexed_chunk_serves_the_events_around_it_and_shows_in_health() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path());
+        fill(&log, 30, 100).await;
+    }
+    let segment = dir.path().join("events").join("00000000.seg");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    flip_bit(&segment, len / 2);
+    // The index is intact: the log opens, and the background check finds the chunk.
+    let log = open(dir.path());
+    assert_eq!(log.head(), 3000);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while log.health().damaged.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the check never reported the damage");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let health = log.health();
+    assert!(health.damaged[0].contains("00000000.seg"), "{health:?}");
+    // A read from before the damage gets the events before it, and says where to go on.
+    let page = log.read(0, 10_000, &ReadFilter::default()).await.unwrap();
+    assert!(!page.events.is_empty() && page.events.len() < 3000);
+    assert_eq!(page.next, page.events.len() as u64);
+    let bad = page.next;
+    let err = log.read(bad, 10, &ReadFilter::default()).await.unwrap_err();
+    assert!(err.to_string().contains(&format!("positions {bad}..=")), "{err}");
+    // The events after the damaged chunk are readable too.
+    let mut after = bad + 1;
+    let page = loop {
+        match log.read(after, 10, &ReadFilter::default()).await {
+            Ok(p) => break p,
+            Err(_) => after += 1,
+        }
+    };
+    assert_eq!(page.events[0].position, after);
+    assert!(after - bad <= 256);
+    drop(log);
+    evhost::log::repair(dir.path()).unwrap();
+    let log = open(dir.path());
+    assert_eq!(all(&log).await.len(), 3000);
+    assert!(log.health().damaged.is_empty());
+}
+
+#[tokio::test]
+async fn a_segment_cut_short_under_an_intact_index_refuses_to_open_instead_of_filling_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path());
+        fill(&log, 20, 100).await;
+    }
+    let segment = dir.path().join("events").join("00000000.seg");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = open_err(dir.path()).to_string();
+    assert!(err.contains("cut short"), "{err}");
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), len / 2, "not extended");
+    let report = evhost::log::repair(dir.path()).unwrap();
+    assert!(report.head > 0 && report.head < 2000, "{report:?}");
+    let log = open(dir.path());
+    assert_eq!(log.head(), report.head);
+    assert_eq!(all(&log).await.len() as u64, report.head);
+    let r = log
+        .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "1")]))
+        .await
+        .unwrap();
+    assert_eq!(r[0].positions, vec![report.head]);
+}
+
+#[tokio::test]
+async fn an_id_already_on_another_stream_is_refused_and_names_that_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    log.append(one("a", ExpectedVersion::Any, vec![ev("x.y", "1").with_id("same")]))
+        .await
+        .unwrap();
+    let err = log
+        .append(one("b", ExpectedVersion::Any, vec![ev("x.y", "2").with_id("same")]))
+        .await
+        .unwrap_err();
+    match &err {
+        AppendError::IdInUse { stream, position, .. } => {
+            assert_eq!((stream.as_str(), *position), ("a", 0));
+        }
+        other => panic!("expected IdInUse, got {other:?}"),
+    }
+    assert_eq!(log.head(), 1, "nothing written");
+    // Within one multi-stream append too.
+    let err = log
+        .append(vec![
+            StreamAppend {
+                stream: "c".into(),
+                expected: ExpectedVersion::Any,
+                events: vec![ev("x.y", "3").with_id("fresh")],
+            },
+            StreamAppend {
+                stream: "d".into(),
+                expected: ExpectedVersion::Any,
+                events: vec![ev("x.y", "4").with_id("fresh")],
+            },
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::IdInUse { ref stream, .. } if stream == "c"), "{err:?}");
+    // The same stream is a retry: the original position, nothing new.
+    let r = log
+        .append(one("a", ExpectedVersion::Any, vec![ev("x.y", "1").with_id("same")]))
+        .await
+        .unwrap();
+    assert_eq!(r[0].positions, vec![0]);
+    assert_eq!(log.head(), 1);
+}

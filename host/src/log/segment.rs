@@ -4,8 +4,10 @@
 //! with `fdatasync`; sled keeps only a small index entry per chunk. The segments are the
 //! log's write-ahead record: an append is acknowledged once its chunks are synced here, and
 //! at start-up chunks past the last indexed one are checked (length, CRC, position) and
-//! indexed again. Bytes after the last complete chunk (a write cut short by a crash, never
-//! acknowledged) are truncated.
+//! indexed again. Bytes after the last complete chunk are truncated only when nothing valid
+//! follows them to the end of the last segment (a write cut short by a crash, never
+//! acknowledged); bad bytes with valid chunks after them are [`Damage`], which the log
+//! refuses to open over (see `repair`).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -14,9 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::LogError;
+use super::codec::{CHUNK_HEADER, ChunkHeader, chunk_header};
 
-/// A segment is closed and a new one started past this size.
-pub(super) const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
+/// A segment is closed and a new one started past this size, unless configured otherwise.
+pub const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Where a chunk's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,11 @@ impl ChunkLocation {
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
     let msg = format!("{what} {}", path.display());
     move |e| LogError::Storage(format!("{msg}: {e}"))
+}
+
+/// The file of segment number `segment` in `dir`.
+pub(super) fn path(dir: &Path, segment: u32) -> PathBuf {
+    segment_path(dir, segment)
 }
 
 fn segment_path(dir: &Path, segment: u32) -> PathBuf {
@@ -90,27 +98,31 @@ pub(super) struct SegmentWriter {
     segment: u32,
     file: File,
     offset: u64,
+    /// Size past which the next append starts a new segment.
+    max_bytes: u64,
+    /// The next segment's file, created ahead of time so that starting it never needs a
+    /// new file descriptor at the moment a group is written.
+    next: Option<File>,
 }
 
 impl SegmentWriter {
     /// Opens the segment directory so that writing continues at `end` (segment, offset),
-    /// just after the last complete chunk: later bytes and later segment files are discarded.
-    pub fn open(dir: &Path, end: (u32, u64)) -> Result<Self, LogError> {
+    /// just after the last complete group. The caller has checked that what lies past `end`
+    /// is a torn tail (see [`scan`]), so those bytes and later segment files are discarded.
+    pub fn open(dir: &Path, end: (u32, u64), max_bytes: u64) -> Result<Self, LogError> {
         fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let (segment, offset) = end;
-        // Segments created after the last indexed chunk hold nothing committed.
-        for entry in fs::read_dir(dir).map_err(io("cannot list", dir))?.flatten() {
-            let name = entry.file_name();
-            let n = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".seg"))
-                .and_then(|n| n.parse::<u32>().ok());
-            if let Some(n) = n
-                && n > segment
-            {
-                let p = entry.path();
+        for (n, len) in list(dir)? {
+            if n > segment {
+                let p = segment_path(dir, n);
                 fs::remove_file(&p).map_err(io("cannot remove uncommitted segment", &p))?;
-                tracing::warn!(segment = n, "removed a segment with no committed chunk");
+                if len > 0 {
+                    tracing::warn!(
+                        segment = n,
+                        bytes = len,
+                        "removed a segment holding only a write cut short"
+                    );
+                }
             }
         }
         let path = segment_path(dir, segment);
@@ -125,31 +137,64 @@ impl SegmentWriter {
             .metadata()
             .map_err(io("cannot stat segment", &path))?
             .len();
+        if len < offset {
+            return Err(LogError::Corrupt(format!(
+                "segment {segment:08}.seg is {len} bytes long but its chunks end at byte {offset}; restore it from a backup or run `evhost log repair`"
+            )));
+        }
         if len > offset {
             tracing::warn!(
                 segment,
                 discarded = len - offset,
-                "truncating bytes of an append that was never acknowledged"
+                "truncating a write cut short by a crash (never acknowledged)"
             );
-        }
-        if len != offset {
             file.set_len(offset)
                 .map_err(io("cannot truncate segment", &path))?;
             file.sync_all().map_err(io("cannot sync segment", &path))?;
         }
         sync_dir(dir)?;
-        Ok(Self {
+        let mut w = Self {
             dir: dir.to_owned(),
             segment,
             file,
             offset,
-        })
+            max_bytes,
+            next: None,
+        };
+        w.prepare_next();
+        Ok(w)
+    }
+
+    /// Creates the next segment's file now, if it is not there yet; a failure (say, no file
+    /// descriptor left) is retried at the next roll.
+    fn prepare_next(&mut self) {
+        if self.next.is_some() {
+            return;
+        }
+        let path = segment_path(&self.dir, self.segment + 1);
+        match OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+        {
+            Ok(f) => self.next = Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot create the next segment ahead of time; will retry")
+            }
+        }
+    }
+
+    /// Where the next append goes: (segment, offset).
+    pub fn position(&self) -> (u32, u64) {
+        (self.segment, self.offset)
     }
 
     /// Appends `bytes` (one or more whole chunks) and returns where they start. Not durable
     /// until [`SegmentWriter::sync`].
     pub fn append(&mut self, bytes: &[u8]) -> Result<(u32, u64), LogError> {
-        if self.offset > 0 && self.offset + bytes.len() as u64 > SEGMENT_BYTES {
+        if self.offset > 0 && self.offset + bytes.len() as u64 > self.max_bytes {
             self.roll()?;
         }
         let at = self.offset;
@@ -161,12 +206,11 @@ impl SegmentWriter {
         Ok((self.segment, at))
     }
 
-    /// Cuts the current segment back to `offset` after a failed group, so its bytes cannot
-    /// be recovered as if they had been committed.
-    pub fn rollback(&mut self, segment: u32, offset: u64) -> Result<(), LogError> {
-        if segment != self.segment || offset > self.offset {
-            return Ok(());
-        }
+    /// Takes back every byte written since the writer was at `start` (segment, offset), after
+    /// a group failed, so those bytes cannot be recovered as if they had been committed. An
+    /// error here leaves the group's outcome unknown.
+    pub fn discard_since(&mut self, start: (u32, u64)) -> Result<(), LogError> {
+        let offset = if start.0 == self.segment { start.1 } else { 0 };
         let path = segment_path(&self.dir, self.segment);
         self.file
             .set_len(offset)
@@ -186,19 +230,19 @@ impl SegmentWriter {
 
     fn roll(&mut self) -> Result<(), LogError> {
         self.sync()?;
+        self.prepare_next();
         let next = self.segment + 1;
-        let path = segment_path(&self.dir, next);
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io("cannot create segment", &path))?;
+        let Some(file) = self.next.take() else {
+            return Err(LogError::Storage(format!(
+                "cannot create segment {}: see the earlier warning; the append can be retried",
+                segment_path(&self.dir, next).display()
+            )));
+        };
         sync_dir(&self.dir)?;
         self.file = file;
         self.segment = next;
         self.offset = 0;
+        self.prepare_next();
         Ok(())
     }
 }
@@ -209,65 +253,248 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
         .map_err(io("cannot sync directory", dir))
 }
 
+/// Bytes of the segments that are not the chunk the log expects there, followed by valid
+/// chunks: damage (a flipped bit, a lost or overwritten range), never a write cut short,
+/// because at most the last group of the last segment is ever unsynced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file holding the damaged bytes.
+    pub segment: u32,
+    /// Byte offset in that segment where the damaged bytes start.
+    pub offset: u64,
+    /// Where valid chunks start again (segment, offset), when any do.
+    pub resume: Option<(u32, u64)>,
+    /// First position the damaged bytes held (the one the log expected there).
+    pub first_position: u64,
+    /// First position after the damage that is readable (the chunk at `resume`).
+    pub resume_position: Option<u64>,
+    /// Bytes of valid chunks found after the damage (a lower bound of what was written).
+    pub valid_bytes_after: u64,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "segment {:08}.seg is damaged at byte offset {}",
+            self.segment, self.offset
+        )?;
+        match (self.resume, self.resume_position) {
+            (Some((seg, off)), Some(pos)) => {
+                let positions = if pos > self.first_position {
+                    format!("positions {}..={}", self.first_position, pos - 1)
+                } else {
+                    format!("no whole position (before {})", self.first_position)
+                };
+                write!(
+                    f,
+                    ": {positions} cannot be read, and valid events follow (from position {pos}, at offset {off} of segment {seg:08}.seg, at least {} bytes)",
+                    self.valid_bytes_after
+                )
+            }
+            _ => write!(
+                f,
+                ": events from position {} cannot be read, and later segment files hold bytes that are not valid chunks",
+                self.first_position
+            ),
+        }
+    }
+}
+
+/// How a walk over the segments ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ScanEnd {
+    /// Every byte was a valid chunk, up to the end of the last segment.
+    Clean,
+    /// Bytes that are not a valid chunk start at (segment, offset) and nothing valid comes
+    /// after them in the last segment: a write cut short by a crash, never acknowledged.
+    Torn { segment: u32, offset: u64 },
+    /// Damage with valid chunks (or other segments' bytes) after it.
+    Damaged(Damage),
+}
+
+/// Segment numbers present in `dir`, in order, with their lengths.
+pub(super) fn list(dir: &Path) -> Result<Vec<(u32, u64)>, LogError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io("cannot list", dir)(e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let n = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(n) = n {
+            let len = entry
+                .metadata()
+                .map_err(io("cannot stat segment", &entry.path()))?
+                .len();
+            out.push((n, len));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// Walks the chunks stored from `from` (segment, offset) on, across later segments, calling
-/// `f` with each complete chunk (location and bytes, header included) until `f` returns
-/// `false` or a chunk is missing, short or fails its CRC. Returns where the last accepted
-/// chunk ends: where writing must continue.
+/// `f` with each valid chunk (location, header, bytes with the header) in position order,
+/// starting at position `expected`. Stops at the first bytes that are not the chunk
+/// expected there and says whether they are a torn tail or damage.
 pub(super) fn scan(
     dir: &Path,
     from: (u32, u64),
-    mut f: impl FnMut(ChunkLocation, &[u8]) -> Result<bool, LogError>,
-) -> Result<(u32, u64), LogError> {
-    use super::codec::{CHUNK_HEADER, chunk_header};
-    let mut end = from;
+    mut expected: u64,
+    mut f: impl FnMut(ChunkLocation, &ChunkHeader, &[u8]) -> Result<(), LogError>,
+) -> Result<ScanEnd, LogError> {
+    let segments = list(dir)?;
+    // Empty files past the data (a segment opened ahead of time) hold nothing.
+    let last_nonempty = segments.iter().rev().find(|(_, len)| *len > 0).map(|s| s.0);
     let (mut segment, mut offset) = from;
     loop {
         let path = segment_path(dir, segment);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(end),
-            Err(e) => return Err(io("cannot open segment", &path)(e)),
+        let Some(&(_, len)) = segments.iter().find(|(n, _)| *n == segment) else {
+            return Ok(ScanEnd::Clean);
         };
-        let len = file
-            .metadata()
-            .map_err(io("cannot stat segment", &path))?
-            .len();
-        loop {
-            let mut header = [0u8; CHUNK_HEADER];
-            if offset + CHUNK_HEADER as u64 > len
-                || file.read_exact_at(&mut header, offset).is_err()
-            {
-                break;
-            }
-            let Some(h) = chunk_header(&header) else {
-                break;
+        if offset > len {
+            return Err(LogError::Corrupt(format!(
+                "segment {segment:08}.seg is {len} bytes long, but the index has chunks up to byte {offset}: the file was cut short after it was written, and the events past byte {len} are gone; restore it from a backup, or run `evhost log repair` to re-index what is left"
+            )));
+        }
+        let file = File::open(&path).map_err(io("cannot open segment", &path))?;
+        while offset < len {
+            let Some((h, bytes)) = read_chunk(&file, offset, len)? else {
+                return classify(dir, &segments, last_nonempty, segment, offset, expected);
             };
-            let total = CHUNK_HEADER as u64 + u64::from(h.body_len);
-            if h.body_len == 0 || offset + total > len {
-                return Ok(end);
-            }
-            let mut bytes = vec![0u8; total as usize];
-            file.read_exact_at(&mut bytes, offset)
-                .map_err(io("cannot read segment", &path))?;
-            if crc32fast::hash(&bytes[CHUNK_HEADER..]) != h.crc {
-                return Ok(end);
+            if h.first_position != expected {
+                return classify(dir, &segments, last_nonempty, segment, offset, expected);
             }
             let loc = ChunkLocation {
                 segment,
                 offset,
-                len: total as u32,
+                len: bytes.len() as u32,
             };
-            if !f(loc, &bytes)? {
-                return Ok(end);
-            }
-            offset += total;
-            end = (segment, offset);
-        }
-        if offset != len {
-            // A torn chunk at the end of this segment: nothing after it was acknowledged.
-            return Ok(end);
+            f(loc, &h, &bytes)?;
+            expected = h.first_position + u64::from(chunk_count(&bytes));
+            offset += bytes.len() as u64;
         }
         segment += 1;
         offset = 0;
     }
+}
+
+/// Reads the chunk at `offset` when its header is whole and its CRC matches.
+fn read_chunk(file: &File, offset: u64, len: u64) -> Result<Option<(ChunkHeader, Vec<u8>)>, LogError> {
+    let mut header = [0u8; CHUNK_HEADER];
+    if offset + CHUNK_HEADER as u64 > len || file.read_exact_at(&mut header, offset).is_err() {
+        return Ok(None);
+    }
+    let Some(h) = chunk_header(&header) else {
+        return Ok(None);
+    };
+    let total = CHUNK_HEADER as u64 + u64::from(h.body_len);
+    if h.body_len < 4 || offset + total > len {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; total as usize];
+    if file.read_exact_at(&mut bytes, offset).is_err()
+        || crc32fast::hash(&bytes[CHUNK_HEADER..]) != h.crc
+    {
+        return Ok(None);
+    }
+    Ok(Some((h, bytes)))
+}
+
+/// Events in a chunk whose CRC was checked.
+fn chunk_count(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes(
+        bytes[CHUNK_HEADER..CHUNK_HEADER + 4]
+            .try_into()
+            .expect("4 bytes"),
+    )
+}
+
+/// Decides what bytes that are not the expected chunk at (segment, offset) are: a torn
+/// tail when nothing valid follows them to the end of the last segment, damage otherwise.
+fn classify(
+    dir: &Path,
+    segments: &[(u32, u64)],
+    last_nonempty: Option<u32>,
+    segment: u32,
+    offset: u64,
+    expected: u64,
+) -> Result<ScanEnd, LogError> {
+    if let Some((seg, off, pos, after)) = find_valid(dir, segments, segment, offset, expected)? {
+        return Ok(ScanEnd::Damaged(Damage {
+            segment,
+            offset,
+            resume: Some((seg, off)),
+            first_position: expected,
+            resume_position: Some(pos),
+            valid_bytes_after: after,
+        }));
+    }
+    if last_nonempty.is_some_and(|last| last > segment) {
+        return Ok(ScanEnd::Damaged(Damage {
+            segment,
+            offset,
+            resume: None,
+            first_position: expected,
+            resume_position: None,
+            valid_bytes_after: 0,
+        }));
+    }
+    Ok(ScanEnd::Torn { segment, offset })
+}
+
+/// The first valid chunk at or after (segment, offset) whose first position is at least
+/// `expected` (and plausibly close to it): where it is, its first position, and how many
+/// bytes of valid chunks run on from there.
+fn find_valid(
+    dir: &Path,
+    segments: &[(u32, u64)],
+    segment: u32,
+    offset: u64,
+    expected: u64,
+) -> Result<Option<(u32, u64, u64, u64)>, LogError> {
+    for &(seg, len) in segments.iter().filter(|(n, _)| *n >= segment) {
+        let path = segment_path(dir, seg);
+        let bytes = fs::read(&path).map_err(io("cannot read segment", &path))?;
+        let start = if seg == segment { offset as usize } else { 0 };
+        let len = len.min(bytes.len() as u64) as usize;
+        for o in start..len.saturating_sub(CHUNK_HEADER) {
+            let Some(h) = chunk_header(&bytes[o..]) else {
+                continue;
+            };
+            // Random bytes almost never carry a first position this close to the expected
+            // one, which keeps the CRC checks rare.
+            if h.first_position < expected
+                || h.first_position - expected > u64::from(u32::MAX)
+                || h.body_len < 4
+                || o + CHUNK_HEADER + h.body_len as usize > len
+            {
+                continue;
+            }
+            let end = o + CHUNK_HEADER + h.body_len as usize;
+            if crc32fast::hash(&bytes[o + CHUNK_HEADER..end]) != h.crc {
+                continue;
+            }
+            // How far valid chunks run on from here, in this segment.
+            let mut run = end;
+            while let Some(next) = bytes.get(run..len).and_then(chunk_header) {
+                let e = run + CHUNK_HEADER + next.body_len as usize;
+                if next.body_len < 4
+                    || e > len
+                    || crc32fast::hash(&bytes[run + CHUNK_HEADER..e]) != next.crc
+                {
+                    break;
+                }
+                run = e;
+            }
+            return Ok(Some((seg, o as u64, h.first_position, (run - o) as u64)));
+        }
+    }
+    Ok(None)
 }

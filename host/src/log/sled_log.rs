@@ -24,7 +24,7 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{self, Chunk, ChunkEntry, Run, TypeCache};
-use super::segment::{ChunkLocation, SegmentReader, SegmentWriter};
+use super::segment::{ChunkLocation, ScanEnd, SegmentReader, SegmentWriter};
 use super::{AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend};
 use crate::bus::Hub;
 use crate::event::{Event, validate_id, validate_stream};
@@ -47,6 +47,8 @@ pub struct SledLogConfig {
     pub max_event_bytes: usize,
     /// Most events accepted in one append.
     pub max_batch_events: usize,
+    /// Size past which a segment file is closed and the next one started.
+    pub segment_bytes: u64,
 }
 
 impl SledLogConfig {
@@ -58,6 +60,7 @@ impl SledLogConfig {
             cache_bytes: 64 * 1024 * 1024,
             max_event_bytes: 1024 * 1024,
             max_batch_events: 10_000,
+            segment_bytes: super::segment::SEGMENT_BYTES,
         }
     }
 }
@@ -67,10 +70,54 @@ struct Shared {
     segments: SegmentReader,
     /// One past the last durable position.
     durable: AtomicU64,
-    /// Set when storage failed; every later append is refused.
+    /// Set when a failed write could not be taken back; every later append is refused.
     poisoned: AtomicBool,
+    /// What is wrong with the stored events or the last write, for `/health`.
+    health: HealthState,
+    /// Set when the log closes, so the background check stops.
+    closing: AtomicBool,
     hub: Arc<Hub>,
     config: SledLogConfig,
+}
+
+/// What `/health` reports about the log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LogHealth {
+    /// False once a failed write could not be taken back: appends are refused until a
+    /// restart.
+    pub read_only: bool,
+    /// Why the last append failed on storage (for example no space or no file descriptors
+    /// left), while no append has succeeded since; later appends are tried as usual.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_write_error: Option<String>,
+    /// Appends failed on storage since the start.
+    pub write_errors: u64,
+    /// Damaged chunks found by reads or by the background check, one line each.
+    pub damaged: Vec<String>,
+    /// Events whose chunks the background check has verified (CRC) since the start.
+    pub verified_through: u64,
+}
+
+/// The log's own view of its health, shared by the writer, readers and the checker.
+#[derive(Default)]
+struct HealthState {
+    /// Set while the last append failed on storage (cleared by the next one that succeeds).
+    failing: AtomicBool,
+    last_write_error: std::sync::Mutex<Option<String>>,
+    write_errors: AtomicU64,
+    /// Damaged chunks by first position.
+    damaged: std::sync::Mutex<std::collections::BTreeMap<u64, String>>,
+    verified_through: AtomicU64,
+}
+
+impl HealthState {
+    fn damaged(&self, first_position: u64, what: String) {
+        let mut d = self.damaged.lock().expect("health lock");
+        if let std::collections::btree_map::Entry::Vacant(slot) = d.entry(first_position) {
+            tracing::error!(first_position, damage = %what, "damaged chunk in the event log");
+            slot.insert(what);
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
@@ -88,6 +135,7 @@ pub struct SledLog {
     shared: Arc<Shared>,
     tx: Option<mpsc::Sender<AppendOp>>,
     writer: Option<JoinHandle<()>>,
+    checker: Option<JoinHandle<()>>,
 }
 
 impl SledLog {
@@ -125,7 +173,7 @@ impl SledLog {
         })?;
         let events_dir = config.path.join("events");
         let (head, end) = recover(&db, &events_dir, &data_file)?;
-        let segment_writer = SegmentWriter::open(&events_dir, end)?;
+        let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes)?;
         hub.set_head(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");
         let shared = Arc::new(Shared {
@@ -133,6 +181,8 @@ impl SledLog {
             segments: SegmentReader::new(events_dir),
             durable: AtomicU64::new(head),
             poisoned: AtomicBool::new(false),
+            health: HealthState::default(),
+            closing: AtomicBool::new(false),
             hub,
             config,
         });
@@ -148,10 +198,16 @@ impl SledLog {
             .name("evhost-log-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Storage(format!("cannot start the log writer: {e}")))?;
+        let checked = shared.clone();
+        let checker = std::thread::Builder::new()
+            .name("evhost-log-check".into())
+            .spawn(move || verify_chunks(&checked, head))
+            .map_err(|e| LogError::Storage(format!("cannot start the log check: {e}")))?;
         Ok(Self {
             shared,
             tx: Some(tx),
             writer: Some(handle),
+            checker: Some(checker),
         })
     }
 
@@ -172,8 +228,12 @@ impl SledLog {
 
     /// Stops the writer after it has finished the appends already queued.
     pub fn close(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
         self.tx.take();
         if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.checker.take() {
             let _ = h.join();
         }
     }
@@ -220,14 +280,7 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u6
     // cut short by a crash (never acknowledged) is dropped whole.
     let mut group: Vec<(u64, ChunkEntry, Vec<(Event, bool)>)> = Vec::new();
     let mut committed_end = from;
-    let mut expected = head;
-    super::segment::scan(dir, from, |location, bytes| {
-        let Some(h) = codec::chunk_header(bytes) else {
-            return Ok(false);
-        };
-        if h.first_position != expected {
-            return Ok(false);
-        }
+    let scanned = super::segment::scan(dir, from, head, |location, h, bytes| {
         let chunk = Chunk::parse(h.first_position, bytes)?;
         let mut chunk_events = Vec::with_capacity(chunk.len());
         for pos in h.first_position..chunk.end() {
@@ -239,18 +292,26 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u6
             ChunkEntry { location, count },
             chunk_events,
         ));
-        expected = chunk.end();
         if h.group_end {
             for (first, entry, evs) in group.drain(..) {
                 batch.insert(&codec::event_key(first), &entry.encode()[..]);
                 recovered += u64::from(entry.count);
                 events.extend(evs);
             }
-            head = expected;
+            head = chunk.end();
             committed_end = (location.segment, location.end());
         }
-        Ok(true)
+        Ok(())
     })?;
+    match scanned {
+        ScanEnd::Clean => {}
+        ScanEnd::Torn { segment, offset } => tracing::warn!(
+            segment,
+            offset,
+            "the last segment ends in a write cut short by a crash (nothing valid after it, never acknowledged); it is truncated"
+        ),
+        ScanEnd::Damaged(d) => return Err(LogError::Damaged(Box::new(d))),
+    }
     if !group.is_empty() {
         tracing::warn!(
             chunks = group.len(),
@@ -370,6 +431,23 @@ impl EventLog for SledLog {
     fn head(&self) -> u64 {
         self.shared.durable.load(Ordering::Acquire)
     }
+
+    fn health(&self) -> LogHealth {
+        let h = &self.shared.health;
+        LogHealth {
+            read_only: self.shared.poisoned.load(Ordering::Acquire),
+            last_write_error: h.last_write_error.lock().expect("health lock").clone(),
+            write_errors: h.write_errors.load(Ordering::Relaxed),
+            damaged: h
+                .damaged
+                .lock()
+                .expect("health lock")
+                .values()
+                .cloned()
+                .collect(),
+            verified_through: h.verified_through.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Checks what can be checked without the log's state, so bad input never reaches the writer.
@@ -417,6 +495,66 @@ fn chunk_at(db: &sled::Db, position: u64) -> Result<Option<(u64, ChunkEntry)>, L
         .transpose()
 }
 
+/// Bytes the background check reads before it pauses, and how long it pauses: at most
+/// about 64 MiB/s, so that checking a large log never crowds out appends and reads.
+const CHECK_SLICE_BYTES: u64 = 4 * 1024 * 1024;
+const CHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(60);
+
+/// Reads every chunk below `head` once and checks its CRC, recording damage for `/health`
+/// (the chunks past the index end were checked at start-up already).
+fn verify_chunks(shared: &Shared, head: u64) {
+    let mut from = 0u64;
+    let mut slice = 0u64;
+    while from < head && !shared.closing.load(Ordering::Acquire) {
+        let next = shared
+            .db
+            .range(codec::event_key(from)..codec::event_key(head))
+            .next();
+        let Some(Ok((k, v))) = next else { break };
+        let (Ok(first), Ok(entry)) = (codec::position_of_event_key(&k), ChunkEntry::decode(&v))
+        else {
+            break;
+        };
+        let _ = read_chunk(shared, first, entry);
+        from = first + u64::from(entry.count.max(1));
+        shared
+            .health
+            .verified_through
+            .store(from, Ordering::Relaxed);
+        slice += u64::from(entry.location.len);
+        if slice >= CHECK_SLICE_BYTES {
+            slice = 0;
+            std::thread::sleep(CHECK_PAUSE);
+        }
+    }
+}
+
+/// The bytes of the chunk `entry` (first position `first`), checked against its CRC; a
+/// damaged chunk is recorded for `/health` and named in the error.
+fn read_chunk(shared: &Shared, first: u64, entry: ChunkEntry) -> Result<Vec<u8>, LogError> {
+    let checked = shared
+        .segments
+        .read(entry.location)
+        .and_then(|bytes| Chunk::parse(first, &bytes).map(|_| ()).map(|()| bytes));
+    checked.map_err(|e| {
+        let what = damaged_chunk(first, entry);
+        shared.health.damaged(first, what.clone());
+        tracing::debug!(error = %e, "chunk read failed");
+        LogError::Corrupt(what)
+    })
+}
+
+fn damaged_chunk(first: u64, entry: ChunkEntry) -> String {
+    let l = entry.location;
+    format!(
+        "positions {first}..={} (segment {:08}.seg, bytes {}..{}): the chunk fails its checksum; the events before and after it are readable; stop the host and run `evhost log repair` to move it aside",
+        first + u64::from(entry.count).saturating_sub(1),
+        l.segment,
+        l.offset,
+        l.end()
+    )
+}
+
 fn read_positions(
     shared: &Shared,
     from: u64,
@@ -442,8 +580,15 @@ fn read_positions(
     {
         let (k, v) = item.map_err(storage)?;
         let first = codec::position_of_event_key(&k)?;
-        let bytes = shared.segments.read(ChunkEntry::decode(&v)?.location)?;
-        let chunk = Chunk::parse(first, &bytes)?;
+        let entry = ChunkEntry::decode(&v)?;
+        let bytes = match read_chunk(shared, first, entry) {
+            Ok(b) => b,
+            // The events before a damaged chunk are served; the next read starts at it and
+            // gets the error.
+            Err(_) if !page.events.is_empty() => return Ok(page),
+            Err(e) => return Err(e),
+        };
+        let chunk = Chunk::parse_checked(first, &bytes)?;
         for pos in page.next.max(first)..chunk.end().min(stop) {
             let event = chunk.event(pos, &mut types)?;
             page.next = pos + 1;
@@ -519,8 +664,11 @@ fn read_stream(
             if !matches!(&cached, Some((first, end, _)) if *first <= pos && pos < *end) {
                 let (first, entry) = chunk_at(&shared.db, pos)?
                     .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {pos}")))?;
-                let bytes = shared.segments.read(entry.location)?;
-                Chunk::parse(first, &bytes)?;
+                let bytes = match read_chunk(shared, first, entry) {
+                    Ok(b) => b,
+                    Err(_) if !out.is_empty() => return Ok(out),
+                    Err(e) => return Err(e),
+                };
                 cached = Some((first, first + u64::from(entry.count), bytes));
             }
             let (first, _, bytes) = cached.as_ref().expect("filled above");
@@ -611,13 +759,31 @@ impl Writer {
             }
             return;
         }
+        let start = self.segment.position();
         if let Err(e) = self.write(&group) {
-            tracing::error!(error = %e, "event log write failed; refusing further appends");
-            self.shared.poisoned.store(true, Ordering::Release);
+            let health = &self.shared.health;
+            health.write_errors.fetch_add(1, Ordering::Relaxed);
+            health.failing.store(true, Ordering::Release);
+            *health.last_write_error.lock().expect("health lock") = Some(e.to_string());
+            // Nothing of the group may stay behind; when its bytes are back out, the log is
+            // as before the group and the next append is tried as usual (a full disk or a
+            // descriptor shortage passes). Only when they cannot be taken out does the log
+            // stop writing, since its end is then unknown.
+            match self.segment.discard_since(start) {
+                Ok(()) => tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again"),
+                Err(undo) => {
+                    tracing::error!(error = %e, undo = %undo, "an append failed on storage and could not be taken back; refusing further appends until a restart");
+                    self.shared.poisoned.store(true, Ordering::Release);
+                }
+            }
             for s in group.staged {
                 let _ = s.reply.send(Err(AppendError::Storage(e.clone())));
             }
             return;
+        }
+        if self.shared.health.failing.swap(false, Ordering::AcqRel) {
+            *self.shared.health.last_write_error.lock().expect("health lock") = None;
+            tracing::info!("appends succeed again after a storage failure");
         }
         let end = group.first_position + group.events.len() as u64;
         self.next_position = end;
@@ -654,6 +820,36 @@ impl Writer {
         indexed_position(&self.shared.db, id)
     }
 
+    /// The stream of the event at `position`: staged in this append (from `base`), earlier
+    /// in the group, or in the log (`cached` keeps the last chunk read).
+    fn stream_at(
+        &self,
+        group: &Group,
+        staged: &[Event],
+        base: u64,
+        position: u64,
+        cached: &mut Option<(u64, u64, Vec<u8>)>,
+    ) -> Result<String, LogError> {
+        if position >= base {
+            return Ok(staged[(position - base) as usize].stream.clone());
+        }
+        if position >= group.first_position {
+            return Ok(group.events[(position - group.first_position) as usize]
+                .stream
+                .clone());
+        }
+        if !matches!(cached, Some((first, end, _)) if *first <= position && position < *end) {
+            let (first, entry) = chunk_at(&self.shared.db, position)?
+                .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {position}")))?;
+            let bytes = read_chunk(&self.shared, first, entry)?;
+            *cached = Some((first, first + u64::from(entry.count), bytes));
+        }
+        let (first, _, bytes) = cached.as_ref().expect("filled above");
+        Ok(Chunk::parse_checked(*first, bytes)?
+            .event(position, &mut TypeCache::default())?
+            .stream)
+    }
+
     /// Checks one append against the log and the group so far and stages its new events;
     /// on error the group is left exactly as it was.
     fn stage(
@@ -668,6 +864,7 @@ impl Writer {
         let mut ids: HashMap<String, u64> = HashMap::new();
         let mut versions: HashMap<String, u64> = HashMap::new();
         let mut results = Vec::with_capacity(appends.len());
+        let mut cached: Option<(u64, u64, Vec<u8>)> = None;
         let now = Utc::now();
         for append in appends {
             // An id already stored, earlier in the group, or earlier in this append is not
@@ -688,6 +885,16 @@ impl Writer {
                     },
                     None => None,
                 };
+                if let (Some(p), Some(id)) = (known, e.id.as_deref()) {
+                    let on = self.stream_at(group, &staged, base, p, &mut cached)?;
+                    if on != append.stream {
+                        return Err(AppendError::IdInUse {
+                            id: id.to_owned(),
+                            stream: on,
+                            position: p,
+                        });
+                    }
+                }
                 match (known, e.id.as_deref()) {
                     (Some(p), _) => positions.push(Some(p)),
                     (None, Some(id)) if !pending.insert(id) => positions.push(None),
@@ -784,10 +991,7 @@ impl Writer {
         }
         close(&mut encoded, chunk_first, &mut bytes, true);
         let (segment, base) = self.segment.append(&bytes)?;
-        if let Err(e) = self.segment.sync() {
-            self.rollback(segment, base);
-            return Err(e);
-        }
+        self.segment.sync()?;
         for (first, start, len, count) in chunks {
             let entry = ChunkEntry {
                 location: ChunkLocation {
@@ -811,18 +1015,7 @@ impl Writer {
         );
         // Durable already (the segment sync); sled's index is rebuilt from the segments if
         // a crash loses it, so it is flushed in the background, not here.
-        self.shared.db.apply_batch(batch).map_err(|e| {
-            self.rollback(segment, base);
-            storage(e)
-        })
-    }
-
-    /// Best effort to take a failed group's bytes back out of the segment. If even that
-    /// fails, the group's outcome is unknown (see [`AppendError::Storage`]).
-    fn rollback(&mut self, segment: u32, offset: u64) {
-        if let Err(e) = self.segment.rollback(segment, offset) {
-            tracing::error!(error = %e, "could not take a failed append back out of the segment");
-        }
+        self.shared.db.apply_batch(batch).map_err(storage)
     }
 
     /// Makes sled's index durable, so the next start has nothing to index again.
@@ -836,5 +1029,7 @@ impl Writer {
 }
 
 fn poisoned() -> AppendError {
-    AppendError::Storage(LogError::Storage("an earlier write failed".into()))
+    AppendError::Storage(LogError::Storage(
+        "an earlier write failed and could not be taken back, so the log's end is unknown; restart the host (it checks the segments at start-up)".into(),
+    ))
 }
