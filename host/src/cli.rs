@@ -332,10 +332,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let bus = Bus::new(dyn_log.clone(), hub);
     let runtime =
         Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
-    let schemas = crate::schemas::Schemas::open(log.db()).context("opening the schema registry")?;
+    // Operational state lives apart from the log's disposable index (see state_db).
+    let state_db = crate::state_db::open(&args.data, args.cache_mb * 1024 * 1024, log.db())?;
+    let schemas = crate::schemas::Schemas::open(&state_db).context("opening the schema registry")?;
     let registry = Registry::new(
         runtime,
-        log.db().clone(),
+        state_db.clone(),
         bus.clone(),
         dyn_log.clone(),
         args.data.join("plugins"),
@@ -359,7 +361,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .answer_unknown_tools()
         .await
         .context("starting the runner for requests to unknown tools")?;
-    let (flow_index, flow_store) = crate::flows::start(log.db(), bus.clone(), dyn_log.clone())
+    let (flow_index, flow_store) = crate::flows::start(&state_db, bus.clone(), dyn_log.clone())
         .context("starting the flow index")?;
     let state = AppState::new(
         dyn_log,
@@ -381,6 +383,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("serving the HTTP API")?;
     registry.stop_all().await;
     flow_index.stop().await;
+    if let Err(e) = state_db.flush_async().await {
+        tracing::warn!(error = %e, "flushing the state database at shutdown failed");
+    }
     tracing::info!("shut down");
     Ok(())
 }

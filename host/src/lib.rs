@@ -21,6 +21,7 @@ pub mod plugin;
 pub mod registry;
 pub mod runner;
 pub mod schemas;
+pub mod state_db;
 pub mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};

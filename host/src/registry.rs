@@ -195,7 +195,13 @@ impl Registry {
         if let Some(old) = loaded.remove(&manifest.name) {
             old.runner.stop().await;
         }
-        if store.component_hash().map_err(storage)?.as_deref() != Some(compiled.hash.as_str()) {
+        let known = store.component_hash().map_err(storage)?;
+        if known.is_none() && manifest.kind == Kind::Extractor {
+            // A store with no record at all is new, or its state was lost: the log may hold
+            // events this extractor derived before, which its runner must find first.
+            store.mark_derived().map_err(storage)?;
+        }
+        if known.as_deref() != Some(compiled.hash.as_str()) {
             let origin = match manifest.start {
                 StartFrom::Beginning => 0,
                 StartFrom::Now => self.log.head(),
