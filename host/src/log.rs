@@ -145,10 +145,10 @@ pub enum AppendError {
         /// That event's position.
         position: u64,
     },
-    /// The storage failed; the log refuses writes until the host restarts. The append's
-    /// outcome is unknown (as with any database whose disk fails mid-write): the host takes
-    /// the bytes back out when it can, and a client that retries with the same event ids
-    /// after the restart gets exactly-once either way.
+    /// The storage failed. The host takes the append's bytes back out, and the next append
+    /// is tried as usual; only if that fails too is the outcome unknown (as with any database
+    /// whose disk fails mid-write), and the log refuses writes until a restart. A client that
+    /// retries with the same event ids gets exactly-once either way.
     #[error(transparent)]
     Storage(#[from] LogError),
 }
@@ -158,7 +158,7 @@ pub enum AppendError {
 pub enum LogError {
     /// The storage engine reported an error.
     #[error(
-        "event log storage failed: {0}; the log stops accepting writes, restart the host after checking the data directory"
+        "event log storage failed: {0}; check the data directory's disk (free space, file descriptors, permissions): each append is tried again as it comes, and /health shows the last failure"
     )]
     Storage(String),
     /// The log has been closed.

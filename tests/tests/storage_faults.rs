@@ -162,3 +162,97 @@ async fn a_damaged_chunk_under_an_intact_index_shows_in_health_and_the_rest_stay
     assert_eq!(s, 503, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains(&format!("positions {served}..=")));
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `mb` MiB; `None` when this process may not mount (not root).
+    fn mount(mb: u64) -> Option<Self> {
+        let path = std::env::temp_dir().join(format!("evhost-small-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self { path })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_appends_with_503_shows_in_health_and_writing_resumes_once_space_is_back() {
+    let Some(disk) = SmallDisk::mount(24) else {
+        assert!(!is_root(), "running as root, yet a tmpfs could not be mounted");
+        eprintln!("skipped: mounting a small disk needs root");
+        return;
+    };
+    let data = disk.path.join("data");
+    // Room the test can give back later.
+    let ballast = disk.path.join("ballast");
+    let h = Host::start(BIN, &data, &["--max-event-bytes", "300000", "--segment-mb", "2"]).await;
+    std::fs::write(&ballast, vec![7u8; 6 * 1024 * 1024]).unwrap();
+    let client = reqwest::Client::new();
+    let big = "x".repeat(250_000);
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let id = format!("e{i}");
+        let r = client
+            .post(format!("{}/v1/streams/fill", h.url))
+            .json(&json!({"events": [{"type": "blob.stored", "id": id, "payload": {"b": big}}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        if status == 200 {
+            acked.push((id, body["positions"][0].as_u64().unwrap()));
+        } else {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("the disk never filled");
+    assert_eq!(status, 503, "{body}");
+    assert!(acked.len() > 10, "{}", acked.len());
+    let (_, health) = get(&format!("{}/health", h.url)).await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["log"]["last_write_error"].as_str().unwrap().contains("space"), "{health}");
+
+    // Space comes back: the next append succeeds without a restart, right after the last
+    // acknowledged position.
+    std::fs::remove_file(&ballast).unwrap();
+    let r = append(&h, "fill", vec![json!({"type": "blob.stored", "id": "after", "payload": {}})]).await;
+    assert_eq!(r["positions"][0].as_u64().unwrap(), acked.last().unwrap().1 + 1);
+    let (_, health) = get(&format!("{}/health", h.url)).await;
+    assert_eq!(health["status"], "ok", "{health}");
+
+    // Every acknowledged event is there after a restart, and nothing refused is.
+    let mut h = h;
+    assert!(h.stop().success());
+    let h = Host::start(BIN, &data, &["--max-event-bytes", "300000", "--segment-mb", "2"]).await;
+    let events = all(&h).await;
+    assert_eq!(events.len(), acked.len() + 1);
+    for (id, pos) in &acked {
+        assert_eq!(events[*pos as usize]["id"], id.as_str());
+    }
+    drop(h);
+    drop(disk);
+}
