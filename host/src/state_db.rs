@@ -24,6 +24,14 @@ pub struct StateDbError {
     source: sled::Error,
 }
 
+/// Key in the state database's default tree, set once the operational trees of an older
+/// layout have been copied in (and synced), so that a restart cut short after the copy
+/// never copies them again over newer state.
+const MIGRATED: &[u8] = b"migrated-from-index";
+
+/// Entries copied per batch, so a large tree never needs one batch in memory.
+const COPY_BATCH: usize = 10_000;
+
 /// Opens (or creates) `DATA/state` with `cache_bytes` of cache, first moving the
 /// operational trees that an older layout kept in the log's index database `index`.
 pub fn open(data: &Path, cache_bytes: u64, index: &sled::Db) -> Result<sled::Db, StateDbError> {
@@ -32,20 +40,18 @@ pub fn open(data: &Path, cache_bytes: u64, index: &sled::Db) -> Result<sled::Db,
         path: path.display().to_string(),
         source,
     };
-    let fresh = !path.exists();
     let db = sled::Config::new()
         .path(&path)
         .cache_capacity(cache_bytes)
         .open()
         .map_err(err)?;
-    if fresh {
-        migrate(index, &db).map_err(err)?;
-    }
+    migrate(index, &db).map_err(err)?;
     Ok(db)
 }
 
-/// Moves every named tree of `from` (all but the log's default tree) into `to`, durably in
-/// `to` before it is dropped from `from`.
+/// Moves every named tree of `from` (all but the log's default tree) into `to`: copied and
+/// synced in `to`, marked as done, then dropped from `from`. Interrupted anywhere, the next
+/// start finishes it.
 fn migrate(from: &sled::Db, to: &sled::Db) -> sled::Result<()> {
     let default = from.name();
     let names: Vec<_> = from
@@ -56,24 +62,34 @@ fn migrate(from: &sled::Db, to: &sled::Db) -> sled::Result<()> {
     if names.is_empty() {
         return Ok(());
     }
-    for name in &names {
-        let src = from.open_tree(name)?;
-        let dst = to.open_tree(name)?;
-        let mut batch = sled::Batch::default();
-        for item in src.iter() {
-            let (k, v) = item?;
-            batch.insert(k, v);
+    if to.get(MIGRATED)?.is_none() {
+        for name in &names {
+            let src = from.open_tree(name)?;
+            let dst = to.open_tree(name)?;
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in src.iter() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                n += 1;
+                if n == COPY_BATCH {
+                    dst.apply_batch(std::mem::take(&mut batch))?;
+                    n = 0;
+                }
+            }
+            dst.apply_batch(batch)?;
         }
-        dst.apply_batch(batch)?;
+        to.flush()?;
+        to.insert(MIGRATED, &[1u8][..])?;
+        to.flush()?;
+        tracing::info!(
+            trees = names.len(),
+            "copied plugin state, schemas and dead letters out of the log's index into DATA/state"
+        );
     }
-    to.flush()?;
     for name in &names {
         from.drop_tree(name)?;
     }
     from.flush()?;
-    tracing::info!(
-        trees = names.len(),
-        "moved plugin state, schemas and dead letters out of the log's index into DATA/state"
-    );
     Ok(())
 }

@@ -737,15 +737,24 @@ async fn a_segment_cut_short_under_an_intact_index_refuses_to_open_instead_of_fi
     assert!(err.contains("cut short"), "{err}");
     assert_eq!(std::fs::metadata(&segment).unwrap().len(), len / 2, "not extended");
     let report = evhost::log::repair(dir.path()).unwrap();
-    assert!(report.head > 0 && report.head < 2000, "{report:?}");
+    // The index knew 2,000 positions were acknowledged: the lost ones get placeholders, so
+    // no new event takes an acknowledged position.
+    assert_eq!(report.head, 2000, "{report:?}");
     let log = open(dir.path());
-    assert_eq!(log.head(), report.head);
-    assert_eq!(all(&log).await.len() as u64, report.head);
+    assert_eq!(log.head(), 2000);
+    let events = all(&log).await;
+    assert_eq!(events.len(), 2000);
+    let lost = events
+        .iter()
+        .filter(|e| e.event_type.as_str() == evhost::log::DAMAGED_TYPE)
+        .count();
+    assert!(lost > 0 && lost < 2000, "{lost}");
+    assert!(events[..2000 - lost].iter().all(|e| e.event_type.as_str() == "a.b"));
     let r = log
         .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "1")]))
         .await
         .unwrap();
-    assert_eq!(r[0].positions, vec![report.head]);
+    assert_eq!(r[0].positions, vec![2000]);
 }
 
 #[tokio::test]
@@ -790,4 +799,41 @@ async fn an_id_already_on_another_stream_is_refused_and_names_that_stream() {
         .unwrap();
     assert_eq!(r[0].positions, vec![0]);
     assert_eq!(log.head(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_middle_segment_is_refused_without_deleting_the_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        let mut c = SledLogConfig::new(dir.path());
+        c.segment_bytes = 64 * 1024;
+        c
+    };
+    {
+        let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
+        fill(&log, 60, 50).await;
+    }
+    let events_dir = dir.path().join("events");
+    let segs = |d: &std::path::Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = segs(&events_dir);
+    assert!(before.len() >= 4, "{before:?}");
+    std::fs::remove_file(events_dir.join("00000001.seg")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let err = SledLog::open(cfg(), Hub::new(10)).err().expect("refused").to_string();
+    assert!(err.contains("00000002.seg"), "{err}");
+    assert_eq!(segs(&events_dir).len(), before.len() - 1, "nothing else removed");
+    let report = evhost::log::repair(dir.path()).unwrap();
+    assert_eq!(report.head, 3000, "{report:?}");
+    let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
+    assert_eq!(log.head(), 3000);
+    let events = all(&log).await;
+    let kept = events.iter().filter(|e| e.event_type.as_str() == "a.b").count();
+    assert!(kept >= 1000 && kept < 3000, "{kept}");
 }

@@ -28,7 +28,7 @@ const MAX_PLACEHOLDERS: u64 = 10_000_000;
 /// What a repair did.
 #[derive(Debug, Default)]
 pub struct RepairReport {
-    /// Each damaged range that was moved aside, as the log described it.
+    /// Each damaged range that was replaced, as the log described it.
     pub repaired: Vec<String>,
     /// Files moved into `DATA/damaged/`.
     pub moved: Vec<PathBuf>,
@@ -39,10 +39,11 @@ pub struct RepairReport {
 }
 
 /// Repairs the log under `data` (the host must be stopped: sled's lock refuses a second
-/// opener). Safe to run on an undamaged log, where it changes nothing.
+/// opener). Safe to run on an undamaged log, where it changes nothing, and safe to run
+/// again after it was interrupted: the index is dropped (durably) before any segment is
+/// rewritten, and every segment is copied aside (synced) before it is.
 pub fn repair(data: &Path) -> Result<RepairReport, LogError> {
     let events = data.join("events");
-    let aside = data.join("damaged");
     let db = sled::Config::new()
         .path(data.join("index"))
         .open()
@@ -52,74 +53,122 @@ pub fn repair(data: &Path) -> Result<RepairReport, LogError> {
                 data.display()
             ))
         })?;
+    let mut aside = Aside::new(data.join("damaged"));
+    // What the index knew was acknowledged, before anything changes.
+    let indexed_end = last_indexed_end(&db)?;
     let mut report = RepairReport::default();
-    let mut first_damage: Option<u64> = None;
-    let end = loop {
-        let mut expected = 0u64;
-        let scanned = segment::scan(&events, (0, 0), 0, |_, h, bytes| {
+    let (committed, at) = loop {
+        // The end of the last complete group, as recovery keeps it.
+        let mut committed = 0u64;
+        let mut at = (0u32, 0u64);
+        let scanned = segment::scan(&events, (0, 0), 0, |loc, h, bytes| {
             let count = codec::Chunk::parse(h.first_position, bytes)?.len() as u64;
-            expected = h.first_position + count;
+            if h.group_end {
+                committed = h.first_position + count;
+                at = (loc.segment, loc.end());
+            }
             Ok(())
         })?;
         let ScanEnd::Damaged(d) = scanned else {
-            break expected;
+            break (committed, at);
         };
         if report.repaired.len() >= 1000 {
             return Err(LogError::Corrupt(
                 "more than 1,000 damaged ranges; the segments look overwritten rather than damaged, restore them from a backup".into(),
             ));
         }
-        first_damage.get_or_insert(d.first_position);
+        drop_index_from(&db, d.first_position, &mut report)?;
         report.repaired.push(d.to_string());
-        report.moved.extend(cut_out(&events, &aside, &d)?);
+        cut_out(&events, &mut aside, &d)?;
     };
-    let indexed_end = last_indexed_end(&db)?;
-    let cut = match first_damage {
-        Some(p) => Some(p.min(end)),
-        None if indexed_end > end => Some(end),
-        None => None,
-    };
-    if let Some(cut) = cut {
-        drop_index_from(&db, cut)?;
+    if indexed_end > committed {
+        // Positions the index had acknowledged whose bytes are gone: they get placeholders,
+        // so that no later event takes an acknowledged position.
+        drop_index_from(&db, committed, &mut report)?;
+        report.repaired.push(format!(
+            "positions {committed}..={} were acknowledged but their bytes are gone (the segments end at segment {:08}.seg, byte {}); they get evhost.log.damaged events",
+            indexed_end - 1,
+            at.0,
+            at.1
+        ));
+        let old = aside.keep(&events, at.0)?;
+        let note = serde_json::json!({"segment": format!("{:08}.seg", at.0), "offset": at.1, "lost": "the segments end here"});
+        let mut new = old[..at.1 as usize].to_vec();
+        new.extend(placeholders(committed, indexed_end, &note)?);
+        for (n, len) in segment::list(&events)? {
+            if n > at.0 {
+                if len > 0 {
+                    aside.keep(&events, n)?;
+                }
+                remove(&segment::path(&events, n))?;
+            }
+        }
+        write_atomically(&segment::path(&events, at.0), &new)?;
+        report.head = indexed_end;
+    } else {
+        report.head = committed;
     }
     db.flush().map_err(|e| LogError::Storage(e.to_string()))?;
-    report.reindex_from = cut;
-    report.head = end;
+    report.moved = aside.kept;
     Ok(report)
 }
 
-/// Moves the damaged segment (and any segment wholly inside the damage) aside and writes it
-/// again with placeholders instead of the damaged bytes.
-fn cut_out(events: &Path, aside: &Path, d: &Damage) -> Result<Vec<PathBuf>, LogError> {
-    let io = |what: &str, p: &Path, e: std::io::Error| {
-        LogError::Storage(format!("{what} {}: {e}", p.display()))
-    };
-    fs::create_dir_all(aside).map_err(|e| io("cannot create", aside, e))?;
-    let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3f");
-    let mut moved = Vec::new();
-    let mut move_aside = |seg: u32| -> Result<Vec<u8>, LogError> {
+/// Copies of segment files as they were before repair changed them, in `DATA/damaged/`,
+/// each taken once and synced before the original changes.
+struct Aside {
+    dir: PathBuf,
+    stamp: String,
+    kept: Vec<PathBuf>,
+    done: std::collections::HashSet<u32>,
+}
+
+impl Aside {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            stamp: Utc::now().format("%Y%m%dT%H%M%S%.6f").to_string(),
+            kept: Vec::new(),
+            done: Default::default(),
+        }
+    }
+
+    /// The segment's bytes, copied aside first if this repair has not copied it yet.
+    fn keep(&mut self, events: &Path, seg: u32) -> Result<Vec<u8>, LogError> {
         let path = segment::path(events, seg);
-        let bytes = fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
-        let to = aside.join(format!("{seg:08}.seg.{stamp}"));
-        fs::copy(&path, &to).map_err(|e| io("cannot copy aside", &path, e))?;
-        moved.push(to);
+        let bytes =
+            fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
+        if self.done.insert(seg) {
+            fs::create_dir_all(&self.dir).map_err(|e| io_err("cannot create", &self.dir, e))?;
+            let to = self.dir.join(format!("{seg:08}.seg.{}", self.stamp));
+            let res = (|| {
+                let f = fs::OpenOptions::new().write(true).create_new(true).open(&to)?;
+                std::io::Write::write_all(&mut &f, &bytes)?;
+                f.sync_all()?;
+                fs::File::open(&self.dir)?.sync_all()
+            })();
+            res.map_err(|e| io_err("cannot copy the segment aside to", &to, e))?;
+            self.kept.push(to);
+        }
         Ok(bytes)
-    };
-    let old = move_aside(d.segment)?;
+    }
+}
+
+fn io_err(what: &str, p: &Path, e: std::io::Error) -> LogError {
+    LogError::Storage(format!("{what} {}: {e}", p.display()))
+}
+
+/// Rewrites the damaged segment (and any segment wholly inside the damage) with
+/// placeholders instead of the damaged bytes, after copying each aside.
+fn cut_out(events: &Path, aside: &mut Aside, d: &Damage) -> Result<(), LogError> {
+    let old = aside.keep(events, d.segment)?;
     let mut new = old[..d.offset as usize].to_vec();
     let resume_position = d.resume_position.unwrap_or(d.first_position);
-    let lost = resume_position.saturating_sub(d.first_position);
-    if lost > MAX_PLACEHOLDERS {
-        return Err(LogError::Corrupt(format!(
-            "{d}: {lost} positions would need placeholders, which suggests the bytes after the damage are not a continuation of the log; restore the segment from a backup"
-        )));
-    }
     let note = serde_json::json!({
         "segment": format!("{:08}.seg", d.segment),
         "offset": d.offset,
         "saved_in": "damaged/",
     });
-    new.extend(placeholders(d.first_position, resume_position, &note));
+    new.extend(placeholders(d.first_position, resume_position, &note)?);
     let later: Vec<u32> = segment::list(events)?
         .into_iter()
         .map(|(n, _)| n)
@@ -128,26 +177,31 @@ fn cut_out(events: &Path, aside: &Path, d: &Damage) -> Result<Vec<PathBuf>, LogE
     match d.resume {
         Some((seg, off)) if seg == d.segment => new.extend_from_slice(&old[off as usize..]),
         Some((seg, off)) => {
+            // Segment numbers may skip after this; positions stay gap-free.
             for n in later.iter().copied().filter(|n| *n < seg) {
-                move_aside(n)?;
+                aside.keep(events, n)?;
                 remove(&segment::path(events, n))?;
             }
-            let tail = move_aside(seg)?;
+            let tail = aside.keep(events, seg)?;
             write_atomically(&segment::path(events, seg), &tail[off as usize..])?;
         }
         None => {
             for n in later {
-                move_aside(n)?;
+                aside.keep(events, n)?;
                 remove(&segment::path(events, n))?;
             }
         }
     }
-    write_atomically(&segment::path(events, d.segment), &new)?;
-    Ok(moved)
+    write_atomically(&segment::path(events, d.segment), &new)
 }
 
 /// Chunks of one `evhost.log.damaged` event per position in `from..to`, closing a group.
-fn placeholders(from: u64, to: u64, note: &serde_json::Value) -> Vec<u8> {
+fn placeholders(from: u64, to: u64, note: &serde_json::Value) -> Result<Vec<u8>, LogError> {
+    if to.saturating_sub(from) > MAX_PLACEHOLDERS {
+        return Err(LogError::Corrupt(format!(
+            "positions {from}..{to} would need placeholders, which suggests the bytes after the damage are not a continuation of the log; restore the segments from a backup"
+        )));
+    }
     let now = Utc::now();
     let stream = format!("evhost-damaged-{from}");
     let payload = Payload::from_value(note);
@@ -174,7 +228,7 @@ fn placeholders(from: u64, to: u64, note: &serde_json::Value) -> Vec<u8> {
         out.extend(codec::encode_chunk(pos, &encoded, pos + n == to));
         pos += n;
     }
-    out
+    Ok(out)
 }
 
 fn remove(path: &Path) -> Result<(), LogError> {
@@ -210,8 +264,18 @@ fn last_indexed_end(db: &sled::Db) -> Result<u64, LogError> {
     })
 }
 
-/// Drops every index entry (chunks, stream runs, client ids) at or past `cut`.
-fn drop_index_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
+/// Drops, durably, every index entry (chunks, stream runs, client ids) at or past `cut`,
+/// unless an earlier cut already covers it.
+fn drop_index_from(db: &sled::Db, cut: u64, report: &mut RepairReport) -> Result<(), LogError> {
+    if report.reindex_from.is_some_and(|c| c <= cut) {
+        return Ok(());
+    }
+    report.reindex_from = Some(cut);
+    drop_entries_from(db, cut)?;
+    db.flush().map(|_| ()).map_err(|e| LogError::Storage(e.to_string()))
+}
+
+fn drop_entries_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
     let st = |e: sled::Error| LogError::Storage(e.to_string());
     let mut batch = sled::Batch::default();
     for item in db.range(codec::event_key(cut)..=codec::event_key(u64::MAX)) {

@@ -77,6 +77,11 @@ impl SegmentReader {
         Ok(f)
     }
 
+    /// The file of segment number `segment`.
+    pub fn path(&self, segment: u32) -> PathBuf {
+        segment_path(&self.dir, segment)
+    }
+
     /// The bytes of the chunk at `loc`.
     pub fn read(&self, loc: ChunkLocation) -> Result<Vec<u8>, LogError> {
         let mut buf = vec![0u8; loc.len as usize];
@@ -107,25 +112,25 @@ pub(super) struct SegmentWriter {
 
 impl SegmentWriter {
     /// Opens the segment directory so that writing continues at `end` (segment, offset),
-    /// just after the last complete group. The caller has checked that what lies past `end`
-    /// is a torn tail (see [`scan`]), so those bytes and later segment files are discarded.
-    pub fn open(dir: &Path, end: (u32, u64), max_bytes: u64) -> Result<Self, LogError> {
+    /// just after the last complete group. Bytes past `end` in its segment, and later
+    /// segment files that are empty or are `torn` (the segment where [`scan`] found a torn
+    /// tail), are discarded; any other later file with bytes in it is refused.
+    pub fn open(
+        dir: &Path,
+        end: (u32, u64),
+        max_bytes: u64,
+        torn: Option<u32>,
+    ) -> Result<Self, LogError> {
         fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let (segment, offset) = end;
-        for (n, len) in list(dir)? {
-            if n > segment {
-                let p = segment_path(dir, n);
-                fs::remove_file(&p).map_err(io("cannot remove uncommitted segment", &p))?;
-                if len > 0 {
-                    tracing::warn!(
-                        segment = n,
-                        bytes = len,
-                        "removed a segment holding only a write cut short"
-                    );
-                }
-            }
-        }
         let path = segment_path(dir, segment);
+        let later: Vec<(u32, u64)> = list(dir)?.into_iter().filter(|(n, _)| *n > segment).collect();
+        // Everything is checked before anything is removed.
+        if let Some((n, len)) = later.iter().find(|(n, len)| *len > 0 && Some(*n) != torn) {
+            return Err(LogError::Corrupt(format!(
+                "segment {n:08}.seg holds {len} bytes after the log's end (segment {segment:08}.seg, byte {offset}); restore the segments from a backup, or run `evhost log repair`"
+            )));
+        }
         let file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -141,6 +146,17 @@ impl SegmentWriter {
             return Err(LogError::Corrupt(format!(
                 "segment {segment:08}.seg is {len} bytes long but its chunks end at byte {offset}; restore it from a backup or run `evhost log repair`"
             )));
+        }
+        for (n, len) in later {
+            let p = segment_path(dir, n);
+            fs::remove_file(&p).map_err(io("cannot remove uncommitted segment", &p))?;
+            if len > 0 {
+                tracing::warn!(
+                    segment = n,
+                    bytes = len,
+                    "removed a segment holding only a write cut short by a crash (never acknowledged)"
+                );
+            }
         }
         if len > offset {
             tracing::warn!(
@@ -339,10 +355,10 @@ pub(super) fn list(dir: &Path) -> Result<Vec<(u32, u64)>, LogError> {
     Ok(out)
 }
 
-/// Walks the chunks stored from `from` (segment, offset) on, across later segments, calling
-/// `f` with each valid chunk (location, header, bytes with the header) in position order,
-/// starting at position `expected`. Stops at the first bytes that are not the chunk
-/// expected there and says whether they are a torn tail or damage.
+/// Walks the chunks stored from `from` (segment, offset) on, across the later segment files
+/// that exist, calling `f` with each valid chunk (location, header, bytes with the header)
+/// in position order, starting at position `expected`. Stops at the first bytes that are
+/// not the chunk expected there and says whether they are a torn tail or damage.
 pub(super) fn scan(
     dir: &Path,
     from: (u32, u64),
@@ -352,12 +368,19 @@ pub(super) fn scan(
     let segments = list(dir)?;
     // Empty files past the data (a segment opened ahead of time) hold nothing.
     let last_nonempty = segments.iter().rev().find(|(_, len)| *len > 0).map(|s| s.0);
-    let (mut segment, mut offset) = from;
-    loop {
+    let mut offset = from.1;
+    if offset > 0 && !segments.iter().any(|(n, _)| *n == from.0) {
+        return Err(LogError::Corrupt(format!(
+            "segment {:08}.seg, which the index has chunks in, is missing; restore it from a backup, or run `evhost log repair` to re-index what is left",
+            from.0
+        )));
+    }
+    // Segment numbers may have gaps (repair can leave them); positions must not.
+    for &(segment, len) in segments.iter().filter(|(n, _)| *n >= from.0) {
+        if segment > from.0 {
+            offset = 0;
+        }
         let path = segment_path(dir, segment);
-        let Some(&(_, len)) = segments.iter().find(|(n, _)| *n == segment) else {
-            return Ok(ScanEnd::Clean);
-        };
         if offset > len {
             return Err(LogError::Corrupt(format!(
                 "segment {segment:08}.seg is {len} bytes long, but the index has chunks up to byte {offset}: the file was cut short after it was written, and the events past byte {len} are gone; restore it from a backup, or run `evhost log repair` to re-index what is left"
@@ -365,12 +388,10 @@ pub(super) fn scan(
         }
         let file = File::open(&path).map_err(io("cannot open segment", &path))?;
         while offset < len {
-            let Some((h, bytes)) = read_chunk(&file, offset, len)? else {
+            let chunk = read_chunk(&file, offset, len)?;
+            let Some((h, bytes)) = chunk.filter(|(h, _)| h.first_position == expected) else {
                 return classify(dir, &segments, last_nonempty, segment, offset, expected);
             };
-            if h.first_position != expected {
-                return classify(dir, &segments, last_nonempty, segment, offset, expected);
-            }
             let loc = ChunkLocation {
                 segment,
                 offset,
@@ -380,13 +401,17 @@ pub(super) fn scan(
             expected = h.first_position + u64::from(chunk_count(&bytes));
             offset += bytes.len() as u64;
         }
-        segment += 1;
-        offset = 0;
     }
+    Ok(ScanEnd::Clean)
 }
 
-/// Reads the chunk at `offset` when its header is whole and its CRC matches.
-fn read_chunk(file: &File, offset: u64, len: u64) -> Result<Option<(ChunkHeader, Vec<u8>)>, LogError> {
+/// Reads the chunk at `offset` when its header is whole, its body well formed and its CRC
+/// matches.
+fn read_chunk(
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> Result<Option<(ChunkHeader, Vec<u8>)>, LogError> {
     let mut header = [0u8; CHUNK_HEADER];
     if offset + CHUNK_HEADER as u64 > len || file.read_exact_at(&mut header, offset).is_err() {
         return Ok(None);
@@ -400,11 +425,33 @@ fn read_chunk(file: &File, offset: u64, len: u64) -> Result<Option<(ChunkHeader,
     }
     let mut bytes = vec![0u8; total as usize];
     if file.read_exact_at(&mut bytes, offset).is_err()
+        || !well_formed(&bytes[CHUNK_HEADER..])
         || crc32fast::hash(&bytes[CHUNK_HEADER..]) != h.crc
     {
         return Ok(None);
     }
     Ok(Some((h, bytes)))
+}
+
+/// True when a chunk body's offset table fits it and ends exactly at its end (checked before
+/// the CRC, so that random bytes rarely cost one).
+fn well_formed(body: &[u8]) -> bool {
+    let Some(count) = body.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4"))) else {
+        return false;
+    };
+    let table = 4 + 4 * count as usize;
+    if count == 0 || table > body.len() {
+        return false;
+    }
+    let mut last = 0u32;
+    for i in 0..count as usize {
+        let end = u32::from_le_bytes(body[4 + 4 * i..8 + 4 * i].try_into().expect("4"));
+        if end < last {
+            return false;
+        }
+        last = end;
+    }
+    last as usize == body.len() - table
 }
 
 /// Events in a chunk whose CRC was checked.
@@ -449,9 +496,11 @@ fn classify(
     Ok(ScanEnd::Torn { segment, offset })
 }
 
-/// The first valid chunk at or after (segment, offset) whose first position is at least
-/// `expected` (and plausibly close to it): where it is, its first position, and how many
-/// bytes of valid chunks run on from there.
+/// The valid chunk at (segment, offset) or after it in this or a later segment that the
+/// log can go on from: its first position is at least `expected` (and plausibly close),
+/// and it is followed by the next chunk in position order or by the end of the data. A
+/// chunk at `offset` itself (a header naming the wrong position) needs such a follower.
+/// Returns where it is, its first position, and how many bytes of valid chunks run on.
 fn find_valid(
     dir: &Path,
     segments: &[(u32, u64)],
@@ -461,39 +510,58 @@ fn find_valid(
 ) -> Result<Option<(u32, u64, u64, u64)>, LogError> {
     for &(seg, len) in segments.iter().filter(|(n, _)| *n >= segment) {
         let path = segment_path(dir, seg);
-        let bytes = fs::read(&path).map_err(io("cannot read segment", &path))?;
-        let start = if seg == segment { offset as usize } else { 0 };
-        let len = len.min(bytes.len() as u64) as usize;
-        for o in start..len.saturating_sub(CHUNK_HEADER) {
+        let start = if seg == segment { offset } else { 0 };
+        if start >= len {
+            continue;
+        }
+        // Only the part after the bad bytes is read.
+        let file = File::open(&path).map_err(io("cannot open segment", &path))?;
+        let mut bytes = vec![0u8; (len - start) as usize];
+        file.read_exact_at(&mut bytes, start)
+            .map_err(io("cannot read segment", &path))?;
+        let valid_at = |o: usize| -> Option<(ChunkHeader, usize)> {
+            let h = chunk_header(bytes.get(o..)?)?;
+            let end = o.checked_add(CHUNK_HEADER + h.body_len as usize)?;
+            let body = bytes.get(o + CHUNK_HEADER..end)?;
+            (h.body_len >= 4 && well_formed(body) && crc32fast::hash(body) == h.crc)
+                .then_some((h, end))
+        };
+        for o in 0..bytes.len().saturating_sub(CHUNK_HEADER) {
             let Some(h) = chunk_header(&bytes[o..]) else {
                 continue;
             };
             // Random bytes almost never carry a first position this close to the expected
-            // one, which keeps the CRC checks rare.
-            if h.first_position < expected
-                || h.first_position - expected > u64::from(u32::MAX)
-                || h.body_len < 4
-                || o + CHUNK_HEADER + h.body_len as usize > len
+            // one, which keeps the checks below rare.
+            if h.first_position < expected || h.first_position - expected > u64::from(u32::MAX)
             {
                 continue;
             }
-            let end = o + CHUNK_HEADER + h.body_len as usize;
-            if crc32fast::hash(&bytes[o + CHUNK_HEADER..end]) != h.crc {
+            let Some((h, end)) = valid_at(o) else {
                 continue;
-            }
-            // How far valid chunks run on from here, in this segment.
+            };
+            // How far valid chunks in position order run on from here, in this segment.
             let mut run = end;
-            while let Some(next) = bytes.get(run..len).and_then(chunk_header) {
-                let e = run + CHUNK_HEADER + next.body_len as usize;
-                if next.body_len < 4
-                    || e > len
-                    || crc32fast::hash(&bytes[run + CHUNK_HEADER..e]) != next.crc
-                {
+            let mut next_position = h.first_position + u64::from(chunk_count(&bytes[o..]));
+            let mut followers = 0;
+            while let Some((n, e)) = valid_at(run) {
+                if n.first_position != next_position {
                     break;
                 }
+                next_position += u64::from(chunk_count(&bytes[run..]));
                 run = e;
+                followers += 1;
             }
-            return Ok(Some((seg, o as u64, h.first_position, (run - o) as u64)));
+            let at_data_end = run == bytes.len();
+            let confirmed = followers > 0 || (at_data_end && (o > 0 || seg != segment));
+            if !confirmed {
+                continue;
+            }
+            return Ok(Some((
+                seg,
+                start + o as u64,
+                h.first_position,
+                (run - o) as u64,
+            )));
         }
     }
     Ok(None)

@@ -172,8 +172,8 @@ impl SledLog {
             LogError::Storage(format!("cannot open sled's data file to sync it: {e}"))
         })?;
         let events_dir = config.path.join("events");
-        let (head, end) = recover(&db, &events_dir, &data_file)?;
-        let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes)?;
+        let (head, end, torn) = recover(&db, &events_dir, &data_file)?;
+        let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes, torn)?;
         hub.set_head(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");
         let shared = Arc::new(Shared {
@@ -264,7 +264,11 @@ fn storage(e: sled::Error) -> LogError {
 
 /// Indexes chunks that reached the segments but not sled's index before the host stopped,
 /// and makes the index durable. Returns the head and where the segments' valid data ends.
-fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u64)), LogError> {
+/// What recovery found: the head, where writing continues, and the segment holding a torn
+/// tail, if any.
+type Recovered = (u64, (u32, u64), Option<u32>);
+
+fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, LogError> {
     let last = last_chunk(db)?;
     let mut head = last
         .map(|(first, c)| first + u64::from(c.count))
@@ -303,15 +307,19 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u6
         }
         Ok(())
     })?;
-    match scanned {
-        ScanEnd::Clean => {}
-        ScanEnd::Torn { segment, offset } => tracing::warn!(
-            segment,
-            offset,
-            "the last segment ends in a write cut short by a crash (nothing valid after it, never acknowledged); it is truncated"
-        ),
+    let torn = match scanned {
+        ScanEnd::Clean => None,
+        ScanEnd::Torn { segment, offset } => {
+            tracing::warn!(
+                segment,
+                offset,
+                "the last segment ends in a write cut short by a crash (nothing valid after it, never acknowledged); it is truncated"
+            );
+            Some(segment)
+        }
         ScanEnd::Damaged(d) => return Err(LogError::Damaged(Box::new(d))),
-    }
+    };
+    let torn = torn.or_else(|| group.first().map(|(_, entry, _)| entry.location.segment));
     if !group.is_empty() {
         tracing::warn!(
             chunks = group.len(),
@@ -331,7 +339,7 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<(u64, (u32, u6
     data_file
         .sync_data()
         .map_err(|e| LogError::Storage(format!("fdatasync of sled's data file: {e}")))?;
-    Ok((head, end))
+    Ok((head, end, torn))
 }
 
 /// Adds stream runs and client ids of `events` (consecutive positions) to `batch`.
@@ -505,6 +513,7 @@ const CHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(60);
 fn verify_chunks(shared: &Shared, head: u64) {
     let mut from = 0u64;
     let mut slice = 0u64;
+    let mut file: Option<(u32, File)> = None;
     while from < head && !shared.closing.load(Ordering::Acquire) {
         let next = shared
             .db
@@ -515,7 +524,26 @@ fn verify_chunks(shared: &Shared, head: u64) {
         else {
             break;
         };
-        let _ = read_chunk(shared, first, entry);
+        // Its own file handles, one segment at a time, so the check never holds a
+        // descriptor per segment.
+        let loc = entry.location;
+        if file.as_ref().is_none_or(|(n, _)| *n != loc.segment) {
+            file = File::open(shared.segments.path(loc.segment))
+                .ok()
+                .map(|f| (loc.segment, f));
+        }
+        if let Some((_, f)) = &file {
+            let mut bytes = vec![0u8; loc.len as usize];
+            match std::os::unix::fs::FileExt::read_exact_at(f, &mut bytes, loc.offset) {
+                Ok(()) => {
+                    let _ = check_chunk(shared, first, entry, bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    shared.health.damaged(first, damaged_chunk(first, entry));
+                }
+                Err(_) => {}
+            }
+        }
         from = first + u64::from(entry.count.max(1));
         shared
             .health
@@ -532,16 +560,37 @@ fn verify_chunks(shared: &Shared, head: u64) {
 /// The bytes of the chunk `entry` (first position `first`), checked against its CRC; a
 /// damaged chunk is recorded for `/health` and named in the error.
 fn read_chunk(shared: &Shared, first: u64, entry: ChunkEntry) -> Result<Vec<u8>, LogError> {
-    let checked = shared
-        .segments
-        .read(entry.location)
-        .and_then(|bytes| Chunk::parse(first, &bytes).map(|_| ()).map(|()| bytes));
-    checked.map_err(|e| {
-        let what = damaged_chunk(first, entry);
-        shared.health.damaged(first, what.clone());
-        tracing::debug!(error = %e, "chunk read failed");
-        LogError::Corrupt(what)
-    })
+    match shared.segments.read(entry.location) {
+        Ok(bytes) => check_chunk(shared, first, entry, bytes),
+        // The file is shorter than the index says, or the disk failed the read.
+        Err(LogError::Corrupt(e)) => {
+            let what = damaged_chunk(first, entry);
+            shared.health.damaged(first, what.clone());
+            tracing::debug!(error = %e, "chunk read failed");
+            Err(LogError::Corrupt(what))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `bytes` if they are the chunk `entry` says (CRC, first position), else the damage,
+/// recorded for `/health`. (Errors opening or reading a file are not damage: they are
+/// reported as they are, and nothing is recorded.)
+fn check_chunk(
+    shared: &Shared,
+    first: u64,
+    entry: ChunkEntry,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, LogError> {
+    match Chunk::parse(first, &bytes) {
+        Ok(_) => Ok(bytes),
+        Err(e) => {
+            let what = damaged_chunk(first, entry);
+            shared.health.damaged(first, what.clone());
+            tracing::debug!(error = %e, "chunk check failed");
+            Err(LogError::Corrupt(what))
+        }
+    }
 }
 
 fn damaged_chunk(first: u64, entry: ChunkEntry) -> String {
@@ -760,7 +809,7 @@ impl Writer {
             return;
         }
         let start = self.segment.position();
-        if let Err(e) = self.write(&group) {
+        if let Err((e, synced)) = self.write(&group) {
             let health = &self.shared.health;
             health.write_errors.fetch_add(1, Ordering::Relaxed);
             health.failing.store(true, Ordering::Release);
@@ -769,7 +818,15 @@ impl Writer {
             // as before the group and the next append is tried as usual (a full disk or a
             // descriptor shortage passes). Only when they cannot be taken out does the log
             // stop writing, since its end is then unknown.
-            match self.segment.discard_since(start) {
+            // An index batch that failed after the sync may be partly applied in sled's
+            // memory, so its positions must not be reused: the log stops writing, and the
+            // next start indexes the synced group again.
+            let undone = if synced {
+                Err(LogError::Storage("the group was durable, its index was not".into()))
+            } else {
+                self.segment.discard_since(start)
+            };
+            match undone {
                 Ok(()) => tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again"),
                 Err(undo) => {
                     tracing::error!(error = %e, undo = %undo, "an append failed on storage and could not be taken back; refusing further appends until a restart");
@@ -830,13 +887,23 @@ impl Writer {
         position: u64,
         cached: &mut Option<(u64, u64, Vec<u8>)>,
     ) -> Result<String, LogError> {
+        let stale = || {
+            LogError::Corrupt(format!(
+                "the id index points at position {position}, past the log's end"
+            ))
+        };
         if position >= base {
-            return Ok(staged[(position - base) as usize].stream.clone());
+            return staged
+                .get((position - base) as usize)
+                .map(|e| e.stream.clone())
+                .ok_or_else(stale);
         }
         if position >= group.first_position {
-            return Ok(group.events[(position - group.first_position) as usize]
-                .stream
-                .clone());
+            return group
+                .events
+                .get((position - group.first_position) as usize)
+                .map(|e| e.stream.clone())
+                .ok_or_else(stale);
         }
         if !matches!(cached, Some((first, end, _)) if *first <= position && position < *end) {
             let (first, entry) = chunk_at(&self.shared.db, position)?
@@ -960,8 +1027,9 @@ impl Writer {
         Ok(results)
     }
 
-    /// Applies the group as one batch and makes it durable.
-    fn write(&mut self, group: &Group) -> Result<(), LogError> {
+    /// Makes the group durable and applies its index as one batch. An error says whether
+    /// the group's bytes were already synced (only the index failed).
+    fn write(&mut self, group: &Group) -> Result<(), (LogError, bool)> {
         let mut batch = sled::Batch::default();
         // Every chunk of the group, back to back: one write, one fdatasync.
         let mut bytes: Vec<u8> = Vec::new();
@@ -990,15 +1058,18 @@ impl Writer {
             encoded.push(enc);
         }
         close(&mut encoded, chunk_first, &mut bytes, true);
-        let (segment, base) = self.segment.append(&bytes)?;
-        self.segment.sync()?;
+        let (segment, base) = self.segment.append(&bytes).map_err(|e| (e, false))?;
+        self.segment.sync().map_err(|e| (e, false))?;
         for (first, start, len, count) in chunks {
             let entry = ChunkEntry {
                 location: ChunkLocation {
                     segment,
                     offset: base + start as u64,
                     len: u32::try_from(len).map_err(|_| {
-                        LogError::Storage(format!("a chunk of {len} bytes is too large"))
+                        (
+                            LogError::Storage(format!("a chunk of {len} bytes is too large")),
+                            true,
+                        )
                     })?,
                 },
                 count,
@@ -1015,7 +1086,10 @@ impl Writer {
         );
         // Durable already (the segment sync); sled's index is rebuilt from the segments if
         // a crash loses it, so it is flushed in the background, not here.
-        self.shared.db.apply_batch(batch).map_err(storage)
+        self.shared
+            .db
+            .apply_batch(batch)
+            .map_err(|e| (storage(e), true))
     }
 
     /// Makes sled's index durable, so the next start has nothing to index again.
