@@ -37,7 +37,13 @@ pub(super) fn registry_error(e: RegistryError) -> ApiError {
             "plugin_failed",
             p.to_string(),
         ),
-        RegistryError::Storage(m) => ApiError::unavailable(m),
+        // The host's own storage (plugin stores, the data directory, the compile cache):
+        // not the request's fault.
+        e @ RegistryError::Storage(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_failed",
+            e.to_string(),
+        ),
     }
 }
 
