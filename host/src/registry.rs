@@ -31,8 +31,7 @@ use crate::plugin::{
     component_hash, describe_error, valid_name,
 };
 use crate::runner::{
-    BatchHandler, Blocking, RetryError, RetryOutcome, RunState, Runner, RunnerOptions,
-    RunnerStatus,
+    BatchHandler, Blocking, RetryError, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
 };
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
@@ -50,6 +49,9 @@ pub enum RegistryError {
     /// No dead letter has that id.
     #[error("no dead letter {0:?}; see GET /v1/dlq")]
     DeadLetterNotFound(String),
+    /// The text given as a dead-letter id is not one.
+    #[error("{0:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)")]
+    BadDeadLetterId(String),
     /// The plugin failed while answering.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -254,7 +256,15 @@ impl Registry {
         let _held = self.names.lock(&name).await;
         let old_store = self.stop_runner(&name).await;
         let started = self
-            .start(&manifest, &manifest_text, wasm, &plugin, &compiled.hash, old_store, persist)
+            .start(
+                &manifest,
+                &manifest_text,
+                wasm,
+                &plugin,
+                &compiled.hash,
+                old_store,
+                persist,
+            )
             .await;
         let (runner, store) = match started {
             Ok(started) => started,
@@ -689,11 +699,7 @@ impl Registry {
     fn dead_letter_target(id: &str) -> Result<(String, u64), RegistryError> {
         dead_letter::parse_id(id)
             .map(|(name, position)| (name.to_owned(), position))
-            .ok_or_else(|| {
-                RegistryError::Invalid(format!(
-                    "{id:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)"
-                ))
-            })
+            .ok_or_else(|| RegistryError::BadDeadLetterId(id.to_owned()))
     }
 
     /// Runs a dead letter through its plugin again.
@@ -756,7 +762,11 @@ impl Registry {
         for r in runners {
             r.stop().await;
         }
-        let unknown = self.unknown_tools.lock().expect("unknown tools lock").take();
+        let unknown = self
+            .unknown_tools
+            .lock()
+            .expect("unknown tools lock")
+            .take();
         if let Some(r) = unknown {
             r.stop().await;
         }

@@ -99,7 +99,12 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
     let dir = tempfile::tempdir().unwrap();
     let h = Arc::new(Host::start(BIN, dir.path(), &[]).await);
     let http = http_get_manifest(&server.authority);
-    assert_eq!(upload(&h, "type-counter", COUNTER, wasm("type-counter")).await.0, 200);
+    assert_eq!(
+        upload(&h, "type-counter", COUNTER, wasm("type-counter"))
+            .await
+            .0,
+        200
+    );
     assert_eq!(upload(&h, "http-get", &http, wasm("http-get")).await.0, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -137,7 +142,11 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
                     };
                     assert_eq!(s, 200, "{body}");
                     tokio::time::sleep(Duration::from_millis(jitter(40))).await;
-                    let name = if c % 2 == 0 { "type-counter" } else { "http-get" };
+                    let name = if c % 2 == 0 {
+                        "type-counter"
+                    } else {
+                        "http-get"
+                    };
                     let s = delete(&client, &h, name, false).await;
                     assert!(s == 200 || s == 404, "DELETE answered {s}");
                     tokio::time::sleep(Duration::from_millis(jitter(40))).await;
@@ -152,10 +161,18 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
     producer.await.unwrap();
     assert!(poller.await.unwrap() > 0);
     // Both loaded at the end, so every request is answered and every event counted.
-    assert_eq!(upload(&h, "type-counter", COUNTER, wasm("type-counter")).await.0, 200);
+    assert_eq!(
+        upload(&h, "type-counter", COUNTER, wasm("type-counter"))
+            .await
+            .0,
+        200
+    );
     assert_eq!(upload(&h, "http-get", &http, wasm("http-get")).await.0, 200);
 
-    let (ticks, requests) = (ticks.load(Ordering::Relaxed), requests.load(Ordering::Relaxed));
+    let (ticks, requests) = (
+        ticks.load(Ordering::Relaxed),
+        requests.load(Ordering::Relaxed),
+    );
     let deadline = Instant::now() + Duration::from_secs(90);
     let outcomes: BTreeMap<String, Value> = loop {
         let mut by_id = BTreeMap::new();
@@ -163,7 +180,10 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
             let t = e["type"].as_str().unwrap();
             if t == "tool.invocation.completed" || t == "tool.invocation.failed" {
                 let id = e["payload"]["invocation_id"].as_str().unwrap().to_owned();
-                assert!(by_id.insert(id.clone(), e).is_none(), "two outcomes for {id}");
+                assert!(
+                    by_id.insert(id.clone(), e).is_none(),
+                    "two outcomes for {id}"
+                );
             }
         }
         if by_id.len() as u64 == requests {
@@ -177,7 +197,11 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     caught_up(&h, "type-counter").await;
-    assert_eq!(counted(&h).await, Some(ticks), "the projection counted some events twice");
+    assert_eq!(
+        counted(&h).await,
+        Some(ticks),
+        "the projection counted some events twice"
+    );
 
     let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
     for i in 0..requests {
@@ -185,7 +209,10 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
         let hits = server.count(&format!("/inv-{i}"));
         assert!(hits <= 1, "inv-{i} reached the server {hits} times");
         let code = if o["type"] == "tool.invocation.completed" {
-            assert_eq!(hits, 1, "inv-{i} completed without reaching the server: {o}");
+            assert_eq!(
+                hits, 1,
+                "inv-{i} completed without reaching the server: {o}"
+            );
             "completed".to_owned()
         } else {
             let code = o["payload"]["error"]["code"].as_str().unwrap().to_owned();
@@ -260,7 +287,12 @@ async fn a_load_racing_a_purge_never_wedges_the_registry() {
     stop.store(true, Ordering::Relaxed);
     producer.await.unwrap();
     let polls = poller.await.unwrap();
-    assert_eq!(upload(&h, "type-counter", COUNTER, wasm("type-counter")).await.0, 200);
+    assert_eq!(
+        upload(&h, "type-counter", COUNTER, wasm("type-counter"))
+            .await
+            .0,
+        200
+    );
     let info = caught_up(&h, "type-counter").await;
     assert!(info["last_error"].is_null(), "{info}");
     let ticks = all_events(&h)
@@ -323,7 +355,11 @@ async fn state_writes_of_one_call_are_bounded_in_bytes() {
         errors[1]
     );
     let key = |k: &str| format!("{}/v1/projections/hostile/state?key={k}", h.url);
-    assert_eq!(get(&key("big-0")).await.0, 404, "a failed call's writes were committed");
+    assert_eq!(
+        get(&key("big-0")).await.0,
+        404,
+        "a failed call's writes were committed"
+    );
     let (_, info) = get(&format!("{}/v1/plugins/hostile", h.url)).await;
     assert_eq!(info["dead_letters"], 2, "{info}");
 
@@ -382,18 +418,27 @@ async fn the_compile_cache_keeps_only_what_loaded_plugins_use() {
     let mut hashes = Vec::new();
     for i in 0..4u8 {
         let manifest = COUNTER.replace("type-counter", &format!("v{i}"));
-        let (s, info) = upload(&h, &format!("v{i}"), &manifest, variant(&wasm("type-counter"), i)).await;
+        let (s, info) = upload(
+            &h,
+            &format!("v{i}"),
+            &manifest,
+            variant(&wasm("type-counter"), i),
+        )
+        .await;
         assert_eq!(s, 200, "{info}");
         hashes.push(info["component_hash"].as_str().unwrap().to_owned());
     }
     let all: BTreeSet<String> = hashes.iter().cloned().chain([base.clone()]).collect();
     assert_eq!(cached(&data), all);
     let client = reqwest::Client::new();
-    for i in 0..3 {
+    for (i, hash) in hashes.iter().enumerate().take(3) {
         assert_eq!(delete(&client, &h, &format!("v{i}"), true).await, 200);
-        assert!(!cached(&data).contains(&hashes[i]), "v{i} is still cached");
+        assert!(!cached(&data).contains(hash), "v{i} is still cached");
     }
-    assert_eq!(cached(&data), BTreeSet::from([base.clone(), hashes[3].clone()]));
+    assert_eq!(
+        cached(&data),
+        BTreeSet::from([base.clone(), hashes[3].clone()])
+    );
     // Without purge the file stays, until the next start.
     assert_eq!(delete(&client, &h, "v3", false).await, 200);
     assert!(cached(&data).contains(&hashes[3]));
@@ -426,4 +471,23 @@ async fn an_unwritable_compile_cache_is_a_host_fault() {
     std::fs::create_dir(&cache).unwrap();
     let (s, body) = upload(&h, "type-counter", COUNTER, wasm("type-counter")).await;
     assert_eq!(s, 200, "{body}");
+}
+
+/// A text that is no dead-letter id is a bad request about the id, not about a plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_dead_letter_id_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let client = reqwest::Client::new();
+    for r in [
+        client.post(format!("{}/v1/dlq/no-position/retry", h.url)),
+        client.delete(format!("{}/v1/dlq/no-position", h.url)),
+    ] {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_dead_letter_id", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("<plugin>.<position>"), "{message}");
+    }
 }

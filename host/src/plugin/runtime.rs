@@ -497,11 +497,7 @@ impl Runtime {
     }
 
     /// Compiles `wasm` for the engine `manifest` needs (fuel accounting or not).
-    pub fn compile_for(
-        &self,
-        manifest: &Manifest,
-        wasm: &[u8],
-    ) -> Result<Compiled, CompileError> {
+    pub fn compile_for(&self, manifest: &Manifest, wasm: &[u8]) -> Result<Compiled, CompileError> {
         self.compile_on(wasm, manifest.limits.fuel_per_event.is_some())
     }
 
@@ -560,14 +556,13 @@ impl Runtime {
                 ))
             })?;
         // SAFETY: as above; just written by this engine.
-        let component = unsafe { Component::deserialize_file(&machine.engine, &path) }.map_err(
-            |e| {
+        let component =
+            unsafe { Component::deserialize_file(&machine.engine, &path) }.map_err(|e| {
                 CompileError::Cache(format!(
                     "cannot load the compiled component back from the compile cache {}: {e:#}",
                     path.display()
                 ))
-            },
-        )?;
+            })?;
         Ok(Compiled {
             component,
             fuel,
@@ -852,7 +847,10 @@ impl<W: World> Plugin<W> {
     }
 
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
-        if let Some(limit) = e.chain().find_map(|c| c.downcast_ref::<StateLimitExceeded>()) {
+        if let Some(limit) = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<StateLimitExceeded>())
+        {
             return PluginError::Trapped {
                 plugin: self.plugin.to_string(),
                 message: limit.to_string(),
