@@ -141,18 +141,24 @@ struct StateLimitExceeded(String);
 impl HostState {
     /// Buffers a write of `key` (`Some` sets, `None` deletes) if the budget allows it.
     fn write(&mut self, key: String, value: Option<String>) -> wasmtime::Result<()> {
-        let size = |v: &Option<String>| key.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64);
-        let entry = size(&value);
+        let value_len = |v: &Option<String>| v.as_ref().map_or(0, |v| v.len() as u64);
+        let key_len = key.len() as u64;
+        let entry = key_len + value_len(&value);
         if entry > self.budget.entry {
             return Err(wasmtime::Error::new(StateLimitExceeded(format!(
-                "stopped: state.set of {entry} bytes (key and value) under key {:?} is over its \
-                 limit of {} bytes per entry (limits.state_value_bytes; by default a quarter of \
-                 limits.memory_mb); nothing the call wrote is committed",
+                "stopped: a state write of {entry} bytes (key and value) under key {:?} is over \
+                 its limit of {} bytes per entry (limits.state_value_bytes; by default a quarter \
+                 of limits.memory_mb); nothing the call wrote is committed",
                 truncated(&key),
                 self.budget.entry
             ))));
         }
-        let replaced = self.writes.get(&key).map_or(0, size);
+        // One lookup: what the key held is replaced (a call over budget is discarded whole,
+        // so the write may land before the check).
+        let replaced = self
+            .writes
+            .insert(key, value)
+            .map_or(0, |old| key_len + value_len(&old));
         let total = self.written - replaced + entry;
         if total > self.budget.writes {
             return Err(wasmtime::Error::new(StateLimitExceeded(format!(
@@ -163,7 +169,6 @@ impl HostState {
             ))));
         }
         self.written = total;
-        self.writes.insert(key, value);
         Ok(())
     }
 
