@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evhost::registry::Registry;
@@ -75,7 +76,7 @@ async fn ingest(log: &SledLog, n: u64, poison: u64) {
     }
 }
 
-async fn catch_up(registry: &Registry, name: &str, wasm: &[u8]) -> Duration {
+async fn catch_up(registry: &Arc<Registry>, name: &str, wasm: &[u8]) -> Duration {
     let manifest = format!(
         "name = \"{name}\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"assistant.>\"]\n\
          [limits]\nbatch_size = 2048\n"

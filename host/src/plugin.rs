@@ -11,9 +11,10 @@ pub use manifest::{
     Capabilities, InvalidManifest, Kind, Limits, Manifest, OnFailure, StartFrom, valid_name,
 };
 pub use runtime::{
-    CallContext, Compiled, Plugin, PluginError, Runtime, StateView, UsageReport, Writes,
+    CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, StateView,
+    UsageReport, Writes, component_hash,
 };
-pub use store::{MemState, PluginStore};
+pub use store::{MemState, PluginStore, describe_error};
 pub use worlds::{
     Derived, ExtractorPlugin, Handler, MAX_DERIVED_PER_BATCH, Output, ProjectionPlugin, ToolInfo,
     ToolPlugin, World, batch_context,

@@ -4,28 +4,38 @@
 //!
 //! A plugin loaded over the API is kept in the data directory (`plugins/`) and loaded again
 //! at the next start, so a hot-loaded projection survives a restart.
+//!
+//! Lifecycle operations on one plugin run one at a time ([`names`]), each as a task of its
+//! own (a client that hangs up cannot leave one half done), from the stop of the old runner
+//! to the last side effect. The map of loaded plugins is locked only briefly, never across
+//! a compile, a runner's stop or a storage scan, so other plugins and status reads are never
+//! held up.
+
+mod names;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Mutex;
 
 use crate::bus::Bus;
 use crate::dead_letter::{self, DeadLetter, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore, ProjectionPlugin, Runtime,
-    StartFrom, StateView, ToolInfo, ToolPlugin, UsageReport, valid_name,
+    CompileError, ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore,
+    ProjectionPlugin, Runtime, StartFrom, StateView, ToolInfo, ToolPlugin, UsageReport,
+    component_hash, describe_error, valid_name,
 };
 use crate::runner::{
-    BatchHandler, Blocking, RetryError, RetryOutcome, Runner, RunnerOptions, RunnerStatus,
+    BatchHandler, Blocking, RetryError, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
 };
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
+use names::NameLocks;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +49,14 @@ pub enum RegistryError {
     /// No dead letter has that id.
     #[error("no dead letter {0:?}; see GET /v1/dlq")]
     DeadLetterNotFound(String),
+    /// The text given as a dead-letter id is not one.
+    #[error("{0:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)")]
+    BadDeadLetterId(String),
     /// The plugin failed while answering.
     #[error(transparent)]
     Plugin(#[from] PluginError),
-    /// Storage failed.
+    /// Storage failed (the plugin stores, the data directory, the compile cache): the
+    /// host's fault, not the request's.
     #[error("plugin storage failed: {0}")]
     Storage(String),
 }
@@ -50,6 +64,21 @@ pub enum RegistryError {
 fn storage(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Storage(e.to_string())
 }
+
+fn store_error(e: sled::Error) -> RegistryError {
+    RegistryError::Storage(describe_error(&e))
+}
+
+/// Runs blocking `f` off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f).await.map_err(storage)
+}
+
+/// Longest wait, when a tool is loaded, for the runner that answers unknown tools to pass
+/// what it decided before the tool's name was known.
+const UNKNOWN_TOOLS_SETTLE: Duration = Duration::from_secs(10);
 
 /// What `GET /v1/plugins` reports per plugin.
 #[derive(Debug, Clone, Serialize)]
@@ -96,7 +125,11 @@ struct Loaded {
     manifest: Manifest,
     plugin: Component,
     store: PluginStore,
-    runner: Runner,
+    /// `None` only while a lifecycle operation (holding the plugin's name) stops it; the
+    /// plugin stays listed meanwhile, with `stopped`.
+    runner: Option<Runner>,
+    /// The runner's last status, shown while it is being stopped.
+    stopped: Option<RunnerStatus>,
     hash: String,
     load: Duration,
     cached: bool,
@@ -110,11 +143,16 @@ pub struct Registry {
     log: Arc<dyn EventLog>,
     /// Where plugins loaded over the API are kept.
     dir: PathBuf,
+    /// Locked only for short, non-blocking work.
     loaded: Mutex<BTreeMap<String, Loaded>>,
+    /// Serializes lifecycle operations per plugin name.
+    names: NameLocks,
     /// Names of loaded tools, for the runner that fails requests for unknown ones.
     tools: Arc<RwLock<HashSet<String>>>,
     unknown_tools: Mutex<Option<Runner>>,
     schemas: Schemas,
+    /// Set by `stop_all`: no runner starts afterwards.
+    closed: AtomicBool,
 }
 
 impl Registry {
@@ -135,16 +173,25 @@ impl Registry {
             log,
             dir,
             loaded: Mutex::new(BTreeMap::new()),
+            names: NameLocks::default(),
             tools: Arc::default(),
             unknown_tools: Mutex::new(None),
             schemas,
+            closed: AtomicBool::new(false),
         })
+    }
+
+    fn loaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Loaded>> {
+        self.loaded.lock().expect("loaded plugins lock")
     }
 
     /// Starts answering requests for tools that are not loaded (after the plugins given at
     /// start-up are loaded, so their requests are not failed early).
     pub async fn answer_unknown_tools(&self) -> Result<(), RegistryError> {
-        let store = PluginStore::open(&self.db, "~unknown-tools").map_err(storage)?;
+        let db = self.db.clone();
+        let store = blocking(move || PluginStore::open(&db, "~unknown-tools"))
+            .await?
+            .map_err(store_error)?;
         let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
         let runner = Runner::spawn(
             "evhost",
@@ -156,57 +203,201 @@ impl Registry {
             RunnerOptions::built_in(512),
         )
         .map_err(storage)?;
-        *self.unknown_tools.lock().await = Some(runner);
+        *self.unknown_tools.lock().expect("unknown tools lock") = Some(runner);
         Ok(())
     }
 
     /// Loads (or replaces) a plugin. `persist` keeps a copy to load at the next start.
     ///
     /// Replacing a plugin with the same component keeps its state and checkpoint; a
-    /// different component starts its state over from the manifest's `start`.
+    /// different component starts its state over from the manifest's `start`. The old
+    /// runner has stopped before anything of the new one happens; a storage failure after
+    /// that leaves the plugin unloaded.
     pub async fn load(
-        &self,
+        self: &Arc<Self>,
         manifest_text: &str,
         wasm: Vec<u8>,
         persist: bool,
     ) -> Result<PluginInfo, RegistryError> {
-        let manifest =
-            Manifest::parse(manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let runtime = self.runtime.clone();
-        let compiled = {
-            let wasm = Arc::new(wasm);
-            let (w, m) = (wasm.clone(), manifest.clone());
-            tokio::task::spawn_blocking(move || runtime.compile_for(&m, &w))
-                .await
-                .map_err(storage)?
-                .map_err(|m| {
-                    RegistryError::Invalid(format!(
-                        "plugin {}@{}: the component {m}",
-                        manifest.name, manifest.version
-                    ))
-                })
-                .map(|c| (c, wasm))?
-        };
-        let (compiled, wasm) = compiled;
-        let plugin = self.component(&compiled, &manifest).await?;
-        let store = PluginStore::open(&self.db, &manifest.name).map_err(storage)?;
+        let (this, text) = (self.clone(), manifest_text.to_owned());
+        tokio::spawn(async move { this.load_task(text, wasm, persist).await })
+            .await
+            .map_err(storage)?
+    }
 
-        let mut loaded = self.loaded.lock().await;
-        if let Some(old) = loaded.remove(&manifest.name) {
-            old.runner.stop().await;
+    async fn load_task(
+        self: Arc<Self>,
+        manifest_text: String,
+        wasm: Vec<u8>,
+        persist: bool,
+    ) -> Result<PluginInfo, RegistryError> {
+        let manifest =
+            Manifest::parse(&manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        // Compiling (or loading from the cache) and linking need no lock; the hash stays
+        // pinned in the compile cache until the plugin is registered as loaded.
+        let runtime = self.runtime.clone();
+        let m = manifest.clone();
+        let (pin, compiled, wasm) = blocking(move || {
+            let pin = runtime.pin(&component_hash(&wasm));
+            let compiled = runtime.compile_for(&m, &wasm);
+            (pin, compiled, wasm)
+        })
+        .await?;
+        let compiled = compiled.map_err(|e| match e {
+            CompileError::Invalid(m) => RegistryError::Invalid(format!(
+                "plugin {}@{}: the component {m}",
+                manifest.name, manifest.version
+            )),
+            CompileError::Cache(m) => RegistryError::Storage(m),
+        })?;
+        let plugin = self.component(&compiled, &manifest).await?;
+
+        let name = manifest.name.clone();
+        let _held = self.names.lock(&name).await;
+        let old_store = self.stop_runner(&name).await;
+        let started = self
+            .start(
+                &manifest,
+                &manifest_text,
+                wasm,
+                &plugin,
+                &compiled.hash,
+                old_store,
+                persist,
+            )
+            .await;
+        let (runner, store) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                self.forget(&name);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            plugin = manifest.name,
+            version = manifest.version,
+            kind = manifest.kind.as_str(),
+            cached = compiled.cached,
+            load_ms = compiled.took.as_secs_f64() * 1e3,
+            "plugin loaded"
+        );
+        let announcement = persist.then(|| {
+            audit(
+                dead_letter::LOADED,
+                &manifest.name,
+                serde_json::json!({
+                    "version": manifest.version,
+                    "kind": manifest.kind.as_str(),
+                    "component_hash": compiled.hash,
+                }),
+                None,
+                None,
+            )
+        });
+        let entry = Loaded {
+            manifest,
+            plugin,
+            store,
+            runner: Some(runner),
+            stopped: None,
+            hash: compiled.hash,
+            load: compiled.took,
+            cached: compiled.cached,
+        };
+        let inserted = {
+            let mut loaded = self.loaded();
+            if self.closed.load(Ordering::Acquire) {
+                Err(entry)
+            } else {
+                let info = self.info_of(&entry);
+                loaded.insert(name.clone(), entry);
+                Ok(info)
+            }
+        };
+        let info = match inserted {
+            Ok(info) => info,
+            Err(entry) => {
+                if let Some(r) = entry.runner {
+                    r.stop().await;
+                }
+                self.forget(&name);
+                return Err(RegistryError::Storage(
+                    "the host is shutting down; load the plugin again after the restart".into(),
+                ));
+            }
+        };
+        drop(pin);
+        // Loads over the API are operator actions worth an audit trail; loads at start-up
+        // are configuration and would add events on every restart.
+        if let Some(a) = announcement {
+            self.announce(a).await;
         }
-        let known = store.component_hash().map_err(storage)?;
+        Ok(info)
+    }
+
+    /// Stops the runner of `name` if one runs, keeping the plugin listed (as stopped) until
+    /// the caller, who holds the name, replaces or removes it; returns its store.
+    async fn stop_runner(&self, name: &str) -> Option<PluginStore> {
+        let (runner, store) = {
+            let mut loaded = self.loaded();
+            let l = loaded.get_mut(name)?;
+            let runner = l.runner.take();
+            if let Some(r) = &runner {
+                let mut s = r.status();
+                s.state = RunState::Stopped;
+                l.stopped = Some(s);
+            }
+            (runner, l.store.clone())
+        };
+        if let Some(r) = runner {
+            r.stop().await;
+        }
+        Some(store)
+    }
+
+    /// Forgets `name` after a failed replace: unlisted, not a tool.
+    fn forget(&self, name: &str) {
+        self.loaded().remove(name);
+        self.tools.write().expect("tool names lock").remove(name);
+    }
+
+    /// Everything of a load after the old runner stopped, under the plugin's name: the
+    /// store (reset for a new component), the persisted copy, the tool's name, the runner.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        manifest: &Manifest,
+        manifest_text: &str,
+        wasm: Vec<u8>,
+        plugin: &Component,
+        hash: &str,
+        store: Option<PluginStore>,
+        persist: bool,
+    ) -> Result<(Runner, PluginStore), RegistryError> {
+        let store = match store {
+            Some(s) => s,
+            None => {
+                let (db, name) = (self.db.clone(), manifest.name.clone());
+                blocking(move || PluginStore::open(&db, &name))
+                    .await?
+                    .map_err(store_error)?
+            }
+        };
+        let known = store.component_hash().map_err(store_error)?;
         if known.is_none() && manifest.kind == Kind::Extractor {
             // A store with no record at all is new, or its state was lost: the log may hold
             // events this extractor derived before, which its runner must find first.
-            store.mark_derived().map_err(storage)?;
+            store.mark_derived().map_err(store_error)?;
         }
-        if known.as_deref() != Some(compiled.hash.as_str()) {
+        if known.as_deref() != Some(hash) {
             let origin = match manifest.start {
                 StartFrom::Beginning => 0,
                 StartFrom::Now => self.log.head(),
             };
-            store.reset(&compiled.hash, origin).map_err(storage)?;
+            let (s, h) = (store.clone(), hash.to_owned());
+            blocking(move || s.reset(&h, origin))
+                .await?
+                .map_err(store_error)?;
             tracing::info!(
                 plugin = manifest.name,
                 origin,
@@ -214,10 +405,22 @@ impl Registry {
             );
         }
         if persist {
-            self.persist(&manifest.name, manifest_text, &wasm)
-                .map_err(storage)?;
+            let (dir, name, text) = (
+                self.dir.clone(),
+                manifest.name.clone(),
+                manifest_text.to_owned(),
+            );
+            blocking(move || persist_files(&dir, &name, &text, &wasm))
+                .await?
+                .map_err(|e| {
+                    storage(format!(
+                        "keeping plugin {} in {} failed: {e}",
+                        manifest.name,
+                        self.dir.display()
+                    ))
+                })?;
         }
-        let (handler, patterns): (Arc<dyn BatchHandler>, _) = match &plugin {
+        let (handler, patterns): (Arc<dyn BatchHandler>, _) = match plugin {
             Component::Projection(p) => (
                 Arc::new(Blocking(Arc::new(p.clone()))),
                 manifest.subscriptions.clone(),
@@ -228,6 +431,14 @@ impl Registry {
             ),
             Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
         };
+        if manifest.kind == Kind::Tool {
+            self.know_tool(&manifest.name).await;
+        } else {
+            self.tools
+                .write()
+                .expect("tool names lock")
+                .remove(&manifest.name);
+        }
         let options = RunnerOptions {
             batch_size: manifest.limits.batch_size,
             on_failure: manifest.on_failure.clone(),
@@ -243,51 +454,43 @@ impl Registry {
             options,
         )
         .map_err(storage)?;
+        Ok((runner, store))
+    }
+
+    /// Adds `name` to the loaded tools before its runner starts; when it was not there,
+    /// waits until the runner that answers unknown tools has committed what it decided
+    /// without it (every request below the head now), so a request is never both failed
+    /// as `unknown_tool` and run.
+    async fn know_tool(&self, name: &str) {
+        if !self
+            .tools
+            .write()
+            .expect("tool names lock")
+            .insert(name.to_owned())
         {
-            let mut tools = self.tools.write().expect("tool names lock");
-            tools.remove(&manifest.name);
-            if manifest.kind == Kind::Tool {
-                tools.insert(manifest.name.clone());
+            return;
+        }
+        let head = self.log.head();
+        let deadline = Instant::now() + UNKNOWN_TOOLS_SETTLE;
+        loop {
+            let position = match &*self.unknown_tools.lock().expect("unknown tools lock") {
+                Some(r) => r.status().position,
+                None => return,
+            };
+            if position >= head {
+                return;
             }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    plugin = name,
+                    position,
+                    head,
+                    "the runner answering unknown tools is behind; loading the tool without waiting for it"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tracing::info!(
-            plugin = manifest.name,
-            version = manifest.version,
-            kind = manifest.kind.as_str(),
-            cached = compiled.cached,
-            load_ms = compiled.took.as_secs_f64() * 1e3,
-            "plugin loaded"
-        );
-        // Loads over the API are operator actions worth an audit trail; loads at start-up
-        // are configuration and would add events on every restart.
-        if persist {
-            self.announce(audit(
-                dead_letter::LOADED,
-                &manifest.name,
-                serde_json::json!({
-                    "version": manifest.version,
-                    "kind": manifest.kind.as_str(),
-                    "component_hash": compiled.hash,
-                }),
-                None,
-                None,
-            ))
-            .await;
-        }
-        let name = manifest.name.clone();
-        loaded.insert(
-            name.clone(),
-            Loaded {
-                manifest,
-                plugin,
-                store,
-                runner,
-                hash: compiled.hash,
-                load: compiled.took,
-                cached: compiled.cached,
-            },
-        );
-        Ok(self.info_of(&loaded[&name]))
     }
 
     /// Links the compiled component as the manifest's world; a tool is also described.
@@ -302,9 +505,7 @@ impl Registry {
             Kind::Tool => {
                 let plugin: ToolPlugin = self.runtime.plugin(compiled, manifest)?;
                 let p = plugin.clone();
-                let info = tokio::task::spawn_blocking(move || p.describe())
-                    .await
-                    .map_err(storage)??;
+                let info = blocking(move || p.describe()).await??;
                 let id = plugin.id().to_owned();
                 if info.name != manifest.name {
                     return Err(RegistryError::Invalid(format!(
@@ -325,20 +526,10 @@ impl Registry {
         })
     }
 
-    fn persist(&self, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        for (ext, bytes) in [("wasm", wasm), ("toml", manifest.as_bytes())] {
-            let path = self.dir.join(format!("{name}.{ext}"));
-            let tmp = self.dir.join(format!("{name}.{ext}.tmp"));
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)?;
-        }
-        Ok(())
-    }
-
     /// Loads every `<name>.toml` + `<name>.wasm` pair in each directory; later directories
-    /// override earlier ones. Returns what failed, by file.
-    pub async fn load_dirs(&self, dirs: &[&Path]) -> Vec<(PathBuf, RegistryError)> {
+    /// override earlier ones. Returns what failed, by file. Then collects the compile
+    /// cache's files that no loaded plugin uses.
+    pub async fn load_dirs(self: &Arc<Self>, dirs: &[&Path]) -> Vec<(PathBuf, RegistryError)> {
         let mut found: BTreeMap<String, (PathBuf, PathBuf)> = BTreeMap::new();
         let mut failed = Vec::new();
         for dir in dirs {
@@ -373,29 +564,71 @@ impl Registry {
                 failed.push((manifest, e));
             }
         }
+        self.collect_cache().await;
         failed
     }
 
-    /// Stops a plugin and forgets it; its state is deleted only when `purge` is set.
-    pub async fn unload(&self, name: &str, purge: bool) -> Result<(), RegistryError> {
-        let old = self
-            .loaded
-            .lock()
-            .await
-            .remove(name)
-            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-        old.runner.stop().await;
-        self.tools.write().expect("tool names lock").remove(name);
-        for ext in ["wasm", "toml"] {
-            let _ = std::fs::remove_file(self.dir.join(format!("{name}.{ext}")));
+    /// Deletes the compile cache's files that no loaded plugin (and no load under way) uses;
+    /// a failure is logged: the cache is only an optimization.
+    async fn collect_cache(self: &Arc<Self>) {
+        let this = self.clone();
+        let collected = blocking(move || {
+            this.runtime.collect_cache(|| {
+                this.loaded()
+                    .values()
+                    .map(|l| l.hash.clone())
+                    .collect::<HashSet<_>>()
+            })
+        })
+        .await;
+        match collected {
+            Ok(Ok((0, _))) => {}
+            Ok(Ok((files, bytes))) => {
+                tracing::info!(files, bytes, "collected unused compiled components")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "collecting the compile cache failed"),
+            Err(e) => tracing::warn!(error = %e, "collecting the compile cache failed"),
         }
+    }
+
+    /// Stops a plugin and forgets it; its state is deleted only when `purge` is set (and
+    /// then the compile cache's files no loaded plugin uses go too).
+    pub async fn unload(self: &Arc<Self>, name: &str, purge: bool) -> Result<(), RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_owned()));
+        }
+        let (this, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move { this.unload_task(name, purge).await })
+            .await
+            .map_err(storage)?
+    }
+
+    async fn unload_task(self: Arc<Self>, name: String, purge: bool) -> Result<(), RegistryError> {
+        let _held = self.names.lock(&name).await;
+        let Some(store) = self.stop_runner(&name).await else {
+            return Err(RegistryError::NotFound(name));
+        };
+        self.tools.write().expect("tool names lock").remove(&name);
+        self.loaded().remove(&name);
+        let dir = self.dir.clone();
+        let n = name.clone();
+        blocking(move || {
+            for ext in ["wasm", "toml"] {
+                let _ = std::fs::remove_file(dir.join(format!("{n}.{ext}")));
+            }
+        })
+        .await?;
         if purge {
-            PluginStore::purge(&self.db, name).map_err(storage)?;
+            let db = self.db.clone();
+            blocking(move || store.purge(&db))
+                .await?
+                .map_err(store_error)?;
+            self.collect_cache().await;
         }
         tracing::info!(plugin = name, purge, "plugin unloaded");
         self.announce(audit(
             dead_letter::UNLOADED,
-            name,
+            &name,
             serde_json::json!({"purged": purge}),
             None,
             None,
@@ -412,10 +645,28 @@ impl Registry {
         }
     }
 
+    /// The controller of `name`'s runner; the caller holds the name.
+    fn controller(&self, name: &str) -> Result<crate::runner::Controller, RegistryError> {
+        self.loaded()
+            .get(name)
+            .and_then(|l| l.runner.as_ref())
+            .map(Runner::controller)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
+    }
+
     /// Clears a plugin's quarantine; false when it was not quarantined.
-    pub async fn resume(&self, name: &str) -> Result<bool, RegistryError> {
-        let runner = self.with(name, |l| l.runner.controller()).await?;
-        runner.resume().await.map_err(RegistryError::Storage)
+    pub async fn resume(self: &Arc<Self>, name: &str) -> Result<bool, RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_owned()));
+        }
+        let (this, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let _held = this.names.lock(&name).await;
+            let runner = this.controller(&name)?;
+            runner.resume().await.map_err(RegistryError::Storage)
+        })
+        .await
+        .map_err(storage)?
     }
 
     /// Dead letters of `plugin` (every loaded plugin's when `None`), oldest position first.
@@ -424,7 +675,7 @@ impl Registry {
         plugin: Option<&str>,
     ) -> Result<Vec<DeadLetter>, RegistryError> {
         let stores: Vec<PluginStore> = {
-            let loaded = self.loaded.lock().await;
+            let loaded = self.loaded();
             match plugin {
                 Some(name) => vec![
                     loaded
@@ -436,69 +687,103 @@ impl Registry {
                 None => loaded.values().map(|l| l.store.clone()).collect(),
             }
         };
+        let lists = blocking(move || {
+            stores
+                .iter()
+                .map(|s| s.dead_letters())
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?
+        .map_err(store_error)?;
         let mut all = Vec::new();
-        for store in stores {
-            for (_, json) in store.dead_letters().map_err(storage)? {
-                all.push(serde_json::from_str(&json).map_err(storage)?);
-            }
+        for (_, json) in lists.into_iter().flatten() {
+            all.push(serde_json::from_str(&json).map_err(storage)?);
         }
         Ok(all)
     }
 
-    fn dead_letter_target(id: &str) -> Result<(&str, u64), RegistryError> {
-        dead_letter::parse_id(id).ok_or_else(|| {
-            RegistryError::Invalid(format!(
-                "{id:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)"
-            ))
-        })
+    fn dead_letter_target(id: &str) -> Result<(String, u64), RegistryError> {
+        dead_letter::parse_id(id)
+            .map(|(name, position)| (name.to_owned(), position))
+            .ok_or_else(|| RegistryError::BadDeadLetterId(id.to_owned()))
     }
 
     /// Runs a dead letter through its plugin again.
-    pub async fn retry_dead_letter(&self, id: &str) -> Result<RetryOutcome, RegistryError> {
+    pub async fn retry_dead_letter(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<RetryOutcome, RegistryError> {
         let (name, position) = Self::dead_letter_target(id)?;
-        // The lock is not held while the plugin runs.
-        let runner = self.with(name, |l| l.runner.controller()).await?;
-        runner.retry(position).await.map_err(|e| match e {
-            RetryError::NotFound { .. } => RegistryError::DeadLetterNotFound(id.to_owned()),
-            RetryError::Unavailable(m) => RegistryError::Storage(m),
+        let (this, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let _held = this.names.lock(&name).await;
+            let runner = this.controller(&name)?;
+            runner.retry(position).await.map_err(|e| match e {
+                RetryError::NotFound { .. } => RegistryError::DeadLetterNotFound(id),
+                RetryError::Unavailable(m) => RegistryError::Storage(m),
+            })
         })
+        .await
+        .map_err(storage)?
     }
 
     /// Drops a dead letter without handling it.
-    pub async fn delete_dead_letter(&self, id: &str) -> Result<(), RegistryError> {
+    pub async fn delete_dead_letter(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
         let (name, position) = Self::dead_letter_target(id)?;
-        let runner = self.with(name, |l| l.runner.controller()).await?;
-        if !runner
-            .delete(position)
-            .await
-            .map_err(RegistryError::Storage)?
-        {
-            return Err(RegistryError::DeadLetterNotFound(id.to_owned()));
-        }
-        self.announce(audit(
-            dead_letter::DEAD_LETTER_DELETED,
-            name,
-            serde_json::json!({"dead_letter_id": id, "position": position}),
-            None,
-            None,
-        ))
-        .await;
-        Ok(())
+        let (this, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let _held = this.names.lock(&name).await;
+            let runner = this.controller(&name)?;
+            if !runner
+                .delete(position)
+                .await
+                .map_err(RegistryError::Storage)?
+            {
+                return Err(RegistryError::DeadLetterNotFound(id));
+            }
+            this.announce(audit(
+                dead_letter::DEAD_LETTER_DELETED,
+                &name,
+                serde_json::json!({"dead_letter_id": id, "position": position}),
+                None,
+                None,
+            ))
+            .await;
+            Ok(())
+        })
+        .await
+        .map_err(storage)?
     }
 
-    /// Stops every runner (at shutdown).
+    /// Stops every runner (at shutdown); no runner starts afterwards.
     pub async fn stop_all(&self) {
-        let mut loaded = self.loaded.lock().await;
-        for (_, l) in std::mem::take(&mut *loaded) {
-            l.runner.stop().await;
+        self.closed.store(true, Ordering::Release);
+        let runners: Vec<Runner> = {
+            let mut loaded = self.loaded();
+            std::mem::take(&mut *loaded)
+                .into_values()
+                .filter_map(|l| l.runner)
+                .collect()
+        };
+        for r in runners {
+            r.stop().await;
         }
-        if let Some(r) = self.unknown_tools.lock().await.take() {
+        let unknown = self
+            .unknown_tools
+            .lock()
+            .expect("unknown tools lock")
+            .take();
+        if let Some(r) = unknown {
             r.stop().await;
         }
     }
 
     fn info_of(&self, l: &Loaded) -> PluginInfo {
-        let status = l.runner.status();
+        let status = match (&l.runner, &l.stopped) {
+            (Some(r), _) => r.status(),
+            (None, Some(s)) => s.clone(),
+            (None, None) => unreachable!("a listed plugin has a runner or its last status"),
+        };
         let head = self.log.head();
         PluginInfo {
             name: l.manifest.name.clone(),
@@ -531,13 +816,13 @@ impl Registry {
 
     /// Every loaded plugin's status.
     pub async fn list(&self) -> Vec<PluginInfo> {
-        let loaded = self.loaded.lock().await;
+        let loaded = self.loaded();
         loaded.values().map(|l| self.info_of(l)).collect()
     }
 
     /// One plugin's status.
     pub async fn info(&self, name: &str) -> Result<PluginInfo, RegistryError> {
-        let loaded = self.loaded.lock().await;
+        let loaded = self.loaded();
         let l = loaded
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
@@ -548,7 +833,7 @@ impl Registry {
         if !valid_name(name) {
             return Err(RegistryError::NotFound(name.to_owned()));
         }
-        let loaded = self.loaded.lock().await;
+        let loaded = self.loaded();
         loaded
             .get(name)
             .map(f)
@@ -558,7 +843,7 @@ impl Registry {
     /// The stored state under `key`, without calling the plugin.
     pub async fn state(&self, name: &str, key: &str) -> Result<Option<String>, RegistryError> {
         let store = self.with(name, |l| l.store.clone()).await?;
-        store.get(key).map_err(storage)
+        store.get(key).map_err(store_error)
     }
 
     /// Up to `limit` stored keys starting with `prefix`, without calling the plugin.
@@ -569,7 +854,7 @@ impl Registry {
         limit: usize,
     ) -> Result<Vec<(String, String)>, RegistryError> {
         let store = self.with(name, |l| l.store.clone()).await?;
-        store.scan(prefix, limit).map_err(storage)
+        store.scan(prefix, limit).map_err(store_error)
     }
 
     /// Calls the plugin's `query` export.
@@ -600,7 +885,7 @@ impl Registry {
             .await?;
         let plugin = projection_of(name, plugin)?;
         // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
-        let origin = store.origin().map_err(storage)?;
+        let origin = store.origin().map_err(store_error)?;
         if position < origin {
             return Err(RegistryError::Invalid(format!(
                 "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
@@ -645,6 +930,18 @@ impl Registry {
         }
         Ok(scratch.get(key))
     }
+}
+
+/// Writes the manifest and component of a hot-loaded plugin into `dir`, each by rename.
+fn persist_files(dir: &Path, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (ext, bytes) in [("wasm", wasm), ("toml", manifest.as_bytes())] {
+        let path = dir.join(format!("{name}.{ext}"));
+        let tmp = dir.join(format!("{name}.{ext}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
 }
 
 fn projection_of(name: &str, c: Component) -> Result<ProjectionPlugin, RegistryError> {

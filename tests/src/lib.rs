@@ -83,6 +83,25 @@ impl Host {
         self.child.wait().expect("wait for the host")
     }
 
+    /// Asks the process to stop (SIGTERM) and waits up to `limit` for it to exit; `None`
+    /// when it is still running then (dropping the `Host` kills it).
+    pub fn stop_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the host") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs the binary as a CLI client of this host with `args`; returns (success, stdout,
     /// stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {

@@ -26,6 +26,9 @@ pub(super) fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
 pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
+        e @ RegistryError::BadDeadLetterId(_) => {
+            ApiError::bad_request("invalid_dead_letter_id", e.to_string())
+        }
         RegistryError::NotFound(_) | RegistryError::DeadLetterNotFound(_) => {
             ApiError::not_found(e.to_string())
         }
@@ -37,7 +40,13 @@ pub(super) fn registry_error(e: RegistryError) -> ApiError {
             "plugin_failed",
             p.to_string(),
         ),
-        RegistryError::Storage(m) => ApiError::unavailable(m),
+        // The host's own storage (plugin stores, the data directory, the compile cache):
+        // not the request's fault.
+        e @ RegistryError::Storage(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_failed",
+            e.to_string(),
+        ),
     }
 }
 

@@ -46,6 +46,25 @@ pub struct Limits {
     /// times this, shared among them. Unlike the time limit it fails the same way on every
     /// machine. Unset: no fuel accounting, no cost.
     pub fuel_per_event: Option<u64>,
+    /// Bytes of state writes (keys and values) one call may buffer before it is stopped;
+    /// nothing it wrote is committed. Unset: the memory limit (`memory_mb`), since what a
+    /// call writes is held in the host's memory until its commit.
+    pub state_write_bytes: Option<u64>,
+    /// Bytes of one state entry (its key and value). Unset: a quarter of the memory
+    /// limit, so a value fits in the plugin's memory when it reads it back.
+    pub state_value_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// The write budget of one call, in bytes (see [`Limits::state_write_bytes`]).
+    pub fn write_budget(&self) -> u64 {
+        self.state_write_bytes.unwrap_or(self.memory_mb << 20)
+    }
+
+    /// The largest state entry, in bytes (see [`Limits::state_value_bytes`]).
+    pub fn value_budget(&self) -> u64 {
+        self.state_value_bytes.unwrap_or((self.memory_mb << 20) / 4)
+    }
 }
 
 impl Default for Limits {
@@ -56,6 +75,8 @@ impl Default for Limits {
             batch_size: 512,
             concurrency: 4,
             fuel_per_event: None,
+            state_write_bytes: None,
+            state_value_bytes: None,
         }
     }
 }
@@ -207,6 +228,17 @@ impl Manifest {
             return bad(
                 "limits.fuel_per_event must be at least 1 (or left out for no fuel budget)".into(),
             );
+        }
+        for (field, v) in [
+            ("state_write_bytes", l.state_write_bytes),
+            ("state_value_bytes", l.state_value_bytes),
+        ] {
+            if v.is_some_and(|v| !(1..=1 << 32).contains(&v)) {
+                return bad(format!(
+                    "limits.{field} {} is outside 1..=4294967296 (4 GiB); leave it out for the default",
+                    v.unwrap_or_default()
+                ));
+            }
         }
         let f = &self.on_failure;
         if f.retries > 100 {

@@ -4,7 +4,7 @@
 //! Generated WIT bindings stay in this module and [`super::worlds`]; callers see the
 //! per-world plugin types, [`Writes`] and [`PluginError`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +25,11 @@ pub(super) mod bindings {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "projection",
+            // A call's state writes are bounded in bytes: past the bound the call traps.
+            imports: {
+                "evhost:plugin/state.set": trappable,
+                "evhost:plugin/state.delete": trappable,
+            },
         });
     }
     pub mod extractor {
@@ -113,7 +118,73 @@ pub struct HostState {
     limiter: Limiter,
     pub(super) view: Arc<dyn StateView>,
     pub(super) writes: Writes,
+    /// Bytes (keys and values) held in `writes`, against `budget`.
+    written: u64,
+    budget: StateBudget,
     plugin: Arc<str>,
+}
+
+/// The bounds of one call's state writes, from the manifest's limits.
+#[derive(Debug, Clone, Copy)]
+struct StateBudget {
+    /// Bytes of keys and values one call may buffer.
+    writes: u64,
+    /// Bytes of one entry (key and value).
+    entry: u64,
+}
+
+/// Why a call was stopped in `state.set` or `state.delete`: the trap that carries it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StateLimitExceeded(String);
+
+impl HostState {
+    /// Buffers a write of `key` (`Some` sets, `None` deletes) if the budget allows it.
+    fn write(&mut self, key: String, value: Option<String>) -> wasmtime::Result<()> {
+        let value_len = |v: &Option<String>| v.as_ref().map_or(0, |v| v.len() as u64);
+        let key_len = key.len() as u64;
+        let entry = key_len + value_len(&value);
+        if entry > self.budget.entry {
+            return Err(wasmtime::Error::new(StateLimitExceeded(format!(
+                "stopped: a state write of {entry} bytes (key and value) under key {:?} is over \
+                 its limit of {} bytes per entry (limits.state_value_bytes; by default a quarter \
+                 of limits.memory_mb); nothing the call wrote is committed",
+                truncated(&key),
+                self.budget.entry
+            ))));
+        }
+        // One lookup: what the key held is replaced (a call over budget is discarded whole,
+        // so the write may land before the check).
+        let replaced = self
+            .writes
+            .insert(key, value)
+            .map_or(0, |old| key_len + value_len(&old));
+        let total = self.written - replaced + entry;
+        if total > self.budget.writes {
+            return Err(wasmtime::Error::new(StateLimitExceeded(format!(
+                "stopped: its state writes in one call reached {total} bytes, over its limit of \
+                 {} (limits.state_write_bytes; by default limits.memory_mb); nothing the call \
+                 wrote is committed: write less per event, or lower limits.batch_size",
+                self.budget.writes
+            ))));
+        }
+        self.written = total;
+        Ok(())
+    }
+
+    /// Forgets the buffered writes (a new call starts with none).
+    fn clear_writes(&mut self) -> Writes {
+        self.written = 0;
+        std::mem::take(&mut self.writes)
+    }
+}
+
+/// At most 64 characters of `key`, for messages.
+fn truncated(key: &str) -> String {
+    match key.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &key[..i]),
+        None => key.to_owned(),
+    }
 }
 
 impl WasiView for HostState {
@@ -220,12 +291,12 @@ impl wit_state::Host for HostState {
         }
     }
 
-    fn set(&mut self, key: String, value: String) {
-        self.writes.insert(key, Some(value));
+    fn set(&mut self, key: String, value: String) -> wasmtime::Result<()> {
+        self.write(key, Some(value))
     }
 
-    fn delete(&mut self, key: String) {
-        self.writes.insert(key, None);
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.write(key, None)
     }
 
     fn scan_prefix(&mut self, prefix: String) -> Vec<(String, String)> {
@@ -290,6 +361,44 @@ pub struct Runtime {
     plain: Machine,
     fueled: Machine,
     cache_dir: PathBuf,
+    /// Hashes being loaded, with how many loads of each: never collected.
+    pins: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// Why a component could not be compiled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CompileError {
+    /// The bytes are not a usable component (the uploader's fault); the message completes
+    /// "the component ...".
+    #[error("{0}")]
+    Invalid(String),
+    /// The compile cache could not be written or read back (the host's fault).
+    #[error("{0}")]
+    Cache(String),
+}
+
+/// Keeps the compile cache's files of one component hash from being collected while a load
+/// of it is under way (from before its compile until it is registered as loaded).
+pub struct CachePin {
+    runtime: Arc<Runtime>,
+    hash: String,
+}
+
+impl Drop for CachePin {
+    fn drop(&mut self) {
+        let mut pins = self.runtime.pins.lock().expect("cache pins lock");
+        if let Some(n) = pins.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// The SHA-256 of `wasm`, hex: the component's identity and its compile cache's file name.
+pub fn component_hash(wasm: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(wasm))
 }
 
 /// A compiled component and how it was obtained.
@@ -333,23 +442,74 @@ impl Runtime {
             plain,
             fueled,
             cache_dir: cache_dir.to_owned(),
+            pins: Default::default(),
         }))
     }
 
+    /// Pins `hash` in the compile cache until the returned guard is dropped.
+    pub fn pin(self: &Arc<Self>, hash: &str) -> CachePin {
+        *self
+            .pins
+            .lock()
+            .expect("cache pins lock")
+            .entry(hash.to_owned())
+            .or_default() += 1;
+        CachePin {
+            runtime: self.clone(),
+            hash: hash.to_owned(),
+        }
+    }
+
+    /// Deletes the compile cache's files of every component hash that is neither pinned nor
+    /// in what `in_use` returns (called while pins are held off, so a load that pins a hash
+    /// after the collection began finds its file intact or writes it again). Returns the
+    /// files and bytes removed. Blocking: call it off the async threads.
+    pub fn collect_cache(
+        &self,
+        in_use: impl FnOnce() -> HashSet<String>,
+    ) -> std::io::Result<(usize, u64)> {
+        let pins = self.pins.lock().expect("cache pins lock");
+        let keep = in_use();
+        let (mut files, mut bytes) = (0, 0);
+        for entry in std::fs::read_dir(&self.cache_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(hash) = name.to_str().and_then(|n| n.split('.').next()) else {
+                continue;
+            };
+            // Only the cache's own files: a SHA-256 in hex, then `.cwasm`, `.fuel.cwasm` or
+            // `.tmp`.
+            let ours = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ours || keep.contains(hash) || pins.contains_key(hash) {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    files += 1;
+                    bytes += size;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((files, bytes))
+    }
+
     /// Compiles `wasm` for a plugin without a fuel budget, or loads it from the cache.
-    pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, String> {
+    pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, CompileError> {
         self.compile_on(wasm, false)
     }
 
     /// Compiles `wasm` for the engine `manifest` needs (fuel accounting or not).
-    pub fn compile_for(&self, manifest: &Manifest, wasm: &[u8]) -> Result<Compiled, String> {
+    pub fn compile_for(&self, manifest: &Manifest, wasm: &[u8]) -> Result<Compiled, CompileError> {
         self.compile_on(wasm, manifest.limits.fuel_per_event.is_some())
     }
 
-    fn compile_on(&self, wasm: &[u8], fuel: bool) -> Result<Compiled, String> {
+    fn compile_on(&self, wasm: &[u8], fuel: bool) -> Result<Compiled, CompileError> {
         let start = Instant::now();
         let machine = if fuel { &self.fueled } else { &self.plain };
-        let hash = format!("{:x}", Sha256::digest(wasm));
+        let hash = component_hash(wasm);
         let file = if fuel {
             format!("{hash}.fuel.cwasm")
         } else {
@@ -376,27 +536,38 @@ impl Runtime {
             }
         }
         if wasm.get(..4) != Some(b"\0asm") {
-            return Err("is not WebAssembly".into());
+            return Err(CompileError::Invalid("is not WebAssembly".into()));
         }
         // Bytes 6..8 are the layer: 0 for a core module, 1 for a component.
         if wasm.get(6..8) == Some(&[0, 0]) {
-            return Err(
+            return Err(CompileError::Invalid(
                 "is a core WebAssembly module, not a component; build plugins with \
                         --target wasm32-wasip2 (or wrap the module with wasm-tools component new)"
                     .into(),
-            );
+            ));
         }
         let bytes = machine
             .engine
             .precompile_component(wasm)
-            .map_err(|e| format!("does not compile: {e:#}"))?;
+            .map_err(|e| CompileError::Invalid(format!("does not compile: {e:#}")))?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write the compile cache {}: {e}", path.display()))?;
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                CompileError::Cache(format!(
+                    "cannot write the compile cache {}: {e}; check that the data directory's compiled/ is a writable directory with free space",
+                    path.display()
+                ))
+            })?;
         // SAFETY: as above; just written by this engine.
-        let component = unsafe { Component::deserialize_file(&machine.engine, &path) }
-            .map_err(|e| format!("cannot load the compiled component: {e:#}"))?;
+        let component =
+            unsafe { Component::deserialize_file(&machine.engine, &path) }.map_err(|e| {
+                CompileError::Cache(format!(
+                    "cannot load the compiled component back from the compile cache {}: {e:#}",
+                    path.display()
+                ))
+            })?;
         Ok(Compiled {
             component,
             fuel,
@@ -536,6 +707,11 @@ impl<W: World> Plugin<W> {
             },
             view,
             writes: Writes::new(),
+            written: 0,
+            budget: StateBudget {
+                writes: self.limits.write_budget(),
+                entry: self.limits.value_budget(),
+            },
             plugin: self.plugin.clone(),
         };
         let mut store = Store::new(&self.engine, data);
@@ -578,7 +754,7 @@ impl<W: World> Plugin<W> {
         w.clock.set(ctx.micros, ctx.seed);
         let data = w.store.data_mut();
         data.view = view;
-        data.writes.clear();
+        data.clear_writes();
         w.store.set_epoch_deadline(self.deadline());
         Ok(w)
     }
@@ -649,7 +825,7 @@ impl<W: World> Plugin<W> {
         }
         match result {
             Ok(Ok(r)) => {
-                let writes = std::mem::take(&mut w.store.data_mut().writes);
+                let writes = w.store.data_mut().clear_writes();
                 self.checkin(w);
                 Ok((r, writes))
             }
@@ -676,6 +852,15 @@ impl<W: World> Plugin<W> {
     }
 
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
+        if let Some(limit) = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<StateLimitExceeded>())
+        {
+            return PluginError::Trapped {
+                plugin: self.plugin.to_string(),
+                message: limit.to_string(),
+            };
+        }
         if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
             return PluginError::TimedOut {
                 plugin: self.plugin.to_string(),

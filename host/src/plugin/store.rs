@@ -2,7 +2,8 @@
 //! checkpoint, committed together.
 
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use super::runtime::{StateView, Writes};
 
@@ -37,23 +38,56 @@ fn u64_of(v: Option<sled::IVec>) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
+/// A storage error as text, with the names sled prints as byte lists (a tree's) as text.
+pub fn describe_error(e: &sled::Error) -> String {
+    match e {
+        sled::Error::CollectionNotFound(name) => format!(
+            "the sled tree {:?} does not exist (it was purged)",
+            String::from_utf8_lossy(name)
+        ),
+        e => e.to_string(),
+    }
+}
+
 /// A plugin's stored state and checkpoint.
+///
+/// Clones share one tree and one count of dead letters (kept, so a status read never
+/// scans the tree).
 #[derive(Clone)]
 pub struct PluginStore {
     tree: sled::Tree,
+    dead_letters: Arc<AtomicUsize>,
 }
 
 impl PluginStore {
-    /// Opens (or creates) the store of `plugin` in `db`.
+    /// Opens (or creates) the store of `plugin` in `db`. Counts its dead letters (a scan of
+    /// their keys): call it off the async threads.
     pub fn open(db: &sled::Db, plugin: &str) -> sled::Result<Self> {
+        let tree = db.open_tree(tree_name(plugin))?;
+        let mut count = 0;
+        for key in tree.scan_prefix([DEAD_LETTER]).keys() {
+            key?;
+            count += 1;
+        }
         Ok(Self {
-            tree: db.open_tree(tree_name(plugin))?,
+            tree,
+            dead_letters: Arc::new(AtomicUsize::new(count)),
         })
     }
 
-    /// Deletes everything stored for `plugin`.
-    pub fn purge(db: &sled::Db, plugin: &str) -> sled::Result<bool> {
-        db.drop_tree(tree_name(plugin))
+    /// Deletes everything stored for the plugin. The tree itself is dropped only when this
+    /// is its last handle: sled's iterators never end on a dropped tree, so a tree someone
+    /// may still read is emptied and kept. Call it only once the plugin's runner stopped,
+    /// off the async threads.
+    pub fn purge(self, db: &sled::Db) -> sled::Result<()> {
+        self.tree.clear()?;
+        self.dead_letters.store(0, Ordering::Relaxed);
+        if Arc::strong_count(&self.dead_letters) == 1 {
+            db.drop_tree(self.tree.name())?;
+        } else {
+            self.tree.flush()?;
+        }
+        Ok(())
     }
 
     /// The position the plugin resumes from, if it ever committed.
@@ -80,6 +114,7 @@ impl PluginStore {
     pub fn reset(&self, hash: &str, origin: u64) -> sled::Result<()> {
         let derived = self.has_derived()?;
         self.tree.clear()?;
+        self.dead_letters.store(0, Ordering::Relaxed);
         let mut b = sled::Batch::default();
         if derived {
             b.insert(DERIVED, &[1u8][..]);
@@ -127,15 +162,22 @@ impl PluginStore {
     ) -> sled::Result<()> {
         let mut b = sled::Batch::default();
         put_writes(&mut b, writes);
+        let mut new = 0;
         for (position, json) in dead_letters {
-            b.insert(&dead_letter_key(*position)[..], json.as_bytes());
+            let key = dead_letter_key(*position);
+            if !self.tree.contains_key(key)? {
+                new += 1;
+            }
+            b.insert(&key[..], json.as_bytes());
         }
         if let Some(q) = quarantine {
             b.insert(QUARANTINE, q.as_bytes());
         }
         b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
         b.insert(PROCESSED, &processed.to_be_bytes()[..]);
-        self.tree.apply_batch(b)
+        self.tree.apply_batch(b)?;
+        self.dead_letters.fetch_add(new, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Commits the writes of a dead letter handled on retry and removes the dead letter,
@@ -143,8 +185,14 @@ impl PluginStore {
     pub fn commit_retried(&self, writes: &Writes, position: u64) -> sled::Result<()> {
         let mut b = sled::Batch::default();
         put_writes(&mut b, writes);
-        b.remove(&dead_letter_key(position)[..]);
-        self.tree.apply_batch(b)
+        let key = dead_letter_key(position);
+        let existed = self.tree.contains_key(key)?;
+        b.remove(&key[..]);
+        self.tree.apply_batch(b)?;
+        if existed {
+            self.dead_letters.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The dead letters (position, JSON) in position order.
@@ -160,9 +208,9 @@ impl PluginStore {
             .collect()
     }
 
-    /// How many dead letters there are (reads keys only).
+    /// How many dead letters there are (a count kept beside the tree: no scan).
     pub fn dead_letter_count(&self) -> usize {
-        self.tree.scan_prefix([DEAD_LETTER]).keys().count()
+        self.dead_letters.load(Ordering::Relaxed)
     }
 
     /// The dead letter at `position` (JSON).
@@ -175,14 +223,22 @@ impl PluginStore {
 
     /// Stores (replaces) the dead letter at `position`.
     pub fn put_dead_letter(&self, position: u64, json: &str) -> sled::Result<()> {
-        self.tree
+        let old = self
+            .tree
             .insert(&dead_letter_key(position)[..], json.as_bytes())?;
+        if old.is_none() {
+            self.dead_letters.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     /// Removes the dead letter at `position`; false when there was none.
     pub fn remove_dead_letter(&self, position: u64) -> sled::Result<bool> {
-        Ok(self.tree.remove(dead_letter_key(position))?.is_some())
+        let removed = self.tree.remove(dead_letter_key(position))?.is_some();
+        if removed {
+            self.dead_letters.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     /// The quarantine record (JSON) if the plugin is quarantined.

@@ -16,6 +16,7 @@
 //! | `hostile.file`    | insists on reading `/etc/hostname` (fails when denied)       |
 //! | `hostile.env`     | insists on reading `HOME` (fails when denied)                |
 //! | `hostile.net`     | insists on connecting to 127.0.0.1:9 (fails when denied)     |
+//! | `hostile.state`   | calls `state.set` `count` times, each with a new key and a string of `bytes` bytes (payload `{"count": n, "bytes": b}`) |
 //! | `evhost.plugin.dead_lettered` | panics (an alerting plugin whose alerts fail)    |
 
 use evhost_sdk::{Error, Event, Extractor, NewEvent};
@@ -96,6 +97,20 @@ impl Extractor for Hostile {
                 std::net::TcpStream::connect("127.0.0.1:9")
                     .map_err(|e| Error::Failed(format!("connecting to 127.0.0.1:9: {e}")))?;
                 out.push(derived("hostile.ok", stream, "\"connected\"".into()));
+            }
+            "hostile.state" => {
+                let p: serde_json::Value = serde_json::from_str(&e.payload)
+                    .map_err(|err| Error::InvalidInput(format!("payload: {err}")))?;
+                let count = p["count"].as_u64().unwrap_or(1);
+                let bytes = p["bytes"].as_u64().unwrap_or(1) as usize;
+                let value = "x".repeat(bytes);
+                for i in 0..count {
+                    evhost_sdk::extractor_bindings::evhost::plugin::state::set(
+                        &format!("big-{i}"),
+                        &value,
+                    );
+                }
+                out.push(derived("hostile.ok", stream, count.to_string()));
             }
             // Its own output: nothing, so it does not feed itself.
             "hostile.ok" | "hostile.out" => {}
