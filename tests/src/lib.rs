@@ -83,6 +83,25 @@ impl Host {
         self.child.wait().expect("wait for the host")
     }
 
+    /// Asks the process to stop (SIGTERM) and waits at most `bound` for it to exit; `None`
+    /// if it is still running then (it is left running; dropping the host kills it).
+    pub fn stop_within(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the host") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs the binary as a CLI client of this host with `args`; returns (success, stdout,
     /// stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
