@@ -387,6 +387,13 @@ async fn half_sent_requests_and_idle_connections_are_closed_after_the_header_tim
     idle.read_exact(&mut first).await.unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
 
+    // A request whose body stops half way.
+    let mut stalled_body = TcpStream::connect(authority(&h)).await.unwrap();
+    stalled_body
+        .write_all(b"POST /v1/streams/s HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"events\":")
+        .await
+        .unwrap();
+
     assert!(
         health_answers_within(&h, Duration::from_secs(5)).await,
         "/health answers beside {HALF_SENT} half-sent requests"
@@ -401,6 +408,15 @@ async fn half_sent_requests_and_idle_connections_are_closed_after_the_header_tim
         closed_by_server(&mut idle, Duration::from_secs(15), &mut Vec::new()).await,
         "the idle keep-alive connection is closed"
     );
+    let mut answer = Vec::new();
+    assert!(
+        closed_by_server(&mut stalled_body, Duration::from_secs(15), &mut answer).await,
+        "the request with a stalled body is ended"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let (_, health) = get_text(&format!("{}/health", h.url)).await;
+    assert!(health.contains("\"head\":0"), "nothing was appended: {health}");
     assert!(health_answers_within(&h, Duration::from_secs(5)).await);
 }
 
@@ -514,4 +530,84 @@ async fn sigterm_completes_with_a_subscriber_and_a_half_sent_request_attached() 
     let ids: Vec<&str> = all.iter().map(|e| e["id"].as_str().unwrap()).collect();
     let want: Vec<String> = (0..20).map(|i| format!("stop-{i}")).collect();
     assert_eq!(ids, want);
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_is_logged_and_survived() {
+    const CONNECTIONS: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let stderr_path = dir.path().join("stderr.log");
+    // The host with few descriptors and a cap above them: accept fails with EMFILE.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen",
+            &addr,
+            "--max-connections",
+            "5000",
+            "--header-timeout-ms",
+            "60000",
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}");
+    let up = async {
+        for _ in 0..300 {
+            if let Ok(r) = reqwest::get(format!("{url}/health")).await
+                && r.status() == 200
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(up.await, "the host starts");
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the host is still running");
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        log.contains("accepting a connection failed"),
+        "the accept error is logged: {log}"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    loop {
+        if let Ok(r) = client.get(format!("{url}/health")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health answers again once the descriptors are back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the host is still running");
+    let _ = child.kill();
+    let _ = child.wait();
 }

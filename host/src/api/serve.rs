@@ -17,12 +17,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tower_http::timeout::RequestBodyTimeout;
 
 /// How the server treats connections.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// Time a connection has to send a complete request head: on a new connection, and on
-    /// an idle keep-alive one between requests. Closed when it passes.
+    /// an idle keep-alive one between requests. Closed when it passes. Also the longest
+    /// pause allowed inside a request body (the request then fails).
     pub header_timeout: Duration,
     /// Most connections open at once; a connection beyond it is answered 503 and closed.
     pub max_connections: usize,
@@ -98,6 +100,7 @@ pub async fn serve_connections(
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .keep_alive(true);
+    let service = RequestBodyTimeout::new(router, config.header_timeout);
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -133,7 +136,7 @@ pub async fn serve_connections(
         let _ = stream.set_nodelay(true);
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
+            TowerToHyperService::new(service.clone()),
         );
         let conn = graceful.watch(conn);
         connections.spawn(async move {
