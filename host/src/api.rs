@@ -461,19 +461,22 @@ async fn subscribe(
         source: q.source,
     };
     let sub = st.bus.subscribe(pats, filter, start);
-    let stream = sub.into_stream().take_until(st.closing.closed()).map(|item| {
-        Ok(match item {
-            Ok(e) => axum::response::sse::Event::default()
-                .id(e.position.to_string())
-                .json_data(&*e)
-                .unwrap_or_else(|_| {
-                    axum::response::sse::Event::default().comment("unencodable event")
-                }),
-            Err(e) => axum::response::sse::Event::default()
-                .event("error")
-                .data(e.to_string()),
-        })
-    });
+    let stream = sub
+        .into_stream()
+        .take_until(st.closing.closed())
+        .map(|item| {
+            Ok(match item {
+                Ok(e) => axum::response::sse::Event::default()
+                    .id(e.position.to_string())
+                    .json_data(&*e)
+                    .unwrap_or_else(|_| {
+                        axum::response::sse::Event::default().comment("unencodable event")
+                    }),
+                Err(e) => axum::response::sse::Event::default()
+                    .event("error")
+                    .data(e.to_string()),
+            })
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

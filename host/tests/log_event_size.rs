@@ -3,8 +3,8 @@
 //! the payload. Real sled on a temporary directory.
 
 use evhost::{
-    AppendError, EventLog, EventType, ExpectedVersion, Hub, Metadata, NewEvent, Payload,
-    SledLog, SledLogConfig, StreamAppend,
+    AppendError, EventLog, EventType, ExpectedVersion, Hub, Metadata, NewEvent, Payload, SledLog,
+    SledLogConfig, StreamAppend,
 };
 
 fn append(e: NewEvent) -> Vec<StreamAppend> {

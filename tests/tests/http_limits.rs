@@ -148,7 +148,10 @@ async fn a_payload_too_deep_is_refused_and_one_at_the_limit_reads_back_as_sent_e
     for path in ["/v1/events?from=0", "/v1/streams/deep", "/v1/bus/history"] {
         let (s, text) = get_text(&format!("{}{path}", h.url)).await;
         assert_eq!(s, 200, "{path}: {text}");
-        assert!(text.contains(&payload), "{path} changed the payload: {text}");
+        assert!(
+            text.contains(&payload),
+            "{path} changed the payload: {text}"
+        );
         let _: Value = serde_json::from_str(&text).expect("a reader can parse the response");
     }
     // The flow index catches up moments after the append.
@@ -161,7 +164,10 @@ async fn a_payload_too_deep_is_refused_and_one_at_the_limit_reads_back_as_sent_e
         assert!(Instant::now() < deadline, "no flow within 10 s: {s} {text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(flow.contains(&payload), "the flow changed the payload: {flow}");
+    assert!(
+        flow.contains(&payload),
+        "the flow changed the payload: {flow}"
+    );
     let line = sse_line_with(
         reqwest::Client::new().get(format!("{}/v1/subscribe?from=0", h.url)),
         "deep-1",
@@ -220,7 +226,12 @@ async fn a_read_past_the_byte_bound_returns_fewer_events_and_continues_without_a
     const MIB: usize = 1024 * 1024;
     const BOUND: usize = 16 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::start(BIN, dir.path(), &["--max-event-bytes", &(4 * MIB).to_string()]).await;
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        &["--max-event-bytes", &(4 * MIB).to_string()],
+    )
+    .await;
     let big = "y".repeat(3 * MIB);
     for i in 0..6 {
         let body = json!({"events": [{"type": "big.blob", "payload": {"i": i, "blob": big}}]});
@@ -261,8 +272,15 @@ async fn a_read_past_the_byte_bound_returns_fewer_events_and_continues_without_a
         pages += 1;
         assert!(pages <= total, "the reads make progress");
     }
-    assert_eq!(positions, (0..total).collect::<Vec<_>>(), "no gap, no repeat");
-    assert!(pages >= 2, "18 MiB of events did not fit in one 16 MiB response");
+    assert_eq!(
+        positions,
+        (0..total).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    assert!(
+        pages >= 2,
+        "18 MiB of events did not fit in one 16 MiB response"
+    );
 
     // By stream version.
     let mut versions = Vec::new();
@@ -288,7 +306,11 @@ async fn a_read_past_the_byte_bound_returns_fewer_events_and_continues_without_a
     // The bus history, newest first, bounded the same way.
     let (s, text) = get_text(&format!("{}/v1/bus/history?limit=100", h.url)).await;
     assert_eq!(s, 200);
-    assert!(text.len() <= BOUND + 4 * MIB, "a {} byte history", text.len());
+    assert!(
+        text.len() <= BOUND + 4 * MIB,
+        "a {} byte history",
+        text.len()
+    );
     let page: Value = serde_json::from_str(&text).unwrap();
     let n = page["events"].as_array().unwrap().len();
     assert!((1..total as usize).contains(&n), "history kept {n} events");
@@ -416,7 +438,10 @@ async fn half_sent_requests_and_idle_connections_are_closed_after_the_header_tim
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let (_, health) = get_text(&format!("{}/health", h.url)).await;
-    assert!(health.contains("\"head\":0"), "nothing was appended: {health}");
+    assert!(
+        health.contains("\"head\":0"),
+        "nothing was appended: {health}"
+    );
     assert!(health_answers_within(&h, Duration::from_secs(5)).await);
 }
 
@@ -583,7 +608,10 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(child.try_wait().unwrap().is_none(), "the host is still running");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the host is still running"
+    );
     let log = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(
         log.contains("accepting a connection failed"),
@@ -607,7 +635,10 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(child.try_wait().unwrap().is_none(), "the host is still running");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the host is still running"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
