@@ -7,6 +7,8 @@ mod error;
 mod failures;
 mod flows;
 mod plugins;
+mod reads;
+mod serve;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,24 +29,32 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 pub use error::ApiError;
+pub use serve::{Closing, ServeConfig};
 
 use crate::bus::{Bus, Start};
-use crate::event::{EventType, Metadata, NewEvent, Payload};
+use crate::event::{EventType, Metadata, NewEvent, Payload, PayloadError};
 use crate::log::{AppendError, EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::pattern::PatternSet;
 
 /// Most events returned by one read.
 pub const MAX_READ_LIMIT: usize = 10_000;
 
+/// Most bytes of event text in one read response, by default (see [`ApiConfig`]).
+pub const MAX_READ_BYTES: usize = 16 * 1024 * 1024;
+
 /// Limits the API enforces on requests.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Largest payload per event, in bytes of JSON text (413 above it).
+    /// Largest event, in bytes of text: payload, metadata keys and values, source, id and
+    /// type (413 above it).
     pub max_event_bytes: usize,
     /// Largest request body, in bytes (413 above it).
     pub max_body_bytes: usize,
     /// Most events per append request (413 above it).
     pub max_batch_events: usize,
+    /// Most bytes of event text in one read response; a read past it returns fewer events
+    /// (always at least one) with `next` at the first left out.
+    pub max_read_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -53,6 +63,7 @@ impl Default for ApiConfig {
             max_event_bytes: 1024 * 1024,
             max_body_bytes: 32 * 1024 * 1024,
             max_batch_events: 10_000,
+            max_read_bytes: MAX_READ_BYTES,
         }
     }
 }
@@ -66,6 +77,7 @@ pub struct AppState {
     registry: Option<Arc<crate::registry::Registry>>,
     flows: Option<crate::plugin::PluginStore>,
     schemas: Option<crate::schemas::Schemas>,
+    closing: Closing,
 }
 
 impl AppState {
@@ -78,6 +90,7 @@ impl AppState {
             registry: None,
             flows: None,
             schemas: None,
+            closing: Closing::default(),
         }
     }
 
@@ -105,12 +118,15 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route("/health", get(health))
-        .route("/v1/streams/{stream}", post(append_stream).get(read_stream))
-        .route("/v1/events", post(append_events).get(read_events))
+        .route(
+            "/v1/streams/{stream}",
+            post(append_stream).get(reads::read_stream),
+        )
+        .route("/v1/events", post(append_events).get(reads::read_events))
         .route("/v1/subscribe", get(subscribe))
         .route("/v1/wait", get(wait))
         .route("/v1/bus/stats", get(stats))
-        .route("/v1/bus/history", get(history))
+        .route("/v1/bus/history", get(reads::history))
         .route("/v1/plugins", get(plugins::list_plugins))
         .route(
             "/v1/plugins/{name}",
@@ -140,17 +156,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves; then ends subscriptions and
+/// waits, and gives the other connections `config.shutdown_timeout` to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP API listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let closing = state.closing.clone();
+    serve::serve_connections(listener, router(state), config, closing, shutdown).await;
+    Ok(())
 }
 
 /// `ok`; `degraded` (still 200) when stored events are damaged or an append failed on
@@ -244,7 +262,7 @@ pub fn parse_stream_append(
     let events = body
         .events
         .into_iter()
-        .map(|e| new_event(cfg, e.event_type, e.payload, e.metadata, e.id, e.source))
+        .map(|e| new_event(cfg, e.event_type, &e.payload, e.metadata, e.id, e.source))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(StreamAppend {
         stream: stream.to_owned(),
@@ -266,7 +284,7 @@ pub fn parse_multi_append(cfg: &ApiConfig, body: &[u8]) -> Result<Vec<StreamAppe
             events: vec![new_event(
                 cfg,
                 e.event_type,
-                e.payload,
+                &e.payload,
                 e.metadata,
                 e.id,
                 e.source,
@@ -290,36 +308,47 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 fn new_event(
     cfg: &ApiConfig,
     event_type: EventType,
-    payload: Box<RawValue>,
+    payload: &RawValue,
     metadata: Metadata,
     id: Option<String>,
     source: Option<String>,
 ) -> Result<NewEvent, ApiError> {
     let text = payload.get();
-    crate::event::check_payload_text(text).map_err(|m| {
-        ApiError::bad_request(
+    crate::event::check_payload_text(text).map_err(|e| match e {
+        PayloadError::TooDeep => ApiError::bad_request(
+            "too_deep",
+            format!("the payload of a {event_type} event cannot be stored: {e}"),
+        )
+        .with("max_depth", json!(crate::event::MAX_PAYLOAD_DEPTH)),
+        PayloadError::Unreadable(m) => ApiError::bad_request(
             "invalid_json",
             format!("the payload of a {event_type} event is not valid JSON: {m}"),
-        )
+        ),
     })?;
-    if text.len() > cfg.max_event_bytes {
-        return Err(ApiError::too_large(format!(
-            "payload of a {event_type} event is {} bytes, more than the limit of {} bytes",
-            text.len(),
-            cfg.max_event_bytes
-        )));
-    }
     if let Some(id) = &id {
         crate::event::validate_id(id)
             .map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
     }
-    Ok(NewEvent {
+    let event = NewEvent {
         id,
         event_type,
         source: source.unwrap_or_default(),
         payload: Payload::trusted(text),
         metadata,
-    })
+    };
+    let size = event.text_len();
+    if size > cfg.max_event_bytes {
+        return Err(ApiError::too_large(format!(
+            "a {} event is {size} bytes (payload {}, metadata {}, source {}), more than the limit of {} bytes per event (--max-event-bytes); the limit counts payload, metadata, source, id and type",
+            event.event_type,
+            event.payload.len(),
+            event.metadata.text_len(),
+            event.source.len(),
+            cfg.max_event_bytes
+        ))
+        .with("max_event_bytes", json!(cfg.max_event_bytes)));
+    }
+    Ok(event)
 }
 
 fn check_batch(cfg: &ApiConfig, n: usize) -> Result<(), ApiError> {
@@ -412,19 +441,6 @@ fn patterns(p: Option<&str>) -> Result<PatternSet, ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReadQuery {
-    #[serde(default)]
-    from: u64,
-    limit: Option<usize>,
-    #[serde(rename = "type")]
-    pattern: Option<String>,
-    stream: Option<String>,
-    correlation_id: Option<String>,
-    source: Option<String>,
-}
-
 fn query<T: serde::de::DeserializeOwned>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
@@ -434,66 +450,6 @@ fn query<T: serde::de::DeserializeOwned>(
 
 fn limit(l: Option<usize>) -> usize {
     l.unwrap_or(100).clamp(1, MAX_READ_LIMIT)
-}
-
-async fn read_events(
-    State(st): State<AppState>,
-    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = query(q)?;
-    let filter = ReadFilter {
-        types: q
-            .pattern
-            .as_deref()
-            .map(|p| patterns(Some(p)))
-            .transpose()?,
-        stream: q.stream,
-        correlation_id: q.correlation_id,
-        source: q.source,
-    };
-    let page = st
-        .log
-        .read(q.from, limit(q.limit), &filter)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    Ok(Json(
-        json!({"events": page.events, "next": page.next, "head": st.log.head()}),
-    ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StreamQuery {
-    #[serde(default)]
-    from_version: u64,
-    limit: Option<usize>,
-}
-
-async fn read_stream(
-    State(st): State<AppState>,
-    Path(stream): Path<String>,
-    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    stream_name(&stream)?;
-    let q = query(q)?;
-    let version = st
-        .log
-        .stream_version(&stream)
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    if version == 0 {
-        return Err(ApiError::not_found(format!(
-            "stream {stream:?} has no events"
-        )));
-    }
-    let events = st
-        .log
-        .read_stream(&stream, q.from_version, limit(q.limit))
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    Ok(Json(
-        json!({"stream": stream, "events": events, "version": version}),
-    ))
 }
 
 #[derive(Deserialize)]
@@ -508,6 +464,7 @@ struct SubscribeQuery {
 
 /// Server-Sent Events: `id` is the event's position, `data` the event as JSON. A client that
 /// reconnects with `from` (or `Last-Event-ID`) set past the last id it saw misses nothing.
+/// The stream ends when the host shuts down.
 async fn subscribe(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -515,11 +472,7 @@ async fn subscribe(
 ) -> Result<Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>>, ApiError> {
     let q = query(q)?;
     let pats = patterns(q.pattern.as_deref())?;
-    let last_seen = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let start = match (last_seen, q.from) {
+    let start = match (resume_after(&headers)?, q.from) {
         (Some(id), _) => Start::Position(id + 1),
         (None, Some(from)) => Start::Position(from),
         (None, None) => Start::Head,
@@ -531,20 +484,48 @@ async fn subscribe(
         source: q.source,
     };
     let sub = st.bus.subscribe(pats, filter, start);
-    let stream = sub.into_stream().map(|item| {
-        Ok(match item {
-            Ok(e) => axum::response::sse::Event::default()
-                .id(e.position.to_string())
-                .json_data(&*e)
-                .unwrap_or_else(|_| {
-                    axum::response::sse::Event::default().comment("unencodable event")
-                }),
-            Err(e) => axum::response::sse::Event::default()
-                .event("error")
-                .data(e.to_string()),
-        })
-    });
+    let stream = sub
+        .into_stream()
+        .take_until(st.closing.closed())
+        .map(|item| {
+            Ok(match item {
+                Ok(e) => axum::response::sse::Event::default()
+                    .id(e.position.to_string())
+                    .json_data(&*e)
+                    .unwrap_or_else(|_| {
+                        axum::response::sse::Event::default().comment("unencodable event")
+                    }),
+                Err(e) => axum::response::sse::Event::default()
+                    .event("error")
+                    .data(e.to_string()),
+            })
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The position named by a `Last-Event-ID` header, if one was sent: a position the log can
+/// hold (so one past it is too), or a 400.
+fn resume_after(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        ApiError::bad_request(
+            "invalid_last_event_id",
+            format!(
+                "Last-Event-ID {value:?} {why}; send the id of the last event received (a position), or use from="
+            ),
+        )
+    };
+    let id = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| bad("is not a position (a number from 0 up)"))?;
+    if id == u64::MAX {
+        return Err(bad("is past every position the log can hold"));
+    }
+    Ok(Some(id))
 }
 
 #[derive(Deserialize)]
@@ -558,7 +539,7 @@ struct WaitQuery {
 }
 
 /// Waits for the next matching event; 200 with it, or 408 when `timeout_ms` (default
-/// 30 s, at most 5 min) passes first.
+/// 30 s, at most 5 min) passes first, or 503 when the host shuts down first.
 async fn wait(
     State(st): State<AppState>,
     q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
@@ -572,7 +553,13 @@ async fn wait(
         correlation_id: q.correlation_id,
         source: q.source,
     };
-    match st.bus.wait_for(pats, filter, timeout).await {
+    let waited = tokio::select! {
+        w = st.bus.wait_for(pats, filter, timeout) => w,
+        () = st.closing.closed() => {
+            return Err(ApiError::unavailable("the host is shutting down; wait again once it is back"));
+        }
+    };
+    match waited {
         Ok(Some(e)) => Ok(Json(&*e).into_response()),
         Ok(None) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -585,36 +572,4 @@ async fn wait(
 
 async fn stats(State(st): State<AppState>) -> Json<crate::bus::BusStats> {
     Json(st.bus.stats())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HistoryQuery {
-    #[serde(rename = "type")]
-    pattern: Option<String>,
-    stream: Option<String>,
-    correlation_id: Option<String>,
-    source: Option<String>,
-    limit: Option<usize>,
-}
-
-/// The most recent events the bus keeps, newest first.
-async fn history(
-    State(st): State<AppState>,
-    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = query(q)?;
-    let filter = ReadFilter {
-        types: q
-            .pattern
-            .as_deref()
-            .map(|p| patterns(Some(p)))
-            .transpose()?,
-        stream: q.stream,
-        correlation_id: q.correlation_id,
-        source: q.source,
-    };
-    let events = st.bus.history(&filter, limit(q.limit));
-    let events: Vec<&crate::event::Event> = events.iter().map(|e| &**e).collect();
-    Ok(Json(json!({"events": events})))
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -162,7 +163,7 @@ struct ServeArgs {
     /// Address of the HTTP API. Keep it on loopback unless a proxy guards it.
     #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Largest payload accepted per event, in bytes.
+    /// Largest event accepted, in bytes: payload, metadata, source, id and type together.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_event_bytes: usize,
     /// Most events accepted in one append request.
@@ -181,6 +182,17 @@ struct ServeArgs {
     /// segment changes in tests.
     #[arg(long, hide = true)]
     segment_mb: Option<u64>,
+    /// Milliseconds a connection has to send a complete request head (a new connection,
+    /// or an idle keep-alive one between requests) before it is closed.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_ms: u64,
+    /// Most HTTP connections open at once; one more is answered 503 and closed. Keep it
+    /// well under the open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Milliseconds open connections get to finish at shutdown before they are closed.
+    #[arg(long, default_value_t = 5_000)]
+    shutdown_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -378,7 +390,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    api::serve(listener, state, shutdown_signal())
+    let serve_config = api::ServeConfig {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+    };
+    api::serve(listener, state, serve_config, shutdown_signal())
         .await
         .context("serving the HTTP API")?;
     registry.stop_all().await;

@@ -16,6 +16,12 @@ pub const MAX_TYPE_LEN: usize = 255;
 pub const MAX_STREAM_LEN: usize = 255;
 /// Longest event id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
+/// Deepest nesting of arrays and objects accepted in a payload (`[[1]]` is 2 deep).
+///
+/// serde_json, which the host and Rust plugins use to read events, refuses values nested
+/// more than 128 deep; 64 leaves room for the envelopes an event travels in (a read
+/// response, a plugin's input) and for readers with smaller limits.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
 
 /// Why an event type, stream name or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,11 +118,24 @@ pub fn validate_id(s: &str) -> Result<(), InvalidName> {
     Ok(())
 }
 
+/// Why a payload's text was refused although it is syntactically JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Text no reader can turn into a value (a lone surrogate, a number beyond a double).
+    #[error("{0}")]
+    Unreadable(String),
+    /// Arrays and objects nested deeper than [`MAX_PAYLOAD_DEPTH`].
+    #[error(
+        "it nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep (the limit); flatten it"
+    )]
+    TooDeep,
+}
+
 /// Refuses what serde_json's raw-value parsing (which keeps a payload's text without
 /// building it) lets through but no reader can turn into a value: a `\u` escape of a lone
-/// UTF-16 surrogate, and a number beyond the range of a double (`1e999`). `text` is
-/// syntactically valid JSON; one pass over its bytes.
-pub fn check_payload_text(text: &str) -> Result<(), String> {
+/// UTF-16 surrogate, a number beyond the range of a double (`1e999`), and nesting deeper
+/// than [`MAX_PAYLOAD_DEPTH`]. `text` is syntactically valid JSON; one pass over its bytes.
+pub fn check_payload_text(text: &str) -> Result<(), PayloadError> {
     let b = text.as_bytes();
     let hex = |i: usize| -> Option<u16> {
         let h = b.get(i..i + 4)?;
@@ -126,13 +145,25 @@ pub fn check_payload_text(text: &str) -> Result<(), String> {
         u16::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
     };
     let lone = |cp: u16| {
-        format!(
+        PayloadError::Unreadable(format!(
             "\\u{cp:04x} is a lone UTF-16 surrogate, which is not a character; pair it or send the character itself"
-        )
+        ))
     };
+    let mut depth = 0usize;
     let mut i = 0;
     while i < b.len() {
         match b[i] {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_PAYLOAD_DEPTH {
+                    return Err(PayloadError::TooDeep);
+                }
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
             b'"' => {
                 i += 1;
                 while i < b.len() && b[i] != b'"' {
@@ -144,7 +175,9 @@ pub fn check_payload_text(text: &str) -> Result<(), String> {
                         i += 2;
                         continue;
                     }
-                    let cp = hex(i + 2).ok_or("a \\u escape needs four hex digits")?;
+                    let cp = hex(i + 2).ok_or_else(|| {
+                        PayloadError::Unreadable("a \\u escape needs four hex digits".into())
+                    })?;
                     i += 6;
                     if (0xDC00..0xE000).contains(&cp) {
                         return Err(lone(cp));
@@ -170,10 +203,10 @@ pub fn check_payload_text(text: &str) -> Result<(), String> {
                 let number = &text[start..i];
                 let big = number.len() > 300 || number.bytes().any(|c| c == b'e' || c == b'E');
                 if big && !number.parse::<f64>().is_ok_and(f64::is_finite) {
-                    return Err(format!(
+                    return Err(PayloadError::Unreadable(format!(
                         "the number {} is out of range (beyond a double)",
                         &number[..number.len().min(40)]
-                    ));
+                    )));
                 }
             }
             _ => i += 1,
@@ -305,22 +338,29 @@ impl Metadata {
         m
     }
 
-    /// Every set key with its value, named fields first (as plugins receive it).
-    pub fn to_pairs(&self) -> Vec<(String, String)> {
-        let mut pairs = Vec::new();
-        for (k, v) in [
+    /// Bytes of every key and value, counted toward an event's size limit.
+    pub fn text_len(&self) -> usize {
+        self.to_pairs_ref().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
+    fn to_pairs_ref(&self) -> impl Iterator<Item = (&str, &str)> {
+        [
             ("correlation_id", &self.correlation_id),
             ("causation_id", &self.causation_id),
             ("user_id", &self.user_id),
             ("agent_id", &self.agent_id),
             ("schema_version", &self.schema_version),
-        ] {
-            if let Some(v) = v {
-                pairs.push((k.to_owned(), v.clone()));
-            }
-        }
-        pairs.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-        pairs
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .chain(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    /// Every set key with its value, named fields first (as plugins receive it).
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        self.to_pairs_ref()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 }
 
@@ -350,6 +390,19 @@ pub struct Event {
     pub metadata: Metadata,
 }
 
+impl Event {
+    /// Bytes of the event's text: payload, metadata keys and values, source, id, type and
+    /// stream. What a read response's byte bound is measured on (plus the fixed envelope).
+    pub fn text_len(&self) -> usize {
+        self.payload.len()
+            + self.metadata.text_len()
+            + self.source.len()
+            + self.id.len()
+            + self.event_type.as_str().len()
+            + self.stream.len()
+    }
+}
+
 /// An event a client asks to append; the log assigns the rest of the envelope.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -375,6 +428,16 @@ impl NewEvent {
             payload,
             metadata: Metadata::default(),
         }
+    }
+
+    /// Bytes of what the appender gave: payload, metadata keys and values, source, id and
+    /// type. The per-event limit (`--max-event-bytes`) is measured on this.
+    pub fn text_len(&self) -> usize {
+        self.payload.len()
+            + self.metadata.text_len()
+            + self.source.len()
+            + self.id.as_deref().map_or(0, str::len)
+            + self.event_type.as_str().len()
     }
 
     /// Sets the idempotency key.
@@ -439,6 +502,25 @@ mod tests {
             let p = Payload::from_json(good).unwrap_or_else(|e| panic!("{good}: {e}"));
             assert!(serde_json::from_str::<serde_json::Value>(p.as_str()).is_ok());
         }
+    }
+
+    #[test]
+    fn payloads_nested_past_the_limit_are_refused() {
+        let nest = |d: usize| format!("{}1{}", "[".repeat(d), "]".repeat(d));
+        assert!(Payload::from_json(&nest(MAX_PAYLOAD_DEPTH)).is_ok());
+        assert_eq!(
+            check_payload_text(&nest(MAX_PAYLOAD_DEPTH + 1)),
+            Err(PayloadError::TooDeep)
+        );
+        let objects = format!(
+            "{}1{}",
+            "{\"a\":".repeat(MAX_PAYLOAD_DEPTH + 1),
+            "}".repeat(MAX_PAYLOAD_DEPTH + 1)
+        );
+        assert_eq!(check_payload_text(&objects), Err(PayloadError::TooDeep));
+        // Brackets inside strings do not nest; siblings do not add up.
+        let text = format!("[\"{}\", {}]", "[".repeat(500), "[[]],".repeat(100) + "[]");
+        assert!(check_payload_text(&text).is_ok());
     }
 
     #[test]

@@ -263,13 +263,41 @@ pub enum FlowError {
     Storage(String),
 }
 
+/// One flow: its events in log order with its tool and end-to-end latencies. A typed struct
+/// so that the events' payloads are written out as their text, never built into a
+/// `Value` (which refuses values nested more than 128 deep).
+#[derive(Debug, Serialize)]
+pub struct Flow {
+    /// The flow's correlation id.
+    pub correlation_id: String,
+    /// True once an answer event is in the flow.
+    pub answered: bool,
+    /// Query to answer, ms; `null` until both are in the flow.
+    pub latency_ms: Option<f64>,
+    /// Each tool invocation with an outcome: id, tool, outcome, latency, duration.
+    pub tools: Vec<Value>,
+    /// Invocations requested without an outcome yet.
+    pub pending_invocations: Vec<String>,
+    /// The flow's events, in log order, as many as fit in the byte bound.
+    pub events: Vec<Event>,
+    /// Events of the flow left out of `events` to keep the response within its bound (the
+    /// figures above count them); read them with `GET /v1/events?correlation_id=`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub events_left_out: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// Every event of the flow `correlation`, in log order, with its tool and end-to-end
-/// latencies.
+/// latencies; the events kept total at most `max_bytes` of text (at least one is kept).
 pub async fn flow(
     store: &PluginStore,
     log: &dyn EventLog,
     correlation: &str,
-) -> Result<Value, FlowError> {
+    max_bytes: usize,
+) -> Result<Flow, FlowError> {
     let prefix = format!("{FLOW}{correlation}\u{0}");
     let keys = store
         .scan(&prefix, 10_000)
@@ -277,7 +305,12 @@ pub async fn flow(
     if keys.is_empty() {
         return Err(FlowError::NotFound(correlation.to_owned()));
     }
-    let mut events: Vec<Event> = Vec::with_capacity(keys.len());
+    let micros = |e: &Event| e.timestamp.timestamp_micros();
+    let mut requested: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    let mut tools = Vec::new();
+    let (mut began, mut answered) = (None, None);
+    let mut events: Vec<Event> = Vec::new();
+    let (mut kept_bytes, mut events_left_out) = (0usize, 0usize);
     for (k, _) in keys {
         let Ok(position) = k[prefix.len()..].parse::<u64>() else {
             continue;
@@ -286,19 +319,15 @@ pub async fn flow(
             .read(position, 1, &ReadFilter::default())
             .await
             .map_err(|e| FlowError::Storage(e.to_string()))?;
-        events.extend(page.events.into_iter().filter(|e| e.position == position));
-    }
-    let micros = |e: &Event| e.timestamp.timestamp_micros();
-    let mut requested: BTreeMap<String, (String, i64)> = BTreeMap::new();
-    let mut tools = Vec::new();
-    let (mut began, mut answered) = (None, None);
-    for e in &events {
+        let Some(e) = page.events.into_iter().find(|e| e.position == position) else {
+            continue;
+        };
         let p = e.payload.to_value();
         let id = p["invocation_id"].as_str().map(str::to_owned);
         match (e.event_type.as_str(), id) {
             (REQUESTED, Some(id)) => {
                 let tool = p["tool"].as_str().unwrap_or_default().to_owned();
-                requested.insert(id, (tool, micros(e)));
+                requested.insert(id, (tool, micros(&e)));
             }
             (t @ (COMPLETED | FAILED), Some(id)) => {
                 if let Some((tool, at)) = requested.remove(&id) {
@@ -306,28 +335,36 @@ pub async fn flow(
                         "invocation_id": id,
                         "tool": tool,
                         "outcome": if t == COMPLETED { "completed" } else { "failed" },
-                        "latency_ms": (micros(e) - at) as f64 / 1e3,
+                        "latency_ms": (micros(&e) - at) as f64 / 1e3,
                         "duration_ms": p["duration_ms"],
                     }));
                 }
             }
-            (QUERY, _) => began = began.or(Some(micros(e))),
-            (ANSWER, _) => answered = answered.or(Some(micros(e))),
+            (QUERY, _) => began = began.or(Some(micros(&e))),
+            (ANSWER, _) => answered = answered.or(Some(micros(&e))),
             _ => {}
         }
+        let size = e.text_len();
+        if events.is_empty() || kept_bytes.saturating_add(size) <= max_bytes {
+            kept_bytes += size;
+            events.push(e);
+        } else {
+            events_left_out += 1;
+        }
     }
-    let latency = match (began, answered) {
-        (Some(b), Some(a)) => json!((a - b) as f64 / 1e3),
-        _ => Value::Null,
+    let latency_ms = match (began, answered) {
+        (Some(b), Some(a)) => Some((a - b) as f64 / 1e3),
+        _ => None,
     };
-    Ok(json!({
-        "correlation_id": correlation,
-        "answered": answered.is_some(),
-        "latency_ms": latency,
-        "tools": tools,
-        "pending_invocations": requested.keys().collect::<Vec<_>>(),
-        "events": events,
-    }))
+    Ok(Flow {
+        correlation_id: correlation.to_owned(),
+        answered: answered.is_some(),
+        latency_ms,
+        tools,
+        pending_invocations: requested.into_keys().collect(),
+        events,
+        events_left_out,
+    })
 }
 
 /// Per-tool and end-to-end latency figures.

@@ -150,6 +150,15 @@ const APPEND_SEEDS: &[&str] = &[
     r#"{"events":[{"stream":"s","type":"a.b","payload":{}},{"stream":"t","expected_version":"any","type":"c","payload":true}]}"#,
 ];
 
+/// Nesting of arrays and objects: 0 for a scalar, 1 for `[]`.
+fn depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 #[test]
 fn fuzz_append_bodies() {
     let cfg = ApiConfig {
@@ -176,9 +185,11 @@ fn fuzz_append_bodies() {
             assert!(!a.stream.is_empty());
             for e in a.events {
                 assert!(EventType::new(e.event_type.as_str()).is_ok());
-                assert!(e.payload.len() <= cfg.max_event_bytes);
-                serde_json::from_str::<serde_json::Value>(e.payload.as_str())
+                assert!(e.text_len() <= cfg.max_event_bytes);
+                let value = serde_json::from_str::<serde_json::Value>(e.payload.as_str())
                     .expect("an accepted payload is JSON");
+                // Within the depth limit, so the envelopes it travels in are readable too.
+                assert!(depth(&value) <= evhost::event::MAX_PAYLOAD_DEPTH);
             }
         }
     });

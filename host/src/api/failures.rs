@@ -43,11 +43,25 @@ pub(super) async fn list_dead_letters(
     Ok(Json(json!({"dead_letters": list})))
 }
 
+/// 400 unless `id` has the form of a dead-letter id, `<plugin>.<position>`; a well-formed
+/// id that names nothing is the registry's 404.
+fn dead_letter_id(id: &str) -> Result<(), ApiError> {
+    crate::dead_letter::parse_id(id).map(|_| ()).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_dead_letter_id",
+            format!(
+                "{id:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)"
+            ),
+        )
+    })
+}
+
 /// `POST /v1/dlq/{id}/retry`: runs the event through its plugin again.
 pub(super) async fn retry_dead_letter(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    dead_letter_id(&id)?;
     let reg = registry(&st)?;
     let outcome = reg.retry_dead_letter(&id).await.map_err(registry_error)?;
     Ok(Json(json!(outcome)))
@@ -58,6 +72,7 @@ pub(super) async fn delete_dead_letter(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    dead_letter_id(&id)?;
     let reg = registry(&st)?;
     reg.delete_dead_letter(&id).await.map_err(registry_error)?;
     Ok(StatusCode::NO_CONTENT)

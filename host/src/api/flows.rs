@@ -31,9 +31,9 @@ fn flow_error(e: FlowError) -> ApiError {
 pub(super) async fn get_flow(
     State(st): State<AppState>,
     Path(correlation): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<flows::Flow>, ApiError> {
     let store = index(&st)?;
-    flows::flow(store, &*st.log, &correlation)
+    flows::flow(store, &*st.log, &correlation, st.config.max_read_bytes)
         .await
         .map(Json)
         .map_err(flow_error)

@@ -70,12 +70,13 @@ pub(super) async fn put_plugin(
     while let Some(field) = multipart
         .next_field()
         .await
-        .map_err(|e| ApiError::bad_request("bad_body", format!("reading the upload: {e}")))?
+        .map_err(|e| upload_error(&st, "the upload", e))?
     {
         let part = field.name().unwrap_or_default().to_owned();
-        let bytes = field.bytes().await.map_err(|e| {
-            ApiError::bad_request("bad_body", format!("reading part {part:?}: {e}"))
-        })?;
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| upload_error(&st, &format!("part {part:?}"), e))?;
         match part.as_str() {
             "manifest" => {
                 manifest = Some(String::from_utf8(bytes.to_vec()).map_err(|_| {
@@ -113,6 +114,22 @@ pub(super) async fn put_plugin(
         .await
         .map_err(registry_error)?;
     Ok((StatusCode::OK, Json(info)).into_response())
+}
+
+/// 413 for an upload over the body limit, 400 for any other unreadable one.
+fn upload_error(
+    st: &AppState,
+    what: &str,
+    e: axum::extract::multipart::MultipartError,
+) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(format!(
+            "reading {what}: the upload is over the limit of {} bytes per request",
+            st.config.max_body_bytes
+        ))
+    } else {
+        ApiError::bad_request("bad_body", format!("reading {what}: {}", e.body_text()))
+    }
 }
 
 pub(super) async fn list_plugins(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -478,11 +478,16 @@ fn validate(groups: &[StreamAppend], config: &SledLogConfig) -> Result<(), Appen
             if let Some(id) = &e.id {
                 validate_id(id).map_err(|e| AppendError::Invalid(e.to_string()))?;
             }
-            if e.payload.len() > config.max_event_bytes {
+            // The whole event counts: a limit on the payload alone let metadata and source
+            // carry any amount.
+            let size = e.text_len();
+            if size > config.max_event_bytes {
                 return Err(AppendError::Invalid(format!(
-                    "payload of a {} event is {} bytes, more than the limit of {} bytes",
+                    "a {} event is {size} bytes (payload {}, metadata {}, source {}), more than the limit of {} bytes per event",
                     e.event_type,
                     e.payload.len(),
+                    e.metadata.text_len(),
+                    e.source.len(),
                     config.max_event_bytes
                 )));
             }

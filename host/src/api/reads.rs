@@ -1,0 +1,269 @@
+//! Read endpoints: events by position, a stream's events, the bus history.
+//!
+//! Responses are typed structs serialized straight to the body, so a payload's text goes
+//! out as it was appended and is never built into a `serde_json::Value` (whose depth limit
+//! made a deeply nested payload panic every read covering it, and which cost ~17x the
+//! response in memory). One response holds at most [`ApiConfig::max_read_bytes`] of event
+//! text: a read past it returns fewer events, with `next` at the first one left out.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiConfig, ApiError, AppState, limit, patterns, query, stream_name};
+use crate::event::Event;
+use crate::log::ReadFilter;
+
+/// Bytes an event's envelope adds to its text in a response (keys, position, version,
+/// timestamp, quoting), counted toward the read bound.
+const ENVELOPE_BYTES: usize = 160;
+
+/// An event's share of a response's byte bound.
+fn response_bytes(e: &Event) -> usize {
+    e.text_len() + ENVELOPE_BYTES
+}
+
+/// Collects events under a read's byte bound.
+struct Bounded {
+    events: Vec<Event>,
+    used: usize,
+    bound: usize,
+    /// Largest share one event can have, by the configured event limit.
+    per_event: usize,
+}
+
+impl Bounded {
+    fn new(cfg: &ApiConfig) -> Self {
+        Self {
+            events: Vec::new(),
+            used: 0,
+            bound: cfg.max_read_bytes,
+            per_event: cfg.max_event_bytes.saturating_add(ENVELOPE_BYTES + 512),
+        }
+    }
+
+    /// How many events the next read of the log may fetch: as many as fit in what is left
+    /// of the bound even if each were as large as an event can be, and at least one. So a
+    /// read never holds more than the bound plus one event.
+    fn step(&self, wanted: usize) -> usize {
+        (self.bound.saturating_sub(self.used) / self.per_event).clamp(1, wanted.max(1))
+    }
+
+    /// Adds `e` unless it would take the response over the bound (the first event always
+    /// fits); false when it did not.
+    fn push(&mut self, e: Event) -> bool {
+        let size = response_bytes(&e);
+        if !self.events.is_empty() && self.used.saturating_add(size) > self.bound {
+            return false;
+        }
+        self.used += size;
+        self.events.push(e);
+        true
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReadQuery {
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+    #[serde(rename = "type")]
+    pattern: Option<String>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+}
+
+/// The body of `GET /v1/events`.
+#[derive(Serialize)]
+struct EventsPage<'a> {
+    events: &'a [Event],
+    next: u64,
+    head: u64,
+}
+
+/// `GET /v1/events`: events by position, at most `limit` and at most the byte bound.
+pub(super) async fn read_events(
+    State(st): State<AppState>,
+    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let filter = ReadFilter {
+        types: q
+            .pattern
+            .as_deref()
+            .map(|p| patterns(Some(p)))
+            .transpose()?,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    let limit = limit(q.limit);
+    let mut out = Bounded::new(&st.config);
+    let mut next = q.from;
+    'pages: while out.events.len() < limit {
+        let step = out.step(limit - out.events.len());
+        let page = st
+            .log
+            .read(next, step, &filter)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let full = page.events.len() == step;
+        for e in page.events {
+            let position = e.position;
+            if !out.push(e) {
+                next = position;
+                break 'pages;
+            }
+        }
+        next = page.next;
+        // A short page reached the head or the most positions one read examines.
+        if !full {
+            break;
+        }
+    }
+    Ok(Json(EventsPage {
+        events: &out.events,
+        next,
+        head: st.log.head(),
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamQuery {
+    #[serde(default)]
+    from_version: u64,
+    limit: Option<usize>,
+}
+
+/// The body of `GET /v1/streams/{stream}`.
+#[derive(Serialize)]
+struct StreamPage<'a> {
+    stream: &'a str,
+    events: &'a [Event],
+    /// The stream's version: one past its last event.
+    version: u64,
+    /// Where the next read of the stream starts (`from_version`).
+    next_version: u64,
+}
+
+/// `GET /v1/streams/{stream}`: a stream's events by version, under the same bounds.
+pub(super) async fn read_stream(
+    State(st): State<AppState>,
+    Path(stream): Path<String>,
+    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    stream_name(&stream)?;
+    let q = query(q)?;
+    let version = st
+        .log
+        .stream_version(&stream)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if version == 0 {
+        return Err(ApiError::not_found(format!(
+            "stream {stream:?} has no events"
+        )));
+    }
+    let limit = limit(q.limit);
+    let mut out = Bounded::new(&st.config);
+    let mut next = q.from_version;
+    'pages: while out.events.len() < limit && next < version {
+        let step = out.step(limit - out.events.len());
+        let events = st
+            .log
+            .read_stream(&stream, next, step)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let full = events.len() == step;
+        for e in events {
+            let v = e.version;
+            if !out.push(e) {
+                break 'pages;
+            }
+            next = v + 1;
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(Json(StreamPage {
+        stream: &stream,
+        events: &out.events,
+        version,
+        next_version: next.max(q.from_version),
+    })
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HistoryQuery {
+    #[serde(rename = "type")]
+    pattern: Option<String>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The body of `GET /v1/bus/history`.
+#[derive(Serialize)]
+struct HistoryPage<'a> {
+    events: Vec<&'a Event>,
+}
+
+/// `GET /v1/bus/history`: the most recent events the bus keeps, newest first, at most
+/// `limit` and at most the byte bound.
+pub(super) async fn history(
+    State(st): State<AppState>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let filter = ReadFilter {
+        types: q
+            .pattern
+            .as_deref()
+            .map(|p| patterns(Some(p)))
+            .transpose()?,
+        stream: q.stream,
+        correlation_id: q.correlation_id,
+        source: q.source,
+    };
+    let events = st.bus.history(&filter, limit(q.limit));
+    let mut used = 0usize;
+    let kept: Vec<&Event> = events
+        .iter()
+        .map(|e| &**e)
+        .take_while(|e| {
+            let first = used == 0;
+            used = used.saturating_add(response_bytes(e));
+            first || used <= st.config.max_read_bytes
+        })
+        .collect();
+    Ok(Json(HistoryPage { events: kept }).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_fits_the_rest_of_the_bound_and_is_at_least_one() {
+        let cfg = ApiConfig {
+            max_event_bytes: 1000,
+            max_read_bytes: 10_000,
+            ..ApiConfig::default()
+        };
+        let mut b = Bounded::new(&cfg);
+        let per = b.per_event;
+        assert_eq!(b.step(100), 10_000 / per);
+        assert_eq!(b.step(2), 2);
+        b.used = 9_999;
+        assert_eq!(b.step(100), 1);
+    }
+}
