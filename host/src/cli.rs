@@ -295,6 +295,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         args.data.join("plugins"),
         schemas.clone(),
     );
+    registry.set_limits(crate::limits::OutputLimits {
+        max_event_bytes: args.max_event_bytes,
+        max_batch_events: args.max_batch_events,
+    });
     // Plugins loaded over the API (kept in the data directory) override those of the same
     // name in --plugins, so a hot-loaded replacement survives a restart.
     let persisted = args.data.join("plugins");

@@ -15,6 +15,6 @@ pub use runtime::{
 };
 pub use store::{MemState, PluginStore};
 pub use worlds::{
-    Derived, ExtractorPlugin, Handler, MAX_DERIVED_PER_BATCH, Output, ProjectionPlugin, ToolInfo,
+    Derived, ExtractorPlugin, Handler, Output, ProjectionPlugin, ToolInfo,
     ToolPlugin, World, batch_context,
 };

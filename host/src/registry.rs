@@ -115,6 +115,8 @@ pub struct Registry {
     tools: Arc<RwLock<HashSet<String>>>,
     unknown_tools: Mutex<Option<Runner>>,
     schemas: Schemas,
+    /// The log's limits, which runners keep derived output within.
+    limits: std::sync::OnceLock<crate::limits::OutputLimits>,
 }
 
 impl Registry {
@@ -138,14 +140,26 @@ impl Registry {
             tools: Arc::default(),
             unknown_tools: Mutex::new(None),
             schemas,
+            limits: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the log's limits for the runners started from now on (the log's defaults
+    /// unless set); call before loading plugins.
+    pub fn set_limits(&self, limits: crate::limits::OutputLimits) {
+        let _ = self.limits.set(limits);
+    }
+
+    fn limits(&self) -> crate::limits::OutputLimits {
+        self.limits.get().copied().unwrap_or_default()
     }
 
     /// Starts answering requests for tools that are not loaded (after the plugins given at
     /// start-up are loaded, so their requests are not failed early).
     pub async fn answer_unknown_tools(&self) -> Result<(), RegistryError> {
         let store = PluginStore::open(&self.db, "~unknown-tools").map_err(storage)?;
-        let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
+        let handler =
+            UnknownTools::new(self.tools.clone(), self.log.clone()).with_limits(self.limits());
         let runner = Runner::spawn(
             "evhost",
             Arc::new(handler),
@@ -153,7 +167,10 @@ impl Registry {
             self.bus.clone(),
             self.log.clone(),
             PatternSet::new(vec![REQUESTED.parse().expect("a valid pattern")]),
-            RunnerOptions::built_in(512),
+            RunnerOptions {
+                limits: self.limits(),
+                ..RunnerOptions::built_in(512)
+            },
         )
         .map_err(storage)?;
         *self.unknown_tools.lock().await = Some(runner);
@@ -226,6 +243,7 @@ impl Registry {
             batch_size: manifest.limits.batch_size,
             on_failure: manifest.on_failure.clone(),
             schemas: Some(self.schemas.clone()),
+            limits: self.limits(),
         };
         let runner = Runner::spawn(
             &manifest.name,
@@ -313,7 +331,8 @@ impl Registry {
                     self.log.clone(),
                     manifest.limits.concurrency,
                 )
-                .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?;
+                .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?
+                .with_limits(self.limits());
                 Component::Tool(Arc::new(handler))
             }
         })
