@@ -532,9 +532,7 @@ impl Subscription {
                 // then in the channel, or the channel is dropped and we come back here.
                 self.live = self.bus.hub.register(self.id, &self.patterns);
                 self.caught_up = false;
-                if self.live.is_none() {
-                    return None;
-                }
+                self.live.as_ref()?;
             }
             if !self.caught_up {
                 if self.cursor < self.bus.hub.head() {

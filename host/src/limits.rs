@@ -198,7 +198,7 @@ mod tests {
         assert_eq!(flat.len(), 353);
         for (k, (stream, p)) in flat.iter().enumerate() {
             assert_eq!(p, &(k + 1).to_string());
-            let want = if k < 250 || k >= 253 { "a" } else { "b" };
+            let want = if !(250..253).contains(&k) { "a" } else { "b" };
             assert_eq!(stream, want);
         }
         assert_eq!(chunks.len(), 4);

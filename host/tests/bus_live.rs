@@ -281,7 +281,7 @@ async fn batches_cut_short_by_timeouts_lose_no_event() {
             seed ^= seed << 17;
             // Most waits end in the middle of a read, some after matching events were
             // already taken; the rest are long enough for reading to make progress.
-            let wait = if seed % 3 == 0 {
+            let wait = if seed.is_multiple_of(3) {
                 Duration::from_millis(200)
             } else {
                 Duration::from_micros(20 + seed % 40_000)
