@@ -5,9 +5,17 @@
 //! channel routed by its patterns; when it falls behind, the publisher drops its channel
 //! instead of waiting, and the subscriber reads the gap from the log. So a slow consumer
 //! never loses an event and never blocks an append.
+//!
+//! Publishing runs on the log's writer, so it does little per event: it routes each event
+//! *type* of an append once, and hands each matching subscriber the append's events as one
+//! shared batch; the subscriber picks out its events (pattern, filter) on its own task. The
+//! cost of an append is linear in its events plus the subscribers it wakes, never their
+//! product. Memory is bounded in bytes as well as events: the history, each subscriber's
+//! queue of batches, and what a subscription reads ahead from the log.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,24 +24,62 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::event::Event;
+use crate::limits::stored_bytes;
 use crate::log::{EventLog, LogError, ReadFilter};
 use crate::pattern::{PatternSet, Router};
 
 /// Events buffered per live subscriber before it is switched to reading from the log.
 const LIVE_BUFFER: usize = 1024;
+/// Bytes of appends buffered per live subscriber before it is switched to reading from the
+/// log (a batch counts whole: that is the memory it holds on to).
+const LIVE_BUFFER_BYTES: usize = 16 << 20;
 /// Events read from the log per catch-up step.
 const CATCH_UP_PAGE: usize = 512;
 /// Most events read at once when filling a batch while catching up.
 const MAX_CATCH_UP_READ: usize = 4096;
+/// Bytes of events a subscription holds read ahead from the log while catching up; the next
+/// read asks for as many events as fit, sized by the largest event of the previous read.
+const CATCH_UP_BYTES: usize = 16 << 20;
+/// The size assumed for events before a subscription has read any (the log's default
+/// event limit), so its first read asks for few.
+const FIRST_EVENT_GUESS: usize = 1 << 20;
+/// Bytes the bus's history keeps by default (`--history-mb`).
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
 
 /// Identifies a subscription, for [`Bus::unsubscribe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct SubscriptionId(u64);
 
+/// The events of one publish, shared by every subscriber they are routed to.
+struct Published {
+    events: Vec<Arc<Event>>,
+}
+
+/// What a live subscriber's channel carries: a published batch, with the events and bytes
+/// it counted against the subscriber's buffer (given back when it is taken).
+struct Delivery {
+    batch: Arc<Published>,
+    events: usize,
+    bytes: usize,
+}
+
+/// Events and bytes delivered to a subscriber and not yet taken.
+#[derive(Default)]
+struct Queued {
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
 struct Live {
-    tx: mpsc::Sender<Arc<Event>>,
-    filter: ReadFilter,
+    tx: mpsc::UnboundedSender<Delivery>,
+    queued: Arc<Queued>,
     patterns: PatternSet,
+    /// The publish this subscriber was last picked for, and the events it matched there:
+    /// a subscriber with several matching patterns counts each event once.
+    picked: Cell<u64>,
+    matched: Cell<usize>,
+    /// The event type (of the current publish) last counted in `matched`.
+    counted: Cell<u64>,
 }
 
 struct HubState {
@@ -41,10 +87,14 @@ struct HubState {
     live: HashMap<SubscriptionId, Live>,
     /// Every subscription, live or catching up, with its cancel flag.
     subs: HashMap<SubscriptionId, Arc<AtomicBool>>,
-    recent: VecDeque<Arc<Event>>,
+    recent: VecDeque<(Arc<Event>, usize)>,
+    /// Bytes of the events in `recent`.
+    recent_bytes: usize,
     by_type: HashMap<String, u64>,
     published: u64,
     resyncs: u64,
+    /// Stamps publishes and the event types in them, to mark the subscribers picked.
+    generation: u64,
 }
 
 /// The publishing half of the bus, owned by the log: it is told of every committed event.
@@ -53,6 +103,7 @@ pub struct Hub {
     head: watch::Sender<u64>,
     next_id: AtomicU64,
     history: usize,
+    history_bytes: usize,
 }
 
 /// Counters describing the bus, as seed-style `stats`.
@@ -71,21 +122,31 @@ pub struct BusStats {
 }
 
 impl Hub {
-    /// A hub keeping the last `history` events for [`Bus::history`].
+    /// A hub keeping the last `history` events for [`Bus::history`], at most
+    /// [`DEFAULT_HISTORY_BYTES`] of them.
     pub fn new(history: usize) -> Arc<Self> {
+        Self::with_history_bytes(history, DEFAULT_HISTORY_BYTES)
+    }
+
+    /// A hub keeping the last `history` events for [`Bus::history`], and fewer when they
+    /// hold more than `history_bytes`: the oldest leave first.
+    pub fn with_history_bytes(history: usize, history_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(HubState {
                 router: Router::new(),
                 live: HashMap::new(),
                 subs: HashMap::new(),
-                recent: VecDeque::with_capacity(history.min(65536)),
+                recent: VecDeque::with_capacity(history.min(4096)),
+                recent_bytes: 0,
                 by_type: HashMap::new(),
                 published: 0,
                 resyncs: 0,
+                generation: 0,
             }),
             head: watch::channel(0).0,
             next_id: AtomicU64::new(1),
             history,
+            history_bytes,
         })
     }
 
@@ -100,39 +161,95 @@ impl Hub {
     }
 
     /// Hands committed events (in position order) to subscribers. Never waits on them.
+    ///
+    /// Linear in the events plus the subscribers woken: each distinct event type is routed
+    /// once, and each subscriber it matches gets the whole batch once (it filters on its
+    /// own task).
     pub fn publish(&self, events: &[Arc<Event>]) {
         let Some(last) = events.last() else { return };
-        let mut st = self.state.lock().expect("bus lock");
-        let mut lagging: Vec<SubscriptionId> = Vec::new();
-        let mut sent: Vec<SubscriptionId> = Vec::new();
+        let sizes: Vec<usize> = events.iter().map(|e| stored_bytes(e)).collect();
+        let bytes: usize = sizes.iter().sum();
+        // Events per type, counted before taking the lock.
+        let mut types: HashMap<&str, usize> = HashMap::new();
         for e in events {
-            let st = &mut *st;
-            st.published += 1;
-            match st.by_type.get_mut(e.event_type.as_str()) {
-                Some(n) => *n += 1,
+            *types.entry(e.event_type.as_str()).or_default() += 1;
+        }
+        let batch = Arc::new(Published {
+            events: events.to_vec(),
+        });
+        let mut st = self.state.lock().expect("bus lock");
+        let st = &mut *st;
+        st.published += events.len() as u64;
+        for (ty, n) in &types {
+            match st.by_type.get_mut(*ty) {
+                Some(c) => *c += *n as u64,
                 None => {
-                    st.by_type.insert(e.event_type.as_str().to_owned(), 1);
+                    st.by_type.insert((*ty).to_owned(), *n as u64);
                 }
             }
-            if self.history > 0 {
-                if st.recent.len() == self.history {
-                    st.recent.pop_front();
-                }
-                st.recent.push_back(e.clone());
+        }
+        if self.history > 0 {
+            for (e, size) in events.iter().zip(&sizes) {
+                st.recent.push_back((e.clone(), *size));
+                st.recent_bytes += size;
             }
-            let live = &st.live;
-            // A subscription with several matching patterns gets the event once.
-            sent.clear();
-            st.router.for_each_match(e.event_type.as_str(), |id| {
+            while st.recent.len() > self.history
+                || (st.recent_bytes > self.history_bytes && !st.recent.is_empty())
+            {
+                if let Some((_, size)) = st.recent.pop_front() {
+                    st.recent_bytes -= size;
+                }
+            }
+        }
+        st.generation += 1;
+        let generation = st.generation;
+        let live = &st.live;
+        let mut picked: Vec<SubscriptionId> = Vec::new();
+        let mut tick = generation;
+        for (ty, n) in &types {
+            // Stamps, not searches: a subscriber is picked once per publish, and counts a
+            // type once however many of its patterns match it.
+            tick += 1;
+            st.router.for_each_match(ty, |id| {
                 let Some(sub) = live.get(id) else { return };
-                if sent.contains(id) || lagging.contains(id) || !sub.filter.admits(e) {
-                    return;
+                if sub.picked.get() != generation {
+                    sub.picked.set(generation);
+                    sub.matched.set(0);
+                    picked.push(*id);
                 }
-                sent.push(*id);
-                if sub.tx.try_send(e.clone()).is_err() {
-                    lagging.push(*id);
+                if sub.counted.get() != tick {
+                    sub.counted.set(tick);
+                    sub.matched.set(sub.matched.get() + n);
                 }
             });
+        }
+        st.generation = tick;
+        let mut lagging: Vec<SubscriptionId> = Vec::new();
+        for id in picked {
+            let sub = &live[&id];
+            let matched = sub.matched.get();
+            let queued_events = sub.queued.events.load(Ordering::Acquire);
+            let queued_bytes = sub.queued.bytes.load(Ordering::Acquire);
+            // An idle subscriber takes any batch (it is shared, so it costs one copy of the
+            // append); a busy one only while its buffer has room.
+            let busy = queued_events > 0 || queued_bytes > 0;
+            if busy
+                && (queued_events + matched > LIVE_BUFFER
+                    || queued_bytes + bytes > LIVE_BUFFER_BYTES)
+            {
+                lagging.push(id);
+                continue;
+            }
+            sub.queued.events.fetch_add(matched, Ordering::AcqRel);
+            sub.queued.bytes.fetch_add(bytes, Ordering::AcqRel);
+            let delivery = Delivery {
+                batch: batch.clone(),
+                events: matched,
+                bytes,
+            };
+            if sub.tx.send(delivery).is_err() {
+                lagging.push(id);
+            }
         }
         for id in lagging {
             // Dropping the sender tells the subscriber to resume from the log.
@@ -149,13 +266,9 @@ impl Hub {
     }
 
     /// Routes matching events to a fresh channel for `id`; `None` once it was unsubscribed.
-    fn register(
-        &self,
-        id: SubscriptionId,
-        patterns: &PatternSet,
-        filter: &ReadFilter,
-    ) -> Option<mpsc::Receiver<Arc<Event>>> {
-        let (tx, rx) = mpsc::channel(LIVE_BUFFER);
+    fn register(&self, id: SubscriptionId, patterns: &PatternSet) -> Option<LiveRx> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(Queued::default());
         let mut st = self.state.lock().expect("bus lock");
         if !st.subs.contains_key(&id) {
             return None;
@@ -172,11 +285,14 @@ impl Hub {
             id,
             Live {
                 tx,
-                filter: filter.clone(),
+                queued: queued.clone(),
                 patterns: patterns.clone(),
+                picked: Cell::new(0),
+                matched: Cell::new(0),
+                counted: Cell::new(0),
             },
         );
-        Some(rx)
+        Some(LiveRx { rx, queued })
     }
 
     fn remove(&self, id: SubscriptionId) -> bool {
@@ -243,7 +359,7 @@ impl Bus {
             ..filter
         };
         // Routed from now on; anything committed before is read from the log.
-        let live = self.hub.register(id, &patterns, &filter);
+        let live = self.hub.register(id, &patterns);
         Subscription {
             id,
             bus: self.clone(),
@@ -251,6 +367,8 @@ impl Bus {
             filter,
             cursor,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            event_size: FIRST_EVENT_GUESS,
             live,
             caught_up: false,
             cancelled,
@@ -283,6 +401,7 @@ impl Bus {
         st.recent
             .iter()
             .rev()
+            .map(|(e, _)| e)
             .filter(|e| filter.admits(e))
             .take(limit)
             .cloned()
@@ -307,6 +426,12 @@ impl Bus {
     }
 }
 
+/// The receiving end of a live subscriber's channel, with its buffer counts.
+struct LiveRx {
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    queued: Arc<Queued>,
+}
+
 /// A stream of committed events in position order, with none missed and none repeated.
 pub struct Subscription {
     id: SubscriptionId,
@@ -315,8 +440,13 @@ pub struct Subscription {
     filter: ReadFilter,
     /// One past the last position examined.
     cursor: u64,
-    pending: VecDeque<Arc<Event>>,
-    live: Option<mpsc::Receiver<Arc<Event>>>,
+    /// Events examined and matching, not yet delivered.
+    pending: VecDeque<(Arc<Event>, usize)>,
+    /// Bytes of the events in `pending`.
+    pending_bytes: usize,
+    /// The largest event of the last read from the log: sizes the next read.
+    event_size: usize,
+    live: Option<LiveRx>,
     /// Read the log up to the head since the channel was registered: the channel now
     /// carries everything later.
     caught_up: bool,
@@ -334,50 +464,88 @@ impl Subscription {
         self.cursor
     }
 
+    fn pop_pending(&mut self) -> Option<Arc<Event>> {
+        let (e, size) = self.pending.pop_front()?;
+        self.pending_bytes -= size;
+        Some(e)
+    }
+
+    fn push_pending(&mut self, e: Arc<Event>) {
+        let size = stored_bytes(&e);
+        self.pending_bytes += size;
+        self.pending.push_back((e, size));
+    }
+
+    /// Reads from the log at the cursor, up to `want` events and about as many as fit in
+    /// what is left of [`CATCH_UP_BYTES`]; keeps what matches in `pending`.
+    async fn read_ahead(&mut self, want: usize) -> Result<bool, LogError> {
+        let room = CATCH_UP_BYTES.saturating_sub(self.pending_bytes);
+        let want = want.min(room / self.event_size.max(1)).max(1);
+        let page = self.bus.log.read(self.cursor, want, &self.filter).await?;
+        let progressed = page.next > self.cursor || !page.events.is_empty();
+        self.cursor = self.cursor.max(page.next);
+        let mut largest = 0;
+        for e in page.events {
+            let e = Arc::new(e);
+            self.push_pending(e);
+            largest = largest.max(self.pending.back().map_or(0, |(_, s)| *s));
+        }
+        if largest > 0 {
+            self.event_size = largest;
+        }
+        Ok(progressed)
+    }
+
+    /// Takes the events of a delivered batch this subscription has not examined and that
+    /// match it into `pending`; gives its share of the live buffer back.
+    fn absorb(&mut self, d: Delivery) {
+        if let Some(live) = &self.live {
+            live.queued.events.fetch_sub(d.events, Ordering::AcqRel);
+            live.queued.bytes.fetch_sub(d.bytes, Ordering::AcqRel);
+        }
+        let Some(last) = d.batch.events.last() else {
+            return;
+        };
+        if last.position < self.cursor {
+            // Already read from the log while catching up.
+            return;
+        }
+        for e in &d.batch.events {
+            if e.position >= self.cursor && self.filter.admits(e) {
+                self.push_pending(e.clone());
+            }
+        }
+        self.cursor = last.position + 1;
+    }
+
     /// The next matching event; `None` once unsubscribed.
     pub async fn next(&mut self) -> Option<Result<Arc<Event>, LogError>> {
         loop {
             if self.cancelled.load(Ordering::Acquire) {
                 return None;
             }
-            if let Some(e) = self.pending.pop_front() {
+            if let Some(e) = self.pop_pending() {
                 return Some(Ok(e));
             }
             if self.live.is_none() {
                 // Register first, then read the log up to the head: every later event is
                 // then in the channel, or the channel is dropped and we come back here.
-                self.live = self.bus.hub.register(self.id, &self.patterns, &self.filter);
+                self.live = self.bus.hub.register(self.id, &self.patterns);
                 self.caught_up = false;
-                if self.live.is_none() {
-                    return None;
-                }
+                self.live.as_ref()?;
             }
             if !self.caught_up {
                 if self.cursor < self.bus.hub.head() {
-                    match self
-                        .bus
-                        .log
-                        .read(self.cursor, CATCH_UP_PAGE, &self.filter)
-                        .await
-                    {
-                        Ok(page) => {
-                            self.cursor = self.cursor.max(page.next);
-                            self.pending.extend(page.events.into_iter().map(Arc::new));
-                            continue;
-                        }
+                    match self.read_ahead(CATCH_UP_PAGE).await {
+                        Ok(_) => continue,
                         Err(e) => return Some(Err(e)),
                     }
                 }
                 self.caught_up = true;
             }
-            let rx = self.live.as_mut().expect("registered above");
-            match rx.recv().await {
-                Some(e) if e.position >= self.cursor => {
-                    self.cursor = e.position + 1;
-                    return Some(Ok(e));
-                }
-                // Already read from the log while catching up.
-                Some(_) => continue,
+            let live = self.live.as_mut().expect("registered above");
+            match live.rx.recv().await {
+                Some(d) => self.absorb(d),
                 // Fell behind, or unsubscribed: resume from the log (or end).
                 None => self.live = None,
             }
@@ -392,7 +560,7 @@ impl Subscription {
         let head = self.bus.hub.head();
         let idle = self.caught_up
             && self.pending.is_empty()
-            && self.live.as_ref().is_some_and(|rx| rx.is_empty());
+            && self.live.as_ref().is_some_and(|l| l.rx.is_empty());
         if !idle {
             return None;
         }
@@ -410,40 +578,43 @@ impl Subscription {
             Ok(e) => e,
             Err(e) => return Some(Err(e)),
         };
-        // While catching up, read on from the log until the batch can be full. The events
-        // wait in `pending` across each read, so a caller that gives up waiting (a timeout
-        // dropping this future) loses none of them.
-        self.pending.push_front(first);
+        // While catching up, read on from the log until the batch can be full (or what is
+        // read ahead reaches its byte budget). The events wait in `pending` across each
+        // read, so a caller that gives up waiting (a timeout dropping this future) loses
+        // none of them.
+        let size = stored_bytes(&first);
+        self.pending_bytes += size;
+        self.pending.push_front((first, size));
         while !self.caught_up
             && self.pending.len() < max
+            && self.pending_bytes < CATCH_UP_BYTES
             && self.cursor < self.bus.hub.head()
             && !self.cancelled.load(Ordering::Acquire)
         {
             let want = (max - self.pending.len()).min(MAX_CATCH_UP_READ);
-            match self.bus.log.read(self.cursor, want, &self.filter).await {
-                Ok(page) if page.next > self.cursor || !page.events.is_empty() => {
-                    self.cursor = self.cursor.max(page.next);
-                    self.pending.extend(page.events.into_iter().map(Arc::new));
-                }
+            match self.read_ahead(want).await {
+                Ok(true) => {}
                 // Nothing more to read now, or a read error that the next call reports.
                 _ => break,
             }
         }
-        let take = self.pending.len().min(max);
-        let mut events: Vec<Arc<Event>> = self.pending.drain(..take).collect();
-        while events.len() < max && self.caught_up {
-            let Some(rx) = self.live.as_mut() else { break };
-            match rx.try_recv() {
-                Ok(e) if e.position >= self.cursor => {
-                    self.cursor = e.position + 1;
-                    events.push(e);
-                }
-                Ok(_) => {}
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        loop {
+            while events.len() < max {
+                let Some(e) = self.pop_pending() else { break };
+                events.push(e);
+            }
+            if events.len() >= max || !self.caught_up {
+                break;
+            }
+            let Some(live) = self.live.as_mut() else { break };
+            match live.rx.try_recv() {
+                Ok(d) => self.absorb(d),
                 Err(_) => break,
             }
         }
         let resume = match self.pending.front() {
-            Some(e) => e.position,
+            Some((e, _)) => e.position,
             None => self.cursor,
         };
         Some(Ok((events, resume)))

@@ -175,6 +175,9 @@ struct ServeArgs {
     /// Events the bus keeps in memory for history and fast fan-out.
     #[arg(long, default_value_t = 10_000)]
     history: usize,
+    /// Memory for the bus's history, in MiB: the oldest events leave it past this.
+    #[arg(long, default_value_t = 64)]
+    history_mb: usize,
     /// Load every plugin (`<name>.toml` + `<name>.wasm`) in this directory at start.
     #[arg(long, env = "EVHOST_PLUGINS")]
     plugins: Option<PathBuf>,
@@ -328,7 +331,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "listening beyond loopback: anyone who can reach this address can append events");
     }
-    let hub = Hub::new(args.history);
+    let hub = Hub::with_history_bytes(args.history, args.history_mb << 20);
     let mut config = SledLogConfig::new(&args.data);
     config.cache_bytes = args.cache_mb * 1024 * 1024;
     config.max_event_bytes = args.max_event_bytes;
@@ -355,6 +358,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         args.data.join("plugins"),
         schemas.clone(),
     );
+    registry.set_limits(crate::limits::OutputLimits {
+        max_event_bytes: args.max_event_bytes,
+        max_batch_events: args.max_batch_events,
+    });
     // Plugins loaded over the API (kept in the data directory) override those of the same
     // name in --plugins, so a hot-loaded replacement survives a restart.
     let persisted = args.data.join("plugins");

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod dead_letter;
 pub mod event;
 pub mod flows;
+pub mod limits;
 pub mod log;
 pub mod pattern;
 pub mod plugin;

@@ -153,6 +153,8 @@ pub struct Registry {
     schemas: Schemas,
     /// Set by `stop_all`: no runner starts afterwards.
     closed: AtomicBool,
+    /// The log's limits, which runners keep derived output within.
+    limits: std::sync::OnceLock<crate::limits::OutputLimits>,
 }
 
 impl Registry {
@@ -178,11 +180,22 @@ impl Registry {
             unknown_tools: Mutex::new(None),
             schemas,
             closed: AtomicBool::new(false),
+            limits: std::sync::OnceLock::new(),
         })
     }
 
     fn loaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Loaded>> {
         self.loaded.lock().expect("loaded plugins lock")
+    }
+
+    /// Sets the log's limits for the runners started from now on (the log's defaults
+    /// unless set); call before loading plugins.
+    pub fn set_limits(&self, limits: crate::limits::OutputLimits) {
+        let _ = self.limits.set(limits);
+    }
+
+    fn limits(&self) -> crate::limits::OutputLimits {
+        self.limits.get().copied().unwrap_or_default()
     }
 
     /// Starts answering requests for tools that are not loaded (after the plugins given at
@@ -192,7 +205,8 @@ impl Registry {
         let store = blocking(move || PluginStore::open(&db, "~unknown-tools"))
             .await?
             .map_err(store_error)?;
-        let handler = UnknownTools::new(self.tools.clone(), self.log.clone());
+        let handler =
+            UnknownTools::new(self.tools.clone(), self.log.clone()).with_limits(self.limits());
         let runner = Runner::spawn(
             "evhost",
             Arc::new(handler),
@@ -200,7 +214,10 @@ impl Registry {
             self.bus.clone(),
             self.log.clone(),
             PatternSet::new(vec![REQUESTED.parse().expect("a valid pattern")]),
-            RunnerOptions::built_in(512),
+            RunnerOptions {
+                limits: self.limits(),
+                ..RunnerOptions::built_in(512)
+            },
         )
         .map_err(storage)?;
         *self.unknown_tools.lock().expect("unknown tools lock") = Some(runner);
@@ -443,6 +460,7 @@ impl Registry {
             batch_size: manifest.limits.batch_size,
             on_failure: manifest.on_failure.clone(),
             schemas: Some(self.schemas.clone()),
+            limits: self.limits(),
         };
         let runner = Runner::spawn(
             &manifest.name,
@@ -520,7 +538,8 @@ impl Registry {
                     self.log.clone(),
                     manifest.limits.concurrency,
                 )
-                .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?;
+                .map_err(|m| RegistryError::Invalid(format!("plugin {id}: {m}")))?
+                .with_limits(self.limits());
                 Component::Tool(Arc::new(handler))
             }
         })

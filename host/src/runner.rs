@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::bus::{Bus, Start, Subscription};
 use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
 use crate::event::Event;
-use crate::log::{EventLog, ExpectedVersion, ReadFilter, StreamAppend};
+use crate::limits::{OutputLimits, event_bytes, split_appends, stamp_room};
+use crate::log::{AppendError, EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::pattern::PatternSet;
 use crate::plugin::{Derived, Handler, OnFailure, Output, PluginStore, StateView};
 use crate::schemas::Schemas;
@@ -147,6 +148,9 @@ pub struct RunnerOptions {
     pub on_failure: OnFailure,
     /// Schemas derived events must satisfy.
     pub schemas: Option<Schemas>,
+    /// The log's limits: derived events must fit them, appends are split to them, and
+    /// the texts the runner builds are cut to a size under them.
+    pub limits: OutputLimits,
 }
 
 impl RunnerOptions {
@@ -160,6 +164,7 @@ impl RunnerOptions {
                 ..OnFailure::default()
             },
             schemas: None,
+            limits: OutputLimits::default(),
         }
     }
 }
@@ -253,7 +258,12 @@ impl Runner {
         let (committed_tx, committed) = watch::channel(position);
         let committer = tokio::spawn(commit_jobs(
             queue,
-            plugin.id().to_owned(),
+            Committer {
+                plugin: plugin.id().to_owned(),
+                name: name.to_owned(),
+                hash: store.component_hash()?.unwrap_or_default(),
+                limits: options.limits,
+            },
             log.clone(),
             store.clone(),
             bus.clone(),
@@ -470,7 +480,8 @@ impl Task {
                 Some(Ok(batch)) => batch,
                 Some(Err(e)) => {
                     tracing::error!(plugin = self.plugin.id(), error = %e, "reading the log failed");
-                    self.update(|s| s.last_error = Some(e.to_string()));
+                    let message = self.options.limits.bound(e.to_string());
+                    self.update(|s| s.last_error = Some(message));
                     if !self.sleep(BACKOFF.1).await {
                         break;
                     }
@@ -526,9 +537,11 @@ impl Task {
                 (0u32, Duration::from_millis(policy.backoff_ms), BACKOFF.0);
             let job = loop {
                 let called = Instant::now();
+                let limits = self.options.limits;
                 let message = match self.attempt(&part, part_resume).await {
                     Ok(job) => break Some(job),
                     Err(BatchError::Host(message)) => {
+                        let message = limits.bound(message);
                         tracing::warn!(plugin = self.plugin.id(), error = %message, retry_in = ?host_backoff, "batch failed");
                         self.update(|s| s.last_error = Some(message));
                         if !self.sleep(host_backoff).await {
@@ -537,7 +550,9 @@ impl Task {
                         host_backoff = (host_backoff * 2).min(BACKOFF.1);
                         continue;
                     }
-                    Err(BatchError::Plugin(message)) => message,
+                    // A plugin's error text can be anything it chose: what is kept, shown and
+                    // announced is cut to a bounded size.
+                    Err(BatchError::Plugin(message)) => limits.bound(message),
                 };
                 self.update(|s| {
                     s.errors += 1;
@@ -604,6 +619,8 @@ impl Task {
     ) -> Result<Job, BatchError> {
         let started = Instant::now();
         let output = self.plugin.handle(self.view.clone(), part.clone()).await?;
+        self.check_output(part, &output)
+            .map_err(BatchError::Plugin)?;
         self.check_schemas(part, &output)
             .map_err(BatchError::Plugin)?;
         let fixed_ids = output
@@ -636,9 +653,46 @@ impl Task {
             dropped,
             events: part.len(),
             started,
+            part: part.clone(),
             dead_letters: Vec::new(),
             quarantine: None,
         })
+    }
+
+    /// What the log would refuse of the derived events, as a failure message: an event
+    /// larger than the log's event limit, or more events from one input event than one
+    /// append may hold. The log's refusal is deterministic, so the batch fails as the
+    /// plugin's failure (split, retried, dead-lettered) rather than wedging the committer.
+    fn check_output(&self, part: &[Arc<Event>], output: &Output) -> Result<(), String> {
+        let limits = &self.options.limits;
+        for (from, list) in part.iter().zip(&output.derived) {
+            if list.len() > limits.max_batch_events {
+                return Err(format!(
+                    "plugin {} derived {} events from the {} event at position {}; the most is {} \
+                     (the log's --max-batch-events)",
+                    self.plugin.id(),
+                    list.len(),
+                    from.event_type,
+                    from.position,
+                    limits.max_batch_events
+                ));
+            }
+            for d in list {
+                let bytes = event_bytes(&d.stream, &d.event) + stamp_room(from);
+                if bytes > limits.max_event_bytes {
+                    return Err(format!(
+                        "plugin {} derived a {} event of {bytes} bytes from the {} event at position {}, \
+                         more than the limit of {} bytes (the log's --max-event-bytes)",
+                        self.plugin.id(),
+                        d.event.event_type,
+                        from.event_type,
+                        from.position,
+                        limits.max_event_bytes
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The first derived event that violates a registered schema, as a failure message.
@@ -682,6 +736,7 @@ impl Task {
             .dead_letters_in_a_row
             + 1;
         tracing::error!(plugin = self.plugin.id(), position = event.position, attempts, error = %error, "event dead-lettered");
+        let error = self.options.limits.bound(error);
         let entry = DeadLetter::new(&self.name, event, error.clone(), attempts);
         let fixed = |what: &str| {
             Some(derived_id(
@@ -706,10 +761,10 @@ impl Task {
         )];
         let quarantine = (policy.quarantine_after > 0 && in_a_row >= policy.quarantine_after)
             .then(|| Quarantine {
-                reason: format!(
+                reason: self.options.limits.bound(format!(
                     "{in_a_row} events in a row were dead-lettered (on_failure.quarantine_after = {}); the last: {error}",
                     policy.quarantine_after
-                ),
+                )),
                 dead_letters_in_a_row: in_a_row,
                 position: resume,
                 since: chrono::Utc::now(),
@@ -744,6 +799,7 @@ impl Task {
             dropped: 0,
             events: 0,
             started: Instant::now(),
+            part: Arc::default(),
             dead_letters: vec![(
                 event.position,
                 serde_json::to_string(&entry).expect("a dead letter serializes"),
@@ -808,7 +864,7 @@ impl Task {
         let announce = audit(
             dead_letter::RESUMED,
             &self.name,
-            json!({"position": q.position, "was": q.reason}),
+            json!({"position": q.position, "was": self.options.limits.bound(q.reason.clone())}),
             None,
             None,
         );
@@ -857,19 +913,24 @@ impl Task {
                 unavailable(format!("the event at position {position} cannot be read"))
             })?;
         let events = Arc::new(vec![Arc::new(event)]);
+        let limits = self.options.limits;
         let result = match self.plugin.handle(self.view.clone(), events.clone()).await {
-            Ok(output) => self.check_schemas(&events, &output).map(|()| output),
+            Ok(output) => self
+                .check_output(&events, &output)
+                .and_then(|()| self.check_schemas(&events, &output))
+                .map(|()| output),
             Err(BatchError::Plugin(e)) => Err(e),
-            Err(BatchError::Host(e)) => return Err(unavailable(e)),
-        };
+            Err(BatchError::Host(e)) => return Err(unavailable(limits.bound(e))),
+        }
+        .map_err(|e| limits.bound(e));
         let outcome = match result {
             Ok(output) => {
                 let (appends, _, _) = derived_appends(&self.name, &events, output.derived);
                 // Indexed: a retry that is interrupted after its append and run again
                 // appends nothing twice.
-                if !appends.is_empty() {
-                    self.log.append(appends).await.map_err(|e| {
-                        unavailable(format!("appending derived events failed: {e}"))
+                for chunk in split_appends(appends, limits.max_batch_events) {
+                    self.log.append(chunk).await.map_err(|e| {
+                        unavailable(limits.bound(format!("appending derived events failed: {e}")))
                     })?;
                 }
                 self.store
@@ -1083,6 +1144,9 @@ struct Job {
     dropped: u64,
     events: usize,
     started: Instant,
+    /// The events the batch was derived from (none for a dead letter's job): what a
+    /// derived event the log refuses is dead-lettered as.
+    part: Arc<Vec<Arc<Event>>>,
     /// Dead letters (position, JSON) committed with the checkpoint.
     dead_letters: Vec<(u64, String)>,
     /// A quarantine record (JSON) committed with the checkpoint.
@@ -1101,12 +1165,85 @@ async fn committed_to(
     }
 }
 
-/// Appends each job's derived events, then commits its writes and checkpoint, in order;
-/// retries a failing step with backoff (nothing after it is committed meanwhile).
+/// Who the committer commits for.
+struct Committer {
+    /// `name@version`, for logs.
+    plugin: String,
+    /// The plugin's name: dead letters and announcements are kept under it.
+    name: String,
+    /// The component's hash, part of announcement ids.
+    hash: String,
+    /// The log's limits: appends are split to them.
+    limits: OutputLimits,
+}
+
+impl Committer {
+    /// Handles a derived event the log refused on its own (deterministically: too large,
+    /// invalid): the event it was derived from is dead-lettered with the checkpoint, and
+    /// the dead letter announced; returns the announcement to append, if any.
+    fn refused(
+        &self,
+        job: &mut Job,
+        event: &crate::event::NewEvent,
+        error: &AppendError,
+    ) -> Option<StreamAppend> {
+        let message = self.limits.bound(format!(
+            "the log refused the {} event plugin {} derived: {error}",
+            event.event_type, self.plugin
+        ));
+        tracing::error!(plugin = self.plugin, error = %message, "derived event refused by the log; its source is dead-lettered");
+        let source = job
+            .part
+            .iter()
+            .find(|s| event.metadata.causation_id.as_deref() == Some(s.id.as_str()))?
+            .clone();
+        if job.dead_letters.iter().any(|(p, _)| *p == source.position) {
+            return None;
+        }
+        let entry = DeadLetter::new(&self.name, &source, message.clone(), 1);
+        job.dead_letters.push((
+            source.position,
+            serde_json::to_string(&entry).expect("a dead letter serializes"),
+        ));
+        if depth_of(&source) >= MAX_DERIVATION_DEPTH {
+            return None;
+        }
+        let mut announce = audit(
+            dead_letter::DEAD_LETTERED,
+            &self.name,
+            json!({
+                "dead_letter_id": entry.id,
+                "position": source.position,
+                "event_id": source.id,
+                "event_type": source.event_type.as_str(),
+                "error": message,
+                "attempts": 1,
+            }),
+            Some(&source),
+            Some(derived_id(
+                &format!("{}/refused/{}", self.name, self.hash),
+                &source.id,
+                0,
+            )),
+        );
+        for e in &mut announce.events {
+            e.metadata
+                .extra
+                .insert(DEPTH_KEY.to_owned(), (depth_of(&source) + 1).to_string());
+        }
+        Some(announce)
+    }
+}
+
+/// Appends each job's derived events, then commits its writes and checkpoint, in order.
+/// The appends are split to the log's limit per append. A failing storage step is retried
+/// with backoff (nothing after it is committed meanwhile); an append the log refuses is
+/// deterministic, never retried: it is split until each refused event is alone, which is
+/// dropped and its source event dead-lettered.
 #[allow(clippy::too_many_arguments)]
 async fn commit_jobs(
     mut queue: tokio::sync::mpsc::Receiver<Job>,
-    plugin: String,
+    who: Committer,
     log: Arc<dyn EventLog>,
     store: PluginStore,
     bus: Bus,
@@ -1114,35 +1251,77 @@ async fn commit_jobs(
     committed: watch::Sender<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let plugin = who.plugin.as_str();
     let update =
         |f: &mut dyn FnMut(&mut RunnerStatus)| f(&mut status.lock().expect("runner status lock"));
     let mut marked = store.has_derived().unwrap_or(false);
-    while let Some(job) = queue.recv().await {
+    while let Some(mut job) = queue.recv().await {
         let mut backoff = BACKOFF.0;
-        let mut appends = Some(job.appends).filter(|a| !a.is_empty());
+        // Each append with whether its ids are indexed.
+        let mut chunks: VecDeque<(Vec<StreamAppend>, bool)> =
+            split_appends(std::mem::take(&mut job.appends), who.limits.max_batch_events)
+                .into_iter()
+                .map(|c| (c, job.fixed_ids))
+                .collect();
+        let (mut refused, letters) = (0u64, job.dead_letters.len());
         loop {
             let step: Result<(), String> = 'step: {
-                if let Some(a) = &appends {
+                while let Some((chunk, indexed)) = chunks.pop_front() {
                     // Durable before the first derived event of this plugin name, so a later
                     // start knows to look for what it appended (see `Recovery`).
                     if !marked {
                         if let Err(e) = store.mark_derived() {
+                            chunks.push_front((chunk, indexed));
                             break 'step Err(format!(
                                 "recording that derived events follow failed: {e}"
                             ));
                         }
                         marked = true;
                     }
-                    let r = if job.fixed_ids {
+                    let r = if indexed {
                         // Ids a handler fixed are looked up later (tool outcomes): indexed.
-                        log.append(a.clone()).await
+                        log.append(chunk.clone()).await
                     } else {
-                        log.append_unindexed(a.clone()).await
+                        log.append_unindexed(chunk.clone()).await
                     };
-                    if let Err(e) = r {
-                        break 'step Err(format!("appending derived events failed: {e}"));
+                    match r {
+                        Ok(_) => {}
+                        Err(e @ AppendError::Storage(_)) => {
+                            chunks.push_front((chunk, indexed));
+                            break 'step Err(format!("appending derived events failed: {e}"));
+                        }
+                        Err(e) => {
+                            let n: usize = chunk.iter().map(|a| a.events.len()).sum();
+                            if n > 1 {
+                                // Find what was refused: each event alone, in order.
+                                for a in chunk.into_iter().rev() {
+                                    for ev in a.events.into_iter().rev() {
+                                        let alone = StreamAppend {
+                                            stream: a.stream.clone(),
+                                            expected: a.expected,
+                                            events: vec![ev],
+                                        };
+                                        chunks.push_front((vec![alone], indexed));
+                                    }
+                                }
+                                continue;
+                            }
+                            refused += 1;
+                            let event = &chunk[0].events[0];
+                            if let Some(announce) = who.refused(&mut job, event, &e) {
+                                // Indexed: a batch that runs again announces once.
+                                chunks.push_back((vec![announce], true));
+                            }
+                            let message = who.limits.bound(format!(
+                                "the log refused a derived {} event: {e}",
+                                event.event_type
+                            ));
+                            update(&mut |s| {
+                                s.errors += 1;
+                                s.last_error = Some(message.clone());
+                            });
+                        }
                     }
-                    appends = None;
                 }
                 store
                     .commit_with(
@@ -1157,6 +1336,7 @@ async fn commit_jobs(
             match step {
                 Ok(()) => break,
                 Err(message) => {
+                    let message = who.limits.bound(message);
                     tracing::warn!(plugin, error = %message, retry_in = ?backoff, "batch failed");
                     update(&mut |s| {
                         s.errors += 1;
@@ -1178,8 +1358,9 @@ async fn commit_jobs(
             s.events_processed = job.processed;
             s.batches += 1;
             s.consecutive_errors = 0;
-            s.derived += job.derived;
+            s.derived += job.derived.saturating_sub(refused);
             s.dropped_by_depth += job.dropped;
+            s.dead_lettered += (job.dead_letters.len() - letters) as u64;
             s.state = if live {
                 RunState::Live
             } else {

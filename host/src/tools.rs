@@ -22,7 +22,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
-use crate::log::{EventLog, StreamAppend};
+use crate::limits::{OutputLimits, bound, event_bytes, split_appends, stamp_room};
+use crate::log::{AppendError, EventLog, StreamAppend};
 use crate::plugin::{Derived, Output, PluginError, StateView, ToolInfo, ToolPlugin};
 use crate::runner::{BatchError, BatchHandler, derived_id, push_grouped, stamp};
 
@@ -91,7 +92,17 @@ fn derived(stream: &str, ty: &str, id: String, source: &str, payload: Value) -> 
     }
 }
 
+/// A text of the request echoed in an event the host builds (invocation id, tool name), cut
+/// to the host's bound on texts: a request near the event limit must not make its outcome
+/// larger than the limit.
+fn echo(limits: &OutputLimits, text: &str) -> String {
+    bound(text.to_owned(), limits.message_bytes())
+}
+
+/// An invocation's `failed` outcome; every text in it is bounded, so it always fits in an
+/// event.
 fn failed(
+    limits: &OutputLimits,
     event: &Event,
     p: &Parsed,
     source: &str,
@@ -105,13 +116,15 @@ fn failed(
         outcome_id(&p.invocation_id),
         source,
         json!({
-            "invocation_id": p.invocation_id,
-            "tool": p.tool,
-            "error": {"code": code, "message": message},
+            "invocation_id": echo(limits, &p.invocation_id),
+            "tool": echo(limits, &p.tool),
+            "error": {"code": code, "message": limits.bound(message)},
             "duration_ms": ms,
         }),
     )
 }
+
+
 
 /// An invocation's output, or (error code, message); and how long it ran, in ms.
 type Ran = (Result<Value, (&'static str, String)>, f64);
@@ -124,6 +137,7 @@ pub struct ToolHandler {
     schema: Arc<jsonschema::Validator>,
     log: Arc<dyn EventLog>,
     concurrency: usize,
+    limits: OutputLimits,
 }
 
 impl ToolHandler {
@@ -145,7 +159,15 @@ impl ToolHandler {
             schema: Arc::new(schema),
             log,
             concurrency,
+            limits: OutputLimits::default(),
         })
+    }
+
+    /// The log's limits, which outcomes and start appends must fit (the log's defaults
+    /// unless set).
+    pub fn with_limits(mut self, limits: OutputLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// What the tool says of itself.
@@ -158,15 +180,18 @@ impl ToolHandler {
         self.plugin.usage()
     }
 
-    /// Why `input` does not fit the schema, naming where; `None` when it fits.
+    /// Why `input` does not fit the schema, naming where; `None` when it fits. Each error is
+    /// cut short (they quote the offending input, which may be as large as the request).
     fn schema_error(&self, input: &Value) -> Option<String> {
+        let each = self.limits.message_bytes() / 5;
         let errors: Vec<String> = self
             .schema
             .iter_errors(input)
             .take(5)
             .map(|e| {
-                let at = e.instance_path().as_str().to_owned();
-                format!("at {:?}: {e}", if at.is_empty() { "/" } else { &at })
+                let at = bound(e.instance_path().as_str().to_owned(), each / 4);
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                bound(format!("at {at:?}: {e}"), each)
             })
             .collect();
         (!errors.is_empty()).then(|| {
@@ -259,6 +284,7 @@ impl BatchHandler for ToolHandler {
             }
             if lookup(started_id(&p.invocation_id)).await?.is_some() {
                 out[i].push(failed(
+                    &self.limits,
                     event,
                     &p,
                     &self.name,
@@ -266,14 +292,23 @@ impl BatchHandler for ToolHandler {
                     format!(
                         "the host stopped while tool {} ran invocation {}; it is not run again, \
                          since it may have taken effect (at most once): request a new invocation",
-                        self.name, p.invocation_id
+                        self.name,
+                        echo(&self.limits, &p.invocation_id)
                     ),
                     0.0,
                 ));
                 continue;
             }
             if let Some(message) = self.schema_error(&p.input) {
-                out[i].push(failed(event, &p, &self.name, "invalid_input", message, 0.0));
+                out[i].push(failed(
+                    &self.limits,
+                    event,
+                    &p,
+                    &self.name,
+                    "invalid_input",
+                    message,
+                    0.0,
+                ));
                 continue;
             }
             to_run.push((i, p));
@@ -294,34 +329,58 @@ impl BatchHandler for ToolHandler {
                 STARTED,
                 started_id(&p.invocation_id),
                 &self.name,
-                json!({"invocation_id": p.invocation_id, "tool": p.tool}),
+                json!({"invocation_id": echo(&self.limits, &p.invocation_id), "tool": p.tool}),
             );
             stamp(&self.name, from, 0, &mut d);
             push_grouped(&mut starts, d);
         }
-        self.log
-            .append(starts)
-            .await
-            .map_err(|e| BatchError::Host(format!("recording invocation starts failed: {e}")))?;
+        for chunk in split_appends(starts, self.limits.max_batch_events) {
+            self.log.append(chunk).await.map_err(|e| match e {
+                AppendError::Storage(_) => {
+                    BatchError::Host(format!("recording invocation starts failed: {e}"))
+                }
+                // A refusal is deterministic: retrying it would wedge the worker, so the
+                // failure policy finds the request and dead-letters it.
+                _ => BatchError::Plugin(format!("the log refused an invocation start: {e}")),
+            })?;
+        }
         let results = self
             .run_all(to_run.iter().map(|(_, p)| p.input.to_string()).collect())
             .await;
         for ((i, p), (result, ms)) in to_run.iter().zip(results) {
             let event = &events[*i];
+            let fail = |code: &str, message: String| {
+                failed(&self.limits, event, p, &self.name, code, message, ms)
+            };
             out[*i].push(match result {
-                Ok(output) => derived(
-                    &event.stream,
-                    COMPLETED,
-                    outcome_id(&p.invocation_id),
-                    &self.name,
-                    json!({
-                        "invocation_id": p.invocation_id,
-                        "tool": p.tool,
-                        "output": output,
-                        "duration_ms": ms,
-                    }),
-                ),
-                Err((code, message)) => failed(event, p, &self.name, code, message, ms),
+                Ok(output) => {
+                    let d = derived(
+                        &event.stream,
+                        COMPLETED,
+                        outcome_id(&p.invocation_id),
+                        &self.name,
+                        json!({
+                            "invocation_id": echo(&self.limits, &p.invocation_id),
+                            "tool": p.tool,
+                            "output": output,
+                            "duration_ms": ms,
+                        }),
+                    );
+                    let bytes = event_bytes(&d.stream, &d.event) + stamp_room(event);
+                    if bytes > self.limits.max_event_bytes {
+                        fail(
+                            "output_too_large",
+                            format!(
+                                "tool {} returned an outcome of {bytes} bytes, more than the log's \
+                                 limit of {} bytes per event (--max-event-bytes): return less",
+                                self.name, self.limits.max_event_bytes
+                            ),
+                        )
+                    } else {
+                        d
+                    }
+                }
+                Err((code, message)) => fail(code, message),
             });
         }
         Ok(Output {
@@ -335,12 +394,24 @@ impl BatchHandler for ToolHandler {
 pub struct UnknownTools {
     loaded: Arc<RwLock<HashSet<String>>>,
     log: Arc<dyn EventLog>,
+    limits: OutputLimits,
 }
 
 impl UnknownTools {
     /// Fails requests for tools not in `loaded` (kept current by the registry).
     pub fn new(loaded: Arc<RwLock<HashSet<String>>>, log: Arc<dyn EventLog>) -> Self {
-        Self { loaded, log }
+        Self {
+            loaded,
+            log,
+            limits: OutputLimits::default(),
+        }
+    }
+
+    /// The log's limits, which its `failed` outcomes must fit (the log's defaults unless
+    /// set).
+    pub fn with_limits(mut self, limits: OutputLimits) -> Self {
+        self.limits = limits;
+        self
     }
 }
 
@@ -361,7 +432,10 @@ impl BatchHandler for UnknownTools {
             let (p, message) = match parse(event) {
                 Some(p) if known(&p.tool) => continue,
                 Some(p) => {
-                    let m = format!("no tool named {:?} is loaded; see GET /v1/tools", p.tool);
+                    let m = format!(
+                        "no tool named {:?} is loaded; see GET /v1/tools",
+                        echo(&self.limits, &p.tool)
+                    );
                     (p, m)
                 }
                 None => {
@@ -380,7 +454,15 @@ impl BatchHandler for UnknownTools {
             {
                 continue;
             }
-            out[i].push(failed(event, &p, "evhost", "unknown_tool", message, 0.0));
+            out[i].push(failed(
+                &self.limits,
+                event,
+                &p,
+                "evhost",
+                "unknown_tool",
+                message,
+                0.0,
+            ));
         }
         Ok(Output {
             derived: out,

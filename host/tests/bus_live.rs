@@ -281,7 +281,7 @@ async fn batches_cut_short_by_timeouts_lose_no_event() {
             seed ^= seed << 17;
             // Most waits end in the middle of a read, some after matching events were
             // already taken; the rest are long enough for reading to make progress.
-            let wait = if seed % 3 == 0 {
+            let wait = if seed.is_multiple_of(3) {
                 Duration::from_millis(200)
             } else {
                 Duration::from_micros(20 + seed % 40_000)
@@ -294,4 +294,185 @@ async fn batches_cut_short_by_timeouts_lose_no_event() {
         assert_eq!(got, want, "round {round}");
     }
     assert!(cut > 0, "no batch was cut short; the test proves nothing");
+}
+
+/// Many live subscribers, each with several patterns that all match: every one gets every
+/// matching event once, in order, across appends of mixed types and sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_subscribers_with_overlapping_patterns_get_each_event_once_in_order() {
+    let f = fixture();
+    let mut subs: Vec<_> = (0..200)
+        .map(|i| {
+            let patterns = if i % 2 == 0 {
+                ">, order.>, order.*, order.placed"
+            } else {
+                "order.*, *.placed, order.>"
+            };
+            f.bus
+                .subscribe(pats(patterns), ReadFilter::default(), Start::Head)
+        })
+        .collect();
+    let mut want_all = Vec::new();
+    let mut want_orders = Vec::new();
+    let mut position = 0;
+    for round in 0..6u64 {
+        let n = [1, 7, 300, 2, 50, 400][round as usize];
+        let events: Vec<NewEvent> = (0..n)
+            .map(|i| {
+                ev(
+                    match i % 3 {
+                        0 => "order.placed",
+                        1 => "order.paid",
+                        _ => "other.thing",
+                    },
+                    i,
+                )
+            })
+            .collect();
+        for i in 0..n {
+            want_all.push(position);
+            if i % 3 != 2 {
+                want_orders.push(position);
+            }
+            position += 1;
+        }
+        append(&f.log, "s", events).await;
+    }
+    // Fewer events than one live buffer holds: nobody fell behind.
+    assert_eq!(f.bus.stats().resyncs, 0);
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let want = if i % 2 == 0 { &want_all } else { &want_orders };
+        assert_eq!(&take(sub, want.len()).await, want, "subscriber {i}");
+    }
+    // And nothing more: the next event each gets is a new one.
+    append(&f.log, "s", vec![ev("order.placed", 0)]).await;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        assert_eq!(take(sub, 1).await, vec![position], "subscriber {i} saw an event twice");
+    }
+}
+
+/// Stalled subscribers with overlapping patterns fall behind, are switched to the log, and
+/// resync from it: each still gets every matching event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_subscribers_with_several_patterns_resync_from_the_log() {
+    let f = fixture();
+    let mut subs: Vec<_> = (0..50)
+        .map(|_| {
+            f.bus
+                .subscribe(pats("load.*, load.tick, >"), ReadFilter::default(), Start::Head)
+        })
+        .collect();
+    for chunk in 0..20u64 {
+        let events = (0..250).map(|i| ev("load.tick", chunk * 250 + i)).collect();
+        append(&f.log, "s", events).await;
+    }
+    assert!(
+        f.bus.stats().resyncs >= 50,
+        "every stalled subscriber fell behind: {:?}",
+        f.bus.stats().resyncs
+    );
+    let want: Vec<u64> = (0..5000).collect();
+    for (i, sub) in subs.iter_mut().enumerate() {
+        assert_eq!(take(sub, want.len()).await, want, "subscriber {i}");
+    }
+    append(&f.log, "s", vec![ev("load.tick", 0)]).await;
+    for sub in &mut subs {
+        assert_eq!(take(sub, 1).await, vec![5000]);
+    }
+}
+
+/// The history keeps the newest events within its byte budget as well as its count.
+#[tokio::test]
+async fn history_drops_the_oldest_events_past_its_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::with_history_bytes(10_000, 1 << 20);
+    let log = Arc::new(SledLog::open(SledLogConfig::new(dir.path()), hub.clone()).unwrap());
+    let bus = Bus::new(log.clone() as Arc<dyn EventLog>, hub);
+    let big = format!("\"{}\"", "x".repeat(100 << 10));
+    for _ in 0..30 {
+        let e = NewEvent::new(
+            EventType::new("big.one").unwrap(),
+            Payload::from_json(&big).unwrap(),
+        );
+        append(&log, "s", vec![e]).await;
+    }
+    let kept = bus.history(&ReadFilter::default(), 10_000);
+    assert!(
+        (8..=10).contains(&kept.len()),
+        "1 MiB holds about ten 100 KiB events: {}",
+        kept.len()
+    );
+    // The newest, newest first.
+    let positions: Vec<u64> = kept.iter().map(|e| e.position).collect();
+    let want: Vec<u64> = (30 - kept.len() as u64..30).rev().collect();
+    assert_eq!(positions, want);
+    // Small events fill it by count again.
+    append(&log, "s", (0..100).map(|i| ev("small.one", i)).collect()).await;
+    let kept = bus.history(&ReadFilter::default(), 10_000);
+    assert!(kept.len() > 100, "{}", kept.len());
+}
+
+/// A subscription catching up over large events reads ahead a bounded number of bytes:
+/// a batch of 512 KiB events holds about 16 MiB of them, not a page of 512 or 4096.
+#[tokio::test]
+async fn catching_up_over_large_events_reads_ahead_a_bounded_number_of_bytes() {
+    let f = fixture();
+    let big = format!("\"{}\"", "y".repeat(512 << 10));
+    for chunk in 0..10 {
+        let events = (0..10)
+            .map(|_| {
+                NewEvent::new(
+                    EventType::new("big.one").unwrap(),
+                    Payload::from_json(&big).unwrap(),
+                )
+            })
+            .collect();
+        let _ = chunk;
+        append(&f.log, "s", events).await;
+    }
+    let mut sub = f
+        .bus
+        .subscribe(pats(">"), ReadFilter::default(), Start::Position(0));
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let (batch, _) = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(4096))
+            .await
+            .expect("a batch within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(
+            batch.len() <= 40,
+            "a batch of {} events of 512 KiB was read ahead",
+            batch.len()
+        );
+        got.extend(batch.iter().map(|e| e.position));
+    }
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+}
+
+/// How long one append of 5,000 events takes with 0, 1,000 and 2,000 live subscribers
+/// matching everything (printed, not asserted: `cargo test --release -p evhost --test
+/// bus_live -- --ignored --nocapture fan_out`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn fan_out_timing() {
+    for subscribers in [0usize, 1000, 2000] {
+        let f = fixture();
+        let mut took = Vec::new();
+        for round in 0..3u64 {
+            // Fresh subscribers each round: stalled ones fall behind and leave the router.
+            let subs: Vec<_> = (0..subscribers)
+                .map(|_| {
+                    f.bus
+                        .subscribe(pats(">"), ReadFilter::default(), Start::Head)
+                })
+                .collect();
+            let events = (0..5000).map(|i| ev("fan.out", round * 5000 + i)).collect();
+            let began = std::time::Instant::now();
+            append(&f.log, "s", events).await;
+            took.push(began.elapsed());
+            drop(subs);
+        }
+        println!("{subscribers} subscribers: 5,000-event appends took {took:?}");
+    }
 }

@@ -105,11 +105,13 @@ pub(super) async fn read_events(
     let mut next = q.from;
     'pages: while out.events.len() < limit {
         let step = out.step(limit - out.events.len());
-        let page = st
-            .log
-            .read(next, step, &filter)
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let page = match st.log.read(next, step, &filter).await {
+            Ok(page) => page,
+            // A later step failed (a damaged chunk, say): answer what was read before it,
+            // and the next read starting there gets the error.
+            Err(_) if !out.events.is_empty() => break,
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        };
         let full = page.events.len() == step;
         for e in page.events {
             let position = e.position;
@@ -174,11 +176,11 @@ pub(super) async fn read_stream(
     let mut next = q.from_version;
     'pages: while out.events.len() < limit && next < version {
         let step = out.step(limit - out.events.len());
-        let events = st
-            .log
-            .read_stream(&stream, next, step)
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let events = match st.log.read_stream(&stream, next, step).await {
+            Ok(events) => events,
+            Err(_) if !out.events.is_empty() => break,
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        };
         let full = events.len() == step;
         for e in events {
             let v = e.version;

@@ -160,9 +160,6 @@ impl Handler for ProjectionPlugin {
     }
 }
 
-/// Most events an extractor may derive from one batch.
-pub const MAX_DERIVED_PER_BATCH: usize = 10_000;
-
 impl ExtractorPlugin {
     /// Runs the extractor over `events`: its state writes and, per event, what it derived.
     pub fn extract(
@@ -184,13 +181,6 @@ impl ExtractorPlugin {
                 "returned {} lists of derived events for {} input events; the extractor world \
                  wants one list per input event",
                 lists.len(),
-                events.len()
-            )));
-        }
-        let total: usize = lists.iter().map(Vec::len).sum();
-        if total > MAX_DERIVED_PER_BATCH {
-            return Err(invalid(format!(
-                "derived {total} events from one batch of {}; the most is {MAX_DERIVED_PER_BATCH}: lower limits.batch_size in the manifest",
                 events.len()
             )));
         }
@@ -267,18 +257,9 @@ impl ToolPlugin {
     }
 }
 
-/// Largest payload of a derived event, in bytes of JSON text: the API's default limit on an
-/// event a client appends.
-pub const MAX_DERIVED_PAYLOAD_BYTES: usize = 1024 * 1024;
-
+/// A derived event as the log takes it. Its size and count are checked by the runner against
+/// the log's configured limits ([`crate::limits::OutputLimits`]), for every kind of handler.
 fn from_wit_new(e: wit::NewEvent, source: &str) -> Result<Derived, String> {
-    if e.payload.len() > MAX_DERIVED_PAYLOAD_BYTES {
-        return Err(format!(
-            "the payload of {} is {} bytes, more than the limit of {MAX_DERIVED_PAYLOAD_BYTES}",
-            e.event_type,
-            e.payload.len()
-        ));
-    }
     let event_type = EventType::new(&e.event_type).map_err(|e| e.to_string())?;
     validate_stream(&e.stream).map_err(|e| e.to_string())?;
     let payload = Payload::from_json(&e.payload)

@@ -11,6 +11,7 @@
 //! | `hostile.trap`    | panics                                                       |
 //! | `hostile.flood`   | derives 20,000 events                                        |
 //! | `hostile.huge`    | derives one event with a 2 MiB payload                       |
+//! | `hostile.long-error` | fails with an error message of 2 MiB                      |
 //! | `hostile.invalid` | derives an event whose type is not a valid event type        |
 //! | `hostile.schema`  | derives `hostile.out` with `{"n": "not a number"}`           |
 //! | `hostile.file`    | insists on reading `/etc/hostname` (fails when denied)       |
@@ -77,6 +78,7 @@ impl Extractor for Hostile {
                 let big = format!("\"{}\"", "x".repeat(2 << 20));
                 out.push(derived("hostile.ok", stream, big));
             }
+            "hostile.long-error" => return Err(Error::Failed("e".repeat(2 << 20))),
             "hostile.invalid" => out.push(derived("Not A Type!", stream, "{}".into())),
             "hostile.schema" => out.push(derived(
                 "hostile.out",
