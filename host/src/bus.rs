@@ -372,6 +372,7 @@ impl Bus {
             live,
             caught_up: false,
             cancelled,
+            read_failures: 0,
         }
     }
 
@@ -451,6 +452,15 @@ pub struct Subscription {
     /// carries everything later.
     caught_up: bool,
     cancelled: Arc<AtomicBool>,
+    /// Log reads that failed in a row (a damaged chunk, a storage fault): the next read
+    /// waits longer each time, so a reader stuck on one never spins.
+    read_failures: u32,
+}
+
+/// The wait before a log read after `failures` failed ones in a row: 50 ms doubling, at
+/// most 5 s.
+fn read_backoff(failures: u32) -> Duration {
+    Duration::from_millis(50u64 << failures.saturating_sub(1).min(7)).min(Duration::from_secs(5))
 }
 
 impl Subscription {
@@ -481,7 +491,19 @@ impl Subscription {
     async fn read_ahead(&mut self, want: usize) -> Result<bool, LogError> {
         let room = CATCH_UP_BYTES.saturating_sub(self.pending_bytes);
         let want = want.min(room / self.event_size.max(1)).max(1);
-        let page = self.bus.log.read(self.cursor, want, &self.filter).await?;
+        if self.read_failures > 0 {
+            tokio::time::sleep(read_backoff(self.read_failures)).await;
+        }
+        let page = match self.bus.log.read(self.cursor, want, &self.filter).await {
+            Ok(page) => {
+                self.read_failures = 0;
+                page
+            }
+            Err(e) => {
+                self.read_failures = self.read_failures.saturating_add(1);
+                return Err(e);
+            }
+        };
         let progressed = page.next > self.cursor || !page.events.is_empty();
         self.cursor = self.cursor.max(page.next);
         let mut largest = 0;

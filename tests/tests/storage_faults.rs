@@ -161,6 +161,19 @@ async fn a_damaged_chunk_under_an_intact_index_shows_in_health_and_the_rest_stay
     let (s, err) = get(&format!("{}/v1/events?from={served}", h.url)).await;
     assert_eq!(s, 503, "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains(&format!("positions {served}..=")));
+    // A subscriber reaching the chunk gets the events before it, then errors at a
+    // backing-off pace, not a storm (55,000 error frames in 3 s before).
+    let mut sse = reqwest::get(format!("{}/v1/subscribe?from=0", h.url)).await.unwrap();
+    let mut text = String::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while let Ok(Ok(Some(chunk))) =
+        tokio::time::timeout(until.saturating_duration_since(Instant::now()), sse.chunk()).await
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let errors = text.matches("event: error").count();
+    assert!(text.contains(&format!("id: {}", served - 1)), "events before the damage delivered");
+    assert!((1..=20).contains(&errors), "{errors} error frames in 3 s");
 }
 
 /// A small tmpfs mounted for one test, unmounted when dropped.
