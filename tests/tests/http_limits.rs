@@ -585,6 +585,8 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
             "5000",
             "--header-timeout-ms",
             "60000",
+            "--segment-mb",
+            "1",
         ])
         .env("RUST_LOG", "warn")
         .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -603,6 +605,14 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         false
     };
     assert!(up.await, "the host starts");
+    // A client whose connection is open before the descriptors run out.
+    let kept = reqwest::Client::new();
+    let blob = |i: usize| {
+        serde_json::json!({"events": [{"type": "blob.stored", "id": format!("blob-{i}"),
+            "payload": {"b": "x".repeat(400_000)}}]})
+    };
+    let r = kept.post(format!("{url}/v1/streams/blobs")).json(&blob(0)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     let mut held = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
         match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await {
@@ -620,6 +630,26 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         log.contains("accepting a connection failed"),
         "the accept error is logged: {log}"
     );
+    // With no descriptor left, appends that fill the 1 MiB segment and start the next one
+    // still succeed: the next segment's file was created ahead of time.
+    for i in 1..4 {
+        let r = kept
+            .post(format!("{url}/v1/streams/blobs"))
+            .json(&blob(i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "append {i}: {}", r.text().await.unwrap());
+    }
+    // The segment after that one could not be created ahead of time: an append needing it
+    // is refused cleanly (or succeeds, if a descriptor came free), never poisoning the log.
+    let r = kept
+        .post(format!("{url}/v1/streams/blobs"))
+        .json(&blob(4))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 200 | 503), "{}", r.status());
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(15);
     let client = reqwest::Client::builder()
@@ -642,6 +672,27 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         child.try_wait().unwrap().is_none(),
         "the host is still running"
     );
+    // Once descriptors are back, the same append (same id) succeeds exactly once.
+    let r = client
+        .post(format!("{url}/v1/streams/blobs"))
+        .json(&blob(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let page: serde_json::Value = client
+        .get(format!("{url}/v1/streams/blobs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["version"], 5, "every acknowledged blob is there");
+    let segments = std::fs::read_dir(dir.path().join("data").join("events"))
+        .unwrap()
+        .count();
+    assert!(segments >= 2, "the appends crossed a segment boundary");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -195,7 +195,14 @@ impl SegmentWriter {
             .truncate(true)
             .open(&path)
         {
-            Ok(f) => self.next = Some(f),
+            // Its directory entry is made durable now too, so that starting it later needs
+            // no descriptor at all.
+            Ok(f) => match sync_dir(&self.dir) {
+                Ok(()) => self.next = Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sync the segment directory ahead of time; will retry")
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, path = %path.display(), "cannot create the next segment ahead of time; will retry")
             }
@@ -254,7 +261,6 @@ impl SegmentWriter {
                 segment_path(&self.dir, next).display()
             )));
         };
-        sync_dir(&self.dir)?;
         self.file = file;
         self.segment = next;
         self.offset = 0;
