@@ -635,14 +635,23 @@ fn read_positions(
         let (k, v) = item.map_err(storage)?;
         let first = codec::position_of_event_key(&k)?;
         let entry = ChunkEntry::decode(&v)?;
-        let bytes = match read_chunk(shared, first, entry) {
-            Ok(b) => b,
+        let bytes = shared.segments.read(entry.location);
+        let chunk = match bytes.as_deref().map(|b| Chunk::parse(first, b)) {
+            Ok(Ok(chunk)) => chunk,
             // The events before a damaged chunk are served; the next read starts at it and
             // gets the error.
-            Err(_) if !page.events.is_empty() => return Ok(page),
-            Err(e) => return Err(e),
+            _ if !page.events.is_empty() => {
+                let _ = read_chunk(shared, first, entry);
+                return Ok(page);
+            }
+            _ => {
+                return Err(read_chunk(shared, first, entry).err().unwrap_or_else(|| {
+                    LogError::Storage(format!(
+                        "reading the chunk at position {first} failed once; retry the read"
+                    ))
+                }));
+            }
         };
-        let chunk = Chunk::parse_checked(first, &bytes)?;
         for pos in page.next.max(first)..chunk.end().min(stop) {
             let event = chunk.event(pos, &mut types)?;
             page.next = pos + 1;
