@@ -629,7 +629,9 @@ impl Subscription {
             if events.len() >= max || !self.caught_up {
                 break;
             }
-            let Some(live) = self.live.as_mut() else { break };
+            let Some(live) = self.live.as_mut() else {
+                break;
+            };
             match live.rx.try_recv() {
                 Ok(d) => self.absorb(d),
                 Err(_) => break,

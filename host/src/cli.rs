@@ -323,7 +323,10 @@ fn repair_log(data: &std::path::Path) -> Result<()> {
     if let Some(p) = report.reindex_from {
         println!("the index is rebuilt from position {p} at the next start");
     }
-    println!("the log now holds {} positions; start the host again", report.head);
+    println!(
+        "the log now holds {} positions; start the host again",
+        report.head
+    );
     Ok(())
 }
 
@@ -349,7 +352,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
     // Operational state lives apart from the log's disposable index (see state_db).
     let state_db = crate::state_db::open(&args.data, args.cache_mb * 1024 * 1024, log.db())?;
-    let schemas = crate::schemas::Schemas::open(&state_db).context("opening the schema registry")?;
+    let schemas =
+        crate::schemas::Schemas::open(&state_db).context("opening the schema registry")?;
     let registry = Registry::new(
         runtime,
         state_db.clone(),

@@ -73,7 +73,11 @@ fn metadata_bytes(m: &Metadata) -> usize {
     .iter()
     .map(|s| s.as_ref().map_or(0, String::len))
     .sum();
-    optional + m.extra.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    optional
+        + m.extra
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// The size of `e` appended to `stream`, as the log measures an event: the payload and every

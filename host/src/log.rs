@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::event::{Event, NewEvent};
 use crate::pattern::PatternSet;
 
-pub use segment::Damage;
 pub use repair::{DAMAGED_TYPE, RepairReport, repair};
+pub use segment::Damage;
 pub use sled_log::{LogHealth, SledLog, SledLogConfig};
 
 /// What the client believes the stream's version is before its append.

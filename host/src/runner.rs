@@ -1258,11 +1258,13 @@ async fn commit_jobs(
     while let Some(mut job) = queue.recv().await {
         let mut backoff = BACKOFF.0;
         // Each append with whether its ids are indexed.
-        let mut chunks: VecDeque<(Vec<StreamAppend>, bool)> =
-            split_appends(std::mem::take(&mut job.appends), who.limits.max_batch_events)
-                .into_iter()
-                .map(|c| (c, job.fixed_ids))
-                .collect();
+        let mut chunks: VecDeque<(Vec<StreamAppend>, bool)> = split_appends(
+            std::mem::take(&mut job.appends),
+            who.limits.max_batch_events,
+        )
+        .into_iter()
+        .map(|c| (c, job.fixed_ids))
+        .collect();
         let (mut refused, letters) = (0u64, job.dead_letters.len());
         loop {
             let step: Result<(), String> = 'step: {

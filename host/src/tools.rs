@@ -124,8 +124,6 @@ fn failed(
     )
 }
 
-
-
 /// An invocation's output, or (error code, message); and how long it ran, in ms.
 type Ran = (Result<Value, (&'static str, String)>, f64);
 

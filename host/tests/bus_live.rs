@@ -347,7 +347,11 @@ async fn many_subscribers_with_overlapping_patterns_get_each_event_once_in_order
     // And nothing more: the next event each gets is a new one.
     append(&f.log, "s", vec![ev("order.placed", 0)]).await;
     for (i, sub) in subs.iter_mut().enumerate() {
-        assert_eq!(take(sub, 1).await, vec![position], "subscriber {i} saw an event twice");
+        assert_eq!(
+            take(sub, 1).await,
+            vec![position],
+            "subscriber {i} saw an event twice"
+        );
     }
 }
 
@@ -358,8 +362,11 @@ async fn lagging_subscribers_with_several_patterns_resync_from_the_log() {
     let f = fixture();
     let mut subs: Vec<_> = (0..50)
         .map(|_| {
-            f.bus
-                .subscribe(pats("load.*, load.tick, >"), ReadFilter::default(), Start::Head)
+            f.bus.subscribe(
+                pats("load.*, load.tick, >"),
+                ReadFilter::default(),
+                Start::Head,
+            )
         })
         .collect();
     for chunk in 0..20u64 {

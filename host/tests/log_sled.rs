@@ -602,7 +602,9 @@ async fn a_flipped_bit_with_events_after_it_refuses_to_open_and_repair_keeps_eve
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();
     let err = open_err(dir.path()).to_string();
     assert!(
-        err.contains("00000000.seg") && err.contains("positions ") && err.contains("evhost log repair"),
+        err.contains("00000000.seg")
+            && err.contains("positions ")
+            && err.contains("evhost log repair"),
         "{err}"
     );
     // Nothing was cut or deleted by the refused start, and a second start refuses again.
@@ -622,17 +624,28 @@ async fn a_flipped_bit_with_events_after_it_refuses_to_open_and_repair_keeps_eve
         .filter(|e| e.event_type.as_str() == evhost::log::DAMAGED_TYPE)
         .map(|e| e.position)
         .collect();
-    assert!(!damaged.is_empty() && damaged.len() <= 256, "{}", damaged.len());
+    assert!(
+        !damaged.is_empty() && damaged.len() <= 256,
+        "{}",
+        damaged.len()
+    );
     for e in &events {
         if e.event_type.as_str() == "a.b" {
             let v: serde_json::Value = serde_json::from_str(e.payload.as_str()).unwrap();
             assert_eq!(e.id, format!("g{}-{}", v["g"], v["j"]));
-            assert_eq!(e.position, v["g"].as_u64().unwrap() * 100 + v["j"].as_u64().unwrap());
+            assert_eq!(
+                e.position,
+                v["g"].as_u64().unwrap() * 100 + v["j"].as_u64().unwrap()
+            );
         }
     }
     // Ids after the damage are indexed again: a retry still returns the original position.
     let r = log
-        .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "0").with_id("g59-99")]))
+        .append(one(
+            "s",
+            ExpectedVersion::Any,
+            vec![ev("a.b", "0").with_id("g59-99")],
+        ))
         .await
         .unwrap();
     assert_eq!(r[0].positions, vec![5999]);
@@ -640,11 +653,18 @@ async fn a_flipped_bit_with_events_after_it_refuses_to_open_and_repair_keeps_eve
         .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "0")]))
         .await
         .unwrap();
-    assert_eq!(r[0].positions, vec![6000], "new events never reuse a position");
+    assert_eq!(
+        r[0].positions,
+        vec![6000],
+        "new events never reuse a position"
+    );
     drop(log);
     // A second repair finds nothing to do.
     let again = evhost::log::repair(dir.path()).unwrap();
-    assert!(again.repaired.is_empty() && again.reindex_from.is_none(), "{again:?}");
+    assert!(
+        again.repaired.is_empty() && again.reindex_from.is_none(),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
@@ -665,9 +685,16 @@ async fn damage_in_an_earlier_segment_keeps_the_later_segments() {
     assert!(second_len > 0);
     flip_bit(&events_dir.join("00000000.seg"), 1000);
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();
-    let err = SledLog::open(cfg(), Hub::new(10)).err().expect("refused").to_string();
+    let err = SledLog::open(cfg(), Hub::new(10))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("00000000.seg"), "{err}");
-    assert_eq!(std::fs::metadata(&second).unwrap().len(), second_len, "later segment kept");
+    assert_eq!(
+        std::fs::metadata(&second).unwrap().len(),
+        second_len,
+        "later segment kept"
+    );
     evhost::log::repair(dir.path()).unwrap();
     let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
     assert_eq!(log.head(), 2000);
@@ -689,7 +716,10 @@ async fn a_damaged_indexed_chunk_serves_the_events_around_it_and_shows_in_health
     assert_eq!(log.head(), 3000);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while log.health().damaged.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the check never reported the damage");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never reported the damage"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let health = log.health();
@@ -700,7 +730,10 @@ async fn a_damaged_indexed_chunk_serves_the_events_around_it_and_shows_in_health
     assert_eq!(page.next, page.events.len() as u64);
     let bad = page.next;
     let err = log.read(bad, 10, &ReadFilter::default()).await.unwrap_err();
-    assert!(err.to_string().contains(&format!("positions {bad}..=")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("positions {bad}..=")),
+        "{err}"
+    );
     // The events after the damaged chunk are readable too.
     let mut after = bad + 1;
     let page = loop {
@@ -735,7 +768,11 @@ async fn a_segment_cut_short_under_an_intact_index_refuses_to_open_instead_of_fi
         .unwrap();
     let err = open_err(dir.path()).to_string();
     assert!(err.contains("cut short"), "{err}");
-    assert_eq!(std::fs::metadata(&segment).unwrap().len(), len / 2, "not extended");
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        len / 2,
+        "not extended"
+    );
     let report = evhost::log::repair(dir.path()).unwrap();
     // The index knew 2,000 positions were acknowledged: the lost ones get placeholders, so
     // no new event takes an acknowledged position.
@@ -749,7 +786,11 @@ async fn a_segment_cut_short_under_an_intact_index_refuses_to_open_instead_of_fi
         .filter(|e| e.event_type.as_str() == evhost::log::DAMAGED_TYPE)
         .count();
     assert!(lost > 0 && lost < 2000, "{lost}");
-    assert!(events[..2000 - lost].iter().all(|e| e.event_type.as_str() == "a.b"));
+    assert!(
+        events[..2000 - lost]
+            .iter()
+            .all(|e| e.event_type.as_str() == "a.b")
+    );
     let r = log
         .append(one("s", ExpectedVersion::Any, vec![ev("a.b", "1")]))
         .await
@@ -761,15 +802,25 @@ async fn a_segment_cut_short_under_an_intact_index_refuses_to_open_instead_of_fi
 async fn an_id_already_on_another_stream_is_refused_and_names_that_stream() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path());
-    log.append(one("a", ExpectedVersion::Any, vec![ev("x.y", "1").with_id("same")]))
-        .await
-        .unwrap();
+    log.append(one(
+        "a",
+        ExpectedVersion::Any,
+        vec![ev("x.y", "1").with_id("same")],
+    ))
+    .await
+    .unwrap();
     let err = log
-        .append(one("b", ExpectedVersion::Any, vec![ev("x.y", "2").with_id("same")]))
+        .append(one(
+            "b",
+            ExpectedVersion::Any,
+            vec![ev("x.y", "2").with_id("same")],
+        ))
         .await
         .unwrap_err();
     match &err {
-        AppendError::IdInUse { stream, position, .. } => {
+        AppendError::IdInUse {
+            stream, position, ..
+        } => {
             assert_eq!((stream.as_str(), *position), ("a", 0));
         }
         other => panic!("expected IdInUse, got {other:?}"),
@@ -791,10 +842,17 @@ async fn an_id_already_on_another_stream_is_refused_and_names_that_stream() {
         ])
         .await
         .unwrap_err();
-    assert!(matches!(err, AppendError::IdInUse { ref stream, .. } if stream == "c"), "{err:?}");
+    assert!(
+        matches!(err, AppendError::IdInUse { ref stream, .. } if stream == "c"),
+        "{err:?}"
+    );
     // The same stream is a retry: the original position, nothing new.
     let r = log
-        .append(one("a", ExpectedVersion::Any, vec![ev("x.y", "1").with_id("same")]))
+        .append(one(
+            "a",
+            ExpectedVersion::Any,
+            vec![ev("x.y", "1").with_id("same")],
+        ))
         .await
         .unwrap();
     assert_eq!(r[0].positions, vec![0]);
@@ -826,14 +884,71 @@ async fn a_missing_middle_segment_is_refused_without_deleting_the_later_ones() {
     assert!(before.len() >= 4, "{before:?}");
     std::fs::remove_file(events_dir.join("00000001.seg")).unwrap();
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();
-    let err = SledLog::open(cfg(), Hub::new(10)).err().expect("refused").to_string();
+    let err = SledLog::open(cfg(), Hub::new(10))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("00000002.seg"), "{err}");
-    assert_eq!(segs(&events_dir).len(), before.len() - 1, "nothing else removed");
+    assert_eq!(
+        segs(&events_dir).len(),
+        before.len() - 1,
+        "nothing else removed"
+    );
     let report = evhost::log::repair(dir.path()).unwrap();
     assert_eq!(report.head, 3000, "{report:?}");
     let log = SledLog::open(cfg(), Hub::new(10)).unwrap();
     assert_eq!(log.head(), 3000);
     let events = all(&log).await;
-    let kept = events.iter().filter(|e| e.event_type.as_str() == "a.b").count();
+    let kept = events
+        .iter()
+        .filter(|e| e.event_type.as_str() == "a.b")
+        .count();
     assert!(kept >= 1000 && kept < 3000, "{kept}");
+}
+
+#[tokio::test]
+async fn a_lost_index_over_many_events_is_rebuilt_in_bounded_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path());
+        for b in 0..250u64 {
+            let events = (0..1000u64)
+                .map(|j| {
+                    let e = ev("a.b", &j.to_string());
+                    if j == 0 {
+                        e.with_id(format!("first-of-{b}"))
+                    } else {
+                        e
+                    }
+                })
+                .collect();
+            log.append(one("s", ExpectedVersion::Any, events))
+                .await
+                .unwrap();
+        }
+    }
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let log = open(dir.path());
+    assert_eq!(log.head(), 250_000);
+    assert_eq!(log.stream_version("s").await.unwrap(), 250_000);
+    // Across the boundary between two recovery batches, the stream reads on without a gap.
+    let around = log.read_stream("s", 99_998, 5).await.unwrap();
+    let versions: Vec<u64> = around.iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![99_998, 99_999, 100_000, 100_001, 100_002]);
+    for b in [0u64, 99, 100, 249] {
+        let r = log
+            .append(one(
+                "s",
+                ExpectedVersion::Any,
+                vec![ev("a.b", "0").with_id(format!("first-of-{b}"))],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            r[0].positions,
+            vec![b * 1000],
+            "id of batch {b} indexed again"
+        );
+    }
+    assert_eq!(log.head(), 250_000);
 }

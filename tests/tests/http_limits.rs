@@ -611,7 +611,12 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         serde_json::json!({"events": [{"type": "blob.stored", "id": format!("blob-{i}"),
             "payload": {"b": "x".repeat(400_000)}}]})
     };
-    let r = kept.post(format!("{url}/v1/streams/blobs")).json(&blob(0)).send().await.unwrap();
+    let r = kept
+        .post(format!("{url}/v1/streams/blobs"))
+        .json(&blob(0))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut held = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {

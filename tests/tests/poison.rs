@@ -96,7 +96,9 @@ async fn a_tool_input_whose_schema_error_is_huge_gets_a_bounded_failure_and_the_
     let outcomes = all_events(&h)
         .await
         .into_iter()
-        .filter(|e| e["payload"]["invocation_id"] == "poison" && e["type"] != "tool.invocation.requested")
+        .filter(|e| {
+            e["payload"]["invocation_id"] == "poison" && e["type"] != "tool.invocation.requested"
+        })
         .count();
     assert_eq!(outcomes, 1, "one outcome for the poison request");
 }
@@ -109,11 +111,20 @@ async fn a_request_naming_a_huge_tool_is_answered_bounded_and_the_next_one_too()
     let h = Host::start(BIN, dir.path(), &[]).await;
     let name = "t".repeat(600_000);
     append(&h, "tools", json!([request("huge-name", &name, json!({}))])).await;
-    append(&h, "tools", json!([request("small-name", "nope", json!({}))])).await;
+    append(
+        &h,
+        "tools",
+        json!([request("small-name", "nope", json!({}))]),
+    )
+    .await;
     let failed = outcome(&h, "huge-name").await;
     assert_eq!(failed["type"], "tool.invocation.failed");
     assert_eq!(failed["payload"]["error"]["code"], "unknown_tool");
-    assert!(size(&failed["payload"]) < 4 * MESSAGE_BYTES, "{} bytes", size(&failed));
+    assert!(
+        size(&failed["payload"]) < 4 * MESSAGE_BYTES,
+        "{} bytes",
+        size(&failed)
+    );
     let next = outcome(&h, "small-name").await;
     assert_eq!(next["payload"]["error"]["code"], "unknown_tool", "{next}");
     assert!(
@@ -139,7 +150,8 @@ async fn an_extractor_deriving_more_than_one_append_holds_derives_everything() {
             .collect();
         append(&h, "memories", json!(events)).await;
     }
-    let manifest = std::fs::read_to_string(Path::new(PLUGINS).join("entity-extractor.toml")).unwrap();
+    let manifest =
+        std::fs::read_to_string(Path::new(PLUGINS).join("entity-extractor.toml")).unwrap();
     let wasm = std::fs::read(Path::new(PLUGINS).join("entity-extractor.wasm")).unwrap();
     let (s, body) = upload(&h, "entity-extractor", &manifest, wasm).await;
     assert_eq!(s, 200, "{body}");
@@ -201,7 +213,10 @@ async fn an_extractor_error_of_two_mib_is_dead_lettered_bounded_and_the_plugin_g
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(ok["payload"].is_u64(), "derived from the event after the poison: {ok}");
+    assert!(
+        ok["payload"].is_u64(),
+        "derived from the event after the poison: {ok}"
+    );
     let (s, body) = get(&format!("{}/v1/dlq?plugin=hostile", h.url)).await;
     assert_eq!(s, 200);
     let letters = body["dead_letters"].as_array().unwrap();

@@ -21,8 +21,14 @@ async fn settled(h: &Host) {
         let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
         let answered = {
             let events = all_events(h).await;
-            let q = events.iter().filter(|e| e["type"] == "user.query.received").count();
-            let a = events.iter().filter(|e| e["type"] == "answer.synthesized").count();
+            let q = events
+                .iter()
+                .filter(|e| e["type"] == "user.query.received")
+                .count();
+            let a = events
+                .iter()
+                .filter(|e| e["type"] == "answer.synthesized")
+                .count();
             a >= q
         };
         if answered && !plugins.is_empty() && plugins.iter().all(|p| p["lag"] == 0) {
@@ -30,7 +36,10 @@ async fn settled(h: &Host) {
             tokio::time::sleep(Duration::from_millis(300)).await;
             return;
         }
-        assert!(Instant::now() < deadline, "plugins did not catch up: {list}");
+        assert!(
+            Instant::now() < deadline,
+            "plugins did not catch up: {list}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -42,7 +51,10 @@ fn derivations(events: &[Value]) -> BTreeMap<String, usize> {
         let ty = e["type"].as_str().unwrap();
         if matches!(
             ty,
-            "memory.entity.extracted" | "plan.generated" | "answer.synthesized" | "tool.invocation.requested"
+            "memory.entity.extracted"
+                | "plan.generated"
+                | "answer.synthesized"
+                | "tool.invocation.requested"
         ) {
             let key = format!("{ty} <- {}", e["metadata"]["causation_id"]);
             *out.entry(key).or_default() += 1;
@@ -55,7 +67,10 @@ fn assert_once(events: &[Value], when: &str) {
     let d = derivations(events);
     assert!(!d.is_empty());
     let twice: Vec<_> = d.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "{when}: derived more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "{when}: derived more than once: {twice:?}"
+    );
 }
 
 async fn put_schema(h: &Host) {
@@ -87,15 +102,20 @@ async fn losing_the_index_or_the_state_directory_derives_nothing_twice() {
         put_schema(&h).await;
         let mut events = Vec::new();
         for i in 0..20 {
-            events.push(json!({"stream": format!("mem-{i}"), "type": "memory.created",
-                "payload": {"content": format!("Ada Lovelace met Charles Babbage on day {i}")}}));
+            events.push(
+                json!({"stream": format!("mem-{i}"), "type": "memory.created",
+                "payload": {"content": format!("Ada Lovelace met Charles Babbage on day {i}")}}),
+            );
         }
         for i in 0..5 {
-            events.push(json!({"stream": format!("chat-{i}"), "type": "user.query.received",
+            events.push(
+                json!({"stream": format!("chat-{i}"), "type": "user.query.received",
                 "payload": {"query": format!("what is {i}+2*3")},
-                "metadata": {"correlation_id": format!("c{i}")}}));
+                "metadata": {"correlation_id": format!("c{i}")}}),
+            );
         }
-        let (s, r) = evhost_tests::post(&format!("{}/v1/events", h.url), json!({"events": events})).await;
+        let (s, r) =
+            evhost_tests::post(&format!("{}/v1/events", h.url), json!({"events": events})).await;
         assert_eq!(s, 200, "{r}");
         settled(&h).await;
         assert_once(&all_events(&h).await, "before any loss");
@@ -109,7 +129,11 @@ async fn losing_the_index_or_the_state_directory_derives_nothing_twice() {
         settled(&h).await;
         let events = all_events(&h).await;
         assert_once(&events, "after losing DATA/index");
-        assert_eq!(violating_append(&h).await, 422, "schemas survive the index's loss");
+        assert_eq!(
+            violating_append(&h).await,
+            422,
+            "schemas survive the index's loss"
+        );
         assert!(h.stop().success());
         events.len()
     };

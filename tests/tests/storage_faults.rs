@@ -93,8 +93,15 @@ async fn a_flipped_bit_refuses_the_start_and_repair_keeps_every_valid_acknowledg
     let seg = data.join("events").join("00000000.seg");
     let len = std::fs::metadata(&seg).unwrap().len();
     let err = refused_start(&data);
-    assert!(err.contains("00000000.seg") && err.contains("evhost log repair"), "{err}");
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "nothing truncated");
+    assert!(
+        err.contains("00000000.seg") && err.contains("evhost log repair"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        len,
+        "nothing truncated"
+    );
 
     let out = Command::new(BIN)
         .args(["log", "repair", "--data"])
@@ -102,8 +109,15 @@ async fn a_flipped_bit_refuses_the_start_and_repair_keeps_every_valid_acknowledg
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("repaired: segment 00000000.seg"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("repaired: segment 00000000.seg"),
+        "{stdout}"
+    );
 
     let h = Host::start(BIN, &data, &[]).await;
     let events = all(&h).await;
@@ -122,10 +136,19 @@ async fn a_flipped_bit_refuses_the_start_and_repair_keeps_every_valid_acknowledg
     assert!(placeholders > 0 && placeholders <= 256, "{placeholders}");
     assert_eq!(kept + placeholders, 6000);
     // New events continue after the last acknowledged position.
-    let r = append(&h, "after", vec![json!({"type": "order.placed", "payload": {}})]).await;
+    let r = append(
+        &h,
+        "after",
+        vec![json!({"type": "order.placed", "payload": {}})],
+    )
+    .await;
     assert_eq!(r["positions"][0], 6000);
     let (s, health) = get(&format!("{}/health", h.url)).await;
-    assert_eq!((s, health["status"].as_str()), (200, Some("ok")), "{health}");
+    assert_eq!(
+        (s, health["status"].as_str()),
+        (200, Some("ok")),
+        "{health}"
+    );
 }
 
 #[tokio::test]
@@ -160,10 +183,17 @@ async fn a_damaged_chunk_under_an_intact_index_shows_in_health_and_the_rest_stay
     // Starting at the damaged chunk answers 503 naming the positions.
     let (s, err) = get(&format!("{}/v1/events?from={served}", h.url)).await;
     assert_eq!(s, 503, "{err}");
-    assert!(err["error"]["message"].as_str().unwrap().contains(&format!("positions {served}..=")));
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("positions {served}..="))
+    );
     // A subscriber reaching the chunk gets the events before it, then errors at a
     // backing-off pace, not a storm (55,000 error frames in 3 s before).
-    let mut sse = reqwest::get(format!("{}/v1/subscribe?from=0", h.url)).await.unwrap();
+    let mut sse = reqwest::get(format!("{}/v1/subscribe?from=0", h.url))
+        .await
+        .unwrap();
     let mut text = String::new();
     let until = Instant::now() + Duration::from_secs(3);
     while let Ok(Ok(Some(chunk))) =
@@ -172,7 +202,10 @@ async fn a_damaged_chunk_under_an_intact_index_shows_in_health_and_the_rest_stay
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
     let errors = text.matches("event: error").count();
-    assert!(text.contains(&format!("id: {}", served - 1)), "events before the damage delivered");
+    assert!(
+        text.contains(&format!("id: {}", served - 1)),
+        "events before the damage delivered"
+    );
     assert!((1..=20).contains(&errors), "{errors} error frames in 3 s");
 }
 
@@ -210,16 +243,25 @@ fn is_root() -> bool {
 }
 
 #[tokio::test]
-async fn a_full_disk_fails_appends_with_503_shows_in_health_and_writing_resumes_once_space_is_back() {
+async fn a_full_disk_fails_appends_with_503_shows_in_health_and_writing_resumes_once_space_is_back()
+{
     let Some(disk) = SmallDisk::mount(24) else {
-        assert!(!is_root(), "running as root, yet a tmpfs could not be mounted");
+        assert!(
+            !is_root(),
+            "running as root, yet a tmpfs could not be mounted"
+        );
         eprintln!("skipped: mounting a small disk needs root");
         return;
     };
     let data = disk.path.join("data");
     // Room the test can give back later.
     let ballast = disk.path.join("ballast");
-    let h = Host::start(BIN, &data, &["--max-event-bytes", "300000", "--segment-mb", "2"]).await;
+    let h = Host::start(
+        BIN,
+        &data,
+        &["--max-event-bytes", "300000", "--segment-mb", "2"],
+    )
+    .await;
     std::fs::write(&ballast, vec![7u8; 6 * 1024 * 1024]).unwrap();
     let client = reqwest::Client::new();
     let big = "x".repeat(250_000);
@@ -247,20 +289,39 @@ async fn a_full_disk_fails_appends_with_503_shows_in_health_and_writing_resumes_
     assert!(acked.len() > 10, "{}", acked.len());
     let (_, health) = get(&format!("{}/health", h.url)).await;
     assert_eq!(health["status"], "degraded", "{health}");
-    assert!(health["log"]["last_write_error"].as_str().unwrap().contains("space"), "{health}");
+    assert!(
+        health["log"]["last_write_error"]
+            .as_str()
+            .unwrap()
+            .contains("space"),
+        "{health}"
+    );
 
     // Space comes back: the next append succeeds without a restart, right after the last
     // acknowledged position.
     std::fs::remove_file(&ballast).unwrap();
-    let r = append(&h, "fill", vec![json!({"type": "blob.stored", "id": "after", "payload": {}})]).await;
-    assert_eq!(r["positions"][0].as_u64().unwrap(), acked.last().unwrap().1 + 1);
+    let r = append(
+        &h,
+        "fill",
+        vec![json!({"type": "blob.stored", "id": "after", "payload": {}})],
+    )
+    .await;
+    assert_eq!(
+        r["positions"][0].as_u64().unwrap(),
+        acked.last().unwrap().1 + 1
+    );
     let (_, health) = get(&format!("{}/health", h.url)).await;
     assert_eq!(health["status"], "ok", "{health}");
 
     // Every acknowledged event is there after a restart, and nothing refused is.
     let mut h = h;
     assert!(h.stop().success());
-    let h = Host::start(BIN, &data, &["--max-event-bytes", "300000", "--segment-mb", "2"]).await;
+    let h = Host::start(
+        BIN,
+        &data,
+        &["--max-event-bytes", "300000", "--segment-mb", "2"],
+    )
+    .await;
     let events = all(&h).await;
     assert_eq!(events.len(), acked.len() + 1);
     for (id, pos) in &acked {

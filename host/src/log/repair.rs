@@ -135,13 +135,15 @@ impl Aside {
     /// The segment's bytes, copied aside first if this repair has not copied it yet.
     fn keep(&mut self, events: &Path, seg: u32) -> Result<Vec<u8>, LogError> {
         let path = segment::path(events, seg);
-        let bytes =
-            fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
+        let bytes = fs::read(&path).map_err(|e| io_err("cannot read", &path, e))?;
         if self.done.insert(seg) {
             fs::create_dir_all(&self.dir).map_err(|e| io_err("cannot create", &self.dir, e))?;
             let to = self.dir.join(format!("{seg:08}.seg.{}", self.stamp));
             let res = (|| {
-                let f = fs::OpenOptions::new().write(true).create_new(true).open(&to)?;
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&to)?;
                 std::io::Write::write_all(&mut &f, &bytes)?;
                 f.sync_all()?;
                 fs::File::open(&self.dir)?.sync_all()
@@ -259,7 +261,9 @@ fn last_indexed_end(db: &sled::Db) -> Result<u64, LogError> {
         .transpose()
         .map_err(|e| LogError::Storage(e.to_string()))?;
     Ok(match last {
-        Some((k, v)) => codec::position_of_event_key(&k)? + u64::from(ChunkEntry::decode(&v)?.count),
+        Some((k, v)) => {
+            codec::position_of_event_key(&k)? + u64::from(ChunkEntry::decode(&v)?.count)
+        }
         None => 0,
     })
 }
@@ -272,7 +276,9 @@ fn drop_index_from(db: &sled::Db, cut: u64, report: &mut RepairReport) -> Result
     }
     report.reindex_from = Some(cut);
     drop_entries_from(db, cut)?;
-    db.flush().map(|_| ()).map_err(|e| LogError::Storage(e.to_string()))
+    db.flush()
+        .map(|_| ())
+        .map_err(|e| LogError::Storage(e.to_string()))
 }
 
 fn drop_entries_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
@@ -283,7 +289,10 @@ fn drop_entries_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
     }
     // Chunks are keyed by first position: one that starts before the cut and runs past it
     // must go too (its bytes may have moved).
-    if let Some(item) = db.range(codec::event_key(0)..codec::event_key(cut)).next_back() {
+    if let Some(item) = db
+        .range(codec::event_key(0)..codec::event_key(cut))
+        .next_back()
+    {
         let (k, v) = item.map_err(st)?;
         if codec::position_of_event_key(&k)? + u64::from(ChunkEntry::decode(&v)?.count) > cut {
             batch.remove(k);

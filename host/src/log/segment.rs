@@ -124,7 +124,10 @@ impl SegmentWriter {
         fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         let (segment, offset) = end;
         let path = segment_path(dir, segment);
-        let later: Vec<(u32, u64)> = list(dir)?.into_iter().filter(|(n, _)| *n > segment).collect();
+        let later: Vec<(u32, u64)> = list(dir)?
+            .into_iter()
+            .filter(|(n, _)| *n > segment)
+            .collect();
         // Everything is checked before anything is removed.
         if let Some((n, len)) = later.iter().find(|(n, len)| *len > 0 && Some(*n) != torn) {
             return Err(LogError::Corrupt(format!(
@@ -442,7 +445,10 @@ fn read_chunk(
 /// True when a chunk body's offset table fits it and ends exactly at its end (checked before
 /// the CRC, so that random bytes rarely cost one).
 fn well_formed(body: &[u8]) -> bool {
-    let Some(count) = body.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4"))) else {
+    let Some(count) = body
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+    else {
         return false;
     };
     let table = 4 + 4 * count as usize;
@@ -538,8 +544,7 @@ fn find_valid(
             };
             // Random bytes almost never carry a first position this close to the expected
             // one, which keeps the checks below rare.
-            if h.first_position < expected || h.first_position - expected > u64::from(u32::MAX)
-            {
+            if h.first_position < expected || h.first_position - expected > u64::from(u32::MAX) {
                 continue;
             }
             let Some((h, end)) = valid_at(o) else {

@@ -35,6 +35,8 @@ const MAX_GROUP_OPS: usize = 1024;
 const MAX_GROUP_EVENTS: usize = 32 * 1024;
 /// Most positions one read examines.
 const MAX_SCAN: u64 = 64 * 1024;
+/// Events recovery indexes per sled batch when it rebuilds the index from the segments.
+const RECOVERY_BATCH_EVENTS: usize = 100_000;
 
 /// How to open a [`SledLog`].
 #[derive(Debug, Clone)]
@@ -304,6 +306,14 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
             }
             head = chunk.end();
             committed_end = (location.segment, location.end());
+            // Whole groups are indexed in bounded batches, so rebuilding a lost index never
+            // holds a large log in memory; a crash in between resumes after the last one.
+            if events.len() >= RECOVERY_BATCH_EVENTS {
+                index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
+                db.apply_batch(std::mem::take(&mut batch))
+                    .map_err(storage)?;
+                events.clear();
+            }
         }
         Ok(())
     })?;
@@ -327,9 +337,11 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
         );
     }
     let end = committed_end;
-    if recovered > 0 {
+    if !events.is_empty() {
         index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
         db.apply_batch(batch).map_err(storage)?;
+    }
+    if recovered > 0 {
         tracing::info!(
             events = recovered,
             "indexed events written before the last stop"
@@ -836,12 +848,16 @@ impl Writer {
             // memory, so its positions must not be reused: the log stops writing, and the
             // next start indexes the synced group again.
             let undone = if synced {
-                Err(LogError::Storage("the group was durable, its index was not".into()))
+                Err(LogError::Storage(
+                    "the group was durable, its index was not".into(),
+                ))
             } else {
                 self.segment.discard_since(start)
             };
             match undone {
-                Ok(()) => tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again"),
+                Ok(()) => {
+                    tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again")
+                }
                 Err(undo) => {
                     tracing::error!(error = %e, undo = %undo, "an append failed on storage and could not be taken back; refusing further appends until a restart");
                     self.shared.poisoned.store(true, Ordering::Release);
@@ -853,7 +869,12 @@ impl Writer {
             return;
         }
         if self.shared.health.failing.swap(false, Ordering::AcqRel) {
-            *self.shared.health.last_write_error.lock().expect("health lock") = None;
+            *self
+                .shared
+                .health
+                .last_write_error
+                .lock()
+                .expect("health lock") = None;
             tracing::info!("appends succeed again after a storage failure");
         }
         let end = group.first_position + group.events.len() as u64;
