@@ -84,22 +84,29 @@ struct EventsPage<'a> {
     head: u64,
 }
 
+/// The filter of a read: a type pattern list (all types when absent) and the exact-match
+/// fields.
+fn filter_of(
+    pattern: Option<&str>,
+    stream: Option<String>,
+    correlation_id: Option<String>,
+    source: Option<String>,
+) -> Result<ReadFilter, ApiError> {
+    Ok(ReadFilter {
+        types: pattern.map(|p| patterns(Some(p))).transpose()?,
+        stream,
+        correlation_id,
+        source,
+    })
+}
+
 /// `GET /v1/events`: events by position, at most `limit` and at most the byte bound.
 pub(super) async fn read_events(
     State(st): State<AppState>,
     q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let filter = ReadFilter {
-        types: q
-            .pattern
-            .as_deref()
-            .map(|p| patterns(Some(p)))
-            .transpose()?,
-        stream: q.stream,
-        correlation_id: q.correlation_id,
-        source: q.source,
-    };
+    let filter = filter_of(q.pattern.as_deref(), q.stream, q.correlation_id, q.source)?;
     let limit = limit(q.limit);
     let mut out = Bounded::new(&st.config);
     let mut next = q.from;
@@ -226,16 +233,7 @@ pub(super) async fn history(
     q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    let filter = ReadFilter {
-        types: q
-            .pattern
-            .as_deref()
-            .map(|p| patterns(Some(p)))
-            .transpose()?,
-        stream: q.stream,
-        correlation_id: q.correlation_id,
-        source: q.source,
-    };
+    let filter = filter_of(q.pattern.as_deref(), q.stream, q.correlation_id, q.source)?;
     let events = st.bus.history(&filter, limit(q.limit));
     let mut used = 0usize;
     let kept: Vec<&Event> = events
