@@ -174,9 +174,9 @@ impl Hub {
         for e in events {
             *types.entry(e.event_type.as_str()).or_default() += 1;
         }
-        let batch = Arc::new(Published {
-            events: events.to_vec(),
-        });
+        // Built for the first subscriber it goes to: an append nobody follows live costs
+        // no copy.
+        let mut batch: Option<Arc<Published>> = None;
         let mut st = self.state.lock().expect("bus lock");
         let st = &mut *st;
         st.published += events.len() as u64;
@@ -242,6 +242,11 @@ impl Hub {
             }
             sub.queued.events.fetch_add(matched, Ordering::AcqRel);
             sub.queued.bytes.fetch_add(bytes, Ordering::AcqRel);
+            let batch = batch.get_or_insert_with(|| {
+                Arc::new(Published {
+                    events: events.to_vec(),
+                })
+            });
             let delivery = Delivery {
                 batch: batch.clone(),
                 events: matched,
