@@ -3,6 +3,7 @@
 //! Nothing below this module knows about HTTP. Every handler validates its whole input
 //! before calling the log, so a request that fails writes nothing.
 
+mod access;
 mod error;
 mod failures;
 mod flows;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+pub use access::{Access, AllowedHosts, Role, TokenError, Tokens};
 pub use error::ApiError;
 pub use serve::{Closing, ServeConfig};
 
@@ -78,6 +80,7 @@ pub struct AppState {
     flows: Option<crate::plugin::PluginStore>,
     schemas: Option<crate::schemas::Schemas>,
     closing: Closing,
+    access: Arc<Access>,
 }
 
 impl AppState {
@@ -91,6 +94,7 @@ impl AppState {
             flows: None,
             schemas: None,
             closing: Closing::default(),
+            access: Arc::new(Access::default()),
         }
     }
 
@@ -106,6 +110,12 @@ impl AppState {
         self
     }
 
+    /// Checks every request against `access` (tokens, hosts, origins) before it is served.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = Arc::new(access);
+        self
+    }
+
     /// Serves the plugin endpoints from `registry`.
     pub fn with_registry(mut self, registry: Arc<crate::registry::Registry>) -> Self {
         self.registry = Some(registry);
@@ -116,6 +126,7 @@ impl AppState {
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
+    let access = state.access.clone();
     Router::new()
         .route("/health", get(health))
         .route(
@@ -153,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/metrics", get(flows::get_metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)
 }
 

@@ -196,6 +196,83 @@ struct ServeArgs {
     /// Milliseconds open connections get to finish at shutdown before they are closed.
     #[arg(long, default_value_t = 5_000)]
     shutdown_timeout_ms: u64,
+    /// An admin token: every request must then send `Authorization: Bearer TOKEN` (at
+    /// least 16 characters).
+    #[arg(long, env = "EVHOST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file of tokens, one `TOKEN ROLE` per line (roles: read, append, admin).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// A page origin (e.g. `http://localhost:3000`) allowed to call the API from a browser;
+    /// repeat for more. Requests carrying any other Origin are refused (403).
+    #[arg(long)]
+    allow_origin: Vec<String>,
+    /// A host name (with or without port) requests may address besides the listen
+    /// address, e.g. the name a proxy forwards; repeat for more. Others get 421.
+    #[arg(long)]
+    allow_host: Vec<String>,
+    /// Listen beyond loopback with no tokens: anyone who reaches the port may do anything.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// The operator's caps on what any plugin may claim, whoever loads it.
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// A host (`host:port`) plugins may be granted HTTP access to; repeat for more. With
+    /// none given, any manifest's grant is honoured; with some, a manifest granting itself
+    /// another host is refused.
+    #[arg(long, value_name = "HOST:PORT")]
+    plugin_http_allow: Vec<String>,
+    /// Grant HTTP access to no host at all, whatever a manifest asks.
+    #[arg(long, conflicts_with = "plugin_http_allow")]
+    plugin_http_deny_all: bool,
+    /// Largest `limits.memory_mb` a manifest may ask for.
+    #[arg(long, value_name = "MB")]
+    plugin_max_memory_mb: Option<u64>,
+    /// Largest `limits.concurrency` a manifest may ask for.
+    #[arg(long, value_name = "N")]
+    plugin_max_concurrency: Option<usize>,
+    /// Largest `limits.batch_timeout_ms` a manifest may ask for.
+    #[arg(long, value_name = "MS")]
+    plugin_max_batch_timeout_ms: Option<u64>,
+    /// Largest `limits.fuel_per_event`; manifests must then set one.
+    #[arg(long, value_name = "FUEL")]
+    plugin_max_fuel_per_event: Option<u64>,
+    /// Refuse loading, replacing and unloading plugins over the API: only --plugins loads.
+    #[arg(long)]
+    no_hot_load: bool,
+    /// Which copy loads at start when --plugins and the uploads kept in DATA/plugins both
+    /// hold a plugin of one name.
+    #[arg(long, value_enum, default_value = "plugins-dir")]
+    plugin_precedence: crate::registry::Precedence,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> crate::registry::PluginPolicy {
+        let http_hosts = if self.plugin_http_deny_all {
+            Some(Default::default())
+        } else if self.plugin_http_allow.is_empty() {
+            None
+        } else {
+            Some(
+                self.plugin_http_allow
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            )
+        };
+        crate::registry::PluginPolicy {
+            http_hosts,
+            max_memory_mb: self.plugin_max_memory_mb,
+            max_concurrency: self.plugin_max_concurrency,
+            max_batch_timeout_ms: self.plugin_max_batch_timeout_ms,
+            max_fuel_per_event: self.plugin_max_fuel_per_event,
+            hot_load: !self.no_hot_load,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +280,9 @@ struct Remote {
     /// URL of the running host.
     #[arg(long, env = "EVHOST_URL", default_value = "http://127.0.0.1:7700")]
     url: String,
+    /// Token to send (`Authorization: Bearer`), when the host requires one.
+    #[arg(long, env = "EVHOST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,8 +411,17 @@ fn repair_log(data: &std::path::Path) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    let tokens = serve_tokens(&args)?;
     if !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "listening beyond loopback: anyone who can reach this address can append events");
+        if tokens.is_empty() && !args.insecure_no_auth {
+            bail!(
+                "refusing to listen on {} without tokens: anyone who can reach a non-loopback address could append, read, load plugins and delete data. Give --token or --tokens FILE, listen on 127.0.0.1, or pass --insecure-no-auth if something in front of the host authenticates every request",
+                args.listen
+            );
+        }
+        if tokens.is_empty() {
+            tracing::warn!(listen = %args.listen, "listening beyond loopback with no tokens (--insecure-no-auth): anyone who can reach this address can do anything");
+        }
     }
     let hub = Hub::with_history_bytes(args.history, args.history_mb << 20);
     let mut config = SledLogConfig::new(&args.data);
@@ -366,18 +455,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_event_bytes: args.max_event_bytes,
         max_batch_events: args.max_batch_events,
     });
-    // Plugins loaded over the API (kept in the data directory) override those of the same
-    // name in --plugins, so a hot-loaded replacement survives a restart.
-    let persisted = args.data.join("plugins");
-    let mut dirs: Vec<&std::path::Path> = Vec::new();
-    if let Some(dir) = &args.plugins {
-        if !dir.is_dir() {
-            bail!("--plugins {} is not a directory", dir.display());
-        }
-        dirs.push(dir);
+    registry.set_policy(args.policy.policy());
+    if let Some(dir) = &args.plugins
+        && !dir.is_dir()
+    {
+        bail!("--plugins {} is not a directory", dir.display());
     }
-    dirs.push(&persisted);
-    for (file, err) in registry.load_dirs(&dirs).await {
+    for (file, err) in registry
+        .load_dirs(args.plugins.as_deref(), args.policy.plugin_precedence)
+        .await
+    {
         tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
     }
     registry
@@ -401,6 +488,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let state = state.with_access(api::Access::for_listener(
+        bound,
+        tokens,
+        args.allow_host.clone(),
+        args.allow_origin.clone(),
+    ));
     let serve_config = api::ServeConfig {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
@@ -417,6 +511,41 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!("shut down");
     Ok(())
 }
+
+/// The tokens `serve` accepts: `--token` (admin) and the lines of `--tokens FILE`.
+fn serve_tokens(args: &ServeArgs) -> Result<api::Tokens> {
+    let mut tokens = match &args.tokens {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the tokens file {}", path.display()))?;
+            warn_if_readable_by_others(path);
+            api::Tokens::parse_file(&text, path)?
+        }
+        None => api::Tokens::none(),
+    };
+    if let Some(token) = &args.token {
+        tokens
+            .add(token, api::Role::Admin)
+            .context("--token (or EVHOST_TOKEN)")?;
+    }
+    if !tokens.is_empty() {
+        tracing::info!("requests need a bearer token");
+    }
+    Ok(tokens)
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(file = %path.display(), "the tokens file can be read by other users; chmod 600 it");
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &std::path::Path) {}
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -435,8 +564,22 @@ async fn shutdown_signal() {
     }
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::new()
+impl Remote {
+    /// An HTTP client for the host, sending the token when one is given.
+    fn client(&self) -> Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = &self.token {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .context("--token holds characters an HTTP header cannot carry")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .context("building the HTTP client")
+    }
 }
 
 /// Returns the JSON body of a successful reply, or the server's error message.
@@ -485,7 +628,8 @@ async fn events(cmd: EventsCommand) -> Result<()> {
                 event["source"] = json!(s);
             }
             let url = format!("{}/v1/streams/{}", remote.url, urlencode(&stream));
-            let resp = client()
+            let resp = remote
+                .client()?
                 .post(url)
                 .json(&json!({"expected_version": expected, "events": [event]}))
                 .send()
@@ -513,7 +657,8 @@ async fn events(cmd: EventsCommand) -> Result<()> {
                 if let Some(s) = &stream {
                     q.push(("stream", s.clone()));
                 }
-                let resp = client()
+                let resp = remote
+                    .client()?
                     .get(format!("{}/v1/events", remote.url))
                     .query(&q)
                     .send()
@@ -542,7 +687,8 @@ async fn events(cmd: EventsCommand) -> Result<()> {
             if let Some(f) = from {
                 q.push(("from", f.to_string()));
             }
-            let resp = client()
+            let resp = remote
+                .client()?
                 .get(format!("{}/v1/subscribe", remote.url))
                 .query(&q)
                 .send()
@@ -591,7 +737,8 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             let form = reqwest::multipart::Form::new()
                 .part("manifest", reqwest::multipart::Part::text(text))
                 .part("wasm", reqwest::multipart::Part::bytes(bytes));
-            let resp = client()
+            let resp = remote
+                .client()?
                 .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
                 .multipart(form)
                 .send()
@@ -600,7 +747,8 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             println!("{}", json_reply(resp).await?);
         }
         PluginCommand::List { remote } => {
-            let resp = client()
+            let resp = remote
+                .client()?
                 .get(format!("{}/v1/plugins", remote.url))
                 .send()
                 .await
@@ -615,7 +763,8 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             name,
             purge,
         } => {
-            let resp = client()
+            let resp = remote
+                .client()?
                 .delete(format!("{}/v1/plugins/{}", remote.url, urlencode(&name)))
                 .query(&[("purge", purge.to_string())])
                 .send()
@@ -624,7 +773,8 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             println!("{}", json_reply(resp).await?);
         }
         PluginCommand::Resume { remote, name } => {
-            let resp = client()
+            let resp = remote
+                .client()?
                 .post(format!(
                     "{}/v1/plugins/{}/resume",
                     remote.url,
@@ -642,17 +792,21 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
 async fn dlq(cmd: DlqCommand) -> Result<()> {
     let request = match &cmd {
         DlqCommand::List { remote, plugin } => {
-            let mut r = client().get(format!("{}/v1/dlq", remote.url));
+            let mut r = remote.client()?.get(format!("{}/v1/dlq", remote.url));
             if let Some(p) = plugin {
                 r = r.query(&[("plugin", p)]);
             }
             r
         }
         DlqCommand::Retry { remote, id } => {
-            client().post(format!("{}/v1/dlq/{}/retry", remote.url, urlencode(id)))
+            remote
+                .client()?
+                .post(format!("{}/v1/dlq/{}/retry", remote.url, urlencode(id)))
         }
         DlqCommand::Delete { remote, id } => {
-            client().delete(format!("{}/v1/dlq/{}", remote.url, urlencode(id)))
+            remote
+                .client()?
+                .delete(format!("{}/v1/dlq/{}", remote.url, urlencode(id)))
         }
     };
     let resp = request
@@ -676,13 +830,14 @@ async fn dlq(cmd: DlqCommand) -> Result<()> {
 }
 
 async fn state(cmd: StateCommand) -> Result<()> {
-    let (url, query): (String, Vec<(&str, String)>) = match &cmd {
+    let (remote, url, query): (&Remote, String, Vec<(&str, String)>) = match &cmd {
         StateCommand::Get {
             remote,
             name,
             key,
             prefix,
         } => (
+            remote,
             format!("{}/v1/projections/{}/state", remote.url, urlencode(name)),
             vec![(if *prefix { "prefix" } else { "key" }, key.clone())],
         ),
@@ -692,6 +847,7 @@ async fn state(cmd: StateCommand) -> Result<()> {
             key,
             position,
         } => (
+            remote,
             format!("{}/v1/projections/{}/state", remote.url, urlencode(name)),
             vec![("key", key.clone()), ("at", position.to_string())],
         ),
@@ -700,13 +856,14 @@ async fn state(cmd: StateCommand) -> Result<()> {
             name,
             request,
         } => {
-            let resp = client()
+            let resp = remote
+                .client()?
                 .post(format!(
                     "{}/v1/projections/{}/query",
                     remote.url,
                     urlencode(name)
                 ))
-                .body(request.clone())
+                .json(&json!(request))
                 .send()
                 .await
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
@@ -714,7 +871,8 @@ async fn state(cmd: StateCommand) -> Result<()> {
             return Ok(());
         }
     };
-    let resp = client()
+    let resp = remote
+        .client()?
         .get(url)
         .query(&query)
         .send()

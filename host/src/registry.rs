@@ -12,6 +12,7 @@
 //! held up.
 
 mod names;
+mod policy;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ use crate::runner::{
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 use names::NameLocks;
+pub use policy::PluginPolicy;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,10 @@ pub enum RegistryError {
     /// The manifest, the component, or the request is unusable; nothing was changed.
     #[error("{0}")]
     Invalid(String),
+    /// The operator's policy does not allow it (a cap on what a manifest may claim, or
+    /// loading over the API turned off); nothing was changed.
+    #[error("{0}")]
+    Refused(String),
     /// No plugin by that name is loaded.
     #[error("no plugin named {0:?} is loaded; see GET /v1/plugins")]
     NotFound(String),
@@ -111,6 +117,50 @@ pub struct PluginInfo {
     pub usage: UsageReport,
     /// Events waiting in its dead-letter store.
     pub dead_letters: usize,
+    /// Which copy of the plugin runs, and why that one.
+    pub source: PluginSource,
+}
+
+/// Where a loaded plugin's copy came from.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "from")]
+pub enum Source {
+    /// Uploaded over the API, kept in `DATA/plugins/` to load at the next start.
+    Api,
+    /// A file in the operator's `--plugins` directory.
+    PluginsDir {
+        /// The manifest's path.
+        path: PathBuf,
+    },
+    /// The copy in `DATA/plugins/` that an earlier upload left, loaded at start.
+    Uploaded {
+        /// The manifest's path.
+        path: PathBuf,
+    },
+    /// Loaded by the embedding program.
+    Embedded,
+}
+
+/// [`Source`] with a note when another copy of the same plugin exists and lost.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PluginSource {
+    /// Where the running copy came from.
+    #[serde(flatten)]
+    pub source: Source,
+    /// Why this copy runs rather than another one, when there is another one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Which copy loads at start when `--plugins` and `DATA/plugins/` (uploads) both hold a
+/// plugin of one name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precedence {
+    /// The operator's `--plugins` copy; an uploaded copy of the same name is not loaded.
+    #[default]
+    PluginsDir,
+    /// The uploaded copy, so a hot-loaded replacement survives restarts.
+    Uploaded,
 }
 
 /// The loaded component, by world.
@@ -133,6 +183,7 @@ struct Loaded {
     hash: String,
     load: Duration,
     cached: bool,
+    source: PluginSource,
 }
 
 /// The set of loaded plugins.
@@ -155,6 +206,10 @@ pub struct Registry {
     closed: AtomicBool,
     /// The log's limits, which runners keep derived output within.
     limits: std::sync::OnceLock<crate::limits::OutputLimits>,
+    /// The operator's caps on manifests.
+    policy: std::sync::OnceLock<PluginPolicy>,
+    /// Plugins found in `--plugins` at start (name -> manifest path), and which copy wins.
+    operator: Mutex<(BTreeMap<String, PathBuf>, Precedence)>,
 }
 
 impl Registry {
@@ -181,6 +236,8 @@ impl Registry {
             schemas,
             closed: AtomicBool::new(false),
             limits: std::sync::OnceLock::new(),
+            policy: std::sync::OnceLock::new(),
+            operator: Mutex::new((BTreeMap::new(), Precedence::default())),
         })
     }
 
@@ -192,6 +249,29 @@ impl Registry {
     /// unless set); call before loading plugins.
     pub fn set_limits(&self, limits: crate::limits::OutputLimits) {
         let _ = self.limits.set(limits);
+    }
+
+    /// Sets the operator's caps on what manifests may claim; call before loading plugins.
+    pub fn set_policy(&self, policy: PluginPolicy) {
+        let _ = self.policy.set(policy);
+    }
+
+    fn policy(&self) -> &PluginPolicy {
+        static OPEN: std::sync::OnceLock<PluginPolicy> = std::sync::OnceLock::new();
+        self.policy
+            .get()
+            .unwrap_or_else(|| OPEN.get_or_init(PluginPolicy::default))
+    }
+
+    /// Refuses a load, replace or unload over the API when the operator turned it off.
+    pub fn check_hot_load(&self) -> Result<(), RegistryError> {
+        if self.policy().hot_load {
+            Ok(())
+        } else {
+            Err(RegistryError::Refused(
+                "loading, replacing and unloading plugins over the API is turned off on this host (--no-hot-load); change the --plugins directory and restart instead".into(),
+            ))
+        }
     }
 
     fn limits(&self) -> crate::limits::OutputLimits {
@@ -236,8 +316,25 @@ impl Registry {
         wasm: Vec<u8>,
         persist: bool,
     ) -> Result<PluginInfo, RegistryError> {
+        let source = if persist {
+            Source::Api
+        } else {
+            Source::Embedded
+        };
+        self.load_from(manifest_text, wasm, source, None).await
+    }
+
+    /// [`Registry::load`] of a copy from `source` (`Source::Api` keeps it for the next
+    /// start); `note` says why this copy runs when another exists.
+    pub async fn load_from(
+        self: &Arc<Self>,
+        manifest_text: &str,
+        wasm: Vec<u8>,
+        source: Source,
+        note: Option<String>,
+    ) -> Result<PluginInfo, RegistryError> {
         let (this, text) = (self.clone(), manifest_text.to_owned());
-        tokio::spawn(async move { this.load_task(text, wasm, persist).await })
+        tokio::spawn(async move { this.load_task(text, wasm, source, note).await })
             .await
             .map_err(storage)?
     }
@@ -246,10 +343,16 @@ impl Registry {
         self: Arc<Self>,
         manifest_text: String,
         wasm: Vec<u8>,
-        persist: bool,
+        source: Source,
+        note: Option<String>,
     ) -> Result<PluginInfo, RegistryError> {
+        let persist = source == Source::Api;
         let manifest =
             Manifest::parse(&manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        self.policy()
+            .admits(&manifest)
+            .map_err(RegistryError::Refused)?;
+        let note = note.or_else(|| self.api_note(&manifest.name, &source));
         // Compiling (or loading from the cache) and linking need no lock; the hash stays
         // pinned in the compile cache until the plugin is registered as loaded.
         let runtime = self.runtime.clone();
@@ -320,6 +423,7 @@ impl Registry {
             hash: compiled.hash,
             load: compiled.took,
             cached: compiled.cached,
+            source: PluginSource { source, note },
         };
         let inserted = {
             let mut loaded = self.loaded();
@@ -545,38 +649,61 @@ impl Registry {
         })
     }
 
-    /// Loads every `<name>.toml` + `<name>.wasm` pair in each directory; later directories
-    /// override earlier ones. Returns what failed, by file. Then collects the compile
-    /// cache's files that no loaded plugin uses.
-    pub async fn load_dirs(self: &Arc<Self>, dirs: &[&Path]) -> Vec<(PathBuf, RegistryError)> {
-        let mut found: BTreeMap<String, (PathBuf, PathBuf)> = BTreeMap::new();
+    /// Loads every plugin (`<name>.toml` beside `<name>.wasm`) of the operator's
+    /// `operator` directory (`--plugins`) and of the uploads kept in the data directory.
+    /// When both hold a plugin of one name, `precedence` picks the copy, and its status
+    /// says which one runs and why. Returns the files that failed, with why.
+    pub async fn load_dirs(
+        self: &Arc<Self>,
+        operator: Option<&Path>,
+        precedence: Precedence,
+    ) -> Vec<(PathBuf, RegistryError)> {
         let mut failed = Vec::new();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-                    continue;
+        let from_operator = operator
+            .map(|d| plugin_files(d, &mut failed))
+            .unwrap_or_default();
+        let uploaded = plugin_files(&self.dir.clone(), &mut failed);
+        {
+            let mut op = self.operator.lock().expect("operator plugins lock");
+            op.0 = from_operator
+                .iter()
+                .map(|(n, (m, _))| (n.clone(), m.clone()))
+                .collect();
+            op.1 = precedence;
+        }
+        let mut chosen: BTreeMap<String, (PathBuf, PathBuf, Source, Option<String>)> =
+            BTreeMap::new();
+        for (name, (m, w)) in &from_operator {
+            let source = Source::PluginsDir { path: m.clone() };
+            chosen.insert(name.clone(), (m.clone(), w.clone(), source, None));
+        }
+        for (name, (m, w)) in uploaded {
+            let source = Source::Uploaded { path: m.clone() };
+            match (chosen.get_mut(&name), precedence) {
+                (None, _) => {
+                    chosen.insert(name, (m, w, source, None));
                 }
-                let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-                    continue;
-                };
-                let wasm = path.with_extension("wasm");
-                if !wasm.exists() {
-                    failed.push((
-                        path.clone(),
-                        RegistryError::Invalid(format!("no {stem}.wasm beside {stem}.toml")),
-                    ));
-                    continue;
+                (Some(op), Precedence::PluginsDir) => {
+                    let note = format!(
+                        "an uploaded copy in {} is not loaded: the --plugins copy wins (--plugin-precedence plugins-dir)",
+                        m.display()
+                    );
+                    tracing::warn!(plugin = name, uploaded = %m.display(), "an uploaded plugin of the same name as one in --plugins is not loaded (--plugin-precedence plugins-dir)");
+                    op.3 = Some(note);
                 }
-                found.insert(stem.to_owned(), (path, wasm));
+                (Some(op), Precedence::Uploaded) => {
+                    let note = format!(
+                        "overrides the copy in {} (--plugin-precedence uploaded)",
+                        op.0.display()
+                    );
+                    tracing::info!(plugin = name, uploaded = %m.display(), "an uploaded plugin overrides the one of the same name in --plugins (--plugin-precedence uploaded)");
+                    *op = (m, w, source, Some(note));
+                }
             }
         }
-        for (_, (manifest, wasm)) in found {
+        for (_, (manifest, wasm, source, note)) in chosen {
             let result = match (std::fs::read_to_string(&manifest), std::fs::read(&wasm)) {
-                (Ok(m), Ok(w)) => self.load(&m, w, false).await.map(|_| ()),
+                (Ok(m), Ok(w)) => self.load_from(&m, w, source, note).await.map(|_| ()),
                 (Err(e), _) | (_, Err(e)) => Err(storage(e)),
             };
             if let Err(e) = result {
@@ -585,6 +712,26 @@ impl Registry {
         }
         self.collect_cache().await;
         failed
+    }
+
+    /// What the status of a plugin uploaded over the API says when `--plugins` has one of
+    /// the same name.
+    fn api_note(&self, name: &str, source: &Source) -> Option<String> {
+        if *source != Source::Api {
+            return None;
+        }
+        let op = self.operator.lock().expect("operator plugins lock");
+        let path = op.0.get(name)?;
+        Some(match op.1 {
+            Precedence::PluginsDir => format!(
+                "replaces the copy in {} until the next start, when that copy loads again (--plugin-precedence plugins-dir)",
+                path.display()
+            ),
+            Precedence::Uploaded => format!(
+                "replaces the copy in {}, also at the next start (--plugin-precedence uploaded)",
+                path.display()
+            ),
+        })
     }
 
     /// Deletes the compile cache's files that no loaded plugin (and no load under way) uses;
@@ -829,6 +976,7 @@ impl Registry {
                 Component::Extractor(p) => p.usage(),
                 Component::Tool(t) => t.usage(),
             },
+            source: l.source.clone(),
             dead_letters: l.store.dead_letter_count(),
         }
     }
@@ -952,6 +1100,37 @@ impl Registry {
 }
 
 /// Writes the manifest and component of a hot-loaded plugin into `dir`, each by rename.
+/// The plugins of `dir` by name (manifest, component); a manifest without its component
+/// goes to `failed`.
+fn plugin_files(
+    dir: &Path,
+    failed: &mut Vec<(PathBuf, RegistryError)>,
+) -> BTreeMap<String, (PathBuf, PathBuf)> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let wasm = path.with_extension("wasm");
+        if !wasm.exists() {
+            failed.push((
+                path.clone(),
+                RegistryError::Invalid(format!("no {stem}.wasm beside {stem}.toml")),
+            ));
+            continue;
+        }
+        found.insert(stem.to_owned(), (path, wasm));
+    }
+    found
+}
+
 fn persist_files(dir: &Path, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (ext, bytes) in [("wasm", wasm), ("toml", manifest.as_bytes())] {

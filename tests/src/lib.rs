@@ -55,8 +55,9 @@ impl Host {
             if let Some(status) = self.child.try_wait().expect("poll the host") {
                 panic!("the host exited before answering: {status}");
             }
+            // A host that needs a token answers 401: it is up all the same.
             if let Ok(r) = client.get(format!("{}/health", self.url)).send().await
-                && r.status().is_success()
+                && (r.status().is_success() || r.status() == reqwest::StatusCode::UNAUTHORIZED)
             {
                 return;
             }

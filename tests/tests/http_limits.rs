@@ -388,7 +388,10 @@ async fn bad_dead_letter_ids_and_oversized_uploads_get_codes_that_name_the_probl
     // A 100 MiB upload. The host answers 413 once the body passes 32 MiB and closes the
     // connection, while the client is still writing; so the reply is read while the body
     // is being sent (a client that only reads after writing sees just the close).
-    let (mut rd, mut wr) = TcpStream::connect(authority(&h)).await.unwrap().into_split();
+    let (mut rd, mut wr) = TcpStream::connect(authority(&h))
+        .await
+        .unwrap()
+        .into_split();
     let head = format!(
         "PUT /v1/plugins/big HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"wasm\"\r\n\r\n",
         authority(&h),

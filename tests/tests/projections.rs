@@ -132,24 +132,38 @@ async fn bundled_projections_fold_the_log_and_serve_state_now_and_at_a_position(
     .await;
     assert_eq!(s, 400, "a position past the head is refused");
 
-    // The query export (default: the request is a key).
+    // The query export (default: the request is a key). A JSON string is passed as its
+    // text; other JSON as JSON text; a body that is not JSON is refused.
     let (s, q) = post(
         &format!("{}/v1/projections/assistant-stats/query", h.url),
         json!("assistant-42"),
     )
     .await;
+    assert_eq!(s, 200, "{q}");
+    assert_eq!(q["answer"]["tool_count"], 3, "{q}");
+    let (s, q) = post(
+        &format!("{}/v1/projections/assistant-stats/query", h.url),
+        json!({"key": "assistant-42"}),
+    )
+    .await;
     assert_eq!(
         (s, &q["answer"]),
         (200, &Value::Null),
-        "the body is passed as text, quotes included: {q}"
+        "an object is no key: {q}"
     );
     let r = reqwest::Client::new()
         .post(format!("{}/v1/projections/assistant-stats/query", h.url))
+        .header("content-type", "application/json")
         .body("assistant-42")
         .send()
         .await
         .unwrap();
-    let q: Value = r.json().await.unwrap();
+    assert_eq!(r.status(), 400, "bare text is not JSON");
+    let (_, q) = post(
+        &format!("{}/v1/projections/assistant-stats/query", h.url),
+        json!("assistant-42"),
+    )
+    .await;
     assert_eq!(q["answer"]["tool_count"], 3);
 
     let (_, flow) = state(&h, "history", "c-1").await;

@@ -26,6 +26,7 @@ pub(super) fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
 pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
+        RegistryError::Refused(m) => ApiError::new(StatusCode::FORBIDDEN, "refused_by_policy", m),
         e @ RegistryError::BadDeadLetterId(_) => {
             ApiError::bad_request("invalid_dead_letter_id", e.to_string())
         }
@@ -57,6 +58,7 @@ pub(super) async fn put_plugin(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let reg = registry(&st)?;
+    reg.check_hot_load().map_err(registry_error)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::bad_request(
             "bad_body",
@@ -158,6 +160,7 @@ pub(super) async fn delete_plugin(
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
+    reg.check_hot_load().map_err(registry_error)?;
     let q = query(q)?;
     reg.unload(&name, q.purge).await.map_err(registry_error)?;
     Ok(Json(json!({"unloaded": name, "state_purged": q.purge})))
@@ -225,14 +228,31 @@ pub(super) async fn get_state(
 
 /// `POST /v1/projections/{name}/query`: the body is passed to the plugin's `query` as text;
 /// a JSON answer is returned as JSON.
+/// The text a query body carries: a JSON string's contents, any other JSON value as its
+/// JSON text, and an empty body as empty text.
+fn query_request(body: &[u8]) -> Result<String, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(String::new());
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the query must be JSON (a string is passed to the plugin as its text): {e}"),
+        )
+    })?;
+    Ok(match value {
+        Value::String(s) => s,
+        other => other.to_string(),
+    })
+}
+
 pub(super) async fn post_query(
     State(st): State<AppState>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
-    let request = String::from_utf8(body.to_vec())
-        .map_err(|_| ApiError::bad_request("bad_body", "the query must be UTF-8 text"))?;
+    let request = query_request(&body)?;
     let answer = reg.query(&name, request).await.map_err(registry_error)?;
     Ok(Json(json!({"answer": as_json(answer)})))
 }
