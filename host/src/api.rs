@@ -3,12 +3,14 @@
 //! Nothing below this module knows about HTTP. Every handler validates its whole input
 //! before calling the log, so a request that fails writes nothing.
 
+mod by_time;
 mod error;
 mod failures;
 mod flows;
 mod plugins;
 mod reads;
 mod serve;
+mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -118,6 +120,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route("/health", get(health))
+        .route("/v1/streams", get(streams::list_streams))
         .route(
             "/v1/streams/{stream}",
             post(append_stream).get(reads::read_stream),

@@ -823,11 +823,9 @@ struct EventReader {
 impl EventReader {
     /// The durable event at `position`.
     fn event(&mut self, shared: &Shared, position: u64) -> Result<Event, LogError> {
-        if !matches!(&self.cached, Some((first, end, _)) if *first <= position && position < *end)
-        {
-            let (first, entry) = chunk_at(&shared.db, position)?.ok_or_else(|| {
-                LogError::Corrupt(format!("no chunk holds position {position}"))
-            })?;
+        if !matches!(&self.cached, Some((first, end, _)) if *first <= position && position < *end) {
+            let (first, entry) = chunk_at(&shared.db, position)?
+                .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {position}")))?;
             let bytes = read_chunk(shared, first, entry)?;
             self.cached = Some((first, first + u64::from(entry.count), bytes));
         }
