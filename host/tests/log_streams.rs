@@ -64,7 +64,10 @@ async fn names(log: &SledLog, prefix: &str, limit: usize) -> Vec<String> {
             .list_streams(&query(prefix, after.as_deref(), limit))
             .await
             .unwrap();
-        assert!(page.streams.len() <= limit, "a page holds at most the limit");
+        assert!(
+            page.streams.len() <= limit,
+            "a page holds at most the limit"
+        );
         out.extend(page.streams.iter().map(|s| s.stream.clone()));
         match page.next {
             Some(next) => {
@@ -84,7 +87,11 @@ async fn streams_are_listed_in_name_order_by_prefix_and_page() {
     // Names that sort tightly around the prefix: the prefix itself without its dash, one
     // name that is a prefix of another, a longer word sharing the first letters.
     let mut users: Vec<String> = (0..23).map(|i| format!("user-{i:03}")).collect();
-    users.extend(["user-00".to_owned(), "user-".to_owned(), "user-é".to_owned()]);
+    users.extend([
+        "user-00".to_owned(),
+        "user-".to_owned(),
+        "user-é".to_owned(),
+    ]);
     let others = ["user", "users-x", "order-1", "a", "zz", "usea"];
     // One stream per append, and some several times, so streams have several runs.
     let every: Vec<String> = users
@@ -216,8 +223,18 @@ async fn a_backward_read_walks_every_run_newest_first() {
         log.read_stream_backward("s", 0, 10).await.unwrap(),
         vec![forward[0].clone()]
     );
-    assert!(log.read_stream_backward("s", 5, 0).await.unwrap().is_empty());
-    assert!(log.read_stream_backward("nope", 5, 10).await.unwrap().is_empty());
+    assert!(
+        log.read_stream_backward("s", 5, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        log.read_stream_backward("nope", 5, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A stream whose name extends another's is its own.
     let longer = log.read_stream_backward("s-longer", 100, 10).await.unwrap();
     let versions: Vec<u64> = longer.iter().map(|e| e.version).collect();
@@ -239,14 +256,21 @@ async fn positions_are_found_by_time_across_appends_and_chunks() {
     }
     let events = all(&log).await;
     for w in events.windows(2) {
-        assert!(w[0].timestamp <= w[1].timestamp, "timestamps never decrease");
+        assert!(
+            w[0].timestamp <= w[1].timestamp,
+            "timestamps never decrease"
+        );
     }
     let ts = |p: u64| events[p as usize].timestamp;
     let micro = TimeDelta::microseconds(1);
     for (i, &first) in firsts.iter().enumerate() {
         // Every event of an append shares its timestamp: the first position at or after it
         // is the append's first, and just past it the next append's.
-        assert_eq!(log.position_at(ts(first)).await.unwrap(), Some(first), "append {i}");
+        assert_eq!(
+            log.position_at(ts(first)).await.unwrap(),
+            Some(first),
+            "append {i}"
+        );
         assert_eq!(
             log.position_at(ts(first) + micro).await.unwrap(),
             firsts.get(i + 1).copied(),
@@ -267,14 +291,20 @@ async fn positions_are_found_by_time_across_appends_and_chunks() {
     let mut got = Vec::new();
     let mut next = from;
     while next < end {
-        let page = log.read_to(next, end, 50, &ReadFilter::default()).await.unwrap();
+        let page = log
+            .read_to(next, end, 50, &ReadFilter::default())
+            .await
+            .unwrap();
         assert!(page.next <= end);
         got.extend(page.events);
         next = page.next;
     }
     let positions: Vec<u64> = got.iter().map(|e| e.position).collect();
     assert_eq!(positions, (from..end).collect::<Vec<_>>());
-    let page = log.read_to(end, end, 50, &ReadFilter::default()).await.unwrap();
+    let page = log
+        .read_to(end, end, 50, &ReadFilter::default())
+        .await
+        .unwrap();
     assert!(page.events.is_empty());
     assert_eq!(page.next, end);
 }
@@ -296,7 +326,12 @@ async fn timestamps_never_go_back_when_the_clock_does_even_across_a_restart() {
     };
     let log = SledLog::open(config(), Hub::new(100)).unwrap();
     put(&log, "a", 2).await;
-    let before = log.read(0, 10, &ReadFilter::default()).await.unwrap().events[1].timestamp;
+    let before = log
+        .read(0, 10, &ReadFilter::default())
+        .await
+        .unwrap()
+        .events[1]
+        .timestamp;
     // The clock steps back an hour.
     CLOCK_BEHIND.store(3_600_000_000, Ordering::SeqCst);
     let p = put(&log, "a", 1).await[0];
@@ -306,7 +341,10 @@ async fn timestamps_never_go_back_when_the_clock_does_even_across_a_restart() {
     let q = put(&log, "c", 1).await[0];
     let events = all(&log).await;
     assert!(events[p as usize].timestamp >= before, "no step back");
-    assert!(events[q as usize].timestamp >= before, "none after a restart either");
+    assert!(
+        events[q as usize].timestamp >= before,
+        "none after a restart either"
+    );
     for w in events.windows(2) {
         assert!(w[0].timestamp <= w[1].timestamp);
     }
