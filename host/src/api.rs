@@ -4,12 +4,14 @@
 //! before calling the log, so a request that fails writes nothing.
 
 mod access;
+mod by_time;
 mod error;
 mod failures;
 mod flows;
 mod plugins;
 mod reads;
 mod serve;
+mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -129,6 +131,7 @@ pub fn router(state: AppState) -> Router {
     let access = state.access.clone();
     Router::new()
         .route("/health", get(health))
+        .route("/v1/streams", get(streams::list_streams))
         .route(
             "/v1/streams/{stream}",
             post(append_stream).get(reads::read_stream),

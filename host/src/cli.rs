@@ -1,5 +1,7 @@
 //! The `evhost` command line: `serve` runs the host; `events` talks to a running host.
 
+mod streams;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +18,7 @@ use crate::bus::{Bus, Hub};
 use crate::log::{EventLog, SledLog, SledLogConfig};
 use crate::plugin::Runtime;
 use crate::registry::Registry;
+use streams::StreamCommand;
 
 /// evhost: an event log and live bus that runs sandboxed WebAssembly event handlers.
 #[derive(Debug, Parser)]
@@ -32,6 +35,9 @@ enum Command {
     /// Append, read and follow events on a running host.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// List a running host's streams, and read one forward or newest first.
+    #[command(subcommand)]
+    Stream(StreamCommand),
     /// Load, list and unload plugins on a running host.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -376,6 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Events(cmd) => events(cmd).await,
+        Command::Stream(cmd) => streams::stream(cmd).await,
         Command::Plugin(cmd) => plugin(cmd).await,
         Command::State(cmd) => state(cmd).await,
         Command::Dlq(cmd) => dlq(cmd).await,

@@ -378,7 +378,15 @@ pub struct Event {
     pub position: u64,
     /// Order within the stream, starting at 0.
     pub version: u64,
-    /// When the host appended the event (UTC).
+    /// When the host appended the event (UTC, stored to the microsecond).
+    ///
+    /// Never decreasing along the log: the writer gives each append the later of the wall
+    /// clock and the previous event's timestamp, so a clock stepped back (NTP, a VM
+    /// migration) repeats the last timestamp until it catches up rather than going back.
+    /// That is what lets a read by time (`since`, `until`) find its start by a binary search
+    /// over positions. (The placeholders `evhost log repair` writes carry the time of the
+    /// repair, and a log written by an older host may step back where its clock did; a time
+    /// search is approximate around such events.)
     pub timestamp: DateTime<Utc>,
     /// The producing service or plugin.
     #[serde(default)]

@@ -9,10 +9,12 @@ mod codec;
 mod repair;
 mod segment;
 mod sled_log;
+mod stream_list;
 
 use std::fmt;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::event::{Event, NewEvent};
@@ -21,6 +23,7 @@ use crate::pattern::PatternSet;
 pub use repair::{DAMAGED_TYPE, RepairReport, repair};
 pub use segment::Damage;
 pub use sled_log::{LogHealth, SledLog, SledLogConfig};
+pub use stream_list::{MAX_STREAM_LIST, StreamInfo, StreamList, StreamListQuery};
 
 /// What the client believes the stream's version is before its append.
 ///
@@ -246,6 +249,27 @@ pub trait EventLog: Send + Sync + 'static {
         filter: &ReadFilter,
     ) -> Result<ReadPage, LogError>;
 
+    /// Reads like [`EventLog::read`], but only positions in `from..end` (and below the head):
+    /// [`ReadPage::next`] stops at `end`. With [`EventLog::position_at`] this reads a span of
+    /// time.
+    async fn read_to(
+        &self,
+        from: u64,
+        end: u64,
+        limit: usize,
+        filter: &ReadFilter,
+    ) -> Result<ReadPage, LogError> {
+        let mut page = self.read(from, limit, filter).await?;
+        page.events.retain(|e| e.position < end);
+        page.next = page.next.min(end.max(from));
+        Ok(page)
+    }
+
+    /// The first durable position whose event was appended at or after `at`; `None` when
+    /// every durable event is older. Timestamps never decrease along the log (see
+    /// [`Event::timestamp`]), so this is a search, not a scan.
+    async fn position_at(&self, at: DateTime<Utc>) -> Result<Option<u64>, LogError>;
+
     /// Reads up to `limit` events of `stream` starting at version `from_version`.
     async fn read_stream(
         &self,
@@ -253,6 +277,20 @@ pub trait EventLog: Send + Sync + 'static {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<Event>, LogError>;
+
+    /// Reads up to `limit` events of `stream` newest first: version `from_version` (or the
+    /// stream's last, when `from_version` is past it), then each older one down to 0.
+    async fn read_stream_backward(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, LogError>;
+
+    /// The streams that have durable events, in name order, as `query` selects them. One
+    /// call looks at a bounded number of streams (about `query.limit`), however many events
+    /// or appends each holds.
+    async fn list_streams(&self, query: &StreamListQuery) -> Result<StreamList, LogError>;
 
     /// The stream's version (number of events); 0 when it does not exist.
     async fn stream_version(&self, stream: &str) -> Result<u64, LogError>;

@@ -1,4 +1,4 @@
-//! Read endpoints: events by position, a stream's events, the bus history.
+//! Read endpoints: events by position (and by time), a stream's events, the bus history.
 //!
 //! Responses are typed structs serialized straight to the body, so a payload's text goes
 //! out as it was appended and is never built into a `serde_json::Value` (whose depth limit
@@ -11,6 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::by_time::{parse_time, span};
 use super::{ApiConfig, ApiError, AppState, limit, patterns, query, stream_name};
 use crate::event::Event;
 use crate::log::ReadFilter;
@@ -25,8 +26,8 @@ fn response_bytes(e: &Event) -> usize {
 }
 
 /// Collects events under a read's byte bound.
-struct Bounded {
-    events: Vec<Event>,
+pub(super) struct Bounded {
+    pub(super) events: Vec<Event>,
     used: usize,
     bound: usize,
     /// Largest share one event can have, by the configured event limit.
@@ -34,7 +35,7 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn new(cfg: &ApiConfig) -> Self {
+    pub(super) fn new(cfg: &ApiConfig) -> Self {
         Self {
             events: Vec::new(),
             used: 0,
@@ -46,13 +47,13 @@ impl Bounded {
     /// How many events the next read of the log may fetch: as many as fit in what is left
     /// of the bound even if each were as large as an event can be, and at least one. So a
     /// read never holds more than the bound plus one event.
-    fn step(&self, wanted: usize) -> usize {
+    pub(super) fn step(&self, wanted: usize) -> usize {
         (self.bound.saturating_sub(self.used) / self.per_event).clamp(1, wanted.max(1))
     }
 
     /// Adds `e` unless it would take the response over the bound (the first event always
     /// fits); false when it did not.
-    fn push(&mut self, e: Event) -> bool {
+    pub(super) fn push(&mut self, e: Event) -> bool {
         let size = response_bytes(&e);
         if !self.events.is_empty() && self.used.saturating_add(size) > self.bound {
             return false;
@@ -74,6 +75,10 @@ pub(super) struct ReadQuery {
     stream: Option<String>,
     correlation_id: Option<String>,
     source: Option<String>,
+    /// Only events appended at or after this time (RFC 3339 or microseconds).
+    since: Option<String>,
+    /// Only events appended before this time.
+    until: Option<String>,
 }
 
 /// The body of `GET /v1/events`.
@@ -82,6 +87,10 @@ struct EventsPage<'a> {
     events: &'a [Event],
     next: u64,
     head: u64,
+    /// With `until`: true once the read has reached an event at or after it, so no later
+    /// page holds more (absent without `until`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    until_reached: Option<bool>,
 }
 
 /// The filter of a read: a type pattern list (all types when absent) and the exact-match
@@ -100,19 +109,33 @@ fn filter_of(
     })
 }
 
-/// `GET /v1/events`: events by position, at most `limit` and at most the byte bound.
+/// `GET /v1/events`: events by position, at most `limit` and at most the byte bound;
+/// `since` and `until` narrow the positions to a span of time (found by binary search, as
+/// timestamps never decrease along the log).
 pub(super) async fn read_events(
     State(st): State<AppState>,
     q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|v| parse_time("since", v))
+        .transpose()?;
+    let until = q
+        .until
+        .as_deref()
+        .map(|v| parse_time("until", v))
+        .transpose()?;
     let filter = filter_of(q.pattern.as_deref(), q.stream, q.correlation_id, q.source)?;
     let limit = limit(q.limit);
+    let span = span(&*st.log, q.from, since, until).await?;
+    let end = span.end.unwrap_or(u64::MAX);
     let mut out = Bounded::new(&st.config);
-    let mut next = q.from;
-    'pages: while out.events.len() < limit {
+    let mut next = span.from;
+    'pages: while out.events.len() < limit && next < end {
         let step = out.step(limit - out.events.len());
-        let page = match st.log.read(next, step, &filter).await {
+        let page = match st.log.read_to(next, end, step, &filter).await {
             Ok(page) => page,
             // A later step failed (a damaged chunk, say): answer what was read before it,
             // and the next read starting there gets the error.
@@ -137,6 +160,7 @@ pub(super) async fn read_events(
         events: &out.events,
         next,
         head: st.log.head(),
+        until_reached: until.map(|_| next >= end),
     })
     .into_response())
 }
@@ -144,9 +168,37 @@ pub(super) async fn read_events(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StreamQuery {
-    #[serde(default)]
-    from_version: u64,
+    from_version: Option<u64>,
     limit: Option<usize>,
+    /// `forward` (the default) or `backward`.
+    direction: Option<String>,
+    /// Where a backward read starts.
+    from: Option<u64>,
+}
+
+/// Which way a stream is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Forward,
+    Backward,
+}
+
+/// The direction of a stream read, refusing the start parameter of the other direction.
+fn direction(q: &StreamQuery) -> Result<Direction, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_query", m);
+    match q.direction.as_deref() {
+        None | Some("forward") if q.from.is_some() => Err(bad(
+            "from= starts a backward read (direction=backward); a forward read starts at from_version=".into(),
+        )),
+        None | Some("forward") => Ok(Direction::Forward),
+        Some("backward") if q.from_version.is_some() => Err(bad(
+            "from_version= starts a forward read; a backward read (direction=backward) starts at from=".into(),
+        )),
+        Some("backward") => Ok(Direction::Backward),
+        Some(other) => Err(bad(format!(
+            "direction={other:?} is not a direction: send forward (the default) or backward"
+        ))),
+    }
 }
 
 /// The body of `GET /v1/streams/{stream}`.
@@ -160,7 +212,8 @@ struct StreamPage<'a> {
     next_version: u64,
 }
 
-/// `GET /v1/streams/{stream}`: a stream's events by version, under the same bounds.
+/// `GET /v1/streams/{stream}`: a stream's events by version, under the same bounds; with
+/// `direction=backward`, newest first (see `streams::read_backward`).
 pub(super) async fn read_stream(
     State(st): State<AppState>,
     Path(stream): Path<String>,
@@ -168,6 +221,7 @@ pub(super) async fn read_stream(
 ) -> Result<Response, ApiError> {
     stream_name(&stream)?;
     let q = query(q)?;
+    let direction = direction(&q)?;
     let version = st
         .log
         .stream_version(&stream)
@@ -179,8 +233,12 @@ pub(super) async fn read_stream(
         )));
     }
     let limit = limit(q.limit);
+    if direction == Direction::Backward {
+        return super::streams::read_backward(&st, &stream, version, q.from, limit).await;
+    }
+    let from_version = q.from_version.unwrap_or(0);
     let mut out = Bounded::new(&st.config);
-    let mut next = q.from_version;
+    let mut next = from_version;
     'pages: while out.events.len() < limit && next < version {
         let step = out.step(limit - out.events.len());
         let events = match st.log.read_stream(&stream, next, step).await {
@@ -204,7 +262,7 @@ pub(super) async fn read_stream(
         stream: &stream,
         events: &out.events,
         version,
-        next_version: next.max(q.from_version),
+        next_version: next.max(from_version),
     })
     .into_response())
 }

@@ -67,6 +67,25 @@ pub(super) fn version_of_stream_key(key: &[u8]) -> Result<u64, LogError> {
         .ok_or_else(|| LogError::Corrupt(format!("stream key {key:?}")))
 }
 
+/// The stream a run key belongs to: the bytes between the prefix byte and the 0x00 before
+/// the version (stream names hold no control characters, so the 0x00 is the separator).
+pub(super) fn stream_of_stream_key(key: &[u8]) -> Result<&str, LogError> {
+    key.len()
+        .checked_sub(9)
+        .filter(|&end| end >= 1 && key[end] == 0)
+        .and_then(|end| std::str::from_utf8(&key[1..end]).ok())
+        .ok_or_else(|| LogError::Corrupt(format!("stream key {key:?}")))
+}
+
+/// The first key past every run key of `stream` (and before the next stream's): the
+/// stream's prefix with 0x01 for the separator. Every longer name that starts with
+/// `stream` continues with a byte above 0x01, since names hold no control characters.
+pub(super) fn past_stream(stream: &str) -> Vec<u8> {
+    let mut k = stream_prefix(stream);
+    *k.last_mut().expect("the separator") = 1;
+    k
+}
+
 pub(super) fn id_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 1);
     k.push(ID_PREFIX);

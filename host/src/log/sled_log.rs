@@ -11,6 +11,13 @@
 //! its index in the background; at start-up, chunks in the segments past sled's last index
 //! entry are verified and indexed again, so an index lost in a crash is rebuilt and bytes
 //! of a group cut short are truncated. Readers never see past the durable head.
+//!
+//! The writer gives each append the later of the wall clock and the previous timestamp, so
+//! timestamps never decrease along the log and `by_time` finds a time by binary search.
+//! `streams` lists streams and reads one backward from the stream runs.
+
+mod by_time;
+mod streams;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -20,12 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{self, Chunk, ChunkEntry, Run, TypeCache};
 use super::segment::{ChunkLocation, ScanEnd, SegmentReader, SegmentWriter};
-use super::{AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend};
+use super::{
+    AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend, StreamList,
+    StreamListQuery,
+};
 use crate::bus::Hub;
 use crate::event::{Event, validate_id, validate_stream};
 
@@ -51,6 +61,9 @@ pub struct SledLogConfig {
     pub max_batch_events: usize,
     /// Size past which a segment file is closed and the next one started.
     pub segment_bytes: u64,
+    /// The wall clock appends are stamped from (`Utc::now`); tests step it back to check
+    /// that timestamps still never decrease.
+    pub clock: fn() -> DateTime<Utc>,
 }
 
 impl SledLogConfig {
@@ -63,6 +76,7 @@ impl SledLogConfig {
             max_event_bytes: 1024 * 1024,
             max_batch_events: 10_000,
             segment_bytes: super::segment::SEGMENT_BYTES,
+            clock: Utc::now,
         }
     }
 }
@@ -189,12 +203,14 @@ impl SledLog {
             config,
         });
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
+        let last_timestamp = by_time::last_timestamp(&shared, head);
         let writer = Writer {
             shared: shared.clone(),
             segment: segment_writer,
             data_file,
             versions: HashMap::new(),
             next_position: head,
+            last_timestamp,
         };
         let handle = std::thread::Builder::new()
             .name("evhost-log-writer".into())
@@ -225,7 +241,7 @@ impl SledLog {
         limit: usize,
         filter: &ReadFilter,
     ) -> Result<ReadPage, LogError> {
-        read_positions(&self.shared, from, limit, filter)
+        read_positions(&self.shared, from, u64::MAX, limit, filter)
     }
 
     /// Stops the writer after it has finished the appends already queued.
@@ -422,9 +438,41 @@ impl EventLog for SledLog {
     ) -> Result<ReadPage, LogError> {
         let shared = self.shared.clone();
         let filter = filter.clone();
-        tokio::task::spawn_blocking(move || read_positions(&shared, from, limit, &filter))
-            .await
-            .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
+        blocking(move || read_positions(&shared, from, u64::MAX, limit, &filter)).await
+    }
+
+    async fn read_to(
+        &self,
+        from: u64,
+        end: u64,
+        limit: usize,
+        filter: &ReadFilter,
+    ) -> Result<ReadPage, LogError> {
+        let shared = self.shared.clone();
+        let filter = filter.clone();
+        blocking(move || read_positions(&shared, from, end, limit, &filter)).await
+    }
+
+    async fn position_at(&self, at: DateTime<Utc>) -> Result<Option<u64>, LogError> {
+        let shared = self.shared.clone();
+        blocking(move || by_time::position_at(&shared, at)).await
+    }
+
+    async fn read_stream_backward(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, LogError> {
+        let shared = self.shared.clone();
+        let stream = stream.to_owned();
+        blocking(move || streams::read_backward(&shared, &stream, from_version, limit)).await
+    }
+
+    async fn list_streams(&self, query: &StreamListQuery) -> Result<StreamList, LogError> {
+        let shared = self.shared.clone();
+        let query = query.clone();
+        blocking(move || streams::list(&shared, &query)).await
     }
 
     async fn read_stream(
@@ -435,9 +483,7 @@ impl EventLog for SledLog {
     ) -> Result<Vec<Event>, LogError> {
         let shared = self.shared.clone();
         let stream = stream.to_owned();
-        tokio::task::spawn_blocking(move || read_stream(&shared, &stream, from_version, limit))
-            .await
-            .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
+        blocking(move || read_stream(&shared, &stream, from_version, limit)).await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, LogError> {
@@ -468,6 +514,15 @@ impl EventLog for SledLog {
             verified_through: h.verified_through.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Runs a read of the index and segments on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
 }
 
 /// Checks what can be checked without the log's state, so bad input never reaches the writer.
@@ -621,13 +676,16 @@ fn damaged_chunk(first: u64, entry: ChunkEntry) -> String {
     )
 }
 
+/// Reads matching events at positions `from..end` (below the head), examining at most
+/// [`MAX_SCAN`] positions.
 fn read_positions(
     shared: &Shared,
     from: u64,
+    end: u64,
     limit: usize,
     filter: &ReadFilter,
 ) -> Result<ReadPage, LogError> {
-    let head = shared.durable.load(Ordering::Acquire);
+    let head = shared.durable.load(Ordering::Acquire).min(end.max(from));
     let mut page = ReadPage {
         events: Vec::with_capacity(limit.min(1024)),
         next: from.min(head),
@@ -753,6 +811,29 @@ fn read_stream(
     Ok(out)
 }
 
+/// Decodes single events by position, keeping the last chunk read (events looked up one by
+/// one are often neighbours).
+#[derive(Default)]
+struct EventReader {
+    /// First position of the chunk, one past its last, its checked bytes.
+    cached: Option<(u64, u64, Vec<u8>)>,
+    types: TypeCache,
+}
+
+impl EventReader {
+    /// The durable event at `position`.
+    fn event(&mut self, shared: &Shared, position: u64) -> Result<Event, LogError> {
+        if !matches!(&self.cached, Some((first, end, _)) if *first <= position && position < *end) {
+            let (first, entry) = chunk_at(&shared.db, position)?
+                .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {position}")))?;
+            let bytes = read_chunk(shared, first, entry)?;
+            self.cached = Some((first, first + u64::from(entry.count), bytes));
+        }
+        let (first, _, bytes) = self.cached.as_ref().expect("filled above");
+        Chunk::parse_checked(*first, bytes)?.event(position, &mut self.types)
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
     shared: Arc<Shared>,
@@ -761,6 +842,8 @@ struct Writer {
     /// Next version of streams seen so far (everything applied is durable or poisoned).
     versions: HashMap<String, u64>,
     next_position: u64,
+    /// The timestamp of the last durable event; no later append gets an earlier one.
+    last_timestamp: DateTime<Utc>,
 }
 
 /// What one append became before the group is committed.
@@ -777,6 +860,8 @@ struct Group {
     ids: HashMap<String, u64>,
     /// Next version of streams touched by this group.
     versions: HashMap<String, u64>,
+    /// The latest timestamp given so far (the log's last before the first append).
+    timestamp: DateTime<Utc>,
     staged: Vec<Staged>,
 }
 
@@ -814,6 +899,7 @@ impl Writer {
             events: Vec::new(),
             ids: HashMap::new(),
             versions: HashMap::new(),
+            timestamp: self.last_timestamp,
             staged: Vec::new(),
         };
         for op in ops {
@@ -880,6 +966,7 @@ impl Writer {
         let end = group.first_position + group.events.len() as u64;
         self.next_position = end;
         self.versions.extend(group.versions);
+        self.last_timestamp = group.timestamp;
         self.shared.durable.store(end, Ordering::Release);
         let published: Vec<Arc<Event>> = group.events.into_iter().map(Arc::new).collect();
         self.shared.hub.publish(&published);
@@ -967,7 +1054,9 @@ impl Writer {
         let mut versions: HashMap<String, u64> = HashMap::new();
         let mut results = Vec::with_capacity(appends.len());
         let mut cached: Option<(u64, u64, Vec<u8>)> = None;
-        let now = Utc::now();
+        // Never before the previous append's: timestamps do not decrease along the log even
+        // when the wall clock steps back.
+        let now = (self.shared.config.clock)().max(group.timestamp);
         for append in appends {
             // An id already stored, earlier in the group, or earlier in this append is not
             // appended again: it reports the original position.
@@ -1058,6 +1147,9 @@ impl Writer {
         }
         group.ids.extend(ids);
         group.versions.extend(versions);
+        if !staged.is_empty() {
+            group.timestamp = now;
+        }
         group.events.extend(staged);
         Ok(results)
     }
