@@ -11,6 +11,7 @@ mod flows;
 mod plugins;
 mod reads;
 mod serve;
+mod stream_admin;
 mod streams;
 
 use std::convert::Infallible;
@@ -83,6 +84,7 @@ pub struct AppState {
     schemas: Option<crate::schemas::Schemas>,
     closing: Closing,
     access: Arc<Access>,
+    archive_dir: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -97,6 +99,7 @@ impl AppState {
             schemas: None,
             closing: Closing::default(),
             access: Arc::new(Access::default()),
+            archive_dir: None,
         }
     }
 
@@ -118,6 +121,12 @@ impl AppState {
         self
     }
 
+    /// Writes stream archives (`POST /v1/streams/{stream}/archive`) under `dir`.
+    pub fn with_archive_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.archive_dir = Some(dir);
+        self
+    }
+
     /// Serves the plugin endpoints from `registry`.
     pub fn with_registry(mut self, registry: Arc<crate::registry::Registry>) -> Self {
         self.registry = Some(registry);
@@ -134,7 +143,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams", get(streams::list_streams))
         .route(
             "/v1/streams/{stream}",
-            post(append_stream).get(reads::read_stream),
+            post(append_stream)
+                .get(reads::read_stream)
+                .delete(stream_admin::delete_stream),
+        )
+        .route(
+            "/v1/streams/{stream}/archive",
+            post(stream_admin::archive_stream),
+        )
+        .route(
+            "/v1/streams/{stream}/restore",
+            post(stream_admin::restore_stream),
         )
         .route("/v1/events", post(append_events).get(reads::read_events))
         .route("/v1/subscribe", get(subscribe))
@@ -328,6 +347,14 @@ fn new_event(
     id: Option<String>,
     source: Option<String>,
 ) -> Result<NewEvent, ApiError> {
+    if event_type.as_str().starts_with("evhost.") {
+        return Err(ApiError::bad_request(
+            "reserved_type",
+            format!(
+                "event types under evhost. are the host's own ({event_type} is one); give the event a type of your own"
+            ),
+        ));
+    }
     let text = payload.get();
     crate::event::check_payload_text(text).map_err(|e| match e {
         PayloadError::TooDeep => ApiError::bad_request(
@@ -444,6 +471,7 @@ fn append_error(e: AppendError) -> ApiError {
         } => ApiError::new(StatusCode::CONFLICT, "id_conflict", e.to_string())
             .with("stream", json!(stream))
             .with("position", json!(position)),
+        AppendError::StreamDeleted { stream, position } => stream_admin::gone(&stream, position),
         AppendError::Storage(e) => ApiError::unavailable(e.to_string()),
     }
 }

@@ -160,6 +160,22 @@ impl Hub {
         *self.head.borrow()
     }
 
+    /// Drops the events of `stream` from the history kept in memory, once they have been
+    /// erased from the log: no read of the bus shows them again.
+    pub fn forget_stream(&self, stream: &str) {
+        let mut st = self.state.lock().expect("bus lock");
+        let st = &mut *st;
+        let mut freed = 0;
+        st.recent.retain(|(e, size)| {
+            let keep = e.stream != stream;
+            if !keep {
+                freed += *size;
+            }
+            keep
+        });
+        st.recent_bytes -= freed;
+    }
+
     /// Hands committed events (in position order) to subscribers. Never waits on them.
     ///
     /// Linear in the events plus the subscribers woken: each distinct event type is routed

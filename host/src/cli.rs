@@ -489,6 +489,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..ApiConfig::default()
         },
     )
+    .with_archive_dir(args.data.join("archive"))
     .with_registry(registry.clone())
     .with_flows(flow_store)
     .with_schemas(schemas);

@@ -148,12 +148,42 @@ pub enum AppendError {
         /// That event's position.
         position: u64,
     },
+    /// The stream was deleted by the tombstone at `position`; restore it to append again.
+    #[error(
+        "stream {stream:?} was deleted (its tombstone is at position {position}); appends to it are refused until an operator restores it (POST /v1/streams/{{stream}}/restore)"
+    )]
+    StreamDeleted {
+        /// The deleted stream.
+        stream: String,
+        /// The tombstone's position.
+        position: u64,
+    },
     /// The storage failed. The host takes the append's bytes back out, and the next append
     /// is tried as usual; only if that fails too is the outcome unknown (as with any database
     /// whose disk fails mid-write), and the log refuses writes until a restart. A client that
     /// retries with the same event ids gets exactly-once either way.
     #[error(transparent)]
     Storage(#[from] LogError),
+}
+
+/// The type of the tombstone an operator's delete appends to a stream; projections fold it.
+pub const STREAM_DELETED_TYPE: &str = "evhost.stream.deleted";
+/// The type of the event that re-opens a deleted stream.
+pub const STREAM_RESTORED_TYPE: &str = "evhost.stream.restored";
+/// The type an erased event reads back as (its position kept, nothing else of it).
+pub const ERASED_TYPE: &str = "evhost.event.erased";
+/// The stream an erased event reads back as belonging to.
+pub const ERASED_STREAM: &str = "evhost-erased";
+
+/// What [`EventLog::erase`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Erased {
+    /// Events removed from storage by this call (events erased before are not counted).
+    pub events: u64,
+    /// Segment files rewritten.
+    pub segments: usize,
+    /// Where the tombstone is, which stays.
+    pub tombstone: u64,
 }
 
 /// A failure of the log's storage, or a log that has shut down.
@@ -167,6 +197,11 @@ pub enum LogError {
     /// The log has been closed.
     #[error("the event log is shut down")]
     Closed,
+    /// An erasure was asked of a stream that is not deleted.
+    #[error(
+        "stream {0:?} is not deleted: delete it first (DELETE /v1/streams/{{stream}}); only a deleted stream's events can be erased"
+    )]
+    NotDeleted(String),
     /// Stored bytes could not be decoded.
     #[error("corrupt record in the event log at {0}")]
     Corrupt(String),
@@ -294,6 +329,17 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The stream's version (number of events); 0 when it does not exist.
     async fn stream_version(&self, stream: &str) -> Result<u64, LogError>;
+
+    /// The position of the tombstone ([`STREAM_DELETED_TYPE`]) that deleted `stream`, if it
+    /// is deleted and not restored since. Appends to a deleted stream are refused
+    /// ([`AppendError::StreamDeleted`]) unless they start with a [`STREAM_RESTORED_TYPE`].
+    async fn deletion(&self, stream: &str) -> Result<Option<u64>, LogError>;
+
+    /// Removes the events of the deleted `stream` from storage for good, all but its
+    /// tombstone: each becomes an [`ERASED_TYPE`] event at the same position, which reads
+    /// by position skip. Other events and every position are unchanged. Crash-safe: after a
+    /// crash the erasure is finished at the next start. Refused unless the stream is deleted.
+    async fn erase(&self, stream: &str) -> Result<Erased, LogError>;
 
     /// The position of the event appended with the id `id` given by its appender (ids the
     /// host assigned are not indexed); `None` when there is none.

@@ -222,6 +222,7 @@ pub(super) async fn read_stream(
     stream_name(&stream)?;
     let q = query(q)?;
     let direction = direction(&q)?;
+    super::stream_admin::refuse_if_deleted(&st, &stream).await?;
     let version = st
         .log
         .stream_version(&stream)

@@ -1,4 +1,5 @@
-//! `evhost stream`: list a running host's streams and read one, forward or newest first.
+//! `evhost stream`: list a running host's streams, read one forward or newest first, and
+//! archive, delete (soft or hard) and restore one.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -37,6 +38,32 @@ pub(super) enum StreamCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Write every event of a stream as JSON lines into DATA/archive/ on the host, with a
+    /// manifest (counts, SHA-256); prints the manifest.
+    Archive {
+        #[command(flatten)]
+        remote: Remote,
+        /// The stream.
+        stream: String,
+    },
+    /// Delete a stream: a tombstone (evhost.stream.deleted) is appended, reads answer 410,
+    /// appends are refused until it is restored. --hard also erases its events from disk.
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        /// The stream.
+        stream: String,
+        /// Erase the events from storage for good (not undone by restore).
+        #[arg(long)]
+        hard: bool,
+    },
+    /// Re-open a deleted stream for appends.
+    Restore {
+        #[command(flatten)]
+        remote: Remote,
+        /// The stream.
+        stream: String,
+    },
 }
 
 /// Runs a `stream` subcommand against the host at its `--url`.
@@ -54,7 +81,34 @@ pub(super) async fn stream(cmd: StreamCommand) -> Result<()> {
             from,
             limit,
         } => read(&remote, &stream, backward, from, limit).await,
+        StreamCommand::Archive { remote, stream } => {
+            let url = format!("{}/v1/streams/{}/archive", remote.url, urlencode(&stream));
+            send(&remote, remote.client()?.post(url)).await
+        }
+        StreamCommand::Delete {
+            remote,
+            stream,
+            hard,
+        } => {
+            let url = format!("{}/v1/streams/{}", remote.url, urlencode(&stream));
+            let req = remote.client()?.delete(url).query(&[("hard", hard)]);
+            send(&remote, req).await
+        }
+        StreamCommand::Restore { remote, stream } => {
+            let url = format!("{}/v1/streams/{}/restore", remote.url, urlencode(&stream));
+            send(&remote, remote.client()?.post(url)).await
+        }
     }
+}
+
+/// Sends `req` and prints the host's JSON reply.
+async fn send(remote: &Remote, req: reqwest::RequestBuilder) -> Result<()> {
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("reaching the host at {}", remote.url))?;
+    println!("{}", json_reply(resp).await?);
+    Ok(())
 }
 
 /// GETs `url` with `query` from the host and returns its JSON reply.

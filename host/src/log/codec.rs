@@ -7,6 +7,7 @@
 //! | `E` first_position (u64 BE)           | where a chunk of consecutive events is  |
 //! | `S` stream 0x00 first_version (u64 BE) | a run: first_position (u64), count (u32) |
 //! | `I` id                                 | position (u64 BE)                       |
+//! | `D` stream                             | position of its deletion (u64 BE)       |
 //!
 //! Events are stored in chunks of consecutive positions, written to segment files of our
 //! own (see `segment`), with one small sled entry per chunk rather than one per event:
@@ -25,6 +26,7 @@ use crate::log::segment::ChunkLocation;
 pub(super) const EVENT_PREFIX: u8 = b'E';
 pub(super) const STREAM_PREFIX: u8 = b'S';
 pub(super) const ID_PREFIX: u8 = b'I';
+pub(super) const DELETED_PREFIX: u8 = b'D';
 
 /// Most events per chunk.
 pub(super) const CHUNK_MAX_EVENTS: usize = 256;
@@ -83,6 +85,14 @@ pub(super) fn stream_of_stream_key(key: &[u8]) -> Result<&str, LogError> {
 pub(super) fn past_stream(stream: &str) -> Vec<u8> {
     let mut k = stream_prefix(stream);
     *k.last_mut().expect("the separator") = 1;
+    k
+}
+
+/// The key marking `stream` deleted (soft or hard) by the tombstone at its value.
+pub(super) fn deleted_key(stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 1);
+    k.push(DELETED_PREFIX);
+    k.extend_from_slice(stream.as_bytes());
     k
 }
 
@@ -230,6 +240,88 @@ impl TypeCache {
     }
 }
 
+/// What an erased event's slot holds: an event with empty strings (no stored event has an
+/// empty type) and the original's time, never longer than the event it replaces (whose
+/// id, type, stream and payload each hold at least one byte). Zeros pad the slot.
+fn encode_erased(timestamp_micros: i64) -> Vec<u8> {
+    let stored = StoredEvent {
+        id: "",
+        event_type: "",
+        stream: "",
+        version: 0,
+        timestamp_micros,
+        keyed: false,
+        source: "",
+        payload: "",
+        metadata: StoredMetadata {
+            correlation_id: None,
+            causation_id: None,
+            user_id: None,
+            agent_id: None,
+            schema_version: None,
+            extra: Vec::new(),
+        },
+    };
+    postcard::to_stdvec(&stored).expect("encoding to a Vec cannot fail")
+}
+
+/// The event an erased slot reads back as: type [`ERASED_TYPE`](crate::log::ERASED_TYPE),
+/// with nothing of the original but its position and time.
+fn erased_event(position: u64, timestamp_micros: i64) -> Result<Event, LogError> {
+    Ok(Event {
+        id: format!("erased-{position}"),
+        event_type: EventType::trusted(crate::log::ERASED_TYPE),
+        stream: crate::log::ERASED_STREAM.to_owned(),
+        position,
+        version: 0,
+        timestamp: DateTime::from_timestamp_micros(timestamp_micros).ok_or_else(|| {
+            LogError::Corrupt(format!("timestamp of the event at position {position}"))
+        })?,
+        source: "evhost".to_owned(),
+        payload: Payload::trusted("{}"),
+        metadata: Metadata::default(),
+    })
+}
+
+/// `chunk` (whole, header included, CRC checked) with the events at `positions` erased:
+/// each one's slot overwritten by an erased event padded with zeros, the offsets kept, the
+/// CRC recomputed. The result has the same length, so the index's locations stay valid.
+/// Already erased events are left as they are.
+pub(super) fn erase_in_chunk(
+    first_position: u64,
+    chunk: &[u8],
+    positions: &[u64],
+) -> Result<Vec<u8>, LogError> {
+    let parsed = Chunk::parse(first_position, chunk)?;
+    let table_end = CHUNK_HEADER + 4 + 4 * parsed.count;
+    let mut out = chunk.to_vec();
+    for &p in positions {
+        if p < first_position || p >= first_position + parsed.count as u64 {
+            return Err(LogError::Corrupt(format!(
+                "position {p} is not in the chunk at {first_position}"
+            )));
+        }
+        let i = (p - first_position) as usize;
+        let start = if i == 0 { 0 } else { parsed.end_offset(i - 1) };
+        let end = parsed.end_offset(i);
+        let slot = &chunk[table_end + start..table_end + end];
+        let s: StoredEvent<'_> = postcard::from_bytes(slot)
+            .map_err(|e| LogError::Corrupt(format!("event at position {p}: {e}")))?;
+        let erased = encode_erased(s.timestamp_micros);
+        if erased.len() > slot.len() {
+            return Err(LogError::Corrupt(format!(
+                "event at position {p} is shorter than an erased event"
+            )));
+        }
+        let dst = &mut out[table_end + start..table_end + end];
+        dst.fill(0);
+        dst[..erased.len()].copy_from_slice(&erased);
+    }
+    let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
 fn decode_event(
     bytes: &[u8],
     position: u64,
@@ -237,6 +329,9 @@ fn decode_event(
 ) -> Result<(Event, bool), LogError> {
     let s: StoredEvent<'_> = postcard::from_bytes(bytes)
         .map_err(|e| LogError::Corrupt(format!("event at position {position}: {e}")))?;
+    if s.event_type.is_empty() {
+        return Ok((erased_event(position, s.timestamp_micros)?, false));
+    }
     let m = s.metadata;
     let keyed = s.keyed;
     let event = Event {

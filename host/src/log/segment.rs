@@ -54,6 +54,9 @@ fn segment_path(dir: &Path, segment: u32) -> PathBuf {
 pub(super) struct SegmentReader {
     dir: PathBuf,
     files: Arc<RwLock<HashMap<u32, Arc<File>>>>,
+    /// Held shared by every chunk read and exclusively while chunks are overwritten in
+    /// place (an erasure), so no read sees a chunk half rewritten.
+    rewrite: Arc<RwLock<()>>,
 }
 
 impl SegmentReader {
@@ -61,6 +64,7 @@ impl SegmentReader {
         Self {
             dir,
             files: Arc::default(),
+            rewrite: Arc::default(),
         }
     }
 
@@ -84,6 +88,7 @@ impl SegmentReader {
 
     /// The bytes of the chunk at `loc`.
     pub fn read(&self, loc: ChunkLocation) -> Result<Vec<u8>, LogError> {
+        let _reading = self.reading();
         let mut buf = vec![0u8; loc.len as usize];
         self.file(loc.segment)?
             .read_exact_at(&mut buf, loc.offset)
@@ -94,6 +99,43 @@ impl SegmentReader {
                 ))
             })?;
         Ok(buf)
+    }
+
+    /// Holds off in-place rewrites while the caller reads chunk bytes by other means.
+    pub fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.rewrite.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Overwrites chunks in place with bytes of the same length (`(location, bytes)`), with
+    /// every read held off meanwhile, and syncs each file written.
+    pub fn overwrite(&self, patches: &[(ChunkLocation, Vec<u8>)]) -> Result<(), LogError> {
+        let _writing = self.rewrite.write().unwrap_or_else(|e| e.into_inner());
+        let mut files: HashMap<u32, File> = HashMap::new();
+        for (loc, bytes) in patches {
+            assert_eq!(
+                bytes.len(),
+                loc.len as usize,
+                "an in-place rewrite keeps the length"
+            );
+            let path = segment_path(&self.dir, loc.segment);
+            if !files.contains_key(&loc.segment) {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io("cannot open segment for a rewrite", &path))?;
+                files.insert(loc.segment, f);
+            }
+            files[&loc.segment]
+                .write_all_at(bytes, loc.offset)
+                .map_err(io("cannot rewrite a chunk of segment", &path))?;
+        }
+        for (segment, f) in &files {
+            f.sync_data().map_err(io(
+                "cannot sync segment",
+                &segment_path(&self.dir, *segment),
+            ))?;
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@
 //! `streams` lists streams and reads one backward from the stream runs.
 
 mod by_time;
+mod erase;
 mod streams;
 
 use std::collections::{HashMap, HashSet};
@@ -190,6 +191,8 @@ impl SledLog {
         let events_dir = config.path.join("events");
         let (head, end, torn) = recover(&db, &events_dir, &data_file)?;
         let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes, torn)?;
+        erase::finish_pending(&config.path, &db, &SegmentReader::new(events_dir.clone()))?;
+        let deleted = deleted_streams(&db)?;
         hub.set_head(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");
         let shared = Arc::new(Shared {
@@ -209,6 +212,7 @@ impl SledLog {
             segment: segment_writer,
             data_file,
             versions: HashMap::new(),
+            deleted,
             next_position: head,
             last_timestamp,
         };
@@ -274,6 +278,36 @@ fn indexed_position(db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
                 .map_err(|_| LogError::Corrupt(format!("id index entry of {id:?}")))
         })
         .transpose()
+}
+
+/// The position of the tombstone that deleted `stream`, if it is deleted.
+fn deletion_of(db: &sled::Db, stream: &str) -> Result<Option<u64>, LogError> {
+    db.get(codec::deleted_key(stream))
+        .map_err(storage)?
+        .map(|v| {
+            v.as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| LogError::Corrupt(format!("deletion mark of stream {stream:?}")))
+        })
+        .transpose()
+}
+
+/// Every deleted stream with its tombstone's position.
+fn deleted_streams(db: &sled::Db) -> Result<HashMap<String, u64>, LogError> {
+    let mut out = HashMap::new();
+    for item in db.scan_prefix([codec::DELETED_PREFIX]) {
+        let (k, v) = item.map_err(storage)?;
+        let stream = String::from_utf8(k[1..].to_vec())
+            .map_err(|_| LogError::Corrupt(format!("deletion mark {k:?}")))?;
+        let position = v
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| LogError::Corrupt(format!("deletion mark of stream {stream:?}")))?;
+        out.insert(stream, position);
+    }
+    Ok(out)
 }
 
 fn storage(e: sled::Error) -> LogError {
@@ -382,6 +416,15 @@ fn index_events<'a>(batch: &mut sled::Batch, events: impl Iterator<Item = (&'a E
         batch.insert(codec::stream_key(stream, v), &run.encode()[..]);
     };
     for (e, keyed) in events {
+        match e.event_type.as_str() {
+            // An erased event belongs to no stream and has no id.
+            super::ERASED_TYPE => continue,
+            super::STREAM_DELETED_TYPE => {
+                batch.insert(codec::deleted_key(&e.stream), &e.position.to_be_bytes()[..]);
+            }
+            super::STREAM_RESTORED_TYPE => batch.remove(codec::deleted_key(&e.stream)),
+            _ => {}
+        }
         if keyed {
             batch.insert(codec::id_key(&e.id), &e.position.to_be_bytes()[..]);
         }
@@ -492,6 +535,18 @@ impl EventLog for SledLog {
 
     async fn find(&self, id: &str) -> Result<Option<u64>, LogError> {
         indexed_position(&self.shared.db, id)
+    }
+
+    async fn deletion(&self, stream: &str) -> Result<Option<u64>, LogError> {
+        deletion_of(&self.shared.db, stream)
+    }
+
+    async fn erase(&self, stream: &str) -> Result<super::Erased, LogError> {
+        let shared = self.shared.clone();
+        let stream = stream.to_owned();
+        tokio::task::spawn_blocking(move || erase::erase_stream(&shared, &stream))
+            .await
+            .map_err(|e| LogError::Storage(format!("erase task failed: {e}")))?
     }
 
     fn head(&self) -> u64 {
@@ -606,7 +661,10 @@ fn verify_chunks(shared: &Shared, head: u64) {
         }
         if let Some((_, f)) = &file {
             let mut bytes = vec![0u8; loc.len as usize];
-            match std::os::unix::fs::FileExt::read_exact_at(f, &mut bytes, loc.offset) {
+            let reading = shared.segments.reading();
+            let read = std::os::unix::fs::FileExt::read_exact_at(f, &mut bytes, loc.offset);
+            drop(reading);
+            match read {
                 Ok(()) => {
                     let _ = check_chunk(shared, first, entry, bytes);
                 }
@@ -725,7 +783,7 @@ fn read_positions(
         for pos in page.next.max(first)..chunk.end().min(stop) {
             let event = chunk.event(pos, &mut types)?;
             page.next = pos + 1;
-            if filter.admits(&event) {
+            if filter.admits(&event) && event.event_type.as_str() != super::ERASED_TYPE {
                 page.events.push(event);
                 if page.events.len() == limit {
                     return Ok(page);
@@ -841,6 +899,8 @@ struct Writer {
     data_file: File,
     /// Next version of streams seen so far (everything applied is durable or poisoned).
     versions: HashMap<String, u64>,
+    /// Deleted streams with their tombstones' positions (everything applied is durable).
+    deleted: HashMap<String, u64>,
     next_position: u64,
     /// The timestamp of the last durable event; no later append gets an earlier one.
     last_timestamp: DateTime<Utc>,
@@ -862,6 +922,8 @@ struct Group {
     versions: HashMap<String, u64>,
     /// The latest timestamp given so far (the log's last before the first append).
     timestamp: DateTime<Utc>,
+    /// Streams this group deleted (`Some(tombstone)`) or restored (`None`).
+    deleted: HashMap<String, Option<u64>>,
     staged: Vec<Staged>,
 }
 
@@ -900,6 +962,7 @@ impl Writer {
             ids: HashMap::new(),
             versions: HashMap::new(),
             timestamp: self.last_timestamp,
+            deleted: HashMap::new(),
             staged: Vec::new(),
         };
         for op in ops {
@@ -966,6 +1029,12 @@ impl Writer {
         let end = group.first_position + group.events.len() as u64;
         self.next_position = end;
         self.versions.extend(group.versions);
+        for (stream, tombstone) in group.deleted {
+            match tombstone {
+                Some(p) => self.deleted.insert(stream, p),
+                None => self.deleted.remove(&stream),
+            };
+        }
         self.last_timestamp = group.timestamp;
         self.shared.durable.store(end, Ordering::Release);
         let published: Vec<Arc<Event>> = group.events.into_iter().map(Arc::new).collect();
@@ -989,6 +1058,14 @@ impl Writer {
         }
         self.versions.insert(stream.to_owned(), v);
         Ok(v)
+    }
+
+    /// The tombstone of `stream` as this group sees it.
+    fn deletion(&self, group: &Group, stream: &str) -> Option<u64> {
+        match group.deleted.get(stream) {
+            Some(t) => *t,
+            None => self.deleted.get(stream).copied(),
+        }
     }
 
     /// Where an event with `id` already is, in the log or earlier in this group.
@@ -1052,6 +1129,7 @@ impl Writer {
         // Client ids new in this append, with the position each got.
         let mut ids: HashMap<String, u64> = HashMap::new();
         let mut versions: HashMap<String, u64> = HashMap::new();
+        let mut deleted: HashMap<String, Option<u64>> = HashMap::new();
         let mut results = Vec::with_capacity(appends.len());
         let mut cached: Option<(u64, u64, Vec<u8>)> = None;
         // Never before the previous append's: timestamps do not decrease along the log even
@@ -1106,6 +1184,34 @@ impl Writer {
                     current,
                 });
             }
+            let mut tombstone = match deleted.get(&append.stream) {
+                Some(t) => *t,
+                None => self.deletion(group, &append.stream),
+            };
+            let was = tombstone;
+            for (n, &i) in fresh.iter().enumerate() {
+                let position = base + (staged.len() + n) as u64;
+                match (append.events[i].event_type.as_str(), tombstone) {
+                    (super::STREAM_RESTORED_TYPE, Some(_)) => tombstone = None,
+                    (super::STREAM_RESTORED_TYPE, None) => {
+                        return Err(AppendError::Invalid(format!(
+                            "stream {:?} is not deleted, so it cannot be restored",
+                            append.stream
+                        )));
+                    }
+                    (_, Some(position)) => {
+                        return Err(AppendError::StreamDeleted {
+                            stream: append.stream.clone(),
+                            position,
+                        });
+                    }
+                    (super::STREAM_DELETED_TYPE, None) => tombstone = Some(position),
+                    _ => {}
+                }
+            }
+            if tombstone != was {
+                deleted.insert(append.stream.clone(), tombstone);
+            }
             let mut version = current;
             for &i in &fresh {
                 let e = &append.events[i];
@@ -1147,6 +1253,7 @@ impl Writer {
         }
         group.ids.extend(ids);
         group.versions.extend(versions);
+        group.deleted.extend(deleted);
         if !staged.is_empty() {
             group.timestamp = now;
         }

@@ -11,7 +11,7 @@ pub const MAX_STREAM_LIST: usize = 1000;
 /// One stream as a listing reports it: its version and where its first and last events
 /// are, in the log and in time.
 ///
-/// More fields may be added (a `deleted` flag, say), so build it with the log, not by hand.
+/// More fields may be added, so build it with the log, not by hand.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct StreamInfo {
@@ -27,6 +27,11 @@ pub struct StreamInfo {
     pub first_timestamp: DateTime<Utc>,
     /// When the last event was appended.
     pub last_timestamp: DateTime<Utc>,
+    /// True when the stream is deleted (and not restored since).
+    pub deleted: bool,
+    /// The position of the tombstone that deleted it, when deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<u64>,
 }
 
 /// Which streams a listing returns: names starting with `prefix`, strictly after `after`,

@@ -50,6 +50,7 @@ pub(super) fn list(shared: &Shared, query: &StreamListQuery) -> Result<StreamLis
         let last_position = last.first_position + u64::from(last.count) - 1;
         let first_timestamp = reader.event(shared, first.first_position)?.timestamp;
         let last_timestamp = reader.event(shared, last_position)?.timestamp;
+        let deleted_at = super::deletion_of(&shared.db, &stream)?;
         out.streams.push(StreamInfo {
             stream,
             version: last_version + u64::from(last.count),
@@ -57,6 +58,8 @@ pub(super) fn list(shared: &Shared, query: &StreamListQuery) -> Result<StreamLis
             last_position,
             first_timestamp,
             last_timestamp,
+            deleted: deleted_at.is_some(),
+            deleted_at,
         });
     }
     Ok(out)
