@@ -25,6 +25,16 @@ impl Host {
     /// Starts `bin serve --data DATA` on a free loopback port with `extra` arguments, and
     /// waits (up to 30 s) until `/health` answers.
     pub async fn start(bin: &str, data: &Path, extra: &[&str]) -> Host {
+        Self::start_with_env(bin, data, extra, &[]).await
+    }
+
+    /// [`Host::start`] with extra environment variables (e.g. a fault point).
+    pub async fn start_with_env(
+        bin: &str,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Host {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(bin)
@@ -34,6 +44,7 @@ impl Host {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -67,6 +78,18 @@ impl Host {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits (up to `limit`) for the process to exit by itself; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("poll the host") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Kills the process with SIGKILL, as a crash would, and waits for it to be gone.

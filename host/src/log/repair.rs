@@ -53,6 +53,12 @@ pub fn repair(data: &Path) -> Result<RepairReport, LogError> {
                 data.display()
             ))
         })?;
+    // An erasure a crash interrupted is finished first: its chunks are whole again.
+    super::sled_log::erase::finish_pending(
+        data,
+        &db,
+        &super::segment::SegmentReader::new(events.clone()),
+    )?;
     let mut aside = Aside::new(data.join("damaged"));
     // What the index knew was acknowledged, before anything changes.
     let indexed_end = last_indexed_end(&db)?;

@@ -17,7 +17,7 @@
 //! `streams` lists streams and reads one backward from the stream runs.
 
 mod by_time;
-mod erase;
+pub(super) mod erase;
 mod streams;
 
 use std::collections::{HashMap, HashSet};
@@ -189,9 +189,10 @@ impl SledLog {
             LogError::Storage(format!("cannot open sled's data file to sync it: {e}"))
         })?;
         let events_dir = config.path.join("events");
+        // Before the scan: a chunk an erasure was rewriting in place is whole again.
+        erase::finish_pending(&config.path, &db, &SegmentReader::new(events_dir.clone()))?;
         let (head, end, torn) = recover(&db, &events_dir, &data_file)?;
         let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes, torn)?;
-        erase::finish_pending(&config.path, &db, &SegmentReader::new(events_dir.clone()))?;
         let deleted = deleted_streams(&db)?;
         hub.set_head(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");

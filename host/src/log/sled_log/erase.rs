@@ -31,6 +31,14 @@ use crate::log::{ERASED_TYPE, Erased, LogError};
 /// Most bytes of rewritten chunks one round holds (in memory and in its intent).
 const ROUND_BYTES: usize = 32 * 1024 * 1024;
 
+/// Stops the process on the spot, as `kill -9` would, when the environment variable
+/// `EVHOST_FAULT` names `point`: how the tests put a crash at each step of an erasure.
+fn fault(point: &str) {
+    if std::env::var_os("EVHOST_FAULT").is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}
+
 /// One erasure at a time per process.
 static ERASING: Mutex<()> = Mutex::new(());
 
@@ -116,6 +124,7 @@ fn apply(
     }
     db.apply_batch(batch).map_err(storage)?;
     db.flush().map_err(storage)?;
+    fault("erase-after-index");
     let patches: Vec<(ChunkLocation, Vec<u8>)> = intent
         .patches
         .iter()
@@ -130,14 +139,23 @@ fn apply(
             )
         })
         .collect();
+    if let Some((first, rest)) = patches.split_first()
+        && std::env::var_os("EVHOST_FAULT").is_some_and(|v| v == "erase-mid-overwrite")
+    {
+        // Half of the chunks rewritten, then the crash.
+        segments.overwrite(std::slice::from_ref(first))?;
+        let _ = rest;
+        fault("erase-mid-overwrite");
+    }
     segments.overwrite(&patches)?;
+    fault("erase-before-intent-removed");
     let path = intent_path(data);
     fs::remove_file(&path).map_err(io("cannot remove", &path))?;
     sync_dir(data)
 }
 
 /// Finishes an erasure a crash interrupted; run at start-up, before anything reads.
-pub(super) fn finish_pending(
+pub(in crate::log) fn finish_pending(
     data: &Path,
     db: &sled::Db,
     segments: &SegmentReader,
@@ -247,6 +265,7 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
                 .push((entry.location.segment, entry.location.offset, patched));
         }
         write_intent(&data, &intent)?;
+        fault("erase-after-intent");
         apply(&data, &shared.db, &shared.segments, &intent)?;
         report.events += erased;
         if rest.is_empty() {
