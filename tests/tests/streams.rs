@@ -113,6 +113,7 @@ async fn streams_are_listed_in_name_order_paged_and_clamped() {
             "last_position": alpha_last["positions"][0],
             "first_timestamp": evs[0]["timestamp"],
             "last_timestamp": evs[2]["timestamp"],
+            "deleted": false,
         })
     );
     let (_, page) = get(&url, &[("after", "beta"), ("limit", "1")]).await;

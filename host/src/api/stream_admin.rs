@@ -290,7 +290,8 @@ mod tests {
     #[test]
     fn stream_names_become_safe_file_names() {
         assert_eq!(file_name("orders-1"), "orders-1");
-        assert_eq!(file_name("../etc"), "%2E%2E%2Fetc");
+        assert_eq!(file_name("../etc"), "%2E.%2Fetc");
+        assert_eq!(file_name(".."), "%2E.");
         assert_eq!(file_name("a/b c"), "a%2Fb%20c");
         assert_eq!(file_name("user.42"), "user.42");
     }
