@@ -191,6 +191,10 @@ struct ServeArgs {
     /// segment changes in tests.
     #[arg(long, hide = true)]
     segment_mb: Option<u64>,
+    /// Bytes of chunks one round of a hard delete rewrites, in KiB (default 32 MiB); small
+    /// ones exercise multi-round erasures in tests.
+    #[arg(long, hide = true)]
+    erase_round_kb: Option<usize>,
     /// Milliseconds a connection has to send a complete request head (a new connection,
     /// or an idle keep-alive one between requests) before it is closed.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -437,6 +441,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.max_batch_events = args.max_batch_events;
     if let Some(mb) = args.segment_mb {
         config.segment_bytes = mb * 1024 * 1024;
+    }
+    if let Some(kb) = args.erase_round_kb {
+        config.erase_round_bytes = kb * 1024;
     }
     let log = Arc::new(
         SledLog::open(config, hub.clone())

@@ -662,7 +662,20 @@ impl Registry {
         let from_operator = operator
             .map(|d| plugin_files(d, &mut failed))
             .unwrap_or_default();
-        let uploaded = plugin_files(&self.dir.clone(), &mut failed);
+        let uploaded = if self.policy().hot_load {
+            plugin_files(&self.dir.clone(), &mut failed)
+        } else {
+            // With hot loading off, only the operator's directory loads.
+            let skipped = plugin_files(&self.dir.clone(), &mut failed);
+            if !skipped.is_empty() {
+                tracing::warn!(
+                    plugins = ?skipped.keys().collect::<Vec<_>>(),
+                    dir = %self.dir.display(),
+                    "plugins uploaded earlier are not loaded: hot loading is off (--no-hot-load)"
+                );
+            }
+            BTreeMap::new()
+        };
         {
             let mut op = self.operator.lock().expect("operator plugins lock");
             op.0 = from_operator

@@ -227,6 +227,72 @@ async fn allowed_origins_and_hosts_are_answered() {
     assert_eq!(s, 200, "{v}");
     let (s, _) = raw(&h, "GET /health HTTP/1.1\r\nHost: other.internal", "").await;
     assert_eq!(s, 421);
+
+    // A page of the allowed origin gets CORS: its preflight is answered, and its replies
+    // carry Access-Control-Allow-Origin; another origin's preflight is refused.
+    let c = reqwest::Client::new();
+    let r = c
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/streams/s", h.url))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type, authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    assert!(
+        r.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("authorization")
+    );
+    let r = c
+        .get(format!("{}/v1/events?from=0", h.url))
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let r = c
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/streams/s", h.url))
+        .header("origin", "http://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    // Two Host or Origin headers: which one a proxy would use is unclear, so neither.
+    let (s, v) = raw(
+        &h,
+        &format!("GET /health HTTP/1.1\r\nHost: {host}\r\nHost: evil.example"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (400, &json!("duplicate_header")),
+        "{v}"
+    );
+    let (s, _) = raw(
+        &h,
+        &format!("GET /health HTTP/1.1\r\nHost: {host}\r\nOrigin: http://localhost:3000\r\nOrigin: http://evil.example"),
+        "",
+    )
+    .await;
+    assert_eq!(s, 400);
 }
 
 fn bearer(token: &str) -> String {
@@ -662,4 +728,25 @@ async fn an_upload_does_not_silently_override_the_operators_copy() {
     );
     let note = s["source"]["note"].as_str().unwrap();
     assert!(note.contains("overrides"), "{note}");
+    drop(h);
+
+    // With hot loading off, uploads kept from before are not loaded at start either.
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        &[
+            "--plugins",
+            plugins,
+            "--plugin-precedence",
+            "uploaded",
+            "--no-hot-load",
+        ],
+    )
+    .await;
+    let s = status(&h, "type-counter").await;
+    assert_eq!(
+        (&s["version"], &s["source"]["from"]),
+        (&json!("1.0.0"), &json!("plugins_dir")),
+        "{s}"
+    );
 }

@@ -385,3 +385,148 @@ async fn an_erasure_cut_short_at_any_step_is_finished_at_the_next_start() {
         );
     }
 }
+
+const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
+
+/// A plugin cannot derive the host's own events: an extractor asked to forge a restore of a
+/// deleted stream fails on that event (dead-lettered), and the stream stays deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_forge_the_hosts_own_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    append(
+        &h,
+        "locked",
+        json!([{"type": "acct.opened", "payload": {}}]),
+    )
+    .await;
+    let (s, _) = delete(&h, "locked", false).await;
+    assert_eq!(s, 200);
+    let manifest = "name = \"forger\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"echo.>\"]\n[on_failure]\nretries = 0\nbackoff_ms = 1\n";
+    let component = std::fs::read(format!("{BUILD}/echo_cycle.wasm")).unwrap();
+    let (s, body) = evhost_tests::upload(&h, "forger", manifest, component).await;
+    assert_eq!(s, 200, "{body}");
+    for forged in [
+        "evhost.stream.restored",
+        "evhost.stream.deleted",
+        "evhost.event.erased",
+    ] {
+        append(
+            &h,
+            "x",
+            json!([{"type": "echo.forge", "payload": {"forge": {"type": forged, "stream": "locked"}}}]),
+        )
+        .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, info) = get(&format!("{}/v1/plugins/forger", h.url)).await;
+        if info["dead_letters"].as_u64().unwrap_or(0) >= 3 {
+            assert!(
+                info["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("evhost."),
+                "{info}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forged events were not refused: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = post(
+        &format!("{}/v1/streams/locked", h.url),
+        json!({"events": [{"type": "acct.credited", "payload": {}}]}),
+    )
+    .await;
+    assert_eq!(s, 410, "still deleted: {v}");
+    let events = all_events(&h).await;
+    assert!(
+        events.iter().all(|e| e["source"] != "forger"),
+        "nothing the plugin forged is in the log"
+    );
+}
+
+/// An erasure in several rounds, cut short after its first: the stream stays deleted with
+/// its index intact, the rest of its events are still stored, and a second hard delete
+/// finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_cut_short_between_rounds_is_finished_by_the_next_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--segment-mb", "1", "--erase-round-kb", "64"];
+    let mut h = Host::start_with_env(
+        BIN,
+        dir.path(),
+        &args,
+        &[("EVHOST_FAULT", "erase-after-intent")],
+    )
+    .await;
+    let pad = "p".repeat(300);
+    for batch in 0..10 {
+        let mut events = Vec::new();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            events.push(json!({"stream": "pii", "type": "user.noted",
+                "payload": {"note": format!("secret-{n}"), "pad": pad}}));
+            events.push(json!({"stream": "keep", "type": "user.noted",
+                "payload": {"note": format!("public-{n}"), "pad": pad}}));
+        }
+        let (s, v) = post(&format!("{}/v1/events", h.url), json!({ "events": events })).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let kept: Vec<Value> = all_events(&h)
+        .await
+        .into_iter()
+        .filter(|e| e["stream"] == "keep")
+        .collect();
+    let _ = reqwest::Client::new()
+        .delete(format!("{}/v1/streams/pii?hard=true", h.url))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await;
+    assert!(
+        h.wait_exit(Duration::from_secs(10)).is_some(),
+        "the host aborted"
+    );
+    let h = Host::start(BIN, dir.path(), &args).await;
+    let events = all_events(&h).await;
+    let left = events.iter().filter(|e| e["stream"] == "pii").count();
+    assert!(
+        left > 1 && left < 1001,
+        "the first round erased some, not all: {left}"
+    );
+    let (s, _) = get(&format!("{}/v1/streams/pii", h.url)).await;
+    assert_eq!(s, 410, "still deleted");
+    let (s, d) = delete(&h, "pii", true).await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(
+        d["erased"]["events"].as_u64().unwrap() as usize,
+        left - 1,
+        "{d}"
+    );
+    let events = all_events(&h).await;
+    let now_kept: Vec<Value> = events
+        .iter()
+        .filter(|e| e["stream"] == "keep")
+        .cloned()
+        .collect();
+    assert_eq!(now_kept, kept);
+    assert_eq!(events.iter().filter(|e| e["stream"] == "pii").count(), 1);
+    assert!(!contains(&segment_bytes(dir.path()), b"secret-"));
+    let (_, v) = get(&format!("{}/v1/streams", h.url)).await;
+    let pii = v["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == "pii")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&pii["version"], &pii["deleted"]),
+        (&json!(1001), &json!(true)),
+        "{pii}"
+    );
+}

@@ -295,7 +295,13 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
     let mut flows: Vec<String> = Vec::new();
     let mut memories = 0u64;
     for round in 0..rounds {
-        let mut h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+        let mut h = Host::start(
+            BIN,
+            dir.path(),
+            // The uploaded http-get (granted the counting server) must outlive restarts.
+            &["--plugins", PLUGINS, "--plugin-precedence", "uploaded"],
+        )
+        .await;
         if round == 0 {
             let m = http_get_manifest(&server.authority, 5000);
             let (s, body) = upload(&h, "http-get", &m, wasm("http-get")).await;
@@ -333,7 +339,13 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
         memories += sent.len() as u64;
         flows.extend(sent.into_iter().map(|(c, _)| c));
     }
-    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        // The uploaded http-get (granted the counting server) must outlive restarts.
+        &["--plugins", PLUGINS, "--plugin-precedence", "uploaded"],
+    )
+    .await;
     // A query the kill left unanswered may still be in the log: check every flow it holds.
     let acked = flows;
     let flows: Vec<String> = all_events(&h)

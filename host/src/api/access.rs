@@ -265,11 +265,20 @@ impl Access {
 
     fn check(&self, req: &Request) -> Result<(), ApiError> {
         let headers = req.headers();
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        for name in [header::HOST, header::ORIGIN, header::AUTHORIZATION] {
+            if headers.get_all(&name).iter().count() > 1 {
+                return Err(ApiError::bad_request(
+                    "duplicate_header",
+                    format!("the request has more than one {name} header; send one"),
+                ));
+            }
+        }
+        let host = match headers.get(header::HOST) {
+            Some(h) => Some(h.to_str().map(str::to_owned).map_err(|_| {
+                ApiError::bad_request("bad_header", "the Host header is not readable text")
+            })?),
+            None => req.uri().authority().map(|a| a.to_string()),
+        };
         if let Some(allowed) = &self.hosts {
             match host.as_deref() {
                 Some(h) if allowed.admits(h) => {}
@@ -293,6 +302,11 @@ impl Access {
         }
         if let Some(origin) = headers.get(header::ORIGIN) {
             self.check_origin(origin, host.as_deref())?;
+            if req.method() == Method::OPTIONS {
+                // A preflight from an allowed origin carries no token; it is answered by
+                // `guard` without reaching a handler.
+                return Ok(());
+            }
         }
         if !self.tokens.is_empty() {
             let needed = Role::needed_for(req.method(), req.uri().path());
@@ -404,10 +418,60 @@ fn unsupported(wanted: &str, got: &str) -> ApiError {
     .with("expected", json!(wanted))
 }
 
-/// The middleware that applies an [`Access`] policy to every request.
+impl Access {
+    /// The origin of `req` when it is one listed with `--allow-origin` (a page of another
+    /// origin, which needs CORS headers to read the reply), as the request spelled it.
+    fn listed_origin(&self, req: &Request) -> Option<HeaderValue> {
+        let origin = req.headers().get(header::ORIGIN)?;
+        let lower = origin
+            .to_str()
+            .ok()?
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        self.origins.contains(&lower).then(|| origin.clone())
+    }
+}
+
+/// The CORS headers that let a page of `origin` read the reply.
+fn allow_origin(resp: &mut Response, origin: HeaderValue) {
+    let h = resp.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// The middleware that applies an [`Access`] policy to every request. Pages of an origin
+/// given to `--allow-origin` get CORS: their preflights are answered (with no token, as
+/// browsers send them) and their replies carry `Access-Control-Allow-Origin`.
 pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
     match access.check(&req) {
-        Ok(()) => next.run(req).await,
+        Ok(()) if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) => {
+            let mut resp = StatusCode::NO_CONTENT.into_response();
+            if let Some(origin) = access.listed_origin(&req) {
+                allow_origin(&mut resp, origin);
+                let h = resp.headers_mut();
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    HeaderValue::from_static("GET, POST, PUT, DELETE"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    HeaderValue::from_static("authorization, content-type, last-event-id"),
+                );
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
+            }
+            resp
+        }
+        Ok(()) => {
+            let listed = access.listed_origin(&req);
+            let mut resp = next.run(req).await;
+            if let Some(origin) = listed {
+                allow_origin(&mut resp, origin);
+            }
+            resp
+        }
         Err(e) => {
             let unauthorized = e.status() == StatusCode::UNAUTHORIZED;
             let mut resp = e.into_response();

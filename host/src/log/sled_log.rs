@@ -65,6 +65,9 @@ pub struct SledLogConfig {
     /// The wall clock appends are stamped from (`Utc::now`); tests step it back to check
     /// that timestamps still never decrease.
     pub clock: fn() -> DateTime<Utc>,
+    /// Most bytes of rewritten chunks one round of an erasure holds, in memory and in its
+    /// intent file (32 MiB); small ones exercise multi-round erasures in tests.
+    pub erase_round_bytes: usize,
 }
 
 impl SledLogConfig {
@@ -78,6 +81,7 @@ impl SledLogConfig {
             max_batch_events: 10_000,
             segment_bytes: super::segment::SEGMENT_BYTES,
             clock: Utc::now,
+            erase_round_bytes: 32 * 1024 * 1024,
         }
     }
 }

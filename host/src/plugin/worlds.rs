@@ -261,6 +261,13 @@ impl ToolPlugin {
 /// the log's configured limits ([`crate::limits::OutputLimits`]), for every kind of handler.
 fn from_wit_new(e: wit::NewEvent, source: &str) -> Result<Derived, String> {
     let event_type = EventType::new(&e.event_type).map_err(|e| e.to_string())?;
+    if event_type.as_str().starts_with("evhost.") {
+        // The host's own events (deletions, restores, erasures, audits) carry authority a
+        // plugin does not have.
+        return Err(format!(
+            "a plugin cannot derive {event_type}: types under evhost. are the host's own"
+        ));
+    }
     validate_stream(&e.stream).map_err(|e| e.to_string())?;
     let payload = Payload::from_json(&e.payload)
         .map_err(|err| format!("the payload of {} is not JSON: {err}", e.event_type))?;

@@ -28,9 +28,6 @@ use crate::log::codec::{self, Chunk, Run, TypeCache};
 use crate::log::segment::{ChunkLocation, SegmentReader};
 use crate::log::{ERASED_TYPE, Erased, LogError};
 
-/// Most bytes of rewritten chunks one round holds (in memory and in its intent).
-const ROUND_BYTES: usize = 32 * 1024 * 1024;
-
 /// Stops the process on the spot, as `kill -9` would, when the environment variable
 /// `EVHOST_FAULT` names `point`: how the tests put a crash at each step of an erasure.
 fn fault(point: &str) {
@@ -47,8 +44,13 @@ struct Intent {
     stream: String,
     tombstone: u64,
     tombstone_version: u64,
-    /// Client ids of the erased events, dropped from the id index.
+    /// Client ids of the events this round erases, dropped from the id index.
     ids: Vec<String>,
+    /// The last round: the stream's run keys as they were when the erasure began, removed
+    /// (exactly these: runs appended after a restore meanwhile stay), and the tombstone's
+    /// run put back. Earlier rounds leave the runs, so an erasure cut short between rounds
+    /// leaves a soft-deleted stream that a new hard delete finishes.
+    runs: Option<Vec<Vec<u8>>>,
     /// Segment, offset and new bytes of each rewritten chunk.
     patches: Vec<(u32, u64, Vec<u8>)>,
 }
@@ -107,20 +109,22 @@ fn apply(
     intent: &Intent,
 ) -> Result<(), LogError> {
     let mut batch = sled::Batch::default();
-    for item in db.scan_prefix(codec::stream_prefix(&intent.stream)) {
-        let (k, _) = item.map_err(storage)?;
-        batch.remove(k);
-    }
-    let run = Run {
-        first_position: intent.tombstone,
-        count: 1,
-    };
-    batch.insert(
-        codec::stream_key(&intent.stream, intent.tombstone_version),
-        &run.encode()[..],
-    );
     for id in &intent.ids {
         batch.remove(codec::id_key(id));
+    }
+    if let Some(runs) = &intent.runs {
+        for k in runs {
+            batch.remove(k.as_slice());
+        }
+        let run = Run {
+            first_position: intent.tombstone,
+            count: 1,
+        };
+        // After the removals: the tombstone's own run key may be among them.
+        batch.insert(
+            codec::stream_key(&intent.stream, intent.tombstone_version),
+            &run.encode()[..],
+        );
     }
     db.apply_batch(batch).map_err(storage)?;
     db.flush().map_err(storage)?;
@@ -175,20 +179,31 @@ pub(in crate::log) fn finish_pending(
         chunks = intent.patches.len(),
         "finishing the erasure of a deleted stream that a stop interrupted"
     );
-    apply(data, db, segments, &intent)
+    apply(data, db, segments, &intent)?;
+    if intent.runs.is_none() {
+        tracing::warn!(
+            stream = intent.stream,
+            "the interrupted erasure had more rounds to go: the stream stays deleted, and some of its events are still stored; run the hard delete again to finish it"
+        );
+    }
+    Ok(())
 }
 
 /// Erases every event of the deleted `stream` but its tombstone (see the module docs).
 pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogError> {
     let _one = ERASING.lock().unwrap_or_else(|e| e.into_inner());
+    // An intent a failed apply left behind is finished first, never overwritten.
+    finish_pending(&shared.config.path, &shared.db, &shared.segments)?;
     let tombstone =
         deletion_of(&shared.db, stream)?.ok_or_else(|| LogError::NotDeleted(stream.to_owned()))?;
     // Every position of the stream, by its runs (they only grow below the tombstone: a
     // deleted stream takes no appends).
     let mut positions = Vec::new();
+    let mut run_keys = Vec::new();
     let mut tombstone_version = None;
     for item in shared.db.scan_prefix(codec::stream_prefix(stream)) {
         let (k, v) = item.map_err(storage)?;
+        run_keys.push(k.to_vec());
         let first_version = codec::version_of_stream_key(&k)?;
         let run = Run::decode(&v)?;
         for i in 0..u64::from(run.count) {
@@ -219,12 +234,13 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
             tombstone,
             tombstone_version,
             ids: Vec::new(),
+            runs: None,
             patches: Vec::new(),
         };
         let mut bytes = 0usize;
         let mut erased = 0u64;
         while let Some(&p) = rest.first() {
-            if bytes >= ROUND_BYTES {
+            if bytes >= shared.config.erase_round_bytes.max(1) {
                 break;
             }
             let (first, entry) = chunk_at(&shared.db, p)?
@@ -263,6 +279,9 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
             intent
                 .patches
                 .push((entry.location.segment, entry.location.offset, patched));
+        }
+        if rest.is_empty() {
+            intent.runs = Some(std::mem::take(&mut run_keys));
         }
         write_intent(&data, &intent)?;
         fault("erase-after-intent");
