@@ -317,6 +317,34 @@ async fn a_hard_delete_survives_kill_9_and_leaves_the_other_streams_intact() {
     assert_eq!(events.len(), 3000 + ROUNDS);
 }
 
+/// Appends 1,000 events of stream `pii` (payloads `secret-N`, ids `pii-N` when `ids`)
+/// interleaved with 1,000 of stream `keep`, each padded to about 330 bytes; returns the
+/// `keep` events as read back.
+async fn interleaved(h: &Host, ids: bool) -> Vec<Value> {
+    let pad = "p".repeat(300);
+    for batch in 0..10 {
+        let mut events = Vec::new();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            let mut pii = json!({"stream": "pii", "type": "user.noted",
+                "payload": {"note": format!("secret-{n}"), "pad": pad}});
+            if ids {
+                pii["id"] = json!(format!("pii-{n}"));
+            }
+            events.push(pii);
+            events.push(json!({"stream": "keep", "type": "user.noted",
+                "payload": {"note": format!("public-{n}"), "pad": pad}}));
+        }
+        let (s, v) = post(&format!("{}/v1/events", h.url), json!({ "events": events })).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    all_events(h)
+        .await
+        .into_iter()
+        .filter(|e| e["stream"] == "keep")
+        .collect()
+}
+
 /// A crash at each step of an erasure, put there by a fault point (the process aborts, as
 /// with `kill -9`): the next start finishes what was begun, and nothing else changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,24 +358,7 @@ async fn an_erasure_cut_short_at_any_step_is_finished_at_the_next_start() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut h = Host::start_with_env(BIN, dir.path(), &args, &[("EVHOST_FAULT", point)]).await;
-        let pad = "p".repeat(300);
-        for batch in 0..10 {
-            let mut events = Vec::new();
-            for i in 0..100 {
-                let n = batch * 100 + i;
-                events.push(json!({"stream": "pii", "type": "user.noted",
-                    "payload": {"note": format!("secret-{n}"), "pad": pad}, "id": format!("pii-{n}")}));
-                events.push(json!({"stream": "keep", "type": "user.noted",
-                    "payload": {"note": format!("public-{n}"), "pad": pad}}));
-            }
-            let (s, v) = post(&format!("{}/v1/events", h.url), json!({ "events": events })).await;
-            assert_eq!(s, 200, "{v}");
-        }
-        let kept: Vec<Value> = all_events(&h)
-            .await
-            .into_iter()
-            .filter(|e| e["stream"] == "keep")
-            .collect();
+        let kept = interleaved(&h, true).await;
         let r = reqwest::Client::new()
             .delete(format!("{}/v1/streams/pii?hard=true", h.url))
             .timeout(Duration::from_secs(30))
@@ -464,24 +475,7 @@ async fn an_erasure_cut_short_between_rounds_is_finished_by_the_next_delete() {
         &[("EVHOST_FAULT", "erase-after-intent")],
     )
     .await;
-    let pad = "p".repeat(300);
-    for batch in 0..10 {
-        let mut events = Vec::new();
-        for i in 0..100 {
-            let n = batch * 100 + i;
-            events.push(json!({"stream": "pii", "type": "user.noted",
-                "payload": {"note": format!("secret-{n}"), "pad": pad}}));
-            events.push(json!({"stream": "keep", "type": "user.noted",
-                "payload": {"note": format!("public-{n}"), "pad": pad}}));
-        }
-        let (s, v) = post(&format!("{}/v1/events", h.url), json!({ "events": events })).await;
-        assert_eq!(s, 200, "{v}");
-    }
-    let kept: Vec<Value> = all_events(&h)
-        .await
-        .into_iter()
-        .filter(|e| e["stream"] == "keep")
-        .collect();
+    let kept = interleaved(&h, false).await;
     let _ = reqwest::Client::new()
         .delete(format!("{}/v1/streams/pii?hard=true", h.url))
         .timeout(Duration::from_secs(30))

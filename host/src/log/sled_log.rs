@@ -274,26 +274,31 @@ impl Drop for SledLog {
 
 /// The position the id index holds for a client-supplied `id`.
 fn indexed_position(db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
-    let found = db.get(codec::id_key(id)).map_err(storage)?;
-    found
-        .map(|v| {
-            v.as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| LogError::Corrupt(format!("id index entry of {id:?}")))
-        })
-        .transpose()
+    position_value(db, codec::id_key(id), || {
+        format!("id index entry of {id:?}")
+    })
 }
 
 /// The position of the tombstone that deleted `stream`, if it is deleted.
 fn deletion_of(db: &sled::Db, stream: &str) -> Result<Option<u64>, LogError> {
-    db.get(codec::deleted_key(stream))
+    position_value(db, codec::deleted_key(stream), || {
+        format!("deletion mark of stream {stream:?}")
+    })
+}
+
+/// The position stored under `key`, if any; `what` names the entry when it is malformed.
+fn position_value(
+    db: &sled::Db,
+    key: Vec<u8>,
+    what: impl FnOnce() -> String,
+) -> Result<Option<u64>, LogError> {
+    db.get(key)
         .map_err(storage)?
         .map(|v| {
             v.as_ref()
                 .try_into()
                 .map(u64::from_be_bytes)
-                .map_err(|_| LogError::Corrupt(format!("deletion mark of stream {stream:?}")))
+                .map_err(|_| LogError::Corrupt(what()))
         })
         .transpose()
 }
