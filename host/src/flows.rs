@@ -137,12 +137,19 @@ struct Overlay<'a> {
 }
 
 impl Overlay<'_> {
-    fn get<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Option<T> {
+    /// The figures under `key`; a failed read is the host's failure, retried by the runner.
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, crate::runner::BatchError> {
         let raw = match self.writes.get(key) {
             Some(v) => v.clone(),
-            None => self.view.get(key),
-        }?;
-        serde_json::from_str(&raw).ok()
+            None => self
+                .view
+                .get(key)
+                .map_err(|e| crate::runner::BatchError::Host(e.to_string()))?,
+        };
+        Ok(raw.and_then(|raw| serde_json::from_str(&raw).ok()))
     }
     fn set(&mut self, key: String, value: &impl Serialize) {
         let json = serde_json::to_string(value).expect("serializable figures");
@@ -199,12 +206,12 @@ impl BatchHandler for FlowIndex {
                     let Some(id) = p["invocation_id"].as_str() else {
                         continue;
                     };
-                    let Some(pending) = o.get::<Pending>(&format!("{REQUEST}{id}")) else {
+                    let Some(pending) = o.get::<Pending>(&format!("{REQUEST}{id}"))? else {
                         continue;
                     };
                     o.delete(format!("{REQUEST}{id}"));
                     let key = format!("{TOOL}{}", pending.tool);
-                    let mut f: ToolFigures = o.get(&key).unwrap_or_default();
+                    let mut f: ToolFigures = o.get(&key)?.unwrap_or_default();
                     f.completed += 1;
                     f.failed += u64::from(t == FAILED);
                     f.latency.record((micros - pending.micros) as f64 / 1e3);
@@ -212,13 +219,13 @@ impl BatchHandler for FlowIndex {
                 }
                 QUERY => {
                     let key = format!("{STARTED_AT}{correlation}");
-                    if o.get::<i64>(&key).is_none() {
+                    if o.get::<i64>(&key)?.is_none() {
                         o.set(key, &micros);
                     }
                 }
                 ANSWER => {
-                    if let Some(began) = o.get::<i64>(&format!("{STARTED_AT}{correlation}")) {
-                        let mut l: Latency = o.get(E2E).unwrap_or_default();
+                    if let Some(began) = o.get::<i64>(&format!("{STARTED_AT}{correlation}"))? {
+                        let mut l: Latency = o.get(E2E)?.unwrap_or_default();
                         l.record((micros - began) as f64 / 1e3);
                         o.set(E2E.to_owned(), &l);
                     }

@@ -11,8 +11,8 @@ pub use manifest::{
     Capabilities, InvalidManifest, Kind, Limits, Manifest, OnFailure, StartFrom, valid_name,
 };
 pub use runtime::{
-    CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, StateView,
-    UsageReport, Writes, component_hash,
+    CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, StateError,
+    StateView, UsageReport, Writes, component_hash,
 };
 pub use store::{MemState, PluginStore, describe_error};
 pub use worlds::{

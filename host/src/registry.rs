@@ -1108,7 +1108,7 @@ impl Registry {
                 scratch.apply(writes);
             }
         }
-        Ok(scratch.get(key))
+        scratch.get(key).map_err(storage)
     }
 }
 

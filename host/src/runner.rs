@@ -75,7 +75,10 @@ impl BatchHandler for Blocking {
     ) -> Result<Output, BatchError> {
         let h = self.0.clone();
         match tokio::task::spawn_blocking(move || h.handle(view, &events)).await {
-            Ok(r) => r.map_err(|e| BatchError::Plugin(e.to_string())),
+            Ok(r) => r.map_err(|e| match e {
+                e @ crate::plugin::PluginError::Host { .. } => BatchError::Host(e.to_string()),
+                e => BatchError::Plugin(e.to_string()),
+            }),
             Err(e) => Err(BatchError::Plugin(format!("the call was lost: {e}"))),
         }
     }

@@ -49,7 +49,7 @@ fn call(p: &ProjectionPlugin, state: &Arc<MemState>, ty: &str) -> Result<(), Plu
 }
 
 fn seen(state: &MemState) -> serde_json::Value {
-    serde_json::from_str(&state.get("probe").unwrap_or_else(|| "{}".into())).unwrap()
+    serde_json::from_str(&state.get("probe").unwrap().unwrap_or_else(|| "{}".into())).unwrap()
 }
 
 fn assert_trapped(r: Result<(), PluginError>, want: &str) {
@@ -233,5 +233,64 @@ fn a_fuel_budget_stops_a_runaway_call_and_usage_is_reported() {
         matches!(&refused, Err(PluginError::Load { message, .. }) if message.contains("other engine")),
         "{:?}",
         refused.err()
+    );
+}
+
+/// A state store that fails its reads while `failing` is set.
+struct FlakyView {
+    inner: Arc<MemState>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl StateView for FlakyView {
+    fn get(&self, key: &str) -> Result<Option<String>, evhost::plugin::StateError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(evhost::plugin::StateError("injected read failure".into()));
+        }
+        self.inner.get(key)
+    }
+    fn scan_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, evhost::plugin::StateError> {
+        self.inner.scan_prefix(prefix)
+    }
+}
+
+/// A state read the store fails is the host's failure: the call fails as `Host` (which the
+/// runner retries and never dead-letters), never as the plugin's fault, and the plugin never
+/// sees the key as absent, so its state is not started over.
+#[test]
+fn a_failed_state_read_fails_the_call_as_the_hosts_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = probe(dir.path());
+    let state = Arc::new(MemState::default());
+    call(&p, &state, "probe.ok").unwrap();
+    call(&p, &state, "probe.ok").unwrap();
+    let before = seen(&state);
+    let flaky = Arc::new(FlakyView {
+        inner: state.clone(),
+        failing: true.into(),
+    });
+    let view: Arc<dyn StateView> = flaky.clone();
+    match p.handle(view, &[event("probe.ok", 2)]) {
+        Err(PluginError::Host { plugin, message }) => {
+            assert_eq!(plugin, "probe@1");
+            assert!(message.contains("injected read failure"), "{message}");
+        }
+        other => panic!("expected the host's failure, got {other:?}"),
+    }
+    assert_eq!(seen(&state), before, "nothing was written");
+    flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let view: Arc<dyn StateView> = flaky.clone();
+    let writes = p.handle(view, &[event("probe.ok", 2)]).unwrap();
+    state.apply(writes);
+    let after = seen(&state);
+    assert_eq!(before["probe.ok"], "2");
+    assert_eq!(
+        after["probe.ok"], "3",
+        "the retry folds onto the state as it was, not onto a reset one: {after}"
     );
 }

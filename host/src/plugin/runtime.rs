@@ -29,6 +29,9 @@ pub(super) mod bindings {
             imports: {
                 "evhost:plugin/state.set": trappable,
                 "evhost:plugin/state.delete": trappable,
+                // A read the host's store fails stops the call as the host's failure.
+                "evhost:plugin/state.get": trappable,
+                "evhost:plugin/state.scan-prefix": trappable,
             },
         });
     }
@@ -62,11 +65,17 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// State a plugin reads beneath its own writes of the current call.
 pub trait StateView: Send + Sync {
-    /// The value under `key`.
-    fn get(&self, key: &str) -> Option<String>;
+    /// The value under `key`; an error when the store could not be read (never "absent").
+    fn get(&self, key: &str) -> Result<Option<String>, StateError>;
     /// Every key starting with `prefix`, in key order, with its value.
-    fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)>;
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError>;
 }
+
+/// A state read the host's store failed: the host's fault, not the plugin's, so the call
+/// fails as [`PluginError::Host`] and is retried, never dead-lettered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("reading the plugin's state failed: {0}")]
+pub struct StateError(pub String);
 
 /// The state writes of one successful call: `Some` sets, `None` deletes.
 pub type Writes = BTreeMap<String, Option<String>>;
@@ -104,6 +113,15 @@ pub enum PluginError {
         /// `name@version`.
         plugin: String,
         /// What happened (names the limit when one was hit).
+        message: String,
+    },
+    /// The host failed during the call (its state store could not be read): the call's
+    /// outcome says nothing about the plugin.
+    #[error("the host failed while running plugin {plugin}: {message}")]
+    Host {
+        /// `name@version`.
+        plugin: String,
+        /// What failed.
         message: String,
     },
 }
@@ -284,10 +302,10 @@ impl ResourceLimiter for Limiter {
 impl wit::Host for HostState {}
 
 impl wit_state::Host for HostState {
-    fn get(&mut self, key: String) -> Option<String> {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         match self.writes.get(&key) {
-            Some(v) => v.clone(),
-            None => self.view.get(&key),
+            Some(v) => Ok(v.clone()),
+            None => self.view.get(&key).map_err(wasmtime::Error::new),
         }
     }
 
@@ -299,9 +317,13 @@ impl wit_state::Host for HostState {
         self.write(key, None)
     }
 
-    fn scan_prefix(&mut self, prefix: String) -> Vec<(String, String)> {
-        let mut merged: BTreeMap<String, String> =
-            self.view.scan_prefix(&prefix).into_iter().collect();
+    fn scan_prefix(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, String)>> {
+        let mut merged: BTreeMap<String, String> = self
+            .view
+            .scan_prefix(&prefix)
+            .map_err(wasmtime::Error::new)?
+            .into_iter()
+            .collect();
         for (k, v) in self.writes.range(prefix.clone()..) {
             if !k.starts_with(&prefix) {
                 break;
@@ -311,7 +333,7 @@ impl wit_state::Host for HostState {
                 None => merged.remove(k),
             };
         }
-        merged.into_iter().collect()
+        Ok(merged.into_iter().collect())
     }
 }
 
@@ -636,11 +658,11 @@ pub(super) struct Warm<W> {
 pub(super) struct NoState;
 
 impl StateView for NoState {
-    fn get(&self, _key: &str) -> Option<String> {
-        None
+    fn get(&self, _key: &str) -> Result<Option<String>, StateError> {
+        Ok(None)
     }
-    fn scan_prefix(&self, _prefix: &str) -> Vec<(String, String)> {
-        Vec::new()
+    fn scan_prefix(&self, _prefix: &str) -> Result<Vec<(String, String)>, StateError> {
+        Ok(Vec::new())
     }
 }
 
@@ -852,6 +874,12 @@ impl<W: World> Plugin<W> {
     }
 
     fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
+        if let Some(failed) = e.chain().find_map(|c| c.downcast_ref::<StateError>()) {
+            return PluginError::Host {
+                plugin: self.plugin.to_string(),
+                message: failed.to_string(),
+            };
+        }
         if let Some(limit) = e
             .chain()
             .find_map(|c| c.downcast_ref::<StateLimitExceeded>())

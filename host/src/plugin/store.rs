@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::runtime::{StateView, Writes};
+use super::runtime::{StateError, StateView, Writes};
 
 const CHECKPOINT: &[u8] = b"c";
 const PROCESSED: &[u8] = b"n";
@@ -282,12 +282,13 @@ impl PluginStore {
 }
 
 impl StateView for PluginStore {
-    fn get(&self, key: &str) -> Option<String> {
-        PluginStore::get(self, key).ok().flatten()
+    fn get(&self, key: &str) -> Result<Option<String>, StateError> {
+        PluginStore::get(self, key).map_err(|e| StateError(describe_error(&e)))
     }
 
-    fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        self.scan(prefix, usize::MAX).unwrap_or_default()
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError> {
+        self.scan(prefix, usize::MAX)
+            .map_err(|e| StateError(describe_error(&e)))
     }
 }
 
@@ -318,17 +319,18 @@ impl MemState {
 }
 
 impl StateView for MemState {
-    fn get(&self, key: &str) -> Option<String> {
-        self.0.read().expect("scratch state lock").get(key).cloned()
+    fn get(&self, key: &str) -> Result<Option<String>, StateError> {
+        Ok(self.0.read().expect("scratch state lock").get(key).cloned())
     }
 
-    fn scan_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        self.0
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError> {
+        Ok(self
+            .0
             .read()
             .expect("scratch state lock")
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect())
     }
 }
