@@ -65,7 +65,7 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
-            max_event_bytes: 1024 * 1024,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             max_body_bytes: 32 * 1024 * 1024,
             max_batch_events: 10_000,
             max_read_bytes: MAX_READ_BYTES,

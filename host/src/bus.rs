@@ -678,3 +678,17 @@ impl Drop for Subscription {
         self.bus.hub.remove(self.id);
     }
 }
+
+impl crate::log::CommitSink for Hub {
+    fn opened(&self, head: u64) {
+        self.set_head(head);
+    }
+
+    fn committed(&self, events: &[Arc<Event>]) {
+        self.publish(events);
+    }
+
+    fn erased(&self, stream: &str) {
+        self.forget_stream(stream);
+    }
+}

@@ -170,7 +170,7 @@ struct ServeArgs {
     #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
     /// Largest event accepted, in bytes: payload, metadata, source, id and type together.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, default_value_t = crate::event::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
     /// Most events accepted in one append request.
     #[arg(long, default_value_t = 10_000)]

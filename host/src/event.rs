@@ -20,6 +20,11 @@ pub const MAX_ID_LEN: usize = 128;
 ///
 /// serde_json, which the host and Rust plugins use to read events, refuses values nested
 /// more than 128 deep; 64 leaves room for the envelopes an event travels in (a read
+/// The largest event the host takes by default, in bytes of text (payload, metadata keys
+/// and values, source, id and type): the default of `--max-event-bytes`, and of every
+/// limit derived from it (the API, the log, what plugins may derive).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
 /// response, a plugin's input) and for readers with smaller limits.
 pub const MAX_PAYLOAD_DEPTH: usize = 64;
 

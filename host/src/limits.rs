@@ -26,7 +26,7 @@ impl Default for OutputLimits {
     /// The log's defaults: 1 MiB per event, 10,000 events per append.
     fn default() -> Self {
         Self {
-            max_event_bytes: 1024 * 1024,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             max_batch_events: 10_000,
         }
     }

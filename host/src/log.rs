@@ -166,6 +166,17 @@ pub enum AppendError {
     Storage(#[from] LogError),
 }
 
+/// Where a log hands what it commits, so that it needs nothing of who follows it: in the
+/// host, the bus's hub ([`crate::bus::Hub`]).
+pub trait CommitSink: Send + Sync + 'static {
+    /// The log opened with `head` (one past its last position).
+    fn opened(&self, head: u64);
+    /// Events just made durable, in position order; must never wait on readers.
+    fn committed(&self, events: &[std::sync::Arc<Event>]);
+    /// The events of `stream` were erased from the log: drop any copies kept.
+    fn erased(&self, stream: &str);
+}
+
 /// The type of the tombstone an operator's delete appends to a stream; projections fold it.
 pub const STREAM_DELETED_TYPE: &str = "evhost.stream.deleted";
 /// The type of the event that re-opens a deleted stream.

@@ -16,6 +16,6 @@ pub use runtime::{
 };
 pub use store::{MemState, PluginStore, describe_error};
 pub use worlds::{
-    Derived, ExtractorPlugin, Handler, Output, ProjectionPlugin, ToolInfo, ToolPlugin, World,
+    Derived, ExtractorPlugin, Handler, Output, ProjectionPlugin, ToolInfo, ToolPlugin,
     batch_context,
 };

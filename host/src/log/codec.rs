@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, EventType, Metadata, Payload};
 use crate::log::LogError;
-use crate::log::segment::ChunkLocation;
 
 pub(super) const EVENT_PREFIX: u8 = b'E';
 pub(super) const STREAM_PREFIX: u8 = b'S';
@@ -101,6 +100,20 @@ pub(super) fn id_key(id: &str) -> Vec<u8> {
     k.push(ID_PREFIX);
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// Where a chunk's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ChunkLocation {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl ChunkLocation {
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
 }
 
 /// The index entry of a chunk: where its bytes are and how many events it holds.

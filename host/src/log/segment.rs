@@ -16,24 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::LogError;
-use super::codec::{CHUNK_HEADER, ChunkHeader, chunk_header};
+use super::codec::{CHUNK_HEADER, ChunkHeader, ChunkLocation, chunk_header};
 
 /// A segment is closed and a new one started past this size, unless configured otherwise.
 pub const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
-
-/// Where a chunk's bytes are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct ChunkLocation {
-    pub segment: u32,
-    pub offset: u64,
-    pub len: u32,
-}
-
-impl ChunkLocation {
-    pub fn end(&self) -> u64 {
-        self.offset + u64::from(self.len)
-    }
-}
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
     let msg = format!("{what} {}", path.display());

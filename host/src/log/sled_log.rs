@@ -31,13 +31,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::CommitSink;
+use super::codec::ChunkLocation;
 use super::codec::{self, Chunk, ChunkEntry, Run, TypeCache};
-use super::segment::{ChunkLocation, ScanEnd, SegmentReader, SegmentWriter};
+use super::segment::{ScanEnd, SegmentReader, SegmentWriter};
 use super::{
     AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend, StreamList,
     StreamListQuery,
 };
-use crate::bus::Hub;
 use crate::event::{Event, validate_id, validate_stream};
 
 /// Most appends combined into one durable group.
@@ -77,7 +78,7 @@ impl SledLogConfig {
         Self {
             path: path.into(),
             cache_bytes: 64 * 1024 * 1024,
-            max_event_bytes: 1024 * 1024,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             max_batch_events: 10_000,
             segment_bytes: super::segment::SEGMENT_BYTES,
             clock: Utc::now,
@@ -97,7 +98,8 @@ struct Shared {
     health: HealthState,
     /// Set when the log closes, so the background check stops.
     closing: AtomicBool,
-    hub: Arc<Hub>,
+    /// Told of every commit (the bus, in the host).
+    sink: Arc<dyn CommitSink>,
     config: SledLogConfig,
 }
 
@@ -179,7 +181,7 @@ impl SledLog {
     }
 
     /// Opens (or creates) the log and starts its writer; committed events go to `hub`.
-    pub fn open(config: SledLogConfig, hub: Arc<Hub>) -> Result<Self, LogError> {
+    pub fn open(config: SledLogConfig, sink: Arc<dyn CommitSink>) -> Result<Self, LogError> {
         std::fs::create_dir_all(&config.path).map_err(|e| {
             LogError::Storage(format!("cannot create {}: {e}", config.path.display()))
         })?;
@@ -198,7 +200,7 @@ impl SledLog {
         let (head, end, torn) = recover(&db, &events_dir, &data_file)?;
         let segment_writer = SegmentWriter::open(&events_dir, end, config.segment_bytes, torn)?;
         let deleted = deleted_streams(&db)?;
-        hub.set_head(head);
+        sink.opened(head);
         tracing::info!(path = %config.path.display(), head, "event log opened");
         let shared = Arc::new(Shared {
             db,
@@ -207,7 +209,7 @@ impl SledLog {
             poisoned: AtomicBool::new(false),
             health: HealthState::default(),
             closing: AtomicBool::new(false),
-            hub,
+            sink,
             config,
         });
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
@@ -1048,7 +1050,7 @@ impl Writer {
         self.last_timestamp = group.timestamp;
         self.shared.durable.store(end, Ordering::Release);
         let published: Vec<Arc<Event>> = group.events.into_iter().map(Arc::new).collect();
-        self.shared.hub.publish(&published);
+        self.shared.sink.committed(&published);
         for s in group.staged {
             let _ = s.reply.send(Ok(s.results));
         }

@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::manifest::{Capabilities, Limits, Manifest};
+use super::manifest::{Capabilities, Kind, Limits, Manifest};
 use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
-use super::worlds::World;
 
 pub(super) mod bindings {
     pub mod projection {
@@ -59,6 +58,18 @@ pub(super) mod bindings {
 }
 
 use bindings::projection::evhost::plugin::{log as wit_log, state as wit_state, types as wit};
+
+/// A WIT world the host can instantiate.
+pub trait World: Sized + Send + 'static {
+    /// The manifest kind that names this world.
+    const KIND: Kind;
+    /// The pre-linked component.
+    type Pre: Clone + Send + Sync + 'static;
+    /// Checks the component's exports against the world.
+    fn pre(pre: InstancePre<HostState>) -> wasmtime::Result<Self::Pre>;
+    /// A new instance.
+    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
+}
 
 /// How often the engine's epoch advances: the granularity of batch time limits.
 const EPOCH_TICK: Duration = Duration::from_millis(10);

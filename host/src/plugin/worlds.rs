@@ -8,22 +8,12 @@ use wasmtime::component::InstancePre;
 
 use super::manifest::Kind;
 use super::runtime::bindings::{extractor, projection, tool};
-use super::runtime::{CallContext, HostState, NoState, Plugin, PluginError, StateView, Writes};
+use super::runtime::{
+    CallContext, HostState, NoState, Plugin, PluginError, StateView, World, Writes,
+};
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload, validate_stream};
 
 use projection::evhost::plugin::types as wit;
-
-/// A WIT world the host can instantiate.
-pub trait World: Sized + Send + 'static {
-    /// The manifest kind that names this world.
-    const KIND: Kind;
-    /// The pre-linked component.
-    type Pre: Clone + Send + Sync + 'static;
-    /// Checks the component's exports against the world.
-    fn pre(pre: InstancePre<HostState>) -> wasmtime::Result<Self::Pre>;
-    /// A new instance.
-    fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
-}
 
 macro_rules! world {
     ($kind:expr, $bindings:ty, $pre:ty) => {

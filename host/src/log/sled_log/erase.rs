@@ -24,8 +24,9 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{Shared, chunk_at, deletion_of, read_chunk, storage};
+use crate::log::codec::ChunkLocation;
 use crate::log::codec::{self, Chunk, Run, TypeCache};
-use crate::log::segment::{ChunkLocation, SegmentReader};
+use crate::log::segment::SegmentReader;
 use crate::log::{ERASED_TYPE, Erased, LogError};
 
 /// Stops the process on the spot, as `kill -9` would, when the environment variable
@@ -292,7 +293,7 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
         }
     }
     report.segments = segments_touched.len();
-    shared.hub.forget_stream(stream);
+    shared.sink.erased(stream);
     tracing::info!(
         stream,
         events = report.events,
