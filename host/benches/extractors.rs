@@ -8,6 +8,11 @@
 //! memories, default 1,000,000; EVHOST_BENCH_INVOCATIONS the number of invocations, default
 //! 100,000).
 
+// The allocator the `evhost` binary uses, so the figures are the binary's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 
 use std::time::{Duration, Instant};

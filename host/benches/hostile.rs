@@ -8,6 +8,11 @@
 //! `cargo bench -p evhost --bench hostile` (EVHOST_BENCH_EVENTS sets the log size, default
 //! 300,000).
 
+// The allocator the `evhost` binary uses, so the figures are the binary's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 
 use std::sync::Arc;

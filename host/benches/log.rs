@@ -4,6 +4,11 @@
 //!
 //! `cargo bench -p evhost --bench log` (set EVHOST_BENCH_EVENTS to change the 1M replay size).
 
+// The allocator the `evhost` binary uses, so the figures are the binary's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

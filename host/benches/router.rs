@@ -3,6 +3,11 @@
 //!
 //! `cargo bench -p evhost --bench router`
 
+// The allocator the `evhost` binary uses, so the figures are the binary's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 use std::time::Instant;
 

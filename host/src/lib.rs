@@ -5,10 +5,6 @@
 //! commit. The log is the
 //! source of truth; the bus only wakes subscribers.
 
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod api;
 pub mod bus;
 pub mod cli;
