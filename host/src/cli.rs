@@ -5,7 +5,6 @@ mod streams;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,11 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::api::{self, ApiConfig, AppState};
-use crate::bus::{Bus, Hub};
-use crate::log::{EventLog, SledLog, SledLogConfig};
-use crate::plugin::Runtime;
-use crate::registry::Registry;
+use crate::api;
 use streams::StreamCommand;
 
 /// evhost: an event log and live bus that runs sandboxed WebAssembly event handlers.
@@ -434,72 +429,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
             tracing::warn!(listen = %args.listen, "listening beyond loopback with no tokens (--insecure-no-auth): anyone who can reach this address can do anything");
         }
     }
-    let hub = Hub::with_history_bytes(args.history, args.history_mb << 20);
-    let mut config = SledLogConfig::new(&args.data);
-    config.cache_bytes = args.cache_mb * 1024 * 1024;
-    config.max_event_bytes = args.max_event_bytes;
-    config.max_batch_events = args.max_batch_events;
-    if let Some(mb) = args.segment_mb {
-        config.segment_bytes = mb * 1024 * 1024;
-    }
-    if let Some(kb) = args.erase_round_kb {
-        config.erase_round_bytes = kb * 1024;
-    }
-    let log = Arc::new(
-        SledLog::open(config, hub.clone())
-            .with_context(|| format!("opening the event log in {}", args.data.display()))?,
-    );
-    let dyn_log: Arc<dyn EventLog> = log.clone();
-    let bus = Bus::new(dyn_log.clone(), hub);
-    let runtime =
-        Runtime::new(&args.data.join("compiled")).context("starting the WebAssembly runtime")?;
-    // Operational state lives apart from the log's disposable index (see state_db).
-    let state_db = crate::state_db::open(&args.data, args.cache_mb * 1024 * 1024, log.db())?;
-    let schemas =
-        crate::schemas::Schemas::open(&state_db).context("opening the schema registry")?;
-    let registry = Registry::new(
-        runtime,
-        state_db.clone(),
-        bus.clone(),
-        dyn_log.clone(),
-        args.data.join("plugins"),
-        schemas.clone(),
-    );
-    registry.set_limits(crate::limits::OutputLimits {
+    let config = crate::host::HostConfig {
+        data: args.data.clone(),
+        cache_bytes: args.cache_mb * 1024 * 1024,
         max_event_bytes: args.max_event_bytes,
         max_batch_events: args.max_batch_events,
-    });
-    registry.set_policy(args.policy.policy());
-    if let Some(dir) = &args.plugins
-        && !dir.is_dir()
-    {
-        bail!("--plugins {} is not a directory", dir.display());
-    }
-    for (file, err) in registry
-        .load_dirs(args.plugins.as_deref(), args.policy.plugin_precedence)
-        .await
-    {
-        tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
-    }
-    registry
-        .answer_unknown_tools()
-        .await
-        .context("starting the runner for requests to unknown tools")?;
-    let (flow_index, flow_store) = crate::flows::start(&state_db, bus.clone(), dyn_log.clone())
-        .context("starting the flow index")?;
-    let state = AppState::new(
-        dyn_log,
-        bus,
-        ApiConfig {
-            max_event_bytes: args.max_event_bytes,
-            max_batch_events: args.max_batch_events,
-            ..ApiConfig::default()
-        },
-    )
-    .with_archive_dir(args.data.join("archive"))
-    .with_registry(registry.clone())
-    .with_flows(flow_store)
-    .with_schemas(schemas);
+        history: args.history,
+        history_bytes: args.history_mb << 20,
+        segment_bytes: args.segment_mb.map(|mb| mb * 1024 * 1024),
+        erase_round_bytes: args.erase_round_kb.map(|kb| kb * 1024),
+        plugins: args.plugins.clone(),
+        precedence: args.policy.plugin_precedence,
+        policy: args.policy.policy(),
+    };
+    let host = crate::host::Host::start(config).await?;
+    let state = host.api_state();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -518,11 +462,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     api::serve(listener, state, serve_config, shutdown_signal())
         .await
         .context("serving the HTTP API")?;
-    registry.stop_all().await;
-    flow_index.stop().await;
-    if let Err(e) = state_db.flush_async().await {
-        tracing::warn!(error = %e, "flushing the state database at shutdown failed");
-    }
+    host.stop().await;
     tracing::info!("shut down");
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod dead_letter;
 pub mod event;
 pub mod flows;
+pub mod host;
 pub mod limits;
 pub mod log;
 pub mod pattern;

@@ -1,0 +1,219 @@
+//! The front door: one place builds a host's parts (the log, the bus, the state database,
+//! schemas, the wasm runtime, the registry with its plugins, the flow index) and the API's
+//! state from one [`HostConfig`], with each limit set once and handed to every part that
+//! enforces it. `evhost serve` starts a host through it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::api::{ApiConfig, AppState};
+use crate::bus::{Bus, Hub};
+use crate::log::{EventLog, SledLog, SledLogConfig};
+use crate::plugin::{PluginStore, Runtime};
+use crate::registry::{PluginPolicy, Precedence, Registry};
+use crate::runner::Runner;
+use crate::schemas::Schemas;
+
+/// Everything a host is started with. [`HostConfig::new`] gives the defaults of
+/// `evhost serve`.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The data directory (created if missing).
+    pub data: PathBuf,
+    /// Memory for the storage caches, in bytes (the log's index and the state database).
+    pub cache_bytes: u64,
+    /// Largest event, in bytes of text: the API's, the log's and plugins' outputs' limit.
+    pub max_event_bytes: usize,
+    /// Most events per append: the API's, the log's and plugins' outputs' limit.
+    pub max_batch_events: usize,
+    /// Events the bus keeps for its history.
+    pub history: usize,
+    /// Bytes the bus's history may hold.
+    pub history_bytes: usize,
+    /// Size of one segment file, when not the default.
+    pub segment_bytes: Option<u64>,
+    /// Bytes of chunks one round of an erasure rewrites, when not the default.
+    pub erase_round_bytes: Option<usize>,
+    /// The operator's plugin directory (`--plugins`).
+    pub plugins: Option<PathBuf>,
+    /// Which copy loads when `plugins` and the uploads both hold a name.
+    pub precedence: Precedence,
+    /// The operator's caps on plugin manifests.
+    pub policy: PluginPolicy,
+}
+
+impl HostConfig {
+    /// The defaults of `evhost serve`, over the data directory `data`.
+    pub fn new(data: impl Into<PathBuf>) -> Self {
+        Self {
+            data: data.into(),
+            cache_bytes: 64 << 20,
+            max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
+            max_batch_events: 10_000,
+            history: 10_000,
+            history_bytes: crate::bus::DEFAULT_HISTORY_BYTES,
+            segment_bytes: None,
+            erase_round_bytes: None,
+            plugins: None,
+            precedence: Precedence::default(),
+            policy: PluginPolicy::default(),
+        }
+    }
+}
+
+/// Why a host could not start; each names the part and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The event log did not open (the message says why: damage, permissions, disk).
+    #[error("opening the event log in {dir}: {source}")]
+    Log {
+        /// The data directory.
+        dir: String,
+        /// What failed.
+        source: crate::log::LogError,
+    },
+    /// Another part did not start.
+    #[error("{what}: {message}")]
+    Part {
+        /// Which part.
+        what: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn part(what: &'static str) -> impl FnOnce(String) -> HostError {
+    move |message| HostError::Part { what, message }
+}
+
+/// A running host's parts; stop it with [`Host::stop`].
+pub struct Host {
+    config: HostConfig,
+    log: Arc<SledLog>,
+    bus: Bus,
+    state_db: sled::Db,
+    schemas: Schemas,
+    registry: Arc<Registry>,
+    flow_index: Runner,
+    flow_store: PluginStore,
+}
+
+impl Host {
+    /// Opens the log, starts the bus, the registry (loading the plugins of
+    /// `config.plugins` and the uploads kept in the data directory, as `precedence` says;
+    /// a plugin that fails to load is logged, not fatal) and the flow index.
+    pub async fn start(config: HostConfig) -> Result<Self, HostError> {
+        let hub = Hub::with_history_bytes(config.history, config.history_bytes);
+        let mut log_config = SledLogConfig::new(&config.data);
+        log_config.cache_bytes = config.cache_bytes;
+        log_config.max_event_bytes = config.max_event_bytes;
+        log_config.max_batch_events = config.max_batch_events;
+        if let Some(b) = config.segment_bytes {
+            log_config.segment_bytes = b;
+        }
+        if let Some(b) = config.erase_round_bytes {
+            log_config.erase_round_bytes = b;
+        }
+        let log =
+            Arc::new(
+                SledLog::open(log_config, hub.clone()).map_err(|source| HostError::Log {
+                    dir: config.data.display().to_string(),
+                    source,
+                })?,
+            );
+        let dyn_log: Arc<dyn EventLog> = log.clone();
+        let bus = Bus::new(dyn_log.clone(), hub);
+        let runtime = Runtime::new(&config.data.join("compiled"))
+            .map_err(|e| part("starting the WebAssembly runtime")(format!("{e:#}")))?;
+        // Operational state lives apart from the log's disposable index (see state_db).
+        let state_db = crate::state_db::open(&config.data, config.cache_bytes, log.db())
+            .map_err(|e| part("opening the state database")(e.to_string()))?;
+        let schemas = Schemas::open(&state_db)
+            .map_err(|e| part("opening the schema registry")(e.to_string()))?;
+        let registry = Registry::new(
+            runtime,
+            state_db.clone(),
+            bus.clone(),
+            dyn_log.clone(),
+            config.data.join("plugins"),
+            schemas.clone(),
+        );
+        registry.set_limits(crate::limits::OutputLimits {
+            max_event_bytes: config.max_event_bytes,
+            max_batch_events: config.max_batch_events,
+        });
+        registry.set_policy(config.policy.clone());
+        if let Some(dir) = &config.plugins
+            && !dir.is_dir()
+        {
+            return Err(part("loading plugins")(format!(
+                "--plugins {} is not a directory",
+                dir.display()
+            )));
+        }
+        for (file, err) in registry
+            .load_dirs(config.plugins.as_deref(), config.precedence)
+            .await
+        {
+            tracing::error!(file = %file.display(), error = %err, "plugin not loaded");
+        }
+        registry.answer_unknown_tools().await.map_err(|e| {
+            part("starting the runner for requests to unknown tools")(e.to_string())
+        })?;
+        let (flow_index, flow_store) = crate::flows::start(&state_db, bus.clone(), dyn_log)
+            .map_err(|e| part("starting the flow index")(format!("{e:#}")))?;
+        Ok(Self {
+            config,
+            log,
+            bus,
+            state_db,
+            schemas,
+            registry,
+            flow_index,
+            flow_store,
+        })
+    }
+
+    /// The API's state over this host, with its limits and the archive directory; the
+    /// caller adds the access policy of its listener.
+    pub fn api_state(&self) -> AppState {
+        let log: Arc<dyn EventLog> = self.log.clone();
+        AppState::new(
+            log,
+            self.bus.clone(),
+            ApiConfig {
+                max_event_bytes: self.config.max_event_bytes,
+                max_batch_events: self.config.max_batch_events,
+                ..ApiConfig::default()
+            },
+        )
+        .with_archive_dir(self.config.data.join("archive"))
+        .with_registry(self.registry.clone())
+        .with_flows(self.flow_store.clone())
+        .with_schemas(self.schemas.clone())
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &Arc<SledLog> {
+        &self.log
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The loaded plugins.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Stops the plugins and the flow index, and flushes the state database.
+    pub async fn stop(self) {
+        self.registry.stop_all().await;
+        self.flow_index.stop().await;
+        if let Err(e) = self.state_db.flush_async().await {
+            tracing::warn!(error = %e, "flushing the state database at shutdown failed");
+        }
+    }
+}
