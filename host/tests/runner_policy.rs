@@ -116,6 +116,30 @@ fn options(on_failure: OnFailure) -> RunnerOptions {
     }
 }
 
+/// A runner of `handler` over `test.>` events, with `on_failure`; its store too.
+fn spawn(s: &Setup, handler: Arc<Scripted>, on_failure: OnFailure) -> (Runner, PluginStore) {
+    let store = PluginStore::open(&s.db, "scripted").unwrap();
+    let runner = Runner::spawn(
+        "scripted",
+        handler,
+        store.clone(),
+        s.bus.clone(),
+        s.log.clone(),
+        PatternSet::parse_list("test.>").unwrap(),
+        options(on_failure),
+    )
+    .unwrap();
+    (runner, store)
+}
+
+fn scripted(host_failures: u64) -> Arc<Scripted> {
+    Arc::new(Scripted {
+        host_failures: AtomicU64::new(host_failures),
+        calls: AtomicU64::new(0),
+        seen: Mutex::new(Vec::new()),
+    })
+}
+
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
@@ -130,27 +154,17 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 async fn a_failing_event_costs_only_itself() {
     let s = setup();
     append(&s.log, &["1", "2", "\"bad\"", "4", "5"]).await;
-    let handler = Arc::new(Scripted {
-        host_failures: AtomicU64::new(0),
-        calls: AtomicU64::new(0),
-        seen: Mutex::new(Vec::new()),
-    });
-    let store = PluginStore::open(&s.db, "scripted").unwrap();
-    let runner = Runner::spawn(
-        "scripted",
+    let handler = scripted(0);
+    let (runner, store) = spawn(
+        &s,
         handler.clone(),
-        store.clone(),
-        s.bus.clone(),
-        s.log.clone(),
-        PatternSet::parse_list("test.>").unwrap(),
-        options(OnFailure {
+        OnFailure {
             retries: 2,
             backoff_ms: 1,
             max_backoff_ms: 5,
             quarantine_after: 0,
-        }),
-    )
-    .unwrap();
+        },
+    );
     until("the checkpoint passes the head", || {
         runner.status().position >= 5
     })
@@ -171,27 +185,17 @@ async fn a_failing_event_costs_only_itself() {
 async fn host_failures_are_retried_never_dead_lettered() {
     let s = setup();
     append(&s.log, &["1", "2", "3"]).await;
-    let handler = Arc::new(Scripted {
-        host_failures: AtomicU64::new(3),
-        calls: AtomicU64::new(0),
-        seen: Mutex::new(Vec::new()),
-    });
-    let store = PluginStore::open(&s.db, "scripted").unwrap();
-    let runner = Runner::spawn(
-        "scripted",
+    let handler = scripted(3);
+    let (runner, store) = spawn(
+        &s,
         handler.clone(),
-        store.clone(),
-        s.bus.clone(),
-        s.log.clone(),
-        PatternSet::parse_list("test.>").unwrap(),
-        options(OnFailure {
+        OnFailure {
             retries: 0,
             backoff_ms: 1,
             max_backoff_ms: 5,
             quarantine_after: 1,
-        }),
-    )
-    .unwrap();
+        },
+    );
     until("the checkpoint passes the head", || {
         runner.status().position >= 3
     })
