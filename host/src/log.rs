@@ -177,6 +177,26 @@ pub trait CommitSink: Send + Sync + 'static {
     fn erased(&self, stream: &str);
 }
 
+/// Opens a sled database, waiting up to 2 s while another handle in this process lets go of
+/// its file lock (sled releases it from a background thread after the last handle drops,
+/// so a database closed and opened again at once can find it still held). A lock another
+/// process holds is an error once the wait is over.
+pub(crate) fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match config.open() {
+            // sled reports a held lock as an `Other` error naming it.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The type of the tombstone an operator's delete appends to a stream; projections fold it.
 pub const STREAM_DELETED_TYPE: &str = "evhost.stream.deleted";
 /// The type of the event that re-opens a deleted stream.
@@ -363,5 +383,27 @@ pub trait EventLog: Send + Sync + 'static {
     /// for `/health`.
     fn health(&self) -> LogHealth {
         LogHealth::default()
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    /// A database another handle still holds opens once that handle lets go, within the
+    /// wait; one held for longer is an error naming the lock.
+    #[test]
+    fn open_sled_waits_for_a_lock_being_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sled::Config::new().path(dir.path().join("db"));
+        let held = config.open().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let db = super::open_sled(&config).expect("opens once the other handle is gone");
+        t.join().unwrap();
+        drop(db);
+        let _held = config.open().unwrap();
+        let e = super::open_sled(&config).unwrap_err().to_string();
+        assert!(e.contains("could not acquire lock"), "{e}");
     }
 }

@@ -40,10 +40,7 @@ pub fn open(data: &Path, cache_bytes: u64, index: &sled::Db) -> Result<sled::Db,
         path: path.display().to_string(),
         source,
     };
-    let db = sled::Config::new()
-        .path(&path)
-        .cache_capacity(cache_bytes)
-        .open()
+    let db = crate::log::open_sled(&sled::Config::new().path(&path).cache_capacity(cache_bytes))
         .map_err(err)?;
     migrate(index, &db).map_err(err)?;
     Ok(db)

@@ -44,15 +44,12 @@ pub struct RepairReport {
 /// rewritten, and every segment is copied aside (synced) before it is.
 pub fn repair(data: &Path) -> Result<RepairReport, LogError> {
     let events = data.join("events");
-    let db = sled::Config::new()
-        .path(data.join("index"))
-        .open()
-        .map_err(|e| {
-            LogError::Storage(format!(
-                "cannot open the index under {} (is the host still running? stop it first): {e}",
-                data.display()
-            ))
-        })?;
+    let db = super::open_sled(&sled::Config::new().path(data.join("index"))).map_err(|e| {
+        LogError::Storage(format!(
+            "cannot open the index under {} (is the host still running? stop it first): {e}",
+            data.display()
+        ))
+    })?;
     // An erasure a crash interrupted is finished first: its chunks are whole again.
     super::sled_log::erase::finish_pending(
         data,

@@ -186,11 +186,12 @@ impl SledLog {
             LogError::Storage(format!("cannot create {}: {e}", config.path.display()))
         })?;
         let index_dir = config.path.join("index");
-        let db = sled::Config::new()
-            .path(&index_dir)
-            .cache_capacity(config.cache_bytes)
-            .open()
-            .map_err(storage)?;
+        let db = super::open_sled(
+            &sled::Config::new()
+                .path(&index_dir)
+                .cache_capacity(config.cache_bytes),
+        )
+        .map_err(storage)?;
         let data_file = File::open(index_dir.join("db")).map_err(|e| {
             LogError::Storage(format!("cannot open sled's data file to sync it: {e}"))
         })?;
