@@ -195,7 +195,7 @@ impl AllowedHosts {
         }
         // Only the name matters against rebinding: a port cannot be rebound, and proxies
         // and port forwards change it.
-        let (name, _port) = split_host_port(&host);
+        let name = host_name(&host);
         if self.names.iter().any(|n| *n == name) {
             return true;
         }
@@ -215,21 +215,20 @@ impl AllowedHosts {
     }
 }
 
-/// Splits `host:port` (and `[v6]:port`) into its name and port.
-fn split_host_port(host: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = host.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((_, tail)) => {
-                let name = &host[..rest.find(']').map_or(host.len(), |i| i + 2)];
-                (name, tail.strip_prefix(':').and_then(|p| p.parse().ok()))
-            }
-            None => (host, None),
-        };
+/// The name of `host:port` (and of `[v6]:port`), without the port.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |i| &host[..=i]);
     }
     match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') => (name, port.parse().ok()),
-        _ => (host, None),
+        Some((name, _)) if !name.contains(':') => name,
+        _ => host,
     }
+}
+
+/// An origin as compared: lower case, without a trailing `/`.
+fn normalized_origin(origin: &str) -> String {
+    origin.trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// The front door's policy: tokens, hosts and origins.
@@ -256,10 +255,7 @@ impl Access {
         Self {
             tokens,
             hosts: Some(AllowedHosts::new(listen, hosts)),
-            origins: origins
-                .into_iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
+            origins: origins.into_iter().map(|o| normalized_origin(&o)).collect(),
         }
     }
 
@@ -331,8 +327,8 @@ impl Access {
     }
 
     fn check_origin(&self, origin: &HeaderValue, host: Option<&str>) -> Result<(), ApiError> {
-        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
-        let lower = origin.to_ascii_lowercase();
+        let origin = origin.to_str().unwrap_or("");
+        let lower = normalized_origin(origin);
         let own = self.hosts.is_some()
             && host.is_some_and(|h| lower == format!("http://{}", h.to_ascii_lowercase()));
         if own || self.origins.iter().any(|o| *o == lower) {
@@ -423,11 +419,7 @@ impl Access {
     /// origin, which needs CORS headers to read the reply), as the request spelled it.
     fn listed_origin(&self, req: &Request) -> Option<HeaderValue> {
         let origin = req.headers().get(header::ORIGIN)?;
-        let lower = origin
-            .to_str()
-            .ok()?
-            .trim_end_matches('/')
-            .to_ascii_lowercase();
+        let lower = normalized_origin(origin.to_str().ok()?);
         self.origins.contains(&lower).then(|| origin.clone())
     }
 }

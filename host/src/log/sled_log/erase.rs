@@ -144,12 +144,9 @@ fn apply(
             )
         })
         .collect();
-    if let Some((first, rest)) = patches.split_first()
-        && std::env::var_os("EVHOST_FAULT").is_some_and(|v| v == "erase-mid-overwrite")
-    {
-        // Half of the chunks rewritten, then the crash.
-        segments.overwrite(std::slice::from_ref(first))?;
-        let _ = rest;
+    if std::env::var_os("EVHOST_FAULT").is_some_and(|v| v == "erase-mid-overwrite") {
+        // The first chunk rewritten, then the crash.
+        segments.overwrite(&patches[..patches.len().min(1)])?;
         fault("erase-mid-overwrite");
     }
     segments.overwrite(&patches)?;
