@@ -109,7 +109,7 @@ fn main() {
     let rt = common::tokio();
     println!("evhost extractor and tool benchmarks ({n} memories, {m} invocations)");
     rt.block_on(async {
-        let host = common::host();
+        let host = common::host().await;
         let (log, registry) = (&host.log, &host.registry);
 
         // Extractor: a backlog of n memories, one derived event each.

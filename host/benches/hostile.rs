@@ -111,7 +111,7 @@ fn main() {
     let rt = common::tokio();
     println!("evhost containment benchmark ({n} events, 40 poison events)");
     rt.block_on(async {
-        let host = common::host();
+        let host = common::host().await;
         let registry = &host.registry;
         ingest(&host.log, n, 40).await;
         // Compile once so neither side pays for it.

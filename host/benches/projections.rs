@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evhost::plugin::{
-    Handler, Manifest, Output, PluginError, PluginStore, ProjectionPlugin, StateView, Writes,
+    Handler, HandlerError, Manifest, Output, PluginStore, ProjectionPlugin, StateView, Writes,
 };
-use evhost::runner::{Blocking, Runner, RunnerOptions};
+use evhost::runner::{Runner, RunnerOptions};
 use evhost::{
     Bus, Event, EventLog, EventType, ExpectedVersion, NewEvent, PatternSet, Payload, SledLog,
     StreamAppend,
@@ -102,46 +102,50 @@ impl evhost_sdk::Store for ViewStore {
     }
 }
 
+#[async_trait::async_trait]
 impl Handler for Native {
     fn id(&self) -> &str {
         "assistant-stats@native"
     }
-    fn handle(
+    async fn handle(
         &self,
         view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Output, PluginError> {
-        // The same conversion the wasm path makes into WIT records.
-        let evs: Vec<evhost_sdk::Event> = events
-            .iter()
-            .map(|e| evhost_sdk::Event {
-                id: e.id.clone(),
-                event_type: e.event_type.as_str().to_owned(),
-                stream: e.stream.clone(),
-                position: e.position,
-                version: e.version,
-                timestamp_micros: e.timestamp.timestamp_micros(),
-                source: e.source.clone(),
-                payload: e.payload.as_str().to_owned(),
-                metadata: Vec::new(),
-            })
-            .collect();
-        let mut store = ViewStore {
-            view,
-            writes: Writes::new(),
-        };
-        evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(
-            &mut store, &evs,
-        )
-        .map_err(|e| PluginError::Refused {
-            plugin: self.id().into(),
-            message: e.to_string(),
-        })?;
-        Ok(Output {
-            writes: store.writes,
-            derived: Vec::new(),
-        })
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, HandlerError> {
+        // On a blocking thread, as a wasm component's call runs.
+        tokio::task::spawn_blocking(move || fold_native(view, &events))
+            .await
+            .expect("the native fold does not panic")
     }
+}
+
+/// The native projection's fold over one batch.
+fn fold_native(view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, HandlerError> {
+    // The same conversion the wasm path makes into WIT records.
+    let evs: Vec<evhost_sdk::Event> = events
+        .iter()
+        .map(|e| evhost_sdk::Event {
+            id: e.id.clone(),
+            event_type: e.event_type.as_str().to_owned(),
+            stream: e.stream.clone(),
+            position: e.position,
+            version: e.version,
+            timestamp_micros: e.timestamp.timestamp_micros(),
+            source: e.source.clone(),
+            payload: e.payload.as_str().to_owned(),
+            metadata: Vec::new(),
+        })
+        .collect();
+    let mut store = ViewStore {
+        view,
+        writes: Writes::new(),
+    };
+    evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(&mut store, &evs)
+        .map_err(|e| HandlerError::Plugin(e.to_string()))?;
+    Ok(Output {
+        writes: store.writes,
+        derived: Vec::new(),
+    })
 }
 
 async fn catch_up(
@@ -157,7 +161,7 @@ async fn catch_up(
     let start = Instant::now();
     let runner = Runner::spawn(
         name,
-        Arc::new(Blocking(projector)),
+        projector,
         store,
         bus.clone(),
         log.clone(),
@@ -189,11 +193,11 @@ fn main() {
     let rt = common::tokio();
     println!("evhost projection benchmarks ({n} events)");
     rt.block_on(async {
-        let host = common::host();
+        let host = common::host().await;
         let (log, dyn_log, bus, runtime) = (&host.log, &host.dyn_log, &host.bus, &host.runtime);
         ingest(&log, n).await;
         let head = log.head();
-        let db = log.db().clone();
+        let db = host.db.clone();
 
         // Load: compile cold, then from the cache, then link and start.
         let cold = runtime.compile(&wasm).unwrap();

@@ -6,6 +6,7 @@
 mod access;
 mod by_time;
 mod error;
+mod extract;
 mod failures;
 mod flows;
 mod plugins;
@@ -19,9 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +39,7 @@ use crate::bus::{Bus, Start};
 use crate::event::{EventType, Metadata, NewEvent, Payload, PayloadError};
 use crate::log::{AppendError, EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::pattern::PatternSet;
+use extract::{ApiQuery, Body};
 
 /// Most events returned by one read.
 pub const MAX_READ_LIMIT: usize = 10_000;
@@ -271,13 +271,7 @@ struct MultiAppendBody {
     events: Vec<MultiEventBody>,
 }
 
-/// Parses a JSON body, turning every failure into a 400/413 that says what was wrong.
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    parse_json(&body_bytes(body)?)
-}
-
+/// Parses a JSON body, turning every failure into a 400 that says what was wrong.
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
@@ -326,17 +320,6 @@ pub fn parse_multi_append(cfg: &ApiConfig, body: &[u8]) -> Result<Vec<StreamAppe
         });
     }
     Ok(groups)
-}
-
-/// The request body, or the 400/413 for an unreadable one.
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(format!("request body is too large: {}", e.body_text()))
-        } else {
-            ApiError::bad_request("bad_body", e.body_text())
-        }
-    })
 }
 
 fn new_event(
@@ -417,22 +400,19 @@ fn stream_name(s: &str) -> Result<(), ApiError> {
 async fn append_stream(
     State(st): State<AppState>,
     Path(stream): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let append = parse_stream_append(&st.config, &stream, &body_bytes(body)?)?;
+    let append = parse_stream_append(&st.config, &stream, &body)?;
     check_schemas(&st, append.events.iter())?;
-    let mut done = st.log.append(vec![append]).await.map_err(append_error)?;
+    let mut done = st.log.append(vec![append]).await.map_err(ApiError::from)?;
     let appended = done.pop().expect("one group in, one result out");
     Ok((StatusCode::OK, Json(appended)).into_response())
 }
 
-async fn append_events(
-    State(st): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let groups = parse_multi_append(&st.config, &body_bytes(body)?)?;
+async fn append_events(State(st): State<AppState>, Body(body): Body) -> Result<Response, ApiError> {
+    let groups = parse_multi_append(&st.config, &body)?;
     check_schemas(&st, groups.iter().flat_map(|g| &g.events))?;
-    let done = st.log.append(groups).await.map_err(append_error)?;
+    let done = st.log.append(groups).await.map_err(ApiError::from)?;
     let positions: Vec<u64> = done.iter().map(|a| a.positions[0]).collect();
     Ok(Json(json!({"positions": positions, "streams": done})).into_response())
 }
@@ -453,26 +433,30 @@ fn check_schemas<'a>(
     Ok(())
 }
 
-fn append_error(e: AppendError) -> ApiError {
-    match e {
-        AppendError::Conflict {
-            ref stream,
-            expected,
-            current,
-        } => ApiError::new(StatusCode::CONFLICT, "version_conflict", e.to_string())
-            .with("stream", json!(stream))
-            .with("expected_version", json!(expected))
-            .with("current_version", json!(current)),
-        AppendError::Invalid(m) => ApiError::bad_request("invalid_append", m),
-        AppendError::IdInUse {
-            ref stream,
-            position,
-            ..
-        } => ApiError::new(StatusCode::CONFLICT, "id_conflict", e.to_string())
-            .with("stream", json!(stream))
-            .with("position", json!(position)),
-        AppendError::StreamDeleted { stream, position } => stream_admin::gone(&stream, position),
-        AppendError::Storage(e) => ApiError::unavailable(e.to_string()),
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Conflict {
+                ref stream,
+                expected,
+                current,
+            } => ApiError::new(StatusCode::CONFLICT, "version_conflict", e.to_string())
+                .with("stream", json!(stream))
+                .with("expected_version", json!(expected))
+                .with("current_version", json!(current)),
+            AppendError::Invalid(m) => ApiError::bad_request("invalid_append", m),
+            AppendError::IdInUse {
+                ref stream,
+                position,
+                ..
+            } => ApiError::new(StatusCode::CONFLICT, "id_conflict", e.to_string())
+                .with("stream", json!(stream))
+                .with("position", json!(position)),
+            AppendError::StreamDeleted { stream, position } => {
+                stream_admin::gone(&stream, position)
+            }
+            AppendError::Storage(e) => ApiError::unavailable(e.to_string()),
+        }
     }
 }
 
@@ -482,13 +466,6 @@ fn patterns(p: Option<&str>) -> Result<PatternSet, ApiError> {
         Some(p) => PatternSet::parse_list(p)
             .map_err(|e| ApiError::bad_request("invalid_pattern", e.to_string())),
     }
-}
-
-fn query<T: serde::de::DeserializeOwned>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
 fn limit(l: Option<usize>) -> usize {
@@ -511,9 +488,8 @@ struct SubscribeQuery {
 async fn subscribe(
     State(st): State<AppState>,
     headers: HeaderMap,
-    q: Result<Query<SubscribeQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<SubscribeQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<axum::response::sse::Event, Infallible>>>, ApiError> {
-    let q = query(q)?;
     let pats = patterns(q.pattern.as_deref())?;
     let start = match (resume_after(&headers)?, q.from) {
         (Some(id), _) => Start::Position(id + 1),
@@ -585,9 +561,8 @@ struct WaitQuery {
 /// 30 s, at most 5 min) passes first, or 503 when the host shuts down first.
 async fn wait(
     State(st): State<AppState>,
-    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    let q = query(q)?;
     let pats = patterns(q.pattern.as_deref())?;
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
     let filter = ReadFilter {

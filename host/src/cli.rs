@@ -441,6 +441,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         plugins: args.plugins.clone(),
         precedence: args.policy.plugin_precedence,
         policy: args.policy.policy(),
+        flow_index: true,
     };
     let host = crate::host::Host::start(config).await?;
     let state = host.api_state();

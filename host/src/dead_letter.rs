@@ -13,8 +13,8 @@ use crate::log::{ExpectedVersion, StreamAppend};
 /// An event a plugin failed on, parked after its retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// `<plugin>.<position>`: what `/v1/dlq/{id}` takes.
-    pub id: String,
+    /// `<plugin>.<position>`: how operators name it.
+    pub id: DeadLetterId,
     /// The plugin that failed.
     pub plugin: String,
     /// The event's position in the log.
@@ -38,7 +38,7 @@ impl DeadLetter {
     pub fn new(plugin: &str, event: &Event, error: String, attempts: u32) -> Self {
         let now = Utc::now();
         Self {
-            id: id_of(plugin, event.position),
+            id: DeadLetterId::new(plugin, event.position),
             plugin: plugin.to_owned(),
             position: event.position,
             event_id: event.id.clone(),
@@ -51,15 +51,59 @@ impl DeadLetter {
     }
 }
 
-/// The id of `plugin`'s dead letter at `position`.
-pub fn id_of(plugin: &str, position: u64) -> String {
-    format!("{plugin}.{position}")
+/// A dead letter's id: the plugin and the position of the event it failed on, written
+/// `<plugin>.<position>` (plugin names have no `.`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeadLetterId {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The event's position.
+    pub position: u64,
 }
 
-/// The plugin and position a dead-letter id names (plugin names have no `.`).
-pub fn parse_id(id: &str) -> Option<(&str, u64)> {
-    let (plugin, position) = id.rsplit_once('.')?;
-    Some((plugin, position.parse().ok()?))
+impl DeadLetterId {
+    /// The id of `plugin`'s dead letter at `position`.
+    pub fn new(plugin: &str, position: u64) -> Self {
+        Self {
+            plugin: plugin.to_owned(),
+            position,
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.plugin, self.position)
+    }
+}
+
+/// Text that is not a dead-letter id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a dead-letter id; ids look like <plugin>.<position>")]
+pub struct InvalidDeadLetterId(pub String);
+
+impl std::str::FromStr for DeadLetterId {
+    type Err = InvalidDeadLetterId;
+
+    fn from_str(id: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidDeadLetterId(id.to_owned());
+        let (plugin, position) = id.rsplit_once('.').ok_or_else(invalid)?;
+        let position = position.parse().map_err(|_| invalid())?;
+        Ok(Self::new(plugin, position))
+    }
+}
+
+impl Serialize for DeadLetterId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeadLetterId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Why and since when a plugin is quarantined: it consumes nothing until resumed.
@@ -134,10 +178,12 @@ mod tests {
 
     #[test]
     fn ids_name_plugin_and_position_and_audit_types_are_valid() {
-        assert_eq!(id_of("my-plugin", 42), "my-plugin.42");
-        assert_eq!(parse_id("my-plugin.42"), Some(("my-plugin", 42)));
-        assert_eq!(parse_id("my-plugin"), None);
-        assert_eq!(parse_id("my-plugin.x"), None);
+        let id = DeadLetterId::new("my-plugin", 42);
+        assert_eq!(id.to_string(), "my-plugin.42");
+        assert_eq!("my-plugin.42".parse(), Ok(id.clone()));
+        assert!("my-plugin".parse::<DeadLetterId>().is_err());
+        assert!("my-plugin.x".parse::<DeadLetterId>().is_err());
+        assert_eq!(serde_json::to_value(&id).unwrap(), json!("my-plugin.42"));
         for t in [
             DEAD_LETTERED,
             QUARANTINED,

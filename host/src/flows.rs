@@ -16,8 +16,8 @@ use crate::bus::Bus;
 use crate::event::Event;
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
-use crate::plugin::{Output, PluginStore, StateView, Writes};
-use crate::runner::{BatchHandler, Runner};
+use crate::plugin::{Handler, HandlerError, Output, PluginStore, StateView, StoreError, Writes};
+use crate::runner::Runner;
 use crate::tools::{COMPLETED, FAILED, REQUESTED};
 
 /// The type that starts a flow's end-to-end clock.
@@ -141,13 +141,13 @@ impl Overlay<'_> {
     fn get<T: for<'de> Deserialize<'de>>(
         &self,
         key: &str,
-    ) -> Result<Option<T>, crate::runner::BatchError> {
+    ) -> Result<Option<T>, crate::plugin::HandlerError> {
         let raw = match self.writes.get(key) {
             Some(v) => v.clone(),
             None => self
                 .view
                 .get(key)
-                .map_err(|e| crate::runner::BatchError::Host(e.to_string()))?,
+                .map_err(|e| crate::plugin::HandlerError::Host(e.to_string()))?,
         };
         Ok(raw.and_then(|raw| serde_json::from_str(&raw).ok()))
     }
@@ -164,7 +164,7 @@ impl Overlay<'_> {
 pub struct FlowIndex;
 
 #[async_trait::async_trait]
-impl BatchHandler for FlowIndex {
+impl Handler for FlowIndex {
     fn id(&self) -> &str {
         "evhost.flows"
     }
@@ -173,7 +173,7 @@ impl BatchHandler for FlowIndex {
         &self,
         view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, crate::runner::BatchError> {
+    ) -> Result<Output, HandlerError> {
         let mut o = Overlay {
             view: &*view,
             writes: Writes::new(),
@@ -245,7 +245,7 @@ pub fn start(
     db: &sled::Db,
     bus: Bus,
     log: Arc<dyn EventLog>,
-) -> anyhow::Result<(Runner, PluginStore)> {
+) -> Result<(Runner, PluginStore), StoreError> {
     let store = PluginStore::open(db, "~flows")?;
     let runner = Runner::spawn(
         "evhost",
@@ -288,7 +288,7 @@ pub struct Flow {
     /// The flow's events, in log order, as many as fit in the byte bound.
     pub events: Vec<Event>,
     /// Events of the flow left out of `events` to keep the response within its bound (the
-    /// figures above count them); read them with `GET /v1/events?correlation_id=`.
+    /// figures above count them); read them by correlation id.
     #[serde(skip_serializing_if = "is_zero")]
     pub events_left_out: usize,
 }
@@ -376,7 +376,7 @@ pub async fn flow(
 
 /// Per-tool and end-to-end latency figures.
 pub fn metrics(store: &PluginStore) -> Result<Value, FlowError> {
-    let storage = |e: sled::Error| FlowError::Storage(e.to_string());
+    let storage = |e: StoreError| FlowError::Storage(e.to_string());
     let mut tools = serde_json::Map::new();
     for (k, v) in store.scan(TOOL, 100_000).map_err(storage)? {
         let f: ToolFigures = serde_json::from_str(&v).unwrap_or_default();

@@ -40,6 +40,9 @@ pub struct HostConfig {
     pub precedence: Precedence,
     /// The operator's caps on plugin manifests.
     pub policy: PluginPolicy,
+    /// Whether the flow index runs (on by default; the benchmarks leave it out to measure
+    /// one plugin alone).
+    pub flow_index: bool,
 }
 
 impl HostConfig {
@@ -57,6 +60,7 @@ impl HostConfig {
             plugins: None,
             precedence: Precedence::default(),
             policy: PluginPolicy::default(),
+            flow_index: true,
         }
     }
 }
@@ -93,9 +97,10 @@ pub struct Host {
     bus: Bus,
     state_db: sled::Db,
     schemas: Schemas,
+    runtime: Arc<Runtime>,
     registry: Arc<Registry>,
-    flow_index: Runner,
-    flow_store: PluginStore,
+    /// The flow index's runner and store, when it runs.
+    flows: Option<(Runner, PluginStore)>,
 }
 
 impl Host {
@@ -124,14 +129,14 @@ impl Host {
         let dyn_log: Arc<dyn EventLog> = log.clone();
         let bus = Bus::new(dyn_log.clone(), hub);
         let runtime = Runtime::new(&config.data.join("compiled"))
-            .map_err(|e| part("starting the WebAssembly runtime")(format!("{e:#}")))?;
+            .map_err(|e| part("starting the WebAssembly runtime")(e.to_string()))?;
         // Operational state lives apart from the log's disposable index (see state_db).
         let state_db = crate::state_db::open(&config.data, config.cache_bytes, log.db())
             .map_err(|e| part("opening the state database")(e.to_string()))?;
         let schemas = Schemas::open(&state_db)
             .map_err(|e| part("opening the schema registry")(e.to_string()))?;
         let registry = Registry::new(
-            runtime,
+            runtime.clone(),
             state_db.clone(),
             bus.clone(),
             dyn_log.clone(),
@@ -160,17 +165,23 @@ impl Host {
         registry.answer_unknown_tools().await.map_err(|e| {
             part("starting the runner for requests to unknown tools")(e.to_string())
         })?;
-        let (flow_index, flow_store) = crate::flows::start(&state_db, bus.clone(), dyn_log)
-            .map_err(|e| part("starting the flow index")(format!("{e:#}")))?;
+        let flows = if config.flow_index {
+            Some(
+                crate::flows::start(&state_db, bus.clone(), dyn_log)
+                    .map_err(|e| part("starting the flow index")(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             config,
             log,
             bus,
             state_db,
             schemas,
+            runtime,
             registry,
-            flow_index,
-            flow_store,
+            flows,
         })
     }
 
@@ -178,7 +189,7 @@ impl Host {
     /// caller adds the access policy of its listener.
     pub fn api_state(&self) -> AppState {
         let log: Arc<dyn EventLog> = self.log.clone();
-        AppState::new(
+        let state = AppState::new(
             log,
             self.bus.clone(),
             ApiConfig {
@@ -189,8 +200,11 @@ impl Host {
         )
         .with_archive_dir(self.config.data.join("archive"))
         .with_registry(self.registry.clone())
-        .with_flows(self.flow_store.clone())
-        .with_schemas(self.schemas.clone())
+        .with_schemas(self.schemas.clone());
+        match &self.flows {
+            Some((_, store)) => state.with_flows(store.clone()),
+            None => state,
+        }
     }
 
     /// The event log.
@@ -208,10 +222,27 @@ impl Host {
         &self.registry
     }
 
+    /// The state database (plugin stores, schemas, the flow index).
+    pub fn state_db(&self) -> &sled::Db {
+        &self.state_db
+    }
+
+    /// The wasm runtime and its compile cache.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.config.data
+    }
+
     /// Stops the plugins and the flow index, and flushes the state database.
     pub async fn stop(self) {
         self.registry.stop_all().await;
-        self.flow_index.stop().await;
+        if let Some((runner, _)) = self.flows {
+            runner.stop().await;
+        }
         if let Err(e) = self.state_db.flush_async().await {
             tracing::warn!(error = %e, "flushing the state database at shutdown failed");
         }

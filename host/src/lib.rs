@@ -24,6 +24,7 @@ pub mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
 pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};
+pub use host::{Host, HostConfig, HostError};
 pub use log::{
     AppendError, Appended, CommitSink, ERASED_TYPE, Erased, EventLog, ExpectedVersion, LogError,
     MAX_STREAM_LIST, ReadFilter, ReadPage, STREAM_DELETED_TYPE, STREAM_RESTORED_TYPE, SledLog,

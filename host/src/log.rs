@@ -150,7 +150,7 @@ pub enum AppendError {
     },
     /// The stream was deleted by the tombstone at `position`; restore it to append again.
     #[error(
-        "stream {stream:?} was deleted (its tombstone is at position {position}); appends to it are refused until an operator restores it (POST /v1/streams/{{stream}}/restore)"
+        "stream {stream:?} was deleted (its tombstone is at position {position}); appends to it are refused until an operator restores it"
     )]
     StreamDeleted {
         /// The deleted stream.
@@ -230,7 +230,7 @@ pub enum LogError {
     Closed,
     /// An erasure was asked of a stream that is not deleted.
     #[error(
-        "stream {0:?} is not deleted: delete it first (DELETE /v1/streams/{{stream}}); only a deleted stream's events can be erased"
+        "stream {0:?} is not deleted: delete it first; only a deleted stream's events can be erased"
     )]
     NotDeleted(String),
     /// Stored bytes could not be decoded.

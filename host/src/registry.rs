@@ -23,16 +23,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::bus::Bus;
-use crate::dead_letter::{self, DeadLetter, audit};
+use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, Kind, Manifest, MemState, PluginError, PluginStore,
-    ProjectionPlugin, Runtime, StartFrom, StateView, ToolInfo, ToolPlugin, UsageReport,
-    component_hash, describe_error, valid_name,
+    CompileError, ExtractorPlugin, Handler, Kind, Manifest, MemState, PluginError, PluginStore,
+    ProjectionPlugin, Runtime, StartFrom, StateView, StoreError, ToolInfo, ToolPlugin, UsageReport,
+    component_hash, valid_name,
 };
 use crate::runner::{
-    BatchHandler, Blocking, RetryError, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
+    ControlError, Controller, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
 };
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
@@ -50,14 +50,11 @@ pub enum RegistryError {
     #[error("{0}")]
     Refused(String),
     /// No plugin by that name is loaded.
-    #[error("no plugin named {0:?} is loaded; see GET /v1/plugins")]
+    #[error("no plugin named {0:?} is loaded")]
     NotFound(String),
     /// No dead letter has that id.
-    #[error("no dead letter {0:?}; see GET /v1/dlq")]
+    #[error("no dead letter {0:?}")]
     DeadLetterNotFound(String),
-    /// The text given as a dead-letter id is not one.
-    #[error("{0:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)")]
-    BadDeadLetterId(String),
     /// The plugin failed while answering.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -71,8 +68,14 @@ fn storage(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::Storage(e.to_string())
 }
 
-fn store_error(e: sled::Error) -> RegistryError {
-    RegistryError::Storage(describe_error(&e))
+fn store_error(e: StoreError) -> RegistryError {
+    RegistryError::Storage(e.to_string())
+}
+
+/// A runner's refusal of an operator's request: the host's failure (a stopped runner is
+/// being replaced; storage failed), not the request's.
+fn control_error(e: ControlError) -> RegistryError {
+    RegistryError::Storage(e.to_string())
 }
 
 /// Runs blocking `f` off the async threads.
@@ -86,7 +89,7 @@ async fn blocking<T: Send + 'static>(
 /// what it decided before the tool's name was known.
 const UNKNOWN_TOOLS_SETTLE: Duration = Duration::from_secs(10);
 
-/// What `GET /v1/plugins` reports per plugin.
+/// What a plugin's status reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginInfo {
     /// Unique name.
@@ -364,10 +367,9 @@ impl Registry {
         })
         .await?;
         let compiled = compiled.map_err(|e| match e {
-            CompileError::Invalid(m) => RegistryError::Invalid(format!(
-                "plugin {}@{}: the component {m}",
-                manifest.name, manifest.version
-            )),
+            CompileError::Invalid(m) => {
+                RegistryError::Invalid(format!("plugin {}: the component {m}", manifest.id()))
+            }
             CompileError::Cache(m) => RegistryError::Storage(m),
         })?;
         let plugin = self.component(&compiled, &manifest).await?;
@@ -541,15 +543,9 @@ impl Registry {
                     ))
                 })?;
         }
-        let (handler, patterns): (Arc<dyn BatchHandler>, _) = match plugin {
-            Component::Projection(p) => (
-                Arc::new(Blocking(Arc::new(p.clone()))),
-                manifest.subscriptions.clone(),
-            ),
-            Component::Extractor(p) => (
-                Arc::new(Blocking(Arc::new(p.clone()))),
-                manifest.subscriptions.clone(),
-            ),
+        let (handler, patterns): (Arc<dyn Handler>, _) = match plugin {
+            Component::Projection(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
+            Component::Extractor(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
             Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
         };
         if manifest.kind == Kind::Tool {
@@ -825,7 +821,7 @@ impl Registry {
     }
 
     /// The controller of `name`'s runner; the caller holds the name.
-    fn controller(&self, name: &str) -> Result<crate::runner::Controller, RegistryError> {
+    fn controller(&self, name: &str) -> Result<Controller, RegistryError> {
         self.loaded()
             .get(name)
             .and_then(|l| l.runner.as_ref())
@@ -842,7 +838,7 @@ impl Registry {
         tokio::spawn(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
-            runner.resume().await.map_err(RegistryError::Storage)
+            runner.resume().await.map_err(control_error)
         })
         .await
         .map_err(storage)?
@@ -874,32 +870,22 @@ impl Registry {
         })
         .await?
         .map_err(store_error)?;
-        let mut all = Vec::new();
-        for (_, json) in lists.into_iter().flatten() {
-            all.push(serde_json::from_str(&json).map_err(storage)?);
-        }
-        Ok(all)
-    }
-
-    fn dead_letter_target(id: &str) -> Result<(String, u64), RegistryError> {
-        dead_letter::parse_id(id)
-            .map(|(name, position)| (name.to_owned(), position))
-            .ok_or_else(|| RegistryError::BadDeadLetterId(id.to_owned()))
+        Ok(lists.into_iter().flatten().collect())
     }
 
     /// Runs a dead letter through its plugin again.
     pub async fn retry_dead_letter(
         self: &Arc<Self>,
-        id: &str,
+        id: &DeadLetterId,
     ) -> Result<RetryOutcome, RegistryError> {
-        let (name, position) = Self::dead_letter_target(id)?;
-        let (this, id) = (self.clone(), id.to_owned());
+        let (this, id) = (self.clone(), id.clone());
+        let (name, position) = (id.plugin.clone(), id.position);
         tokio::spawn(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
             runner.retry(position).await.map_err(|e| match e {
-                RetryError::NotFound { .. } => RegistryError::DeadLetterNotFound(id),
-                RetryError::Unavailable(m) => RegistryError::Storage(m),
+                ControlError::NotFound { .. } => RegistryError::DeadLetterNotFound(id.to_string()),
+                e => control_error(e),
             })
         })
         .await
@@ -907,18 +893,17 @@ impl Registry {
     }
 
     /// Drops a dead letter without handling it.
-    pub async fn delete_dead_letter(self: &Arc<Self>, id: &str) -> Result<(), RegistryError> {
-        let (name, position) = Self::dead_letter_target(id)?;
-        let (this, id) = (self.clone(), id.to_owned());
+    pub async fn delete_dead_letter(
+        self: &Arc<Self>,
+        id: &DeadLetterId,
+    ) -> Result<(), RegistryError> {
+        let (this, id) = (self.clone(), id.clone());
+        let (name, position) = (id.plugin.clone(), id.position);
         tokio::spawn(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
-            if !runner
-                .delete(position)
-                .await
-                .map_err(RegistryError::Storage)?
-            {
-                return Err(RegistryError::DeadLetterNotFound(id));
+            if !runner.delete(position).await.map_err(control_error)? {
+                return Err(RegistryError::DeadLetterNotFound(id.to_string()));
             }
             this.announce(audit(
                 dead_letter::DEAD_LETTER_DELETED,
@@ -1102,7 +1087,7 @@ impl Registry {
                 .collect();
             if !events.is_empty() {
                 let (p, s) = (plugin.clone(), scratch.clone());
-                let writes = tokio::task::spawn_blocking(move || p.handle(s, &events))
+                let writes = tokio::task::spawn_blocking(move || p.fold(s, &events))
                     .await
                     .map_err(storage)??;
                 scratch.apply(writes);

@@ -20,7 +20,7 @@ pub enum SchemaError {
     #[error("{0}")]
     Invalid(String),
     /// No schema is registered under that pattern.
-    #[error("no schema is registered for {0:?}; see GET /v1/schemas")]
+    #[error("no schema is registered for {0:?}")]
     NotFound(String),
     /// Storage failed.
     #[error("schema storage failed: {0}")]
@@ -43,7 +43,7 @@ pub struct Violation {
     pub message: String,
 }
 
-/// A registered schema, as `GET /v1/schemas` lists it.
+/// A registered schema, as listings show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SchemaInfo {
     /// The event-type pattern it applies to.

@@ -24,8 +24,10 @@ use serde_json::{Value, json};
 use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
 use crate::limits::{OutputLimits, bound, event_bytes, split_appends, stamp_room};
 use crate::log::{AppendError, EventLog, StreamAppend};
-use crate::plugin::{Derived, Output, PluginError, StateView, ToolInfo, ToolPlugin};
-use crate::runner::{BatchError, BatchHandler, derived_id, push_grouped, stamp};
+use crate::plugin::{
+    Derived, Handler, HandlerError, Output, PluginError, StateView, ToolInfo, ToolPlugin,
+};
+use crate::runner::{derived_id, push_grouped, stamp};
 
 /// Requests for tools.
 pub const REQUESTED: &str = "tool.invocation.requested";
@@ -63,10 +65,10 @@ fn parse(event: &Event) -> Option<Parsed> {
 }
 
 /// Where the log holds the event with `id` (an invocation's start or outcome), if anywhere.
-async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, BatchError> {
+async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, HandlerError> {
     log.find(&id)
         .await
-        .map_err(|e| BatchError::Host(format!("looking up an invocation failed: {e}")))
+        .map_err(|e| HandlerError::Host(format!("looking up an invocation failed: {e}")))
 }
 
 /// The id of an invocation's one outcome event (completed or failed).
@@ -258,7 +260,7 @@ fn run_one(plugin: &ToolPlugin, name: &str, input: &str) -> Result<Value, (&'sta
 }
 
 #[async_trait::async_trait]
-impl BatchHandler for ToolHandler {
+impl Handler for ToolHandler {
     fn id(&self) -> &str {
         self.plugin.id()
     }
@@ -267,7 +269,7 @@ impl BatchHandler for ToolHandler {
         &self,
         _view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, BatchError> {
+    ) -> Result<Output, HandlerError> {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         let mut seen = HashSet::new();
         let mut to_run: Vec<(usize, Parsed)> = Vec::new();
@@ -335,11 +337,11 @@ impl BatchHandler for ToolHandler {
         for chunk in split_appends(starts, self.limits.max_batch_events) {
             self.log.append(chunk).await.map_err(|e| match e {
                 AppendError::Storage(_) => {
-                    BatchError::Host(format!("recording invocation starts failed: {e}"))
+                    HandlerError::Host(format!("recording invocation starts failed: {e}"))
                 }
                 // A refusal is deterministic: retrying it would wedge the worker, so the
                 // failure policy finds the request and dead-letters it.
-                _ => BatchError::Plugin(format!("the log refused an invocation start: {e}")),
+                _ => HandlerError::Plugin(format!("the log refused an invocation start: {e}")),
             })?;
         }
         let results = self
@@ -414,7 +416,7 @@ impl UnknownTools {
 }
 
 #[async_trait::async_trait]
-impl BatchHandler for UnknownTools {
+impl Handler for UnknownTools {
     fn id(&self) -> &str {
         "evhost.tools"
     }
@@ -423,7 +425,7 @@ impl BatchHandler for UnknownTools {
         &self,
         _view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
-    ) -> Result<Output, BatchError> {
+    ) -> Result<Output, HandlerError> {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         for (i, event) in events.iter().enumerate() {
             let known = |t: &str| self.loaded.read().expect("tool names lock").contains(t);
@@ -431,7 +433,7 @@ impl BatchHandler for UnknownTools {
                 Some(p) if known(&p.tool) => continue,
                 Some(p) => {
                     let m = format!(
-                        "no tool named {:?} is loaded; see GET /v1/tools",
+                        "no tool named {:?} is loaded; load it, then request a new invocation",
                         echo(&self.limits, &p.tool)
                     );
                     (p, m)

@@ -43,7 +43,7 @@ fn event(ty: &str, position: u64) -> Arc<Event> {
 
 fn call(p: &ProjectionPlugin, state: &Arc<MemState>, ty: &str) -> Result<(), PluginError> {
     let view: Arc<dyn StateView> = state.clone();
-    let writes = p.handle(view, &[event(ty, 0)])?;
+    let writes = p.fold(view, &[event(ty, 0)])?;
     state.apply(writes);
     Ok(())
 }
@@ -116,7 +116,7 @@ fn the_sandbox_grants_no_environment_arguments_or_files() {
 fn clock_and_random(p: &ProjectionPlugin, batch: &[Arc<Event>]) -> (String, String) {
     let state = Arc::new(MemState::default());
     let view: Arc<dyn StateView> = state.clone();
-    state.apply(p.handle(view, batch).unwrap());
+    state.apply(p.fold(view, batch).unwrap());
     let s = seen(&state);
     (
         s["clock"].as_str().unwrap().to_owned(),
@@ -273,7 +273,7 @@ fn a_failed_state_read_fails_the_call_as_the_hosts_fault() {
         failing: true.into(),
     });
     let view: Arc<dyn StateView> = flaky.clone();
-    match p.handle(view, &[event("probe.ok", 2)]) {
+    match p.fold(view, &[event("probe.ok", 2)]) {
         Err(PluginError::Host { plugin, message }) => {
             assert_eq!(plugin, "probe@1");
             assert!(message.contains("injected read failure"), "{message}");
@@ -285,7 +285,7 @@ fn a_failed_state_read_fails_the_call_as_the_hosts_fault() {
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let view: Arc<dyn StateView> = flaky.clone();
-    let writes = p.handle(view, &[event("probe.ok", 2)]).unwrap();
+    let writes = p.fold(view, &[event("probe.ok", 2)]).unwrap();
     state.apply(writes);
     let after = seen(&state);
     assert_eq!(before["probe.ok"], "2");

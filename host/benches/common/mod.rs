@@ -1,5 +1,7 @@
 //! Set-up the plugin benchmarks share: a two-thread tokio runtime like the host's, and a
-//! host in a temporary directory (log, bus, wasm runtime, registry), without the HTTP API.
+//! host in a temporary directory started through [`Host`] (log, bus, state database, wasm
+//! runtime, registry), without the HTTP API and without the flow index, so a figure
+//! measures the plugin alone.
 
 #![allow(dead_code)] // each bench uses a part
 
@@ -7,19 +9,20 @@ use std::sync::Arc;
 
 use evhost::plugin::Runtime;
 use evhost::registry::Registry;
-use evhost::schemas::Schemas;
-use evhost::{Bus, EventLog, Hub, SledLog, SledLogConfig};
+use evhost::{Bus, EventLog, Host, HostConfig, SledLog};
 
 /// A host's parts, kept alive with their directory.
 pub struct BenchHost {
-    pub dir: tempfile::TempDir,
+    pub host: Host,
     pub log: Arc<SledLog>,
     pub dyn_log: Arc<dyn EventLog>,
     pub bus: Bus,
+    /// The state database plugin stores live in.
     pub db: sled::Db,
     /// Its compile cache starts empty.
     pub runtime: Arc<Runtime>,
     pub registry: Arc<Registry>,
+    pub dir: tempfile::TempDir,
 }
 
 /// The tokio runtime the benchmarks run in: two workers, like the machine.
@@ -31,31 +34,22 @@ pub fn tokio() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A fresh host in a temporary directory.
-pub fn host() -> BenchHost {
+/// A fresh host in a temporary directory, with `evhost serve`'s defaults.
+pub async fn host() -> BenchHost {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::new(10_000);
-    let log =
-        Arc::new(SledLog::open(SledLogConfig::new(dir.path().join("log")), hub.clone()).unwrap());
-    let dyn_log = log.clone() as Arc<dyn EventLog>;
-    let bus = Bus::new(dyn_log.clone(), hub);
-    let db = log.db().clone();
-    let runtime = Runtime::new(&dir.path().join("compiled")).unwrap();
-    let registry = Registry::new(
-        runtime.clone(),
-        db.clone(),
-        bus.clone(),
-        dyn_log.clone(),
-        dir.path().join("plugins"),
-        Schemas::open(&db).unwrap(),
-    );
+    let config = HostConfig {
+        flow_index: false,
+        ..HostConfig::new(dir.path())
+    };
+    let host = Host::start(config).await.unwrap();
     BenchHost {
+        log: host.log().clone(),
+        dyn_log: host.log().clone() as Arc<dyn EventLog>,
+        bus: host.bus().clone(),
+        db: host.state_db().clone(),
+        runtime: host.runtime().clone(),
+        registry: host.registry().clone(),
+        host,
         dir,
-        log,
-        dyn_log,
-        bus,
-        db,
-        runtime,
-        registry,
     }
 }

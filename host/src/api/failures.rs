@@ -2,15 +2,15 @@
 //! the schema registry.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::plugins::{registry, registry_error};
-use super::{ApiError, AppState, parse_body, query};
+use super::extract::{ApiQuery, Body};
+use super::plugins::registry;
+use super::{ApiError, AppState, parse_json};
+use crate::dead_letter::{DeadLetterId, InvalidDeadLetterId};
 use crate::schemas::{SchemaError, Schemas, Violation};
 
 /// `POST /v1/plugins/{name}/resume`: clears a quarantine.
@@ -19,7 +19,7 @@ pub(super) async fn resume(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
-    let was = reg.resume(&name).await.map_err(registry_error)?;
+    let was = reg.resume(&name).await.map_err(ApiError::from)?;
     Ok(Json(json!({"plugin": name, "was_quarantined": was})))
 }
 
@@ -32,27 +32,21 @@ pub(super) struct DlqQuery {
 /// `GET /v1/dlq?plugin=`: dead letters, of one plugin or of all.
 pub(super) async fn list_dead_letters(
     State(st): State<AppState>,
-    q: Result<Query<DlqQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<DlqQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
     let reg = registry(&st)?;
     let list = reg
         .dead_letters(q.plugin.as_deref())
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     Ok(Json(json!({"dead_letters": list})))
 }
 
 /// 400 unless `id` has the form of a dead-letter id, `<plugin>.<position>`; a well-formed
 /// id that names nothing is the registry's 404.
-fn dead_letter_id(id: &str) -> Result<(), ApiError> {
-    crate::dead_letter::parse_id(id).map(|_| ()).ok_or_else(|| {
-        ApiError::bad_request(
-            "invalid_dead_letter_id",
-            format!(
-                "{id:?} is not a dead-letter id; ids look like <plugin>.<position> (see GET /v1/dlq)"
-            ),
-        )
+fn dead_letter_id(id: &str) -> Result<DeadLetterId, ApiError> {
+    id.parse().map_err(|e: InvalidDeadLetterId| {
+        ApiError::bad_request("invalid_dead_letter_id", format!("{e} (see GET /v1/dlq)"))
     })
 }
 
@@ -61,9 +55,9 @@ pub(super) async fn retry_dead_letter(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    dead_letter_id(&id)?;
+    let id = dead_letter_id(&id)?;
     let reg = registry(&st)?;
-    let outcome = reg.retry_dead_letter(&id).await.map_err(registry_error)?;
+    let outcome = reg.retry_dead_letter(&id).await?;
     Ok(Json(json!(outcome)))
 }
 
@@ -72,9 +66,9 @@ pub(super) async fn delete_dead_letter(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    dead_letter_id(&id)?;
+    let id = dead_letter_id(&id)?;
     let reg = registry(&st)?;
-    reg.delete_dead_letter(&id).await.map_err(registry_error)?;
+    reg.delete_dead_letter(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -88,11 +82,15 @@ fn schemas(st: &AppState) -> Result<&Schemas, ApiError> {
     })
 }
 
-fn schema_error(e: SchemaError) -> ApiError {
-    match e {
-        SchemaError::Invalid(m) => ApiError::bad_request("invalid_schema", m),
-        SchemaError::NotFound(_) => ApiError::not_found(e.to_string()),
-        SchemaError::Storage(m) => ApiError::unavailable(m),
+impl From<SchemaError> for ApiError {
+    fn from(e: SchemaError) -> Self {
+        match e {
+            SchemaError::Invalid(m) => ApiError::bad_request("invalid_schema", m),
+            e @ SchemaError::NotFound(_) => {
+                ApiError::not_found(format!("{e}; see GET /v1/schemas"))
+            }
+            SchemaError::Storage(m) => ApiError::unavailable(m),
+        }
     }
 }
 
@@ -100,11 +98,11 @@ fn schema_error(e: SchemaError) -> ApiError {
 pub(super) async fn put_schema(
     State(st): State<AppState>,
     Path(pattern): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let schemas = schemas(&st)?;
-    let schema: Value = parse_body(body)?;
-    let info = schemas.put(&pattern, &schema).map_err(schema_error)?;
+    let schema: Value = parse_json(&body)?;
+    let info = schemas.put(&pattern, &schema).map_err(ApiError::from)?;
     Ok(Json(json!(info)))
 }
 
@@ -118,7 +116,7 @@ pub(super) async fn delete_schema(
     State(st): State<AppState>,
     Path(pattern): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    schemas(&st)?.delete(&pattern).map_err(schema_error)?;
+    schemas(&st)?.delete(&pattern).map_err(ApiError::from)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -60,7 +60,7 @@ pub(super) async fn list_tools(State(st): State<AppState>) -> Result<Json<Value>
                         "name": t.name,
                         "description": t.description,
                         "input_schema": t.input_schema,
-                        "plugin": format!("{}@{}", p.name, p.version),
+                        "plugin": crate::plugin::PluginId::new(&p.name, &p.version).as_str(),
                         "state": p.status.state,
                     })
                 })

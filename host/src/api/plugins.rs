@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, query};
+use super::extract::ApiQuery;
+use super::{ApiError, AppState};
 use crate::registry::{Registry, RegistryError};
 
 pub(super) fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
@@ -23,31 +24,35 @@ pub(super) fn registry(st: &AppState) -> Result<&Arc<Registry>, ApiError> {
     })
 }
 
-pub(super) fn registry_error(e: RegistryError) -> ApiError {
-    match e {
-        RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
-        RegistryError::Refused(m) => ApiError::new(StatusCode::FORBIDDEN, "refused_by_policy", m),
-        e @ RegistryError::BadDeadLetterId(_) => {
-            ApiError::bad_request("invalid_dead_letter_id", e.to_string())
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(m) => ApiError::bad_request("invalid_plugin", m),
+            RegistryError::Refused(m) => {
+                ApiError::new(StatusCode::FORBIDDEN, "refused_by_policy", m)
+            }
+            e @ RegistryError::NotFound(_) => {
+                ApiError::not_found(format!("{e}; see GET /v1/plugins"))
+            }
+            e @ RegistryError::DeadLetterNotFound(_) => {
+                ApiError::not_found(format!("{e}; see GET /v1/dlq"))
+            }
+            RegistryError::Plugin(p @ crate::plugin::PluginError::Load { .. }) => {
+                ApiError::bad_request("invalid_plugin", p.to_string())
+            }
+            RegistryError::Plugin(p) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "plugin_failed",
+                p.to_string(),
+            ),
+            // The host's own storage (plugin stores, the data directory, the compile cache):
+            // not the request's fault.
+            e @ RegistryError::Storage(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_failed",
+                e.to_string(),
+            ),
         }
-        RegistryError::NotFound(_) | RegistryError::DeadLetterNotFound(_) => {
-            ApiError::not_found(e.to_string())
-        }
-        RegistryError::Plugin(p @ crate::plugin::PluginError::Load { .. }) => {
-            ApiError::bad_request("invalid_plugin", p.to_string())
-        }
-        RegistryError::Plugin(p) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "plugin_failed",
-            p.to_string(),
-        ),
-        // The host's own storage (plugin stores, the data directory, the compile cache):
-        // not the request's fault.
-        e @ RegistryError::Storage(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_failed",
-            e.to_string(),
-        ),
     }
 }
 
@@ -58,7 +63,7 @@ pub(super) async fn put_plugin(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let reg = registry(&st)?;
-    reg.check_hot_load().map_err(registry_error)?;
+    reg.check_hot_load().map_err(ApiError::from)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::bad_request(
             "bad_body",
@@ -114,7 +119,7 @@ pub(super) async fn put_plugin(
     let info = reg
         .load(&manifest, wasm, true)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     Ok((StatusCode::OK, Json(info)).into_response())
 }
 
@@ -144,7 +149,7 @@ pub(super) async fn get_plugin(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let reg = registry(&st)?;
-    Ok(Json(reg.info(&name).await.map_err(registry_error)?).into_response())
+    Ok(Json(reg.info(&name).await.map_err(ApiError::from)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -157,12 +162,11 @@ pub(super) struct DeleteQuery {
 pub(super) async fn delete_plugin(
     State(st): State<AppState>,
     Path(name): Path<String>,
-    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
-    reg.check_hot_load().map_err(registry_error)?;
-    let q = query(q)?;
-    reg.unload(&name, q.purge).await.map_err(registry_error)?;
+    reg.check_hot_load().map_err(ApiError::from)?;
+    reg.unload(&name, q.purge).await.map_err(ApiError::from)?;
     Ok(Json(json!({"unloaded": name, "state_purged": q.purge})))
 }
 
@@ -184,13 +188,12 @@ fn as_json(text: String) -> Value {
 pub(super) async fn get_state(
     State(st): State<AppState>,
     Path(name): Path<String>,
-    q: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<StateQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
-    let q = query(q)?;
     match (q.key, q.prefix, q.at) {
         (Some(key), None, None) => {
-            let value = reg.state(&name, &key).await.map_err(registry_error)?;
+            let value = reg.state(&name, &key).await.map_err(ApiError::from)?;
             match value {
                 Some(v) => Ok(Json(json!({"key": key, "value": as_json(v)}))),
                 None => Err(ApiError::not_found(format!(
@@ -202,7 +205,7 @@ pub(super) async fn get_state(
             let value = reg
                 .state_at(&name, &key, at)
                 .await
-                .map_err(registry_error)?;
+                .map_err(ApiError::from)?;
             Ok(Json(
                 json!({"key": key, "at": at, "value": value.map(as_json)}),
             ))
@@ -212,7 +215,7 @@ pub(super) async fn get_state(
             let items = reg
                 .state_prefix(&name, &prefix, limit)
                 .await
-                .map_err(registry_error)?;
+                .map_err(ApiError::from)?;
             let items: Vec<Value> = items
                 .into_iter()
                 .map(|(k, v)| json!({"key": k, "value": as_json(v)}))
@@ -253,6 +256,6 @@ pub(super) async fn post_query(
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
     let request = query_request(&body)?;
-    let answer = reg.query(&name, request).await.map_err(registry_error)?;
+    let answer = reg.query(&name, request).await.map_err(ApiError::from)?;
     Ok(Json(json!({"answer": as_json(answer)})))
 }

@@ -7,12 +7,13 @@
 //! text: a read past it returns fewer events, with `next` at the first one left out.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::by_time::{parse_time, span};
-use super::{ApiConfig, ApiError, AppState, limit, patterns, query, stream_name};
+use super::extract::ApiQuery;
+use super::{ApiConfig, ApiError, AppState, limit, patterns, stream_name};
 use crate::event::Event;
 use crate::log::ReadFilter;
 
@@ -114,9 +115,8 @@ fn filter_of(
 /// timestamps never decrease along the log).
 pub(super) async fn read_events(
     State(st): State<AppState>,
-    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> Result<Response, ApiError> {
-    let q = query(q)?;
     let since = q
         .since
         .as_deref()
@@ -217,10 +217,9 @@ struct StreamPage<'a> {
 pub(super) async fn read_stream(
     State(st): State<AppState>,
     Path(stream): Path<String>,
-    q: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
     stream_name(&stream)?;
-    let q = query(q)?;
     let direction = direction(&q)?;
     super::stream_admin::refuse_if_deleted(&st, &stream).await?;
     let version = st
@@ -289,9 +288,8 @@ struct HistoryPage<'a> {
 /// `limit` and at most the byte bound.
 pub(super) async fn history(
     State(st): State<AppState>,
-    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    let q = query(q)?;
     let filter = filter_of(q.pattern.as_deref(), q.stream, q.correlation_id, q.source)?;
     let events = st.bus.history(&filter, limit(q.limit));
     let mut used = 0usize;

@@ -6,13 +6,14 @@ use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, AppState, append_error, query, stream_name};
+use super::extract::ApiQuery;
+use super::{ApiError, AppState, stream_name};
 use crate::event::{EventType, NewEvent, Payload};
 use crate::log::{
     ExpectedVersion, LogError, STREAM_DELETED_TYPE, STREAM_RESTORED_TYPE, StreamAppend,
@@ -72,7 +73,7 @@ async fn append_marker(
             events: vec![event],
         }])
         .await
-        .map_err(append_error)?;
+        .map_err(ApiError::from)?;
     Ok(done.pop().expect("one group in, one out").positions[0])
 }
 
@@ -82,10 +83,9 @@ async fn append_marker(
 pub(super) async fn delete_stream(
     State(st): State<AppState>,
     Path(stream): Path<String>,
-    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<Json<Value>, ApiError> {
     stream_name(&stream)?;
-    let q = query(q)?;
     if st.log.stream_version(&stream).await.map_err(unavailable)? == 0 {
         return Err(ApiError::not_found(format!(
             "stream {stream:?} has no events"

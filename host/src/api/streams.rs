@@ -2,12 +2,13 @@
 //! read of `GET /v1/streams/{stream}?direction=backward` (newest first).
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::extract::ApiQuery;
 use super::reads::Bounded;
-use super::{ApiError, AppState, query};
+use super::{ApiError, AppState};
 use crate::event::Event;
 use crate::log::{MAX_STREAM_LIST, StreamInfo, StreamListQuery};
 
@@ -45,9 +46,8 @@ fn name_part(name: &str, value: &str) -> Result<(), ApiError> {
 /// 1..=[`MAX_STREAM_LIST`].
 pub(super) async fn list_streams(
     State(st): State<AppState>,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let q = query(q)?;
     name_part("prefix", &q.prefix)?;
     if let Some(after) = &q.after {
         name_part("after", after)?;

@@ -167,7 +167,56 @@ pub fn valid_name(name: &str) -> bool {
         && !name.starts_with('-')
 }
 
+/// Who a plugin is: its manifest's name and version, shown as `name@version` in logs,
+/// errors and status. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PluginId {
+    text: std::sync::Arc<str>,
+    name_len: usize,
+}
+
+impl PluginId {
+    /// The plugin `name` at `version`.
+    pub fn new(name: &str, version: &str) -> Self {
+        Self {
+            text: format!("{name}@{version}").into(),
+            name_len: name.len(),
+        }
+    }
+
+    /// The plugin's name: what its state, dead letters and derived events are kept under.
+    pub fn name(&self) -> &str {
+        &self.text[..self.name_len]
+    }
+
+    /// The manifest's version.
+    pub fn version(&self) -> &str {
+        &self.text[self.name_len + 1..]
+    }
+
+    /// `name@version`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// `name@version`, shared.
+    pub fn shared(&self) -> std::sync::Arc<str> {
+        self.text.clone()
+    }
+}
+
+impl std::fmt::Display for PluginId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 impl Manifest {
+    /// The plugin's identity: name and version.
+    pub fn id(&self) -> PluginId {
+        PluginId::new(&self.name, &self.version)
+    }
+
     /// Parses and validates manifest TOML; unknown keys are refused.
     pub fn parse(text: &str) -> Result<Self, InvalidManifest> {
         let m: Manifest = toml::from_str(text).map_err(|e| InvalidManifest(e.to_string()))?;

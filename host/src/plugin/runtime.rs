@@ -16,7 +16,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::manifest::{Capabilities, Kind, Limits, Manifest};
+use super::manifest::{Capabilities, Kind, Limits, Manifest, PluginId};
 use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
 
 pub(super) mod bindings {
@@ -90,6 +90,25 @@ pub struct StateError(pub String);
 
 /// The state writes of one successful call: `Some` sets, `None` deletes.
 pub type Writes = BTreeMap<String, Option<String>>;
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime refused its configuration or the WASI linker.
+    #[error("the wasm engine could not be set up: {0}")]
+    Engine(String),
+    /// The compile cache's directory cannot be created.
+    #[error("the compile cache directory {} cannot be created: {source}", path.display())]
+    Cache {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The thread that ends calls past their time limit could not start.
+    #[error("the epoch ticker thread could not start: {0}")]
+    Ticker(std::io::Error),
+}
 
 /// Why a plugin call failed. The host is never affected; the call's writes are dropped.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -368,7 +387,7 @@ struct Machine {
 }
 
 impl Machine {
-    fn new(fuel: bool) -> anyhow::Result<Self> {
+    fn new(fuel: bool) -> wasmtime::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -450,9 +469,13 @@ pub struct Compiled {
 
 impl Runtime {
     /// A runtime caching compiled components in `cache_dir`; starts the epoch ticker.
-    pub fn new(cache_dir: &Path) -> anyhow::Result<Arc<Self>> {
-        let (plain, fueled) = (Machine::new(false)?, Machine::new(true)?);
-        std::fs::create_dir_all(cache_dir)?;
+    pub fn new(cache_dir: &Path) -> Result<Arc<Self>, RuntimeError> {
+        let machine = |fuel| Machine::new(fuel).map_err(|e| RuntimeError::Engine(format!("{e:#}")));
+        let (plain, fueled) = (machine(false)?, machine(true)?);
+        std::fs::create_dir_all(cache_dir).map_err(|source| RuntimeError::Cache {
+            path: cache_dir.to_owned(),
+            source,
+        })?;
         let tickers = [plain.engine.weak(), fueled.engine.weak()];
         std::thread::Builder::new()
             .name("evhost-epoch".into())
@@ -470,7 +493,8 @@ impl Runtime {
                     }
                     std::thread::sleep(EPOCH_TICK);
                 }
-            })?;
+            })
+            .map_err(RuntimeError::Ticker)?;
         Ok(Arc::new(Self {
             plain,
             fueled,
@@ -616,7 +640,7 @@ impl Runtime {
         compiled: &Compiled,
         manifest: &Manifest,
     ) -> Result<Plugin<W>, PluginError> {
-        let plugin: Arc<str> = format!("{}@{}", manifest.name, manifest.version).into();
+        let plugin = manifest.id();
         let load_err = |e: wasmtime::Error| PluginError::Load {
             plugin: plugin.to_string(),
             message: format!(
@@ -688,7 +712,7 @@ pub struct Plugin<W: World> {
     pre: W::Pre,
     pub(super) limits: Limits,
     pub(super) caps: Capabilities,
-    pub(super) plugin: Arc<str>,
+    pub(super) plugin: PluginId,
     warm: Arc<std::sync::Mutex<Vec<Warm<W>>>>,
 }
 
@@ -718,7 +742,7 @@ pub struct CallContext {
 impl<W: World> Plugin<W> {
     /// `name@version`.
     pub fn id(&self) -> &str {
-        &self.plugin
+        self.plugin.as_str()
     }
 
     fn store(
@@ -731,7 +755,7 @@ impl<W: World> Plugin<W> {
         let data = HostState {
             wasi: wasi_ctx(W::KIND, &self.caps, &clock),
             http: WasiHttpCtx::new(),
-            grant: HttpGrant::new(&self.caps.http, timeout, self.plugin.clone()),
+            grant: HttpGrant::new(&self.caps.http, timeout, self.plugin.shared()),
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_bytes: (self.limits.memory_mb as usize) << 20,
@@ -745,7 +769,7 @@ impl<W: World> Plugin<W> {
                 writes: self.limits.write_budget(),
                 entry: self.limits.value_budget(),
             },
-            plugin: self.plugin.clone(),
+            plugin: self.plugin.shared(),
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limiter);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::runtime::{StateError, StateView, Writes};
+use crate::dead_letter::{DeadLetter, Quarantine};
 
 const CHECKPOINT: &[u8] = b"c";
 const PROCESSED: &[u8] = b"n";
@@ -38,8 +39,35 @@ fn u64_of(v: Option<sled::IVec>) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
+/// Why the store of a plugin could not be read or written: the host's failure, never the
+/// plugin's. Callers retry it (the runner, with backoff) or report it as a storage error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The state database failed (the message names what sled reported).
+    #[error("{0}")]
+    Storage(String),
+    /// A record the host wrote cannot be decoded: the state database is damaged.
+    #[error(
+        "the stored {what} at {key} cannot be decoded ({message}); the state database is damaged"
+    )]
+    Corrupt {
+        /// What kind of record (a dead letter, a quarantine).
+        what: &'static str,
+        /// Which one.
+        key: String,
+        /// What decoding said.
+        message: String,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Storage(describe_error(&e))
+    }
+}
+
 /// A storage error as text, with the names sled prints as byte lists (a tree's) as text.
-pub fn describe_error(e: &sled::Error) -> String {
+fn describe_error(e: &sled::Error) -> String {
     match e {
         sled::Error::CollectionNotFound(name) => format!(
             "the sled tree {:?} does not exist (it was purged)",
@@ -47,6 +75,25 @@ pub fn describe_error(e: &sled::Error) -> String {
         ),
         e => e.to_string(),
     }
+}
+
+/// The result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    key: impl FnOnce() -> String,
+    bytes: &[u8],
+) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        key: key(),
+        message: e.to_string(),
+    })
+}
+
+fn encode(value: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("a record of the host's serializes")
 }
 
 /// A plugin's stored state and checkpoint.
@@ -62,7 +109,7 @@ pub struct PluginStore {
 impl PluginStore {
     /// Opens (or creates) the store of `plugin` in `db`. Counts its dead letters (a scan of
     /// their keys): call it off the async threads.
-    pub fn open(db: &sled::Db, plugin: &str) -> sled::Result<Self> {
+    pub fn open(db: &sled::Db, plugin: &str) -> StoreResult<Self> {
         let tree = db.open_tree(tree_name(plugin))?;
         let mut count = 0;
         for key in tree.scan_prefix([DEAD_LETTER]).keys() {
@@ -79,7 +126,7 @@ impl PluginStore {
     /// is its last handle: sled's iterators never end on a dropped tree, so a tree someone
     /// may still read is emptied and kept. Call it only once the plugin's runner stopped,
     /// off the async threads.
-    pub fn purge(self, db: &sled::Db) -> sled::Result<()> {
+    pub fn purge(self, db: &sled::Db) -> StoreResult<()> {
         self.tree.clear()?;
         self.dead_letters.store(0, Ordering::Relaxed);
         if Arc::strong_count(&self.dead_letters) == 1 {
@@ -91,17 +138,17 @@ impl PluginStore {
     }
 
     /// The position the plugin resumes from, if it ever committed.
-    pub fn checkpoint(&self) -> sled::Result<Option<u64>> {
+    pub fn checkpoint(&self) -> StoreResult<Option<u64>> {
         Ok(u64_of(self.tree.get(CHECKPOINT)?))
     }
 
     /// Events handled since the state was started.
-    pub fn processed(&self) -> sled::Result<u64> {
+    pub fn processed(&self) -> StoreResult<u64> {
         Ok(u64_of(self.tree.get(PROCESSED)?).unwrap_or(0))
     }
 
     /// Hash of the component that built this state.
-    pub fn component_hash(&self) -> sled::Result<Option<String>> {
+    pub fn component_hash(&self) -> StoreResult<Option<String>> {
         Ok(self
             .tree
             .get(HASH)?
@@ -111,7 +158,7 @@ impl PluginStore {
     /// Starts the state over for the component with `hash`: empty, beginning at `origin`,
     /// with no dead letters and no quarantine (they were the old component's). Whether the
     /// plugin ever derived events is kept: they stay in the log.
-    pub fn reset(&self, hash: &str, origin: u64) -> sled::Result<()> {
+    pub fn reset(&self, hash: &str, origin: u64) -> StoreResult<()> {
         let derived = self.has_derived()?;
         self.tree.clear()?;
         self.dead_letters.store(0, Ordering::Relaxed);
@@ -122,17 +169,17 @@ impl PluginStore {
         b.insert(HASH, hash.as_bytes());
         b.insert(CHECKPOINT, &origin.to_be_bytes()[..]);
         b.insert(ORIGIN, &origin.to_be_bytes()[..]);
-        self.tree.apply_batch(b)
+        Ok(self.tree.apply_batch(b)?)
     }
 
     /// True once the plugin has (possibly) appended derived events under its name.
-    pub fn has_derived(&self) -> sled::Result<bool> {
+    pub fn has_derived(&self) -> StoreResult<bool> {
         Ok(self.tree.get(DERIVED)?.is_some())
     }
 
     /// Records, durably, that the plugin is about to append derived events; a runner that
     /// starts later knows it must look for them before deriving again.
-    pub fn mark_derived(&self) -> sled::Result<()> {
+    pub fn mark_derived(&self) -> StoreResult<()> {
         if !self.has_derived()? {
             self.tree.insert(DERIVED, &[1u8][..])?;
             self.tree.flush()?;
@@ -141,37 +188,37 @@ impl PluginStore {
     }
 
     /// The position the state began at (replays for time travel start here).
-    pub fn origin(&self) -> sled::Result<u64> {
+    pub fn origin(&self) -> StoreResult<u64> {
         Ok(u64_of(self.tree.get(ORIGIN)?).unwrap_or(0))
     }
 
     /// Commits a batch's writes with the new checkpoint and count, atomically.
-    pub fn commit(&self, writes: &Writes, checkpoint: u64, processed: u64) -> sled::Result<()> {
+    pub fn commit(&self, writes: &Writes, checkpoint: u64, processed: u64) -> StoreResult<()> {
         self.commit_with(writes, checkpoint, processed, &[], None)
     }
 
-    /// Commits like [`PluginStore::commit`], together with dead letters (position, JSON)
-    /// and, when given, a quarantine record (JSON): a crash keeps all or none of them.
+    /// Commits like [`PluginStore::commit`], together with dead letters and, when given,
+    /// a quarantine: a crash keeps all or none of them.
     pub fn commit_with(
         &self,
         writes: &Writes,
         checkpoint: u64,
         processed: u64,
-        dead_letters: &[(u64, String)],
-        quarantine: Option<&str>,
-    ) -> sled::Result<()> {
+        dead_letters: &[DeadLetter],
+        quarantine: Option<&Quarantine>,
+    ) -> StoreResult<()> {
         let mut b = sled::Batch::default();
         put_writes(&mut b, writes);
         let mut new = 0;
-        for (position, json) in dead_letters {
-            let key = dead_letter_key(*position);
+        for letter in dead_letters {
+            let key = dead_letter_key(letter.position);
             if !self.tree.contains_key(key)? {
                 new += 1;
             }
-            b.insert(&key[..], json.as_bytes());
+            b.insert(&key[..], encode(letter));
         }
         if let Some(q) = quarantine {
-            b.insert(QUARANTINE, q.as_bytes());
+            b.insert(QUARANTINE, encode(q));
         }
         b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
         b.insert(PROCESSED, &processed.to_be_bytes()[..]);
@@ -182,7 +229,7 @@ impl PluginStore {
 
     /// Commits the writes of a dead letter handled on retry and removes the dead letter,
     /// atomically; the checkpoint stays where it is.
-    pub fn commit_retried(&self, writes: &Writes, position: u64) -> sled::Result<()> {
+    pub fn commit_retried(&self, writes: &Writes, position: u64) -> StoreResult<()> {
         let mut b = sled::Batch::default();
         put_writes(&mut b, writes);
         let key = dead_letter_key(position);
@@ -195,17 +242,26 @@ impl PluginStore {
         Ok(())
     }
 
-    /// The dead letters (position, JSON) in position order.
-    pub fn dead_letters(&self) -> sled::Result<Vec<(u64, String)>> {
+    /// The dead letters in position order.
+    pub fn dead_letters(&self) -> StoreResult<Vec<DeadLetter>> {
         self.tree
             .scan_prefix([DEAD_LETTER])
             .map(|r| {
-                r.map(|(k, v)| {
-                    let position = k[1..].try_into().map(u64::from_be_bytes).unwrap_or(0);
-                    (position, String::from_utf8_lossy(&v).into_owned())
-                })
+                let (k, v) = r?;
+                decode("dead letter", || self.describe_key(&k), &v)
             })
             .collect()
+    }
+
+    fn describe_key(&self, key: &[u8]) -> String {
+        let tree = String::from_utf8_lossy(&self.tree.name()).into_owned();
+        match key.split_first() {
+            Some((&DEAD_LETTER, rest)) => match <[u8; 8]>::try_from(rest) {
+                Ok(p) => format!("position {} of {tree}", u64::from_be_bytes(p)),
+                Err(_) => format!("a malformed key of {tree}"),
+            },
+            _ => tree,
+        }
     }
 
     /// How many dead letters there are (a count kept beside the tree: no scan).
@@ -213,19 +269,20 @@ impl PluginStore {
         self.dead_letters.load(Ordering::Relaxed)
     }
 
-    /// The dead letter at `position` (JSON).
-    pub fn dead_letter(&self, position: u64) -> sled::Result<Option<String>> {
-        Ok(self
-            .tree
-            .get(dead_letter_key(position))?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    /// The dead letter at `position`.
+    pub fn dead_letter(&self, position: u64) -> StoreResult<Option<DeadLetter>> {
+        let key = dead_letter_key(position);
+        self.tree
+            .get(key)?
+            .map(|v| decode("dead letter", || self.describe_key(&key), &v))
+            .transpose()
     }
 
-    /// Stores (replaces) the dead letter at `position`.
-    pub fn put_dead_letter(&self, position: u64, json: &str) -> sled::Result<()> {
+    /// Stores (replaces) a dead letter, under its position.
+    pub fn put_dead_letter(&self, letter: &DeadLetter) -> StoreResult<()> {
         let old = self
             .tree
-            .insert(&dead_letter_key(position)[..], json.as_bytes())?;
+            .insert(&dead_letter_key(letter.position)[..], encode(letter))?;
         if old.is_none() {
             self.dead_letters.fetch_add(1, Ordering::Relaxed);
         }
@@ -233,7 +290,7 @@ impl PluginStore {
     }
 
     /// Removes the dead letter at `position`; false when there was none.
-    pub fn remove_dead_letter(&self, position: u64) -> sled::Result<bool> {
+    pub fn remove_dead_letter(&self, position: u64) -> StoreResult<bool> {
         let removed = self.tree.remove(dead_letter_key(position))?.is_some();
         if removed {
             self.dead_letters.fetch_sub(1, Ordering::Relaxed);
@@ -241,23 +298,23 @@ impl PluginStore {
         Ok(removed)
     }
 
-    /// The quarantine record (JSON) if the plugin is quarantined.
-    pub fn quarantine(&self) -> sled::Result<Option<String>> {
-        Ok(self
-            .tree
+    /// Why the plugin is quarantined, if it is.
+    pub fn quarantine(&self) -> StoreResult<Option<Quarantine>> {
+        self.tree
             .get(QUARANTINE)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .map(|v| decode("quarantine", || self.describe_key(QUARANTINE), &v))
+            .transpose()
     }
 
     /// Clears the quarantine, durably.
-    pub fn clear_quarantine(&self) -> sled::Result<()> {
+    pub fn clear_quarantine(&self) -> StoreResult<()> {
         self.tree.remove(QUARANTINE)?;
         self.tree.flush()?;
         Ok(())
     }
 
     /// The value under `key`.
-    pub fn get(&self, key: &str) -> sled::Result<Option<String>> {
+    pub fn get(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(self
             .tree
             .get(state_key(key))?
@@ -265,17 +322,16 @@ impl PluginStore {
     }
 
     /// Up to `limit` keys starting with `prefix`, in key order.
-    pub fn scan(&self, prefix: &str, limit: usize) -> sled::Result<Vec<(String, String)>> {
+    pub fn scan(&self, prefix: &str, limit: usize) -> StoreResult<Vec<(String, String)>> {
         self.tree
             .scan_prefix(state_key(prefix))
             .take(limit)
             .map(|r| {
-                r.map(|(k, v)| {
-                    (
-                        String::from_utf8_lossy(&k[1..]).into_owned(),
-                        String::from_utf8_lossy(&v).into_owned(),
-                    )
-                })
+                let (k, v) = r?;
+                Ok((
+                    String::from_utf8_lossy(&k[1..]).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
             })
             .collect()
     }
@@ -283,12 +339,12 @@ impl PluginStore {
 
 impl StateView for PluginStore {
     fn get(&self, key: &str) -> Result<Option<String>, StateError> {
-        PluginStore::get(self, key).map_err(|e| StateError(describe_error(&e)))
+        PluginStore::get(self, key).map_err(|e| StateError(e.to_string()))
     }
 
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StateError> {
         self.scan(prefix, usize::MAX)
-            .map_err(|e| StateError(describe_error(&e)))
+            .map_err(|e| StateError(e.to_string()))
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
+use super::handler::{Derived, Handler, HandlerError, Output, on_blocking_thread};
 use super::manifest::Kind;
 use super::runtime::bindings::{extractor, projection, tool};
 use super::runtime::{
@@ -52,37 +53,6 @@ pub type ExtractorPlugin = Plugin<extractor::Extractor>;
 /// A loaded tool worker.
 pub type ToolPlugin = Plugin<tool::Tool>;
 
-/// An event a handler derived, ready to append (the runner adds ids and causation).
-#[derive(Debug, Clone)]
-pub struct Derived {
-    /// The stream to append to.
-    pub stream: String,
-    /// The event.
-    pub event: NewEvent,
-}
-
-/// What handling a batch produced.
-#[derive(Debug, Default)]
-pub struct Output {
-    /// State writes to commit with the checkpoint.
-    pub writes: Writes,
-    /// Per input event, the events derived from it (empty for projections).
-    pub derived: Vec<Vec<Derived>>,
-}
-
-/// Something that handles a batch of events: a wasm projection or extractor, or native code
-/// run by the same runner (as the benchmarks compare).
-pub trait Handler: Send + Sync + 'static {
-    /// `name@version`, for logs and errors.
-    fn id(&self) -> &str;
-    /// Handles `events` over `view`; returns what to commit.
-    fn handle(
-        &self,
-        view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Output, PluginError>;
-}
-
 /// What the sandbox shows during a batch: the time of its last event, a seed from its first.
 pub fn batch_context(events: &[Arc<Event>]) -> CallContext {
     use sha2::Digest;
@@ -110,7 +80,7 @@ impl<W: World> Plugin<W> {
 
 impl ProjectionPlugin {
     /// Folds `events` into state over `view`; returns the writes to commit.
-    pub fn handle(
+    pub fn fold(
         &self,
         view: Arc<dyn StateView>,
         events: &[Arc<Event>],
@@ -134,19 +104,23 @@ impl ProjectionPlugin {
     }
 }
 
+#[async_trait::async_trait]
 impl Handler for ProjectionPlugin {
     fn id(&self) -> &str {
         Plugin::id(self)
     }
-    fn handle(
+    async fn handle(
         &self,
         view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Output, PluginError> {
-        ProjectionPlugin::handle(self, view, events).map(|writes| Output {
-            writes,
-            derived: Vec::new(),
-        })
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, HandlerError> {
+        let p = self.clone();
+        on_blocking_thread(move || p.fold(view, &events))
+            .await
+            .map(|writes| Output {
+                writes,
+                derived: Vec::new(),
+            })
     }
 }
 
@@ -174,7 +148,7 @@ impl ExtractorPlugin {
                 events.len()
             )));
         }
-        let source = self.plugin.split('@').next().unwrap_or_default().to_owned();
+        let source = self.plugin.name().to_owned();
         let derived = lists
             .into_iter()
             .zip(events)
@@ -196,16 +170,18 @@ impl ExtractorPlugin {
     }
 }
 
+#[async_trait::async_trait]
 impl Handler for ExtractorPlugin {
     fn id(&self) -> &str {
         Plugin::id(self)
     }
-    fn handle(
+    async fn handle(
         &self,
         view: Arc<dyn StateView>,
-        events: &[Arc<Event>],
-    ) -> Result<Output, PluginError> {
-        self.extract(view, events)
+        events: Arc<Vec<Arc<Event>>>,
+    ) -> Result<Output, HandlerError> {
+        let p = self.clone();
+        on_blocking_thread(move || p.extract(view, &events)).await
     }
 }
 

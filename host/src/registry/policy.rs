@@ -98,9 +98,8 @@ impl PluginPolicy {
             Ok(())
         } else {
             Err(format!(
-                "plugin {}@{} asks for more than this host allows: {}",
-                m.name,
-                m.version,
+                "plugin {} asks for more than this host allows: {}",
+                m.id(),
                 over.join("; ")
             ))
         }

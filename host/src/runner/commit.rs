@@ -1,0 +1,288 @@
+//! The committer: a task of its own per runner that appends each handled batch's derived
+//! events and then commits its writes and checkpoint, in order, at most two batches behind
+//! the handler. A storage failure is retried with backoff (nothing after it is committed
+//! meanwhile); an append the log refuses is deterministic, never retried: it is split until
+//! each refused event is alone, which is dropped and its source event dead-lettered.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use super::lineage::{MAX_DERIVATION_DEPTH, deepen, depth_of, derived_id};
+use super::policy::{Backoff, HOST_BACKOFF};
+use super::{RunState, StatusCell};
+use crate::bus::Bus;
+use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
+use crate::event::{Event, NewEvent};
+use crate::limits::{OutputLimits, split_appends};
+use crate::log::{AppendError, EventLog, StreamAppend};
+use crate::plugin::{PluginStore, Writes};
+
+/// One handled batch, waiting to be appended and committed.
+pub(super) struct Job {
+    pub(super) appends: Vec<StreamAppend>,
+    /// True when the handler fixed the ids (tool outcomes): appended indexed.
+    pub(super) fixed_ids: bool,
+    pub(super) writes: Writes,
+    /// The checkpoint to commit.
+    pub(super) resume: u64,
+    /// Events handled since the state was started, once this job commits.
+    pub(super) processed: u64,
+    pub(super) derived: u64,
+    pub(super) dropped: u64,
+    pub(super) events: usize,
+    pub(super) started: Instant,
+    /// The events the batch was derived from (none for a dead letter's job): what a
+    /// derived event the log refuses is dead-lettered as.
+    pub(super) part: Arc<Vec<Arc<Event>>>,
+    /// Dead letters committed with the checkpoint.
+    pub(super) dead_letters: Vec<DeadLetter>,
+    /// A quarantine committed with the checkpoint.
+    pub(super) quarantine: Option<Quarantine>,
+}
+
+impl Job {
+    /// A job that commits `writes` up to `resume` with nothing derived.
+    pub(super) fn empty(resume: u64, processed: u64) -> Self {
+        Self {
+            appends: Vec::new(),
+            fixed_ids: false,
+            writes: Writes::default(),
+            resume,
+            processed,
+            derived: 0,
+            dropped: 0,
+            events: 0,
+            started: Instant::now(),
+            part: Arc::default(),
+            dead_letters: Vec::new(),
+            quarantine: None,
+        }
+    }
+}
+
+/// Waits until the committer has committed through `position`; false when stopped.
+pub(super) async fn committed_to(
+    committed: &mut watch::Receiver<u64>,
+    position: u64,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        r = committed.wait_for(|c| *c >= position) => r.is_ok(),
+        _ = stopped.wait_for(|s| *s) => false,
+    }
+}
+
+/// What the committer works with.
+pub(super) struct Committer {
+    /// `name@version`, for logs.
+    pub(super) plugin: String,
+    /// The plugin's name: dead letters and announcements are kept under it.
+    pub(super) name: String,
+    /// The component's hash, part of announcement ids.
+    pub(super) hash: String,
+    /// The log's limits: appends are split to them.
+    pub(super) limits: OutputLimits,
+    pub(super) log: Arc<dyn EventLog>,
+    pub(super) store: PluginStore,
+    pub(super) bus: Bus,
+    pub(super) status: StatusCell,
+    /// Where the committed checkpoint is published.
+    pub(super) committed: watch::Sender<u64>,
+    pub(super) stopped: watch::Receiver<bool>,
+}
+
+/// An append still to make, with whether its ids are indexed.
+type Chunk = (Vec<StreamAppend>, bool);
+
+impl Committer {
+    /// Appends and commits each job of `queue` in order, until the queue closes or the
+    /// runner stops.
+    pub(super) async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        let mut marked = self.store.has_derived().unwrap_or(false);
+        while let Some(mut job) = queue.recv().await {
+            let mut backoff = Backoff::new(HOST_BACKOFF);
+            let mut chunks: VecDeque<Chunk> = split_appends(
+                std::mem::take(&mut job.appends),
+                self.limits.max_batch_events,
+            )
+            .into_iter()
+            .map(|c| (c, job.fixed_ids))
+            .collect();
+            let (mut refused, letters) = (0u64, job.dead_letters.len());
+            loop {
+                let step = match self
+                    .append(&mut job, &mut chunks, &mut marked, &mut refused)
+                    .await
+                {
+                    Ok(()) => self
+                        .store
+                        .commit_with(
+                            &job.writes,
+                            job.resume,
+                            job.processed,
+                            &job.dead_letters,
+                            job.quarantine.as_ref(),
+                        )
+                        .map_err(|e| format!("committing state failed: {e}")),
+                    Err(e) => Err(e),
+                };
+                let Err(message) = step else { break };
+                let message = self.limits.bound(message);
+                let wait = backoff.next();
+                tracing::warn!(plugin = self.plugin, error = %message, retry_in = ?wait, "batch failed");
+                self.status.update(|s| {
+                    s.errors += 1;
+                    s.consecutive_errors += 1;
+                    s.last_error = Some(message.clone());
+                    s.state = RunState::Failing;
+                });
+                tokio::select! {
+                    _ = self.stopped.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            let live = job.resume >= self.bus.head();
+            self.status.update(|s| {
+                s.position = job.resume;
+                s.events_processed = job.processed;
+                s.batches += 1;
+                s.consecutive_errors = 0;
+                s.derived += job.derived.saturating_sub(refused);
+                s.dropped_by_depth += job.dropped;
+                s.dead_lettered += (job.dead_letters.len() - letters) as u64;
+                s.state = if live {
+                    RunState::Live
+                } else {
+                    RunState::CatchingUp
+                };
+            });
+            tracing::trace!(plugin = self.plugin, events = job.events, took = ?job.started.elapsed(), "batch committed");
+            let _ = self.committed.send(job.resume);
+        }
+    }
+
+    /// Makes the appends left in `chunks`; a storage failure puts the failed one back
+    /// and answers why.
+    async fn append(
+        &self,
+        job: &mut Job,
+        chunks: &mut VecDeque<Chunk>,
+        marked: &mut bool,
+        refused: &mut u64,
+    ) -> Result<(), String> {
+        while let Some((chunk, indexed)) = chunks.pop_front() {
+            // Durable before the first derived event of this plugin name, so a later start
+            // knows to look for what it appended (see `Recovery`).
+            if !*marked {
+                if let Err(e) = self.store.mark_derived() {
+                    chunks.push_front((chunk, indexed));
+                    return Err(format!("recording that derived events follow failed: {e}"));
+                }
+                *marked = true;
+            }
+            let r = if indexed {
+                // Ids a handler fixed are looked up later (tool outcomes): indexed.
+                self.log.append(chunk.clone()).await
+            } else {
+                self.log.append_unindexed(chunk.clone()).await
+            };
+            match r {
+                Ok(_) => {}
+                Err(e @ AppendError::Storage(_)) => {
+                    chunks.push_front((chunk, indexed));
+                    return Err(format!("appending derived events failed: {e}"));
+                }
+                Err(e) => {
+                    let n: usize = chunk.iter().map(|a| a.events.len()).sum();
+                    if n > 1 {
+                        // Find what was refused: each event alone, in order.
+                        for a in chunk.into_iter().rev() {
+                            for ev in a.events.into_iter().rev() {
+                                let alone = StreamAppend {
+                                    stream: a.stream.clone(),
+                                    expected: a.expected,
+                                    events: vec![ev],
+                                };
+                                chunks.push_front((vec![alone], indexed));
+                            }
+                        }
+                        continue;
+                    }
+                    *refused += 1;
+                    let event = &chunk[0].events[0];
+                    if let Some(announce) = self.refused(job, event, &e) {
+                        // Indexed: a batch that runs again announces once.
+                        chunks.push_back((vec![announce], true));
+                    }
+                    let message = self.limits.bound(format!(
+                        "the log refused a derived {} event: {e}",
+                        event.event_type
+                    ));
+                    self.status.update(|s| {
+                        s.errors += 1;
+                        s.last_error = Some(message.clone());
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a derived event the log refused on its own (deterministically: too large,
+    /// invalid): the event it was derived from is dead-lettered with the checkpoint, and
+    /// the dead letter announced; returns the announcement to append, if any.
+    fn refused(
+        &self,
+        job: &mut Job,
+        event: &NewEvent,
+        error: &AppendError,
+    ) -> Option<StreamAppend> {
+        let message = self.limits.bound(format!(
+            "the log refused the {} event plugin {} derived: {error}",
+            event.event_type, self.plugin
+        ));
+        tracing::error!(plugin = self.plugin, error = %message, "derived event refused by the log; its source is dead-lettered");
+        let source = job
+            .part
+            .iter()
+            .find(|s| event.metadata.causation_id.as_deref() == Some(s.id.as_str()))?
+            .clone();
+        if job
+            .dead_letters
+            .iter()
+            .any(|d| d.position == source.position)
+        {
+            return None;
+        }
+        let entry = DeadLetter::new(&self.name, &source, message.clone(), 1);
+        let id = entry.id.clone();
+        job.dead_letters.push(entry);
+        if depth_of(&source) >= MAX_DERIVATION_DEPTH {
+            return None;
+        }
+        let mut announce = audit(
+            dead_letter::DEAD_LETTERED,
+            &self.name,
+            json!({
+                "dead_letter_id": id,
+                "position": source.position,
+                "event_id": source.id,
+                "event_type": source.event_type.as_str(),
+                "error": message,
+                "attempts": 1,
+            }),
+            Some(&source),
+            Some(derived_id(
+                &format!("{}/refused/{}", self.name, self.hash),
+                &source.id,
+                0,
+            )),
+        );
+        deepen(&mut announce, &source);
+        Some(announce)
+    }
+}

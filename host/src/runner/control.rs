@@ -1,0 +1,233 @@
+//! The operator's channel to a running runner: resume a quarantine, retry or delete a dead
+//! letter. Requests are answered by the runner's own task between batches, so they never
+//! race its work (a retry in progress cannot bring back a deleted dead letter).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use super::RunState;
+use super::lineage::derived_appends;
+use super::task::Task;
+use crate::dead_letter::{self, DeadLetter, audit};
+use crate::limits::split_appends;
+use crate::log::ReadFilter;
+use crate::plugin::HandlerError;
+
+/// What retrying a dead letter did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryOutcome {
+    /// True when the plugin handled the event: its effects are committed and the dead
+    /// letter is gone.
+    pub handled: bool,
+    /// Why it failed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The dead letter as it now stands, when it failed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// Why an operator's request could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The plugin has no dead letter at that position.
+    #[error("plugin {plugin:?} has no dead letter at position {position}")]
+    NotFound {
+        /// The plugin.
+        plugin: String,
+        /// The position asked for.
+        position: u64,
+    },
+    /// The runner is stopped (being replaced or unloaded): try again.
+    #[error("the plugin's runner is stopped (being replaced or unloaded); try again")]
+    Stopped,
+    /// Storage failed, or the event cannot be read.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What an operator asks of a running runner.
+pub(super) enum Control {
+    Resume(oneshot::Sender<Result<bool, ControlError>>),
+    Retry(u64, oneshot::Sender<Result<RetryOutcome, ControlError>>),
+    Delete(u64, oneshot::Sender<Result<bool, ControlError>>),
+}
+
+/// Sends operator requests to a runner; cheap to clone.
+#[derive(Clone)]
+pub struct Controller {
+    pub(super) control: mpsc::Sender<Control>,
+}
+
+impl Controller {
+    /// Sends the request `make` builds and waits for its answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> Control,
+    ) -> Result<T, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(make(tx))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// Clears a quarantine: the runner consumes again from its checkpoint. False when it
+    /// was not quarantined.
+    pub async fn resume(&self) -> Result<bool, ControlError> {
+        self.ask(Control::Resume).await
+    }
+
+    /// Runs the dead letter at `position` through the plugin again, now; on success its
+    /// effects are committed (on top of the current state) and it leaves the store.
+    pub async fn retry(&self, position: u64) -> Result<RetryOutcome, ControlError> {
+        self.ask(|tx| Control::Retry(position, tx)).await
+    }
+
+    /// Drops the dead letter at `position` (false when there is none), in order with the
+    /// runner's own work, so a retry in progress cannot bring it back.
+    pub async fn delete(&self, position: u64) -> Result<bool, ControlError> {
+        self.ask(|tx| Control::Delete(position, tx)).await
+    }
+}
+
+impl Task {
+    /// Answers one operator request.
+    pub(super) async fn control(&mut self, request: Control) {
+        match request {
+            Control::Resume(reply) => {
+                let r = self.resume().await;
+                let _ = reply.send(r);
+            }
+            Control::Retry(position, reply) => {
+                let r = self.retry(position).await;
+                let _ = reply.send(r);
+            }
+            Control::Delete(position, reply) => {
+                let r = self.store.remove_dead_letter(position).map_err(|e| {
+                    ControlError::Unavailable(format!("removing the dead letter failed: {e}"))
+                });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn resume(&mut self) -> Result<bool, ControlError> {
+        let Some(q) = self.status.read(|s| s.quarantine.clone()) else {
+            return Ok(false);
+        };
+        self.store.clear_quarantine().map_err(|e| {
+            ControlError::Unavailable(format!("clearing the quarantine failed: {e}"))
+        })?;
+        let announce = audit(
+            dead_letter::RESUMED,
+            &self.name,
+            json!({"position": q.position, "was": self.options.limits.bound(q.reason.clone())}),
+            None,
+            None,
+        );
+        if let Err(e) = self.log.append(vec![announce]).await {
+            tracing::warn!(plugin = self.plugin.id(), error = %e, "announcing the resume failed");
+        }
+        tracing::info!(
+            plugin = self.plugin.id(),
+            "quarantine cleared; consuming again"
+        );
+        self.status.update(|s| {
+            s.quarantine = None;
+            s.dead_letters_in_a_row = 0;
+            s.consecutive_errors = 0;
+            s.state = RunState::CatchingUp;
+        });
+        Ok(true)
+    }
+
+    async fn retry(&mut self, position: u64) -> Result<RetryOutcome, ControlError> {
+        let unavailable = |e: String| ControlError::Unavailable(e);
+        if !self.settled().await {
+            return Err(ControlError::Stopped);
+        }
+        let not_found = || ControlError::NotFound {
+            plugin: self.name.clone(),
+            position,
+        };
+        let mut entry = self
+            .store
+            .dead_letter(position)
+            .map_err(|e| unavailable(e.to_string()))?
+            .ok_or_else(not_found)?;
+        let page = self
+            .log
+            .read(position, 1, &ReadFilter::default())
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let event = page
+            .events
+            .into_iter()
+            .find(|e| e.position == position)
+            .ok_or_else(|| {
+                unavailable(format!("the event at position {position} cannot be read"))
+            })?;
+        let events = Arc::new(vec![Arc::new(event)]);
+        let limits = self.options.limits;
+        let result = match self.plugin.handle(self.view.clone(), events.clone()).await {
+            Ok(output) => self.check(&events, &output).map(|()| output),
+            Err(HandlerError::Plugin(e)) => Err(e),
+            Err(HandlerError::Host(e)) => return Err(unavailable(limits.bound(e))),
+        }
+        .map_err(|e| limits.bound(e));
+        let outcome = match result {
+            Ok(output) => {
+                let (appends, _, _) = derived_appends(&self.name, &events, output.derived);
+                // Indexed: a retry that is interrupted after its append and run again
+                // appends nothing twice.
+                for chunk in split_appends(appends, limits.max_batch_events) {
+                    self.log.append(chunk).await.map_err(|e| {
+                        unavailable(limits.bound(format!("appending derived events failed: {e}")))
+                    })?;
+                }
+                self.store
+                    .commit_retried(&output.writes, position)
+                    .map_err(|e| unavailable(e.to_string()))?;
+                RetryOutcome {
+                    handled: true,
+                    error: None,
+                    dead_letter: None,
+                }
+            }
+            Err(error) => {
+                entry.attempts += 1;
+                entry.error = error.clone();
+                entry.last_failed_at = chrono::Utc::now();
+                self.store
+                    .put_dead_letter(&entry)
+                    .map_err(|e| unavailable(e.to_string()))?;
+                RetryOutcome {
+                    handled: false,
+                    error: Some(error),
+                    dead_letter: Some(entry),
+                }
+            }
+        };
+        let announce = audit(
+            dead_letter::DEAD_LETTER_RETRIED,
+            &self.name,
+            json!({
+                "dead_letter_id": dead_letter::DeadLetterId::new(&self.name, position),
+                "position": position,
+                "handled": outcome.handled,
+                "error": outcome.error,
+            }),
+            Some(&events[0]),
+            None,
+        );
+        if let Err(e) = self.log.append(vec![announce]).await {
+            tracing::warn!(plugin = self.plugin.id(), error = %e, "announcing the retry failed");
+        }
+        Ok(outcome)
+    }
+}
