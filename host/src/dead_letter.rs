@@ -142,7 +142,7 @@ pub const UNLOADED: &str = "evhost.plugin.unloaded";
 /// An audit event of `event_type` about `plugin`, caused by `cause` when there is one. A
 /// fixed `id` makes the append idempotent (a batch that runs again after a crash announces
 /// its dead letter once).
-pub fn audit(
+pub(crate) fn audit(
     event_type: &'static str,
     plugin: &str,
     mut payload: Value,

@@ -21,9 +21,9 @@ use crate::runner::Runner;
 use crate::tools::{COMPLETED, FAILED, REQUESTED};
 
 /// The type that starts a flow's end-to-end clock.
-pub const QUERY: &str = "user.query.received";
+pub(crate) const QUERY: &str = "user.query.received";
 /// The type that stops it.
-pub const ANSWER: &str = "answer.synthesized";
+pub(crate) const ANSWER: &str = "answer.synthesized";
 
 /// Upper bounds (ms) of the latency histogram's buckets; the last catches the rest.
 const BUCKETS_MS: [f64; 16] = [
@@ -47,7 +47,7 @@ const BUCKETS_MS: [f64; 16] = [
 
 /// A latency distribution: count, sum, max and a fixed-bucket histogram.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Samples.
     pub count: u64,
     /// Sum of samples, ms.
@@ -87,7 +87,7 @@ impl Latency {
     }
 
     /// The summary the API shows.
-    pub fn summary(&self) -> Value {
+    pub(crate) fn summary(&self) -> Value {
         if self.count == 0 {
             return json!({"count": 0});
         }
@@ -104,7 +104,7 @@ impl Latency {
 
 /// A tool's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ToolFigures {
+pub(crate) struct ToolFigures {
     /// Invocations with an outcome.
     pub completed: u64,
     /// Of which failed.
@@ -161,7 +161,7 @@ impl Overlay<'_> {
 }
 
 /// Indexes flows and computes their metrics.
-pub struct FlowIndex;
+pub(crate) struct FlowIndex;
 
 #[async_trait::async_trait]
 impl Handler for FlowIndex {
@@ -241,7 +241,7 @@ impl Handler for FlowIndex {
 }
 
 /// Starts the flow index over the whole log.
-pub fn start(
+pub(crate) fn start(
     db: &sled::Db,
     bus: Bus,
     log: Arc<dyn EventLog>,
@@ -261,7 +261,7 @@ pub fn start(
 
 /// Why a flow could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum FlowError {
+pub(crate) enum FlowError {
     /// No event carries that correlation id (yet).
     #[error("no events with correlation_id {0:?} (yet); flows are indexed moments after append")]
     NotFound(String),
@@ -274,7 +274,7 @@ pub enum FlowError {
 /// so that the events' payloads are written out as their text, never built into a
 /// `Value` (which refuses values nested more than 128 deep).
 #[derive(Debug, Serialize)]
-pub struct Flow {
+pub(crate) struct Flow {
     /// The flow's correlation id.
     pub correlation_id: String,
     /// True once an answer event is in the flow.
@@ -299,7 +299,7 @@ fn is_zero(n: &usize) -> bool {
 
 /// Every event of the flow `correlation`, in log order, with its tool and end-to-end
 /// latencies; the events kept total at most `max_bytes` of text (at least one is kept).
-pub async fn flow(
+pub(crate) async fn flow(
     store: &PluginStore,
     log: &dyn EventLog,
     correlation: &str,
@@ -375,7 +375,7 @@ pub async fn flow(
 }
 
 /// Per-tool and end-to-end latency figures.
-pub fn metrics(store: &PluginStore) -> Result<Value, FlowError> {
+pub(crate) fn metrics(store: &PluginStore) -> Result<Value, FlowError> {
     let storage = |e: StoreError| FlowError::Storage(e.to_string());
     let mut tools = serde_json::Map::new();
     for (k, v) in store.scan(TOOL, 100_000).map_err(storage)? {

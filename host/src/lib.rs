@@ -5,12 +5,14 @@
 //! commit. The log is the
 //! source of truth; the bus only wakes subscribers.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod dead_letter;
 pub mod event;
-pub mod flows;
+pub(crate) mod flows;
 pub mod host;
 pub mod limits;
 pub mod log;
@@ -19,8 +21,8 @@ pub mod plugin;
 pub mod registry;
 pub mod runner;
 pub mod schemas;
-pub mod state_db;
-pub mod tools;
+pub(crate) mod state_db;
+pub(crate) mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
 pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};

@@ -82,7 +82,7 @@ fn metadata_bytes(m: &Metadata) -> usize {
 
 /// The size of `e` appended to `stream`, as the log measures an event: the payload and every
 /// text of the envelope.
-pub fn event_bytes(stream: &str, e: &NewEvent) -> usize {
+pub(crate) fn event_bytes(stream: &str, e: &NewEvent) -> usize {
     e.payload.len()
         + e.event_type.as_str().len()
         + e.source.len()
@@ -93,7 +93,7 @@ pub fn event_bytes(stream: &str, e: &NewEvent) -> usize {
 
 /// Room the runner's stamps (causation id, correlation id, derivation depth) may add to an
 /// event derived from `from`.
-pub fn stamp_room(from: &Event) -> usize {
+pub(crate) fn stamp_room(from: &Event) -> usize {
     128 + from.metadata.correlation_id.as_ref().map_or(0, String::len)
 }
 
@@ -112,7 +112,10 @@ pub fn stored_bytes(e: &Event) -> usize {
 
 /// `appends` split, in order, into appends of at most `max_events` events each (a stream's
 /// run split where needed), so none exceeds the log's limit per append.
-pub fn split_appends(appends: Vec<StreamAppend>, max_events: usize) -> Vec<Vec<StreamAppend>> {
+pub(crate) fn split_appends(
+    appends: Vec<StreamAppend>,
+    max_events: usize,
+) -> Vec<Vec<StreamAppend>> {
     let max_events = max_events.max(1);
     let mut out: Vec<Vec<StreamAppend>> = Vec::new();
     let mut current: Vec<StreamAppend> = Vec::new();

@@ -18,4 +18,4 @@ pub use runtime::{
     StateError, StateView, UsageReport, Writes, component_hash,
 };
 pub use store::{MemState, PluginStore, StoreError, StoreResult};
-pub use worlds::{ExtractorPlugin, ProjectionPlugin, ToolInfo, ToolPlugin, batch_context};
+pub use worlds::{ExtractorPlugin, ProjectionPlugin, ToolInfo, ToolPlugin};

@@ -33,7 +33,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 pub use control::{ControlError, Controller, RetryOutcome};
-pub use lineage::{DEPTH_KEY, MAX_DERIVATION_DEPTH, depth_of, derived_id, push_grouped, stamp};
+pub use lineage::{DEPTH_KEY, MAX_DERIVATION_DEPTH};
+pub(crate) use lineage::{derived_id, push_grouped, stamp};
 
 use crate::bus::Bus;
 use crate::dead_letter::Quarantine;

@@ -18,7 +18,7 @@ use std::path::Path;
 /// Why the state database could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the host's state database in {path}: {source}")]
-pub struct StateDbError {
+pub(crate) struct StateDbError {
     path: String,
     #[source]
     source: sled::Error,
@@ -34,7 +34,11 @@ const COPY_BATCH: usize = 10_000;
 
 /// Opens (or creates) `DATA/state` with `cache_bytes` of cache, first moving the
 /// operational trees that an older layout kept in the log's index database `index`.
-pub fn open(data: &Path, cache_bytes: u64, index: &sled::Db) -> Result<sled::Db, StateDbError> {
+pub(crate) fn open(
+    data: &Path,
+    cache_bytes: u64,
+    index: &sled::Db,
+) -> Result<sled::Db, StateDbError> {
     let path = data.join("state");
     let err = |source| StateDbError {
         path: path.display().to_string(),

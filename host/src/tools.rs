@@ -30,13 +30,13 @@ use crate::plugin::{
 use crate::runner::{derived_id, push_grouped, stamp};
 
 /// Requests for tools.
-pub const REQUESTED: &str = "tool.invocation.requested";
+pub(crate) const REQUESTED: &str = "tool.invocation.requested";
 /// A tool began running an invocation.
-pub const STARTED: &str = "tool.invocation.started";
+pub(crate) const STARTED: &str = "tool.invocation.started";
 /// An invocation's output.
-pub const COMPLETED: &str = "tool.invocation.completed";
+pub(crate) const COMPLETED: &str = "tool.invocation.completed";
 /// Why an invocation has no output.
-pub const FAILED: &str = "tool.invocation.failed";
+pub(crate) const FAILED: &str = "tool.invocation.failed";
 
 /// The payload of a request.
 #[derive(Debug, Deserialize)]
@@ -72,12 +72,12 @@ async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, Han
 }
 
 /// The id of an invocation's one outcome event (completed or failed).
-pub fn outcome_id(invocation_id: &str) -> String {
+pub(crate) fn outcome_id(invocation_id: &str) -> String {
     derived_id("tool.invocation.outcome", invocation_id, 0)
 }
 
 /// The id of an invocation's start event.
-pub fn started_id(invocation_id: &str) -> String {
+pub(crate) fn started_id(invocation_id: &str) -> String {
     derived_id("tool.invocation.started", invocation_id, 0)
 }
 
@@ -130,7 +130,7 @@ fn failed(
 type Ran = (Result<Value, (&'static str, String)>, f64);
 
 /// Runs the invocations of one tool.
-pub struct ToolHandler {
+pub(crate) struct ToolHandler {
     name: String,
     plugin: ToolPlugin,
     info: ToolInfo,
@@ -143,7 +143,7 @@ pub struct ToolHandler {
 impl ToolHandler {
     /// A handler for the tool `name`, described by `info`; refuses a schema that does not
     /// compile.
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         plugin: ToolPlugin,
         info: ToolInfo,
@@ -165,18 +165,18 @@ impl ToolHandler {
 
     /// The log's limits, which outcomes and start appends must fit (the log's defaults
     /// unless set).
-    pub fn with_limits(mut self, limits: OutputLimits) -> Self {
+    pub(crate) fn with_limits(mut self, limits: OutputLimits) -> Self {
         self.limits = limits;
         self
     }
 
     /// What the tool says of itself.
-    pub fn info(&self) -> &ToolInfo {
+    pub(crate) fn info(&self) -> &ToolInfo {
         &self.info
     }
 
     /// What the tool's component has used.
-    pub fn usage(&self) -> crate::plugin::UsageReport {
+    pub(crate) fn usage(&self) -> crate::plugin::UsageReport {
         self.plugin.usage()
     }
 
@@ -391,7 +391,7 @@ impl Handler for ToolHandler {
 }
 
 /// Answers requests naming a tool that is not loaded, so a caller is not left waiting.
-pub struct UnknownTools {
+pub(crate) struct UnknownTools {
     loaded: Arc<RwLock<HashSet<String>>>,
     log: Arc<dyn EventLog>,
     limits: OutputLimits,
@@ -399,7 +399,7 @@ pub struct UnknownTools {
 
 impl UnknownTools {
     /// Fails requests for tools not in `loaded` (kept current by the registry).
-    pub fn new(loaded: Arc<RwLock<HashSet<String>>>, log: Arc<dyn EventLog>) -> Self {
+    pub(crate) fn new(loaded: Arc<RwLock<HashSet<String>>>, log: Arc<dyn EventLog>) -> Self {
         Self {
             loaded,
             log,
@@ -409,7 +409,7 @@ impl UnknownTools {
 
     /// The log's limits, which its `failed` outcomes must fit (the log's defaults unless
     /// set).
-    pub fn with_limits(mut self, limits: OutputLimits) -> Self {
+    pub(crate) fn with_limits(mut self, limits: OutputLimits) -> Self {
         self.limits = limits;
         self
     }

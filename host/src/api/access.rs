@@ -69,7 +69,7 @@ impl Role {
 }
 
 /// Fewest bytes a token may have: shorter ones can be guessed.
-pub const MIN_TOKEN_BYTES: usize = 16;
+pub(super) const MIN_TOKEN_BYTES: usize = 16;
 
 /// The tokens the host accepts, kept only as SHA-256 digests, each with its role.
 #[derive(Clone, Default)]
@@ -434,7 +434,7 @@ fn allow_origin(resp: &mut Response, origin: HeaderValue) {
 /// The middleware that applies an [`Access`] policy to every request. Pages of an origin
 /// given to `--allow-origin` get CORS: their preflights are answered (with no token, as
 /// browsers send them) and their replies carry `Access-Control-Allow-Origin`.
-pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
+pub(super) async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
     match access.check(&req) {
         Ok(()) if req.method() == Method::OPTIONS && req.headers().contains_key(header::ORIGIN) => {
             let mut resp = StatusCode::NO_CONTENT.into_response();

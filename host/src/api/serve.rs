@@ -89,7 +89,7 @@ fn over_cap_reply(cap: usize) -> Vec<u8> {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then marks `closing`, lets the
 /// open connections finish for at most `config.shutdown_timeout`, and closes the rest.
-pub async fn serve_connections(
+pub(super) async fn serve_connections(
     listener: TcpListener,
     router: Router,
     config: ServeConfig,

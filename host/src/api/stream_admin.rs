@@ -156,7 +156,7 @@ pub(super) async fn restore_stream(
 
 /// What an archive holds, written beside it as `<name>.manifest.json`.
 #[derive(Debug, Serialize)]
-pub struct ArchiveManifest {
+pub(super) struct ArchiveManifest {
     /// The archived stream.
     pub stream: String,
     /// The JSON-lines file of its events, one event per line, in version order.

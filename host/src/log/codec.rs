@@ -111,7 +111,7 @@ pub(super) struct ChunkLocation {
 }
 
 impl ChunkLocation {
-    pub fn end(&self) -> u64 {
+    pub(super) fn end(&self) -> u64 {
         self.offset + u64::from(self.len)
     }
 }
@@ -124,7 +124,7 @@ pub(super) struct ChunkEntry {
 }
 
 impl ChunkEntry {
-    pub fn encode(self) -> [u8; 20] {
+    pub(super) fn encode(self) -> [u8; 20] {
         let mut v = [0u8; 20];
         v[..4].copy_from_slice(&self.location.segment.to_be_bytes());
         v[4..12].copy_from_slice(&self.location.offset.to_be_bytes());
@@ -133,7 +133,7 @@ impl ChunkEntry {
         v
     }
 
-    pub fn decode(v: &[u8]) -> Result<Self, LogError> {
+    pub(super) fn decode(v: &[u8]) -> Result<Self, LogError> {
         if v.len() != 20 {
             return Err(LogError::Corrupt(format!(
                 "chunk index entry of {} bytes",
@@ -160,14 +160,14 @@ pub(super) struct Run {
 }
 
 impl Run {
-    pub fn encode(self) -> [u8; 12] {
+    pub(super) fn encode(self) -> [u8; 12] {
         let mut v = [0u8; 12];
         v[..8].copy_from_slice(&self.first_position.to_be_bytes());
         v[8..].copy_from_slice(&self.count.to_be_bytes());
         v
     }
 
-    pub fn decode(v: &[u8]) -> Result<Self, LogError> {
+    pub(super) fn decode(v: &[u8]) -> Result<Self, LogError> {
         if v.len() != 12 {
             return Err(LogError::Corrupt(format!(
                 "stream run of {} bytes",
@@ -442,12 +442,12 @@ pub(super) struct Chunk<'a> {
 
 impl<'a> Chunk<'a> {
     /// Parses a whole chunk (header included), checking its CRC and first position.
-    pub fn parse(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
+    pub(super) fn parse(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
         Self::parse_inner(first_position, v, true)
     }
 
     /// Parses a chunk already checked by [`Chunk::parse`] (skips the CRC).
-    pub fn parse_checked(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
+    pub(super) fn parse_checked(first_position: u64, v: &'a [u8]) -> Result<Self, LogError> {
         Self::parse_inner(first_position, v, false)
     }
 
@@ -482,12 +482,12 @@ impl<'a> Chunk<'a> {
     }
 
     /// Number of events in the chunk.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.count
     }
 
     /// One past the chunk's last position.
-    pub fn end(&self) -> u64 {
+    pub(super) fn end(&self) -> u64 {
         self.first_position + self.count as u64
     }
 
@@ -496,12 +496,12 @@ impl<'a> Chunk<'a> {
     }
 
     /// Decodes the event at `position`, which must lie in this chunk.
-    pub fn event(&self, position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
+    pub(super) fn event(&self, position: u64, types: &mut TypeCache) -> Result<Event, LogError> {
         self.event_keyed(position, types).map(|(e, _)| e)
     }
 
     /// Decodes the event at `position` and whether its id was the client's.
-    pub fn event_keyed(
+    pub(super) fn event_keyed(
         &self,
         position: u64,
         types: &mut TypeCache,

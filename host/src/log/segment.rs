@@ -19,7 +19,7 @@ use super::LogError;
 use super::codec::{CHUNK_HEADER, ChunkHeader, ChunkLocation, chunk_header};
 
 /// A segment is closed and a new one started past this size, unless configured otherwise.
-pub const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
+pub(super) const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
     let msg = format!("{what} {}", path.display());
@@ -46,7 +46,7 @@ pub(super) struct SegmentReader {
 }
 
 impl SegmentReader {
-    pub fn new(dir: PathBuf) -> Self {
+    pub(super) fn new(dir: PathBuf) -> Self {
         Self {
             dir,
             files: Arc::default(),
@@ -68,12 +68,12 @@ impl SegmentReader {
     }
 
     /// The file of segment number `segment`.
-    pub fn path(&self, segment: u32) -> PathBuf {
+    pub(super) fn path(&self, segment: u32) -> PathBuf {
         segment_path(&self.dir, segment)
     }
 
     /// The bytes of the chunk at `loc`.
-    pub fn read(&self, loc: ChunkLocation) -> Result<Vec<u8>, LogError> {
+    pub(super) fn read(&self, loc: ChunkLocation) -> Result<Vec<u8>, LogError> {
         let _reading = self.reading();
         let mut buf = vec![0u8; loc.len as usize];
         self.file(loc.segment)?
@@ -88,13 +88,13 @@ impl SegmentReader {
     }
 
     /// Holds off in-place rewrites while the caller reads chunk bytes by other means.
-    pub fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+    pub(super) fn reading(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.rewrite.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Overwrites chunks in place with bytes of the same length (`(location, bytes)`), with
     /// every read held off meanwhile, and syncs each file written.
-    pub fn overwrite(&self, patches: &[(ChunkLocation, Vec<u8>)]) -> Result<(), LogError> {
+    pub(super) fn overwrite(&self, patches: &[(ChunkLocation, Vec<u8>)]) -> Result<(), LogError> {
         let _writing = self.rewrite.write().unwrap_or_else(|e| e.into_inner());
         let mut files: HashMap<u32, File> = HashMap::new();
         for (loc, bytes) in patches {
@@ -143,7 +143,7 @@ impl SegmentWriter {
     /// just after the last complete group. Bytes past `end` in its segment, and later
     /// segment files that are empty or are `torn` (the segment where [`scan`] found a torn
     /// tail), are discarded; any other later file with bytes in it is refused.
-    pub fn open(
+    pub(super) fn open(
         dir: &Path,
         end: (u32, u64),
         max_bytes: u64,
@@ -241,13 +241,13 @@ impl SegmentWriter {
     }
 
     /// Where the next append goes: (segment, offset).
-    pub fn position(&self) -> (u32, u64) {
+    pub(super) fn position(&self) -> (u32, u64) {
         (self.segment, self.offset)
     }
 
     /// Appends `bytes` (one or more whole chunks) and returns where they start. Not durable
     /// until [`SegmentWriter::sync`].
-    pub fn append(&mut self, bytes: &[u8]) -> Result<(u32, u64), LogError> {
+    pub(super) fn append(&mut self, bytes: &[u8]) -> Result<(u32, u64), LogError> {
         if self.offset > 0 && self.offset + bytes.len() as u64 > self.max_bytes {
             self.roll()?;
         }
@@ -263,7 +263,7 @@ impl SegmentWriter {
     /// Takes back every byte written since the writer was at `start` (segment, offset), after
     /// a group failed, so those bytes cannot be recovered as if they had been committed. An
     /// error here leaves the group's outcome unknown.
-    pub fn discard_since(&mut self, start: (u32, u64)) -> Result<(), LogError> {
+    pub(super) fn discard_since(&mut self, start: (u32, u64)) -> Result<(), LogError> {
         let offset = if start.0 == self.segment { start.1 } else { 0 };
         let path = segment_path(&self.dir, self.segment);
         self.file
@@ -275,7 +275,7 @@ impl SegmentWriter {
     }
 
     /// Makes every appended byte durable (fdatasync).
-    pub fn sync(&mut self) -> Result<(), LogError> {
+    pub(super) fn sync(&mut self) -> Result<(), LogError> {
         self.file.sync_data().map_err(io(
             "cannot fdatasync segment",
             &segment_path(&self.dir, self.segment),

@@ -20,7 +20,7 @@ use super::manifest::{Capabilities, Kind, Limits, Manifest, PluginId};
 use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
 
 pub(super) mod bindings {
-    pub mod projection {
+    pub(crate) mod projection {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "projection",
@@ -34,7 +34,7 @@ pub(super) mod bindings {
             },
         });
     }
-    pub mod extractor {
+    pub(crate) mod extractor {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "extractor",
@@ -45,7 +45,7 @@ pub(super) mod bindings {
             },
         });
     }
-    pub mod tool {
+    pub(crate) mod tool {
         wasmtime::component::bindgen!({
             path: "../wit",
             world: "tool",
@@ -266,7 +266,7 @@ struct Limiter {
 /// status so an operator can see which plugin costs what and how close it runs to its
 /// limits.
 #[derive(Debug, Default)]
-pub struct Usage {
+pub(super) struct Usage {
     calls: AtomicU64,
     failed_calls: AtomicU64,
     busy_micros: AtomicU64,

@@ -15,7 +15,7 @@ use super::manifest::{Capabilities, Kind};
 /// The time and seed a deterministic sandbox shows the plugin during one call; the runner
 /// sets them from the batch before the call.
 #[derive(Debug, Default)]
-pub struct CallClock {
+pub(super) struct CallClock {
     /// Microseconds since the Unix epoch.
     micros: AtomicI64,
     /// Seed of the call's random numbers.
@@ -26,7 +26,7 @@ pub struct CallClock {
 
 impl CallClock {
     /// Shows `micros` as the time and seeds randomness with `seed` for the next call.
-    pub fn set(&self, micros: i64, seed: u64) {
+    pub(super) fn set(&self, micros: i64, seed: u64) {
         self.micros.store(micros, Ordering::Relaxed);
         self.seed.store(seed, Ordering::Relaxed);
         self.call.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +113,7 @@ impl rand_core::TryRng for SeededRandom {
 ///   `random` grant the clock reads 0 (1970) and the seed is 0.
 /// - Tools see the real clock and real randomness only when granted; otherwise the same
 ///   fixed clock and seed.
-pub fn wasi_ctx(kind: Kind, caps: &Capabilities, clock: &Arc<CallClock>) -> WasiCtx {
+pub(super) fn wasi_ctx(kind: Kind, caps: &Capabilities, clock: &Arc<CallClock>) -> WasiCtx {
     let mut b = WasiCtxBuilder::new();
     // No arguments, environment, preopened directories, stdin; sockets are denied by
     // default, and HTTP goes only through the allow-list below.
@@ -134,7 +134,7 @@ pub fn wasi_ctx(kind: Kind, caps: &Capabilities, clock: &Arc<CallClock>) -> Wasi
 }
 
 /// Outgoing HTTP policy: only `host:port` pairs of the grant, with every wait bounded.
-pub struct HttpGrant {
+pub(super) struct HttpGrant {
     allowed: Arc<HashSet<String>>,
     timeout: Duration,
     plugin: Arc<str>,
@@ -142,7 +142,7 @@ pub struct HttpGrant {
 
 impl HttpGrant {
     /// A policy allowing `hosts` (`host:port`), each wait at most `timeout`.
-    pub fn new(hosts: &[String], timeout: Duration, plugin: Arc<str>) -> Self {
+    pub(super) fn new(hosts: &[String], timeout: Duration, plugin: Arc<str>) -> Self {
         Self {
             allowed: Arc::new(hosts.iter().map(|h| h.to_ascii_lowercase()).collect()),
             timeout,

@@ -54,7 +54,7 @@ pub type ExtractorPlugin = Plugin<extractor::Extractor>;
 pub type ToolPlugin = Plugin<tool::Tool>;
 
 /// What the sandbox shows during a batch: the time of its last event, a seed from its first.
-pub fn batch_context(events: &[Arc<Event>]) -> CallContext {
+fn batch_context(events: &[Arc<Event>]) -> CallContext {
     use sha2::Digest;
     let seed = events.first().map_or(0, |e| {
         let h = sha2::Sha256::digest(e.id.as_bytes());

@@ -18,7 +18,7 @@ pub const MAX_DERIVATION_DEPTH: u32 = 16;
 
 /// The id of the `index`-th event `plugin` derived from the event with `source_id`: the
 /// same on every run, so the log appends it once.
-pub fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
+pub(crate) fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for part in [
@@ -36,7 +36,7 @@ pub fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
 }
 
 /// How many derivations separate `event` from a client's append.
-pub fn depth_of(event: &Event) -> u32 {
+pub(crate) fn depth_of(event: &Event) -> u32 {
     event
         .metadata
         .extra
@@ -56,7 +56,7 @@ pub(super) fn deepen(append: &mut StreamAppend, from: &Event) {
 
 /// Stamps `d`, derived from `from`, with its id (unless the handler fixed one), causation,
 /// correlation and depth.
-pub fn stamp(plugin: &str, from: &Event, index: usize, d: &mut Derived) {
+pub(crate) fn stamp(plugin: &str, from: &Event, index: usize, d: &mut Derived) {
     let m = &mut d.event.metadata;
     m.causation_id = Some(from.id.clone());
     if m.correlation_id.is_none() {
@@ -93,7 +93,7 @@ pub(super) fn derived_appends(
 }
 
 /// Adds `d` to `appends`, in order: to the last append when it is for the same stream.
-pub fn push_grouped(appends: &mut Vec<StreamAppend>, d: Derived) {
+pub(crate) fn push_grouped(appends: &mut Vec<StreamAppend>, d: Derived) {
     match appends.last_mut() {
         Some(a) if a.stream == d.stream => a.events.push(d.event),
         _ => appends.push(StreamAppend {
