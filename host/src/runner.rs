@@ -17,135 +17,45 @@
 //! `evhost.plugin.>` event ([`crate::dead_letter`]). Failures of the host's own storage are
 //! not the plugin's fault: they are retried with backoff, never dead-lettered.
 
-//! The runner is split by concept: `task` (the loop), `policy` (split, retry, backoff,
-//! dead letter, quarantine), `commit` (appends and commits in order), `lineage` (derived
-//! ids, depth, recovery) and `control` (the operator's requests).
+//! The runner is split by concept: `task` (the loop), `policy` (split, retry, dead letter,
+//! quarantine), `backoff`, `commit` (appends and commits in order), `lineage` (derived ids,
+//! depth, recovery), `control` (the operator's requests) and `status`. Imports go one way:
+//! `policy` and `control` add to the `Task` that `task` defines; `task` uses `commit`;
+//! `lineage`, `backoff` and `status` use nothing of the runner.
 
+mod backoff;
 mod commit;
 mod control;
 mod lineage;
 mod policy;
+mod status;
 mod task;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 pub use control::{ControlError, Controller, RetryOutcome};
 pub use lineage::{DEPTH_KEY, MAX_DERIVATION_DEPTH};
 pub(crate) use lineage::{derived_id, push_grouped, stamp};
+pub use status::{RunState, RunnerOptions, RunnerStatus};
 
 use crate::bus::Bus;
 use crate::dead_letter::Quarantine;
-use crate::limits::OutputLimits;
 use crate::log::EventLog;
 use crate::pattern::PatternSet;
-use crate::plugin::{Handler, OnFailure, PluginStore, StoreError};
-use crate::schemas::Schemas;
+use crate::plugin::{Handler, PluginStore, StoreError};
 use commit::{Committer, Job};
 use lineage::Recovery;
-use task::Task;
-
-/// Where a runner is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    /// Reading history towards the head.
-    CatchingUp,
-    /// At the head, handling events as they are committed.
-    Live,
-    /// The last call failed; finding the failing event or retrying it with backoff.
-    Failing,
-    /// Stopped after too many dead letters in a row; resumes only when told to.
-    Quarantined,
-    /// Stopped (unloaded or shutting down).
-    Stopped,
-}
-
-/// What a runner reports about itself.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunnerStatus {
-    /// Life stage.
-    pub state: RunState,
-    /// The checkpoint: every event before it has been handled.
-    pub position: u64,
-    /// Events handled since the state was started.
-    pub events_processed: u64,
-    /// Batches committed by this runner since it started.
-    pub batches: u64,
-    /// Failed calls since this runner started.
-    pub errors: u64,
-    /// Failed calls in a row (0 once a batch succeeds).
-    pub consecutive_errors: u64,
-    /// The last failure, naming the plugin and what happened.
-    pub last_error: Option<String>,
-    /// Events derived and appended since this runner started (extractors).
-    pub derived: u64,
-    /// Derived events dropped for exceeding the derivation depth limit.
-    pub dropped_by_depth: u64,
-    /// Events dead-lettered since this runner started.
-    pub dead_lettered: u64,
-    /// Dead letters since the last event handled (quarantine comes at the policy's limit).
-    pub dead_letters_in_a_row: u32,
-    /// Why the plugin is quarantined, while it is.
-    pub quarantine: Option<Quarantine>,
-}
-
-/// How a runner reads and what it does on failure.
-#[derive(Clone, Default)]
-pub struct RunnerOptions {
-    /// Most events per call.
-    pub batch_size: usize,
-    /// The failure policy.
-    pub on_failure: OnFailure,
-    /// Schemas derived events must satisfy.
-    pub schemas: Option<Schemas>,
-    /// The log's limits: derived events must fit them, appends are split to them, and
-    /// the texts the runner builds are cut to a size under them.
-    pub limits: OutputLimits,
-}
-
-impl RunnerOptions {
-    /// Options of a runner built into the host (the flow index, unknown tools): no schemas,
-    /// and never quarantined, since no operator resumes it.
-    pub fn built_in(batch_size: usize) -> Self {
-        Self {
-            batch_size,
-            on_failure: OnFailure {
-                quarantine_after: 0,
-                ..OnFailure::default()
-            },
-            schemas: None,
-            limits: OutputLimits::default(),
-        }
-    }
-}
-
-/// The runner's status, shared by its task, its committer and whoever asks.
-#[derive(Clone)]
-struct StatusCell(Arc<Mutex<RunnerStatus>>);
-
-impl StatusCell {
-    fn update(&self, f: impl FnOnce(&mut RunnerStatus)) {
-        f(&mut self.0.lock().expect("runner status lock"));
-    }
-
-    fn read<T>(&self, f: impl FnOnce(&RunnerStatus) -> T) -> T {
-        f(&self.0.lock().expect("runner status lock"))
-    }
-
-    fn quarantined(&self) -> bool {
-        self.read(|s| s.quarantine.is_some())
-    }
-}
+use status::StatusCell;
+use task::{Control, Task};
 
 /// A running projection or extractor; stops when dropped or when [`Runner::stop`] is
 /// called.
 pub struct Runner {
     status: StatusCell,
     stop: watch::Sender<bool>,
-    control: mpsc::Sender<control::Control>,
+    control: mpsc::Sender<Control>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -166,7 +76,7 @@ impl Runner {
         let quarantine: Option<Quarantine> = store.quarantine()?;
         let processed = store.processed()?;
         let hash = store.component_hash()?.unwrap_or_default();
-        let status = StatusCell(Arc::new(Mutex::new(RunnerStatus {
+        let status = StatusCell::new(RunnerStatus {
             state: if quarantine.is_some() {
                 RunState::Quarantined
             } else {
@@ -183,7 +93,7 @@ impl Runner {
             dead_lettered: 0,
             dead_letters_in_a_row: quarantine.as_ref().map_or(0, |q| q.dead_letters_in_a_row),
             quarantine,
-        })));
+        });
         let (stop, stopped) = watch::channel(false);
         let (control, requests) = mpsc::channel(16);
         // Appends and commits run in order on their own task, at most two batches behind.

@@ -11,9 +11,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+use super::backoff::{Backoff, HOST_BACKOFF};
 use super::lineage::{MAX_DERIVATION_DEPTH, deepen, depth_of, derived_id};
-use super::policy::{Backoff, HOST_BACKOFF};
-use super::{RunState, StatusCell};
+use super::status::{RunState, StatusCell};
 use crate::bus::Bus;
 use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
 use crate::event::{Event, NewEvent};

@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use super::RunState;
 use super::lineage::derived_appends;
-use super::task::Task;
+use super::status::RunState;
+use super::task::{Control, Task};
 use crate::dead_letter::{self, DeadLetter, audit};
 use crate::limits::split_appends;
 use crate::log::ReadFilter;
@@ -47,13 +47,6 @@ pub enum ControlError {
     /// Storage failed, or the event cannot be read.
     #[error("{0}")]
     Unavailable(String),
-}
-
-/// What an operator asks of a running runner.
-pub(super) enum Control {
-    Resume(oneshot::Sender<Result<bool, ControlError>>),
-    Retry(u64, oneshot::Sender<Result<RetryOutcome, ControlError>>),
-    Delete(u64, oneshot::Sender<Result<bool, ControlError>>),
 }
 
 /// Sends operator requests to a runner; cheap to clone.

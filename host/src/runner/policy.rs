@@ -10,44 +10,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::RunState;
+use super::backoff::{Backoff, HOST_BACKOFF};
 use super::commit::Job;
 use super::lineage::{MAX_DERIVATION_DEPTH, deepen, depth_of, derived_id};
-use super::task::Task;
+use super::status::RunState;
+use super::task::{Flow, Task};
 use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
 use crate::event::Event;
 use crate::plugin::HandlerError;
-
-/// First and longest wait before retrying after the host's own storage failed.
-pub(super) const HOST_BACKOFF: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(30));
-
-/// Exponential backoff: each wait twice the last, up to a ceiling.
-pub(super) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Waits starting at `first`, never longer than `max`.
-    pub(super) fn new((first, max): (Duration, Duration)) -> Self {
-        Self { next: first, max }
-    }
-
-    /// The wait before the next try.
-    pub(super) fn next(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (wait * 2).min(self.max);
-        wait
-    }
-}
-
-/// What to do after a batch.
-pub(super) enum Flow {
-    Continue,
-    Stopped,
-    Quarantined,
-}
 
 impl Task {
     /// Handles a batch under the failure policy: a failing part is halved until the

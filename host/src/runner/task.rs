@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use tokio::sync::oneshot;
+
+use super::backoff::HOST_BACKOFF;
 use super::commit::{Job, committed_to};
-use super::control::Control;
+use super::control::{ControlError, RetryOutcome};
 use super::lineage::{MAX_DERIVATION_DEPTH, Recovery, derived_appends};
-use super::policy::{Flow, HOST_BACKOFF};
-use super::{RunState, RunnerOptions, StatusCell};
+use super::status::{RunState, RunnerOptions, StatusCell};
 use crate::bus::{Bus, Start, Subscription};
 use crate::event::Event;
 use crate::limits::{event_bytes, stamp_room};
@@ -21,6 +23,20 @@ use crate::plugin::{Handler, HandlerError, Output, PluginStore, StateView};
 
 /// How long without a matching event before a runner counts as live at its cursor.
 const IDLE: Duration = Duration::from_millis(250);
+
+/// What to do after a batch.
+pub(super) enum Flow {
+    Continue,
+    Stopped,
+    Quarantined,
+}
+
+/// An operator's request as the loop receives it between batches (answered in `control`).
+pub(super) enum Control {
+    Resume(oneshot::Sender<Result<bool, ControlError>>),
+    Retry(u64, oneshot::Sender<Result<RetryOutcome, ControlError>>),
+    Delete(u64, oneshot::Sender<Result<bool, ControlError>>),
+}
 
 /// The runner's task: everything it carries between batches.
 pub(super) struct Task {
