@@ -55,7 +55,7 @@ async fn ingest(log: &SledLog, n: u64, make: fn(u64) -> NewEvent) {
     for b in 0..n.div_ceil(1000) {
         let events = (b * 1000..((b + 1) * 1000).min(n)).map(make).collect();
         log.append(vec![StreamAppend {
-            stream: format!("s-{}", b % 100),
+            stream: format!("s-{}", b % 100).into(),
             expected: ExpectedVersion::Any,
             events,
         }])
@@ -151,7 +151,7 @@ fn main() {
         for b in 0..m.div_ceil(1000) {
             let events = (b * 1000..((b + 1) * 1000).min(m)).map(|i| request(offset + i)).collect();
             log.append(vec![StreamAppend {
-                stream: format!("calls-{}", b % 10),
+                stream: format!("calls-{}", b % 10).into(),
                 expected: ExpectedVersion::Any,
                 events,
             }])

@@ -47,7 +47,7 @@ async fn ingest(log: &SledLog, n: u64, poison: u64) {
     for b in 0..n / 1000 {
         let mut groups: Vec<StreamAppend> = (0..10)
             .map(|s| StreamAppend {
-                stream: format!("assistant-{}", (b * 10 + s) % 1000),
+                stream: format!("assistant-{}", (b * 10 + s) % 1000).into(),
                 expected: ExpectedVersion::Any,
                 events: (0..100)
                     .map(|i| {

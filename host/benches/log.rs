@@ -58,7 +58,7 @@ async fn batch_appends(log: &SledLog, batches: u64, size: u64, offset: u64) -> f
     for b in 0..batches {
         let events = (0..size).map(|i| event(offset + b * size + i)).collect();
         let group = vec![StreamAppend {
-            stream: format!("bulk-{}", (offset / size + b) % 1000),
+            stream: format!("bulk-{}", (offset / size + b) % 1000).into(),
             expected: ExpectedVersion::Any,
             events,
         }];
@@ -98,7 +98,7 @@ async fn concurrent_singles(
             for i in 0..per_client {
                 let t = Instant::now();
                 log.append(vec![StreamAppend {
-                    stream: format!("client-{c}"),
+                    stream: format!("client-{c}").into(),
                     expected: ExpectedVersion::Any,
                     events: vec![event(i)],
                 }])

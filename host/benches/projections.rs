@@ -64,7 +64,7 @@ async fn ingest(log: &SledLog, n: u64) {
     for b in 0..n / 1000 {
         let groups = (0..10)
             .map(|s| StreamAppend {
-                stream: format!("assistant-{}", (b * 10 + s) % 1000),
+                stream: format!("assistant-{}", (b * 10 + s) % 1000).into(),
                 expected: ExpectedVersion::Any,
                 events: (0..100).map(|i| event(b * 1000 + s * 100 + i)).collect(),
             })
@@ -125,9 +125,9 @@ fn fold_native(view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output
     let evs: Vec<evhost_sdk::Event> = events
         .iter()
         .map(|e| evhost_sdk::Event {
-            id: e.id.clone(),
+            id: e.id.clone().into(),
             event_type: e.event_type.as_str().to_owned(),
-            stream: e.stream.clone(),
+            stream: e.stream.clone().into(),
             position: e.position,
             version: e.version,
             timestamp_micros: e.timestamp.timestamp_micros(),
@@ -246,7 +246,7 @@ fn main() {
                     tokio::time::sleep_until(due.into()).await;
                     let r = log
                         .append(vec![StreamAppend {
-                            stream: format!("assistant-{}", tick % 1000),
+                            stream: format!("assistant-{}", tick % 1000).into(),
                             expected: ExpectedVersion::Any,
                             events: (0..20).map(|i| event(tick * 20 + i)).collect(),
                         }])

@@ -293,7 +293,7 @@ pub fn parse_stream_append(
         .map(|e| new_event(cfg, e.event_type, &e.payload, e.metadata, e.id, e.source))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(StreamAppend {
-        stream: stream.to_owned(),
+        stream: stream.to_owned().into(),
         expected: body.expected_version,
         events,
     })
@@ -307,7 +307,7 @@ pub fn parse_multi_append(cfg: &ApiConfig, body: &[u8]) -> Result<Vec<StreamAppe
     for e in body.events {
         stream_name(&e.stream)?;
         groups.push(StreamAppend {
-            stream: e.stream,
+            stream: e.stream.into(),
             expected: e.expected_version,
             events: vec![new_event(
                 cfg,
@@ -355,7 +355,7 @@ fn new_event(
             .map_err(|e| ApiError::bad_request("invalid_id", e.to_string()))?;
     }
     let event = NewEvent {
-        id,
+        id: id.map(Into::into),
         event_type,
         source: source.unwrap_or_default(),
         payload: Payload::trusted(text),

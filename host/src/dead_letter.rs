@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
+use crate::event::{Event, EventId, EventType, Metadata, NewEvent, Payload};
 use crate::log::{ExpectedVersion, StreamAppend};
 
 /// An event a plugin failed on, parked after its retries.
@@ -41,7 +41,7 @@ impl DeadLetter {
             id: DeadLetterId::new(plugin, event.position),
             plugin: plugin.to_owned(),
             position: event.position,
-            event_id: event.id.clone(),
+            event_id: event.id.clone().into(),
             event_type: event.event_type.as_str().to_owned(),
             error,
             attempts,
@@ -147,20 +147,20 @@ pub(crate) fn audit(
     plugin: &str,
     mut payload: Value,
     cause: Option<&Event>,
-    id: Option<String>,
+    id: Option<EventId>,
 ) -> StreamAppend {
     if let Value::Object(m) = &mut payload {
         m.insert("plugin".into(), json!(plugin));
     }
     let mut metadata = Metadata::default();
     if let Some(c) = cause {
-        metadata.causation_id = Some(c.id.clone());
+        metadata.causation_id = Some(c.id.clone().into());
         metadata
             .correlation_id
             .clone_from(&c.metadata.correlation_id);
     }
     StreamAppend {
-        stream: audit_stream(plugin),
+        stream: audit_stream(plugin).into(),
         expected: ExpectedVersion::Any,
         events: vec![NewEvent {
             id,

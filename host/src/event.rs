@@ -10,6 +10,10 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
+mod names;
+
+pub use names::{EventId, StreamName};
+
 /// Longest event type accepted, in bytes; long enough for any sensible hierarchy.
 pub const MAX_TYPE_LEN: usize = 255;
 /// Longest stream name accepted, in bytes.
@@ -20,13 +24,13 @@ pub const MAX_ID_LEN: usize = 128;
 ///
 /// serde_json, which the host and Rust plugins use to read events, refuses values nested
 /// more than 128 deep; 64 leaves room for the envelopes an event travels in (a read
+/// response, a plugin's input) and for readers with smaller limits.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
 /// The largest event the host takes by default, in bytes of text (payload, metadata keys
 /// and values, source, id and type): the default of `--max-event-bytes`, and of every
 /// limit derived from it (the API, the log, what plugins may derive).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
-
-/// response, a plugin's input) and for readers with smaller limits.
-pub const MAX_PAYLOAD_DEPTH: usize = 64;
 
 /// Why an event type, stream name or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -373,12 +377,12 @@ impl Metadata {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Unique id: a UUIDv7 chosen by the host, or the client's own idempotency key.
-    pub id: String,
+    pub id: EventId,
     /// What happened, e.g. `assistant.tool.executed`.
     #[serde(rename = "type")]
     pub event_type: EventType,
     /// The aggregate or entity the event belongs to.
-    pub stream: String,
+    pub stream: StreamName,
     /// Global order in the log, gap-free, starting at 0.
     pub position: u64,
     /// Order within the stream, starting at 0.
@@ -420,7 +424,7 @@ impl Event {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
     /// Idempotency key; `None` lets the host assign a UUIDv7.
-    pub id: Option<String>,
+    pub id: Option<EventId>,
     /// What happened.
     pub event_type: EventType,
     /// The producing service or plugin.
@@ -454,7 +458,7 @@ impl NewEvent {
     }
 
     /// Sets the idempotency key.
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_id(mut self, id: impl Into<EventId>) -> Self {
         self.id = Some(id.into());
         self
     }

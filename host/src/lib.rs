@@ -25,7 +25,7 @@ pub(crate) mod state_db;
 pub(crate) mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};
-pub use event::{Event, EventType, InvalidName, Metadata, NewEvent, Payload};
+pub use event::{Event, EventId, EventType, InvalidName, Metadata, NewEvent, Payload, StreamName};
 pub use host::{Host, HostConfig, HostError};
 pub use log::{
     AppendError, Appended, CommitSink, ERASED_TYPE, Erased, EventLog, ExpectedVersion, LogError,

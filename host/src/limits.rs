@@ -86,7 +86,7 @@ pub(crate) fn event_bytes(stream: &str, e: &NewEvent) -> usize {
     e.payload.len()
         + e.event_type.as_str().len()
         + e.source.len()
-        + e.id.as_ref().map_or(0, String::len)
+        + e.id.as_deref().map_or(0, str::len)
         + stream.len()
         + metadata_bytes(&e.metadata)
 }
@@ -199,7 +199,7 @@ mod tests {
             .flat_map(|a| {
                 a.events
                     .iter()
-                    .map(|e| (a.stream.clone(), e.payload.as_str().to_owned()))
+                    .map(|e| (a.stream.to_string(), e.payload.as_str().to_owned()))
             })
             .collect();
         assert_eq!(flat.len(), 353);

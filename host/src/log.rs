@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::event::{Event, NewEvent};
+use crate::event::{Event, NewEvent, StreamName};
 use crate::pattern::PatternSet;
 
 pub use repair::{DAMAGED_TYPE, RepairReport, repair};
@@ -97,7 +97,7 @@ impl<'de> Deserialize<'de> for ExpectedVersion {
 #[derive(Debug, Clone)]
 pub struct StreamAppend {
     /// The stream to append to.
-    pub stream: String,
+    pub stream: StreamName,
     /// The version the stream must be at; checked against events not already in the log.
     pub expected: ExpectedVersion,
     /// The events, appended in order.
@@ -108,7 +108,7 @@ pub struct StreamAppend {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Appended {
     /// The stream appended to.
-    pub stream: String,
+    pub stream: StreamName,
     /// The position of each event, in request order; an event whose id was already in the
     /// log reports its original position.
     pub positions: Vec<u64>,

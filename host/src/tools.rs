@@ -21,7 +21,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::event::{Event, EventType, Metadata, NewEvent, Payload};
+use crate::event::{Event, EventId, EventType, Metadata, NewEvent, Payload};
 use crate::limits::{OutputLimits, bound, event_bytes, split_appends, stamp_room};
 use crate::log::{AppendError, EventLog, StreamAppend};
 use crate::plugin::{
@@ -58,32 +58,32 @@ struct Parsed {
 fn parse(event: &Event) -> Option<Parsed> {
     let r: Request = serde_json::from_str(event.payload.as_str()).ok()?;
     Some(Parsed {
-        invocation_id: r.invocation_id.unwrap_or_else(|| event.id.clone()),
+        invocation_id: r.invocation_id.unwrap_or_else(|| event.id.clone().into()),
         tool: r.tool?,
         input: r.input,
     })
 }
 
 /// Where the log holds the event with `id` (an invocation's start or outcome), if anywhere.
-async fn find_id(log: &Arc<dyn EventLog>, id: String) -> Result<Option<u64>, HandlerError> {
+async fn find_id(log: &Arc<dyn EventLog>, id: EventId) -> Result<Option<u64>, HandlerError> {
     log.find(&id)
         .await
         .map_err(|e| HandlerError::Host(format!("looking up an invocation failed: {e}")))
 }
 
 /// The id of an invocation's one outcome event (completed or failed).
-pub(crate) fn outcome_id(invocation_id: &str) -> String {
+pub(crate) fn outcome_id(invocation_id: &str) -> EventId {
     derived_id("tool.invocation.outcome", invocation_id, 0)
 }
 
 /// The id of an invocation's start event.
-pub(crate) fn started_id(invocation_id: &str) -> String {
+pub(crate) fn started_id(invocation_id: &str) -> EventId {
     derived_id("tool.invocation.started", invocation_id, 0)
 }
 
-fn derived(stream: &str, ty: &str, id: String, source: &str, payload: Value) -> Derived {
+fn derived(stream: &str, ty: &str, id: EventId, source: &str, payload: Value) -> Derived {
     Derived {
-        stream: stream.to_owned(),
+        stream: stream.to_owned().into(),
         event: NewEvent {
             id: Some(id),
             event_type: EventType::new(ty).expect("a valid built-in type"),
@@ -273,7 +273,7 @@ impl Handler for ToolHandler {
         let mut out: Vec<Vec<Derived>> = vec![Vec::new(); events.len()];
         let mut seen = HashSet::new();
         let mut to_run: Vec<(usize, Parsed)> = Vec::new();
-        let lookup = |id: String| find_id(&self.log, id);
+        let lookup = |id: EventId| find_id(&self.log, id);
         for (i, event) in events.iter().enumerate() {
             let Some(p) = parse(event) else { continue };
             if p.tool != self.name || !seen.insert(p.invocation_id.clone()) {
@@ -440,7 +440,7 @@ impl Handler for UnknownTools {
                 }
                 None => {
                     let p = Parsed {
-                        invocation_id: event.id.clone(),
+                        invocation_id: event.id.clone().into(),
                         tool: String::new(),
                         input: Value::Null,
                     };
@@ -448,7 +448,7 @@ impl Handler for UnknownTools {
                     (p, m)
                 }
             };
-            let seen = |id: String| find_id(&self.log, id);
+            let seen = |id: EventId| find_id(&self.log, id);
             if seen(outcome_id(&p.invocation_id)).await?.is_some()
                 || seen(started_id(&p.invocation_id)).await?.is_some()
             {

@@ -20,7 +20,7 @@ fn ev(ty: &str, payload: &str, id: Option<&str>) -> NewEvent {
         EventType::new(ty).unwrap(),
         Payload::from_json(payload).unwrap(),
     );
-    e.id = id.map(str::to_owned);
+    e.id = id.map(Into::into);
     e
 }
 

@@ -29,7 +29,7 @@ fn probe_with(cache: &std::path::Path, extra: &str) -> ProjectionPlugin {
 
 fn event(ty: &str, position: u64) -> Arc<Event> {
     Arc::new(Event {
-        id: format!("e{position}"),
+        id: format!("e{position}").into(),
         event_type: EventType::new(ty).unwrap(),
         stream: "s".into(),
         position,

@@ -1,7 +1,8 @@
 //! Set-up the plugin benchmarks share: a two-thread tokio runtime like the host's, and a
 //! host in a temporary directory started through [`Host`] (log, bus, state database, wasm
-//! runtime, registry), without the HTTP API and without the flow index, so a figure
-//! measures the plugin alone.
+//! runtime, registry, the runner that answers requests for tools that are not loaded),
+//! without the HTTP API and without the flow index (a runner over every event, which would
+//! share the cores with the plugin measured).
 
 #![allow(dead_code)] // each bench uses a part
 

@@ -68,7 +68,7 @@ async fn append_marker(
     let mut done = st
         .log
         .append(vec![StreamAppend {
-            stream: stream.to_owned(),
+            stream: stream.to_owned().into(),
             expected: ExpectedVersion::Any,
             events: vec![event],
         }])

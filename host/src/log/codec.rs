@@ -282,9 +282,9 @@ fn encode_erased(timestamp_micros: i64) -> Vec<u8> {
 /// with nothing of the original but its position and time.
 fn erased_event(position: u64, timestamp_micros: i64) -> Result<Event, LogError> {
     Ok(Event {
-        id: format!("erased-{position}"),
+        id: format!("erased-{position}").into(),
         event_type: EventType::trusted(crate::log::ERASED_TYPE),
-        stream: crate::log::ERASED_STREAM.to_owned(),
+        stream: crate::log::ERASED_STREAM.to_owned().into(),
         position,
         version: 0,
         timestamp: DateTime::from_timestamp_micros(timestamp_micros).ok_or_else(|| {
@@ -348,9 +348,9 @@ fn decode_event(
     let m = s.metadata;
     let keyed = s.keyed;
     let event = Event {
-        id: s.id.to_owned(),
+        id: s.id.to_owned().into(),
         event_type: types.get(s.event_type),
-        stream: s.stream.to_owned(),
+        stream: s.stream.to_owned().into(),
         position,
         version: s.version,
         timestamp: DateTime::from_timestamp_micros(s.timestamp_micros).ok_or_else(|| {

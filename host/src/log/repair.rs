@@ -217,9 +217,9 @@ fn placeholders(from: u64, to: u64, note: &serde_json::Value) -> Result<Vec<u8>,
         let encoded: Vec<Vec<u8>> = (pos..pos + n)
             .map(|p| {
                 let e = Event {
-                    id: format!("evhost-damaged-{p}"),
+                    id: format!("evhost-damaged-{p}").into(),
                     event_type: EventType::new(DAMAGED_TYPE).expect("a valid type"),
-                    stream: stream.clone(),
+                    stream: stream.clone().into(),
                     position: p,
                     version: p - from,
                     timestamp: now,

@@ -1107,14 +1107,14 @@ impl Writer {
         if position >= base {
             return staged
                 .get((position - base) as usize)
-                .map(|e| e.stream.clone())
+                .map(|e| e.stream.to_string())
                 .ok_or_else(stale);
         }
         if position >= group.first_position {
             return group
                 .events
                 .get((position - group.first_position) as usize)
-                .map(|e| e.stream.clone())
+                .map(|e| e.stream.to_string())
                 .ok_or_else(stale);
         }
         if !matches!(cached, Some((first, end, _)) if *first <= position && position < *end) {
@@ -1124,9 +1124,10 @@ impl Writer {
             *cached = Some((first, first + u64::from(entry.count), bytes));
         }
         let (first, _, bytes) = cached.as_ref().expect("filled above");
-        Ok(Chunk::parse_checked(*first, bytes)?
+        Ok((Chunk::parse_checked(*first, bytes)?
             .event(position, &mut TypeCache::default())?
             .stream)
+            .into())
     }
 
     /// Checks one append against the log and the group so far and stages its new events;
@@ -1186,18 +1187,18 @@ impl Writer {
                     }
                 }
             }
-            let current = match versions.get(&append.stream) {
+            let current = match versions.get(append.stream.as_str()) {
                 Some(v) => *v,
                 None => self.version(group, &append.stream)?,
             };
             if !fresh.is_empty() && !append.expected.admits(current) {
                 return Err(AppendError::Conflict {
-                    stream: append.stream.clone(),
+                    stream: append.stream.clone().into(),
                     expected: append.expected,
                     current,
                 });
             }
-            let mut tombstone = match deleted.get(&append.stream) {
+            let mut tombstone = match deleted.get(append.stream.as_str()) {
                 Some(t) => *t,
                 None => self.deletion(group, &append.stream),
             };
@@ -1214,7 +1215,7 @@ impl Writer {
                     }
                     (_, Some(position)) => {
                         return Err(AppendError::StreamDeleted {
-                            stream: append.stream.clone(),
+                            stream: append.stream.clone().into(),
                             position,
                         });
                     }
@@ -1223,7 +1224,7 @@ impl Writer {
                 }
             }
             if tombstone != was {
-                deleted.insert(append.stream.clone(), tombstone);
+                deleted.insert(append.stream.clone().into(), tombstone);
             }
             let mut version = current;
             for &i in &fresh {
@@ -1231,11 +1232,11 @@ impl Writer {
                 let position = base + staged.len() as u64;
                 let id = match &e.id {
                     Some(id) if index_ids => {
-                        ids.insert(id.clone(), position);
+                        ids.insert(id.clone().into(), position);
                         id.clone()
                     }
                     Some(id) => id.clone(),
-                    None => uuid::Uuid::now_v7().to_string(),
+                    None => uuid::Uuid::now_v7().to_string().into(),
                 };
                 staged.push(Event {
                     id,
@@ -1257,7 +1258,7 @@ impl Writer {
                 .map(|(p, e)| p.or_else(|| e.id.as_deref().and_then(|id| ids.get(id).copied())))
                 .collect::<Option<Vec<u64>>>()
                 .expect("every event has a position");
-            versions.insert(append.stream.clone(), version);
+            versions.insert(append.stream.clone().into(), version);
             results.push(Appended {
                 stream: append.stream.clone(),
                 positions,
@@ -1292,7 +1293,7 @@ impl Writer {
                 encoded.clear();
             };
         for e in &group.events {
-            let enc = codec::encode_event(e, group.ids.contains_key(&e.id));
+            let enc = codec::encode_event(e, group.ids.contains_key(e.id.as_str()));
             if !encoded.is_empty()
                 && (encoded.len() == codec::CHUNK_MAX_EVENTS
                     || size + enc.len() > codec::CHUNK_MAX_BYTES)
@@ -1329,7 +1330,7 @@ impl Writer {
             group
                 .events
                 .iter()
-                .map(|e| (e, group.ids.contains_key(&e.id))),
+                .map(|e| (e, group.ids.contains_key(e.id.as_str()))),
         );
         // Durable already (the segment sync); sled's index is rebuilt from the segments if
         // a crash loses it, so it is flushed in the background, not here.

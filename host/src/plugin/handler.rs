@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use super::runtime::{PluginError, StateView, Writes};
-use crate::event::{Event, NewEvent};
+use crate::event::{Event, NewEvent, StreamName};
 
 /// An event a handler derived, ready to append (the runner adds ids and causation).
 #[derive(Debug, Clone)]
 pub struct Derived {
     /// The stream to append to.
-    pub stream: String,
+    pub stream: StreamName,
     /// The event.
     pub event: NewEvent,
 }

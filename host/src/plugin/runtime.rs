@@ -670,8 +670,8 @@ impl Runtime {
             engine: machine.engine.clone(),
             usage: Arc::default(),
             pre,
-            limits: manifest.limits.clone(),
-            caps: manifest.capabilities.clone(),
+            limits: Arc::new(manifest.limits.clone()),
+            caps: Arc::new(manifest.capabilities.clone()),
             plugin,
             warm: Arc::default(),
         })
@@ -710,8 +710,8 @@ pub struct Plugin<W: World> {
     engine: Engine,
     usage: Arc<Usage>,
     pre: W::Pre,
-    pub(super) limits: Limits,
-    pub(super) caps: Capabilities,
+    pub(super) limits: Arc<Limits>,
+    pub(super) caps: Arc<Capabilities>,
     pub(super) plugin: PluginId,
     warm: Arc<std::sync::Mutex<Vec<Warm<W>>>>,
 }

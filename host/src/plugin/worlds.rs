@@ -238,7 +238,7 @@ fn from_wit_new(e: wit::NewEvent, source: &str) -> Result<Derived, String> {
     let payload = Payload::from_json(&e.payload)
         .map_err(|err| format!("the payload of {} is not JSON: {err}", e.event_type))?;
     Ok(Derived {
-        stream: e.stream,
+        stream: e.stream.into(),
         event: NewEvent {
             id: None,
             event_type,
@@ -251,9 +251,9 @@ fn from_wit_new(e: wit::NewEvent, source: &str) -> Result<Derived, String> {
 
 fn to_wit(e: &Event) -> wit::Event {
     wit::Event {
-        id: e.id.clone(),
+        id: e.id.clone().into(),
         event_type: e.event_type.as_str().to_owned(),
-        stream: e.stream.clone(),
+        stream: e.stream.clone().into(),
         position: e.position,
         version: e.version,
         timestamp_micros: e.timestamp.timestamp_micros(),

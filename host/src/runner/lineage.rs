@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::event::Event;
+use crate::event::{Event, EventId};
 use crate::log::{EventLog, ExpectedVersion, ReadFilter, StreamAppend};
 use crate::plugin::Derived;
 
@@ -18,7 +18,7 @@ pub const MAX_DERIVATION_DEPTH: u32 = 16;
 
 /// The id of the `index`-th event `plugin` derived from the event with `source_id`: the
 /// same on every run, so the log appends it once.
-pub(crate) fn derived_id(plugin: &str, source_id: &str, index: usize) -> String {
+pub(crate) fn derived_id(plugin: &str, source_id: &str, index: usize) -> EventId {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for part in [
@@ -33,6 +33,7 @@ pub(crate) fn derived_id(plugin: &str, source_id: &str, index: usize) -> String 
     uuid::Builder::from_custom_bytes(bytes)
         .into_uuid()
         .to_string()
+        .into()
 }
 
 /// How many derivations separate `event` from a client's append.
@@ -58,7 +59,7 @@ pub(super) fn deepen(append: &mut StreamAppend, from: &Event) {
 /// correlation and depth.
 pub(crate) fn stamp(plugin: &str, from: &Event, index: usize, d: &mut Derived) {
     let m = &mut d.event.metadata;
-    m.causation_id = Some(from.id.clone());
+    m.causation_id = Some(from.id.clone().into());
     if m.correlation_id.is_none() {
         m.correlation_id.clone_from(&from.metadata.correlation_id);
     }
@@ -114,7 +115,7 @@ pub(crate) fn push_grouped(appends: &mut Vec<StreamAppend>, d: Derived) {
 pub(super) struct Recovery {
     from: u64,
     /// The head when the log was read, and the ids found below it; `None` until needed.
-    seen: Option<(u64, HashSet<String>)>,
+    seen: Option<(u64, HashSet<EventId>)>,
     done: bool,
 }
 

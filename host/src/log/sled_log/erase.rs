@@ -1,4 +1,4 @@
-//! Erasing a deleted stream's events from storage for good (`DELETE ...?hard=true`), the
+//! Erasing a deleted stream's events from storage for good (a hard delete), the
 //! operation privacy requests need, without moving any other event.
 //!
 //! Each chunk holding an event of the stream is rewritten in place with the same length:
@@ -263,7 +263,7 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
                     )));
                 }
                 if keyed {
-                    intent.ids.push(e.id.clone());
+                    intent.ids.push(e.id.clone().into());
                 }
                 targets.push(q);
             }
