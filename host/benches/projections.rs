@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evhost::plugin::{
-    Handler, HandlerError, Manifest, Output, PluginStore, ProjectionPlugin, StateView, Writes,
+    Handler, HandlerError, Manifest, Output, PluginStore, ProjectionPlugin, StateView,
 };
 use evhost::runner::{Runner, RunnerOptions};
 use evhost::{
@@ -25,35 +25,8 @@ use evhost::{
     StreamAppend,
 };
 
-const TYPES: [(&str, &str); 6] = [
-    (
-        "assistant.tool.executed",
-        r#"{"tool_name":"say","parameters":{"target":"room"},"reasoning":"greet the visitor","success":true}"#,
-    ),
-    (
-        "assistant.tool.executed",
-        r#"{"tool_name":"inspect_location","parameters":{},"reasoning":"look around","success":true}"#,
-    ),
-    (
-        "assistant.tick.completed",
-        r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#,
-    ),
-    (
-        "assistant.goal.created",
-        r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#,
-    ),
-    (
-        "assistant.reflection.recorded",
-        r#"{"content":"went well","tags":["a"]}"#,
-    ),
-    (
-        "assistant.goal.completed",
-        r#"{"goal_id":"g1","outcome":"built"}"#,
-    ),
-];
-
 fn event(i: u64) -> NewEvent {
-    let (ty, payload) = TYPES[(i % TYPES.len() as u64) as usize];
+    let (ty, payload) = common::TYPES[(i % common::TYPES.len() as u64) as usize];
     NewEvent::new(
         EventType::new(ty).unwrap(),
         Payload::from_json(payload).unwrap(),
@@ -76,32 +49,6 @@ async fn ingest(log: &SledLog, n: u64) {
 /// assistant-stats compiled natively, run through the same runner and store as the wasm.
 struct Native;
 
-struct ViewStore {
-    view: Arc<dyn StateView>,
-    writes: Writes,
-}
-
-impl evhost_sdk::Store for ViewStore {
-    fn get(&mut self, key: &str) -> Option<String> {
-        match self.writes.get(key) {
-            Some(v) => v.clone(),
-            // A benchmark's store does not fail; a real one would fail the call.
-            None => self.view.get(key).expect("the benchmark's store reads"),
-        }
-    }
-    fn set(&mut self, key: &str, value: &str) {
-        self.writes.insert(key.to_owned(), Some(value.to_owned()));
-    }
-    fn delete(&mut self, key: &str) {
-        self.writes.insert(key.to_owned(), None);
-    }
-    fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
-        self.view
-            .scan_prefix(prefix)
-            .expect("the benchmark's store reads")
-    }
-}
-
 #[async_trait::async_trait]
 impl Handler for Native {
     fn id(&self) -> &str {
@@ -122,24 +69,8 @@ impl Handler for Native {
 /// The native projection's fold over one batch.
 fn fold_native(view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, HandlerError> {
     // The same conversion the wasm path makes into WIT records.
-    let evs: Vec<evhost_sdk::Event> = events
-        .iter()
-        .map(|e| evhost_sdk::Event {
-            id: e.id.clone().into(),
-            event_type: e.event_type.as_str().to_owned(),
-            stream: e.stream.clone().into(),
-            position: e.position,
-            version: e.version,
-            timestamp_micros: e.timestamp.timestamp_micros(),
-            source: e.source.clone(),
-            payload: e.payload.as_str().to_owned(),
-            metadata: Vec::new(),
-        })
-        .collect();
-    let mut store = ViewStore {
-        view,
-        writes: Writes::new(),
-    };
+    let evs: Vec<evhost_sdk::Event> = events.iter().map(|e| common::to_sdk(e)).collect();
+    let mut store = common::ViewStore::new(view);
     evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(&mut store, &evs)
         .map_err(|e| HandlerError::Plugin(e.to_string()))?;
     Ok(Output {

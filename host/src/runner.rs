@@ -10,24 +10,26 @@
 //! start the runner reads its own output between its checkpoint and the head and leaves
 //! out what is already there (`lineage`).
 //!
-//! A failing batch follows the plugin's [`OnFailure`] policy: it is split until the failing
+//! A failing batch follows the plugin's [`crate::plugin::OnFailure`] policy: it is split until the failing
 //! event is found; that event is retried with exponential backoff, then parked in the
 //! plugin's dead-letter store, and the runner moves on. Too many dead letters in a row
 //! quarantine the plugin until an operator resumes it. Each transition is announced as an
 //! `evhost.plugin.>` event ([`crate::dead_letter`]). Failures of the host's own storage are
 //! not the plugin's fault: they are retried with backoff, never dead-lettered.
-
+//!
 //! The runner is split by concept: `task` (the loop), `policy` (split, retry, dead letter,
 //! quarantine), `backoff`, `commit` (appends and commits in order), `lineage` (derived ids,
-//! depth, recovery), `control` (the operator's requests) and `status`. Imports go one way:
-//! `policy` and `control` add to the `Task` that `task` defines; `task` uses `commit`;
-//! `lineage`, `backoff` and `status` use nothing of the runner.
+//! depth, recovery), `request` and `control` (the operator's requests) and `status`.
+//! Imports go one way: `policy` and `control` add to the `Task` that `task` defines; `task`
+//! uses `commit` and `request`; `request`, `lineage`, `backoff` and `status` use nothing of
+//! the runner.
 
 mod backoff;
 mod commit;
 mod control;
 mod lineage;
 mod policy;
+mod request;
 mod status;
 mod task;
 
@@ -35,9 +37,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
-pub use control::{ControlError, Controller, RetryOutcome};
+pub use control::Controller;
 pub use lineage::{DEPTH_KEY, MAX_DERIVATION_DEPTH};
 pub(crate) use lineage::{derived_id, push_grouped, stamp};
+pub use request::{ControlError, RetryOutcome};
 pub use status::{RunState, RunnerOptions, RunnerStatus};
 
 use crate::bus::Bus;
@@ -47,8 +50,9 @@ use crate::pattern::PatternSet;
 use crate::plugin::{Handler, PluginStore, StoreError};
 use commit::{Committer, Job};
 use lineage::Recovery;
+use request::Control;
 use status::StatusCell;
-use task::{Control, Task};
+use task::Task;
 
 /// A running projection or extractor; stops when dropped or when [`Runner::stop`] is
 /// called.

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use evhost::plugin::Runtime;
+use evhost::plugin::{Runtime, StateView, Writes};
 use evhost::registry::Registry;
-use evhost::{Bus, EventLog, Host, HostConfig, SledLog};
+use evhost::{Bus, Event, EventLog, Host, HostConfig, SledLog};
 
 /// A host's parts, kept alive with their directory.
 pub struct BenchHost {
@@ -52,5 +52,85 @@ pub async fn host() -> BenchHost {
         registry: host.registry().clone(),
         host,
         dir,
+    }
+}
+
+/// The assistant event types the plugin benchmarks feed, with a payload each.
+pub const TYPES: [(&str, &str); 6] = [
+    (
+        "assistant.tool.executed",
+        r#"{"tool_name":"say","parameters":{"target":"room"},"reasoning":"greet the visitor","success":true}"#,
+    ),
+    (
+        "assistant.tool.executed",
+        r#"{"tool_name":"inspect_location","parameters":{},"reasoning":"look around","success":true}"#,
+    ),
+    (
+        "assistant.tick.completed",
+        r#"{"tick_number":42,"duration_ms":250.0,"action_taken":"say"}"#,
+    ),
+    (
+        "assistant.goal.created",
+        r#"{"goal_id":"g1","description":"Build tavern","priority":1}"#,
+    ),
+    (
+        "assistant.reflection.recorded",
+        r#"{"content":"went well","tags":["a"]}"#,
+    ),
+    (
+        "assistant.goal.completed",
+        r#"{"goal_id":"g1","outcome":"built"}"#,
+    ),
+];
+
+/// A plugin's store over a state view, for native builds of the example plugins: writes
+/// are kept aside, as the host's write buffer keeps them.
+pub struct ViewStore {
+    view: Arc<dyn StateView>,
+    pub writes: Writes,
+}
+
+impl ViewStore {
+    pub fn new(view: Arc<dyn StateView>) -> Self {
+        Self {
+            view,
+            writes: Writes::new(),
+        }
+    }
+}
+
+impl evhost_sdk::Store for ViewStore {
+    fn get(&mut self, key: &str) -> Option<String> {
+        match self.writes.get(key) {
+            Some(v) => v.clone(),
+            // A benchmark's store does not fail; a real one would fail the call.
+            None => self.view.get(key).expect("the benchmark's store reads"),
+        }
+    }
+    fn set(&mut self, key: &str, value: &str) {
+        self.writes.insert(key.to_owned(), Some(value.to_owned()));
+    }
+    fn delete(&mut self, key: &str) {
+        self.writes.insert(key.to_owned(), None);
+    }
+    fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
+        self.view
+            .scan_prefix(prefix)
+            .expect("the benchmark's store reads")
+    }
+}
+
+/// An event as the SDK sees it: the same conversion the wasm path makes into WIT records.
+pub fn to_sdk(e: &Event) -> evhost_sdk::Event {
+    evhost_sdk::Event {
+        id: e.id.to_string(),
+        event_type: e.event_type.as_str().to_owned(),
+        stream: e.stream.to_string(),
+        position: e.position,
+        version: e.version,
+        timestamp_micros: e.timestamp.timestamp_micros(),
+        source: e.source.clone(),
+        payload: e.payload.as_str().to_owned(),
+        metadata: Vec::new(),
     }
 }

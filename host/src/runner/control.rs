@@ -1,53 +1,21 @@
-//! The operator's channel to a running runner: resume a quarantine, retry or delete a dead
-//! letter. Requests are answered by the runner's own task between batches, so they never
-//! race its work (a retry in progress cannot bring back a deleted dead letter).
+//! The operator's channel to a running runner: the `Controller` that sends requests, and
+//! how the runner's own task answers them between batches (resume a quarantine, retry or
+//! delete a dead letter), so they never race its work (a retry in progress cannot bring
+//! back a deleted dead letter).
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::lineage::derived_appends;
+use super::request::{Control, ControlError, RetryOutcome};
 use super::status::RunState;
-use super::task::{Control, Task};
-use crate::dead_letter::{self, DeadLetter, audit};
+use super::task::Task;
+use crate::dead_letter::{self, audit};
 use crate::limits::split_appends;
 use crate::log::ReadFilter;
 use crate::plugin::HandlerError;
-
-/// What retrying a dead letter did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RetryOutcome {
-    /// True when the plugin handled the event: its effects are committed and the dead
-    /// letter is gone.
-    pub handled: bool,
-    /// Why it failed again.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The dead letter as it now stands, when it failed again.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dead_letter: Option<DeadLetter>,
-}
-
-/// Why an operator's request could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The plugin has no dead letter at that position.
-    #[error("plugin {plugin:?} has no dead letter at position {position}")]
-    NotFound {
-        /// The plugin.
-        plugin: String,
-        /// The position asked for.
-        position: u64,
-    },
-    /// The runner is stopped (being replaced or unloaded): try again.
-    #[error("the plugin's runner is stopped (being replaced or unloaded); try again")]
-    Stopped,
-    /// Storage failed, or the event cannot be read.
-    #[error("{0}")]
-    Unavailable(String),
-}
 
 /// Sends operator requests to a runner; cheap to clone.
 #[derive(Clone)]

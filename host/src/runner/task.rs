@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use tokio::sync::oneshot;
-
 use super::backoff::HOST_BACKOFF;
 use super::commit::{Job, committed_to};
-use super::control::{ControlError, RetryOutcome};
 use super::lineage::{MAX_DERIVATION_DEPTH, Recovery, derived_appends};
+use super::request::Control;
 use super::status::{RunState, RunnerOptions, StatusCell};
 use crate::bus::{Bus, Start, Subscription};
 use crate::event::Event;
@@ -29,13 +27,6 @@ pub(super) enum Flow {
     Continue,
     Stopped,
     Quarantined,
-}
-
-/// An operator's request as the loop receives it between batches (answered in `control`).
-pub(super) enum Control {
-    Resume(oneshot::Sender<Result<bool, ControlError>>),
-    Retry(u64, oneshot::Sender<Result<RetryOutcome, ControlError>>),
-    Delete(u64, oneshot::Sender<Result<bool, ControlError>>),
 }
 
 /// The runner's task: everything it carries between batches.

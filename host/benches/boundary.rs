@@ -1,0 +1,152 @@
+//! The cost of crossing the plugin boundary, with the runtime alone: events in memory, state
+//! in a `MemState`, no log, bus, runner or sled. Each projection folds the same batches as
+//! wasm and as the same Rust compiled natively (through the SDK's batch semantics), side by
+//! side; type-counter does almost nothing per event, so its wasm figure is mostly the
+//! boundary (the host's conversion and copy into WIT records, the guest's decode, the state
+//! calls). Also the cost of one call of one event.
+//!
+//! Needs the plugins built: `scripts/build-plugins.sh`, then
+//! `cargo bench -p evhost --bench boundary` (EVHOST_BENCH_EVENTS sets the events per pass,
+//! default 200,000).
+
+// The allocator the `evhost` binary uses, so the figures are the binary's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evhost::plugin::{Manifest, MemState, ProjectionPlugin, Runtime, StateView, Writes};
+use evhost::{Event, EventType, Metadata, Payload};
+
+/// type-counter's projection (plugins/type-counter), compiled here: its crate exports the
+/// same guest symbols as assistant-stats, so the two cannot both be linked natively.
+struct TypeCounter;
+
+impl evhost_sdk::Projection for TypeCounter {
+    type State = u64;
+
+    fn key(event: &evhost_sdk::Event) -> Option<String> {
+        Some(event.event_type.clone())
+    }
+
+    fn apply(count: &mut u64, _event: &evhost_sdk::Event) -> Result<(), evhost_sdk::Error> {
+        *count += 1;
+        Ok(())
+    }
+}
+
+/// Events per call in the batched runs.
+const BATCH: usize = 2048;
+
+/// `n` events of the assistant types, in memory, as the log would hand them out.
+fn events(n: usize) -> Vec<Arc<Event>> {
+    let now = chrono::Utc::now();
+    (0..n)
+        .map(|i| {
+            let (ty, payload) = common::TYPES[i % common::TYPES.len()];
+            Arc::new(Event {
+                id: uuid::Uuid::now_v7().to_string().into(),
+                event_type: EventType::new(ty).unwrap(),
+                stream: format!("assistant-{}", i % 1000).into(),
+                position: i as u64,
+                version: (i / 1000) as u64,
+                timestamp: now,
+                source: "bench".into(),
+                payload: Payload::from_json(payload).unwrap(),
+                metadata: Metadata::default(),
+            })
+        })
+        .collect()
+}
+
+/// How one side folds a batch into the state.
+type Fold<'a> = Box<dyn Fn(Arc<dyn StateView>, &[Arc<Event>]) -> Writes + 'a>;
+
+/// Folds every event in calls of `batch`, applying each call's writes; time per event.
+fn run(fold: &Fold<'_>, events: &[Arc<Event>], batch: usize) -> Duration {
+    let state = Arc::new(MemState::default());
+    let t = Instant::now();
+    for chunk in events.chunks(batch) {
+        let writes = fold(state.clone(), chunk);
+        state.apply(writes);
+    }
+    t.elapsed() / events.len() as u32
+}
+
+/// The SDK's batch semantics over the same events, natively.
+fn native<P: evhost_sdk::Projection>() -> Fold<'static> {
+    Box::new(|view, events| {
+        let evs: Vec<evhost_sdk::Event> = events.iter().map(|e| common::to_sdk(e)).collect();
+        let mut store = common::ViewStore::new(view);
+        evhost_sdk::testing::apply_batch::<P>(&mut store, &evs).unwrap();
+        store.writes
+    })
+}
+
+fn wasm(plugin: &ProjectionPlugin) -> Fold<'_> {
+    Box::new(move |view, events| plugin.fold(view, events).unwrap())
+}
+
+fn load(runtime: &Arc<Runtime>, name: &str) -> ProjectionPlugin {
+    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let wasm = std::fs::read(plugins.join(format!("{name}.wasm"))).unwrap_or_else(|_| {
+        panic!("target/plugins/{name}.wasm: run scripts/build-plugins.sh first")
+    });
+    let manifest =
+        Manifest::parse(&std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap())
+            .unwrap();
+    let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
+    runtime.plugin(&compiled, &manifest).unwrap()
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let n: usize = std::env::var("EVHOST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(&dir.path().join("compiled")).unwrap();
+    let events = events(n);
+    println!("evhost boundary benchmark ({n} events per pass, runtime only, state in memory)");
+    let counter = load(&runtime, "type-counter");
+    let stats = load(&runtime, "assistant-stats");
+    let sides: [(&str, Fold<'_>, Fold<'_>); 2] = [
+        ("type-counter", wasm(&counter), native::<TypeCounter>()),
+        (
+            "assistant-stats",
+            wasm(&stats),
+            native::<assistant_stats::AssistantStatsProjection>(),
+        ),
+    ];
+    for (name, wasm, native) in &sides {
+        // Warm both (instances, caches), then native, wasm, native again (a noise check).
+        run(wasm, &events[..BATCH.min(n)], BATCH);
+        let n1 = run(native, &events, BATCH);
+        let w = run(wasm, &events, BATCH);
+        let n2 = run(native, &events, BATCH);
+        let nat = (n1 + n2) / 2;
+        println!(
+            "batch     {name:<16} wasm {:>6} ns/event  native {:>5} ns/event ({} and {})  ratio {:.2}x  (batches of {BATCH})",
+            w.as_nanos(),
+            nat.as_nanos(),
+            n1.as_nanos(),
+            n2.as_nanos(),
+            nat.as_secs_f64() / w.as_secs_f64()
+        );
+    }
+    // One call of one event: the fixed cost of a call (instance, store, epoch deadline).
+    let (name, wasm, _) = &sides[0];
+    let few = &events[..n.min(20_000)];
+    let one = run(wasm, few, 1);
+    println!(
+        "call      {name:<16} one event per call: {:>8.2} µs per call",
+        one.as_secs_f64() * 1e6
+    );
+}
