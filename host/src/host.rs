@@ -232,11 +232,6 @@ impl Host {
         &self.runtime
     }
 
-    /// The data directory.
-    pub fn data_dir(&self) -> &std::path::Path {
-        &self.config.data
-    }
-
     /// Stops the plugins and the flow index, and flushes the state database.
     pub async fn stop(self) {
         self.registry.stop_all().await;

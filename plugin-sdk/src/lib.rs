@@ -83,6 +83,33 @@ pub mod __private {
     pub use crate::extractor::wasm_extract;
     pub use crate::projection::{wasm_handle, wasm_query};
     pub use crate::tool::wasm::{wasm_describe, wasm_invoke};
+
+    /// Reports a panic to the host before the component traps, as an error log line
+    /// starting `panicked at `: the host makes it the reason of the trap, so the dead
+    /// letter and the status say what panicked instead of "unreachable executed". Installed
+    /// once, at the first call of any export.
+    pub fn report_panics() {
+        #[cfg(target_arch = "wasm32")]
+        {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                std::panic::set_hook(Box::new(|info| {
+                    use crate::projection_bindings::evhost::plugin::log;
+                    let payload = info
+                        .payload()
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("(a panic payload that is not text)");
+                    let at = info
+                        .location()
+                        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                        .unwrap_or_else(|| "an unknown place".into());
+                    log::log(log::Level::Error, &format!("panicked at {at}: {payload}"));
+                }));
+            });
+        }
+    }
 }
 
 /// Exports an [`Extractor`] implementation as the component's `extractor` world.
@@ -100,6 +127,7 @@ macro_rules! export_extractor {
                 >,
                 $crate::extractor_bindings::evhost::plugin::types::Error,
             > {
+                $crate::__private::report_panics();
                 $crate::__private::wasm_extract::<$t>(events)
             }
         }
@@ -115,6 +143,7 @@ macro_rules! export_tool {
         pub struct __EvhostToolExport;
         impl $crate::tool_bindings::Guest for __EvhostToolExport {
             fn describe() -> $crate::tool_bindings::evhost::plugin::types::ToolInfo {
+                $crate::__private::report_panics();
                 $crate::__private::wasm_describe::<$t>()
             }
             fn invoke(
@@ -123,6 +152,7 @@ macro_rules! export_tool {
                 ::std::string::String,
                 $crate::tool_bindings::evhost::plugin::types::Error,
             > {
+                $crate::__private::report_panics();
                 $crate::__private::wasm_invoke::<$t>(input)
             }
         }
@@ -140,11 +170,13 @@ macro_rules! export_projection {
             fn handle(
                 events: ::std::vec::Vec<$crate::projection_bindings::evhost::plugin::types::Event>,
             ) -> ::std::result::Result<(), $crate::projection_bindings::evhost::plugin::types::Error> {
+                $crate::__private::report_panics();
                 $crate::__private::wasm_handle::<$t>(events)
             }
             fn query(
                 request: ::std::string::String,
             ) -> ::std::result::Result<::std::string::String, $crate::projection_bindings::evhost::plugin::types::Error> {
+                $crate::__private::report_panics();
                 $crate::__private::wasm_query::<$t>(request)
             }
         }

@@ -88,7 +88,7 @@ async fn hostile_events_are_dead_lettered_with_reasons_while_everything_else_run
     assert_eq!(s, 200, "{body}");
 
     let bad: [(&str, &str); 11] = [
-        ("hostile.trap", "unreachable"),
+        ("hostile.trap", "hostile was asked to panic"),
         ("hostile.file", "/etc/hostname"),
         ("hostile.env", "HOME"),
         ("hostile.net", "127.0.0.1:9"),

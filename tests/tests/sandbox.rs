@@ -83,7 +83,15 @@ fn limits_and_traps_fail_only_the_call() {
         "the loop was stopped"
     );
     assert_trapped(call(&p, &state, "probe.alloc"), "memory limit of 32 MiB");
-    assert_trapped(call(&p, &state, "probe.trap"), "trapped");
+    // A Rust guest's panic message is the trap's reason.
+    assert_trapped(
+        call(&p, &state, "probe.trap"),
+        "trapped: wasm `unreachable` executed: the plugin panicked at ",
+    );
+    assert_trapped(
+        call(&p, &state, "probe.trap"),
+        "the probe was asked to panic",
+    );
     assert_trapped(call(&p, &state, "probe.recurse"), "trapped");
 
     // Nothing of the failed calls was kept, and the plugin still works.

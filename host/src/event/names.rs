@@ -29,11 +29,6 @@ macro_rules! text_name {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
-
-            /// The text, owned.
-            pub fn into_string(self) -> String {
-                self.0
-            }
         }
 
         /// Text taken as it is: the log checks it at append.

@@ -189,11 +189,6 @@ impl PluginId {
         &self.text[..self.name_len]
     }
 
-    /// The manifest's version.
-    pub fn version(&self) -> &str {
-        &self.text[self.name_len + 1..]
-    }
-
     /// `name@version`.
     pub fn as_str(&self) -> &str {
         &self.text

@@ -170,7 +170,16 @@ pub struct HostState {
     written: u64,
     budget: StateBudget,
     plugin: Arc<str>,
+    /// The panic the guest reported during this call (an error log line starting
+    /// [`PANIC_PREFIX`]): the reason of the `unreachable` trap that follows it.
+    panicked: Option<String>,
 }
+
+/// How a guest's error log line reporting a panic starts (the SDK's panic hook writes it).
+pub(super) const PANIC_PREFIX: &str = "panicked at ";
+
+/// Longest panic message kept for a trap's reason, in bytes.
+const MAX_PANIC_BYTES: usize = 2048;
 
 /// The bounds of one call's state writes, from the manifest's limits.
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +232,7 @@ impl HostState {
     /// Forgets the buffered writes (a new call starts with none).
     fn clear_writes(&mut self) -> Writes {
         self.written = 0;
+        self.panicked = None;
         std::mem::take(&mut self.writes)
     }
 }
@@ -370,6 +380,18 @@ impl wit_state::Host for HostState {
 impl wit_log::Host for HostState {
     fn log(&mut self, level: wit_log::Level, message: String) {
         let plugin = &*self.plugin;
+        if matches!(level, wit_log::Level::Error) && message.starts_with(PANIC_PREFIX) {
+            let mut kept = message.clone();
+            if kept.len() > MAX_PANIC_BYTES {
+                let mut end = MAX_PANIC_BYTES;
+                while !kept.is_char_boundary(end) {
+                    end -= 1;
+                }
+                kept.truncate(end);
+                kept.push_str(" [cut]");
+            }
+            self.panicked = Some(kept);
+        }
         match level {
             wit_log::Level::Trace => tracing::trace!(plugin, "{message}"),
             wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -770,6 +792,7 @@ impl<W: World> Plugin<W> {
                 entry: self.limits.value_budget(),
             },
             plugin: self.plugin.shared(),
+            panicked: None,
         };
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| &mut s.limiter);
@@ -799,7 +822,7 @@ impl<W: World> Plugin<W> {
                 let (mut store, refused, clock) = self.store(view.clone());
                 clock.set(ctx.micros, ctx.seed);
                 let bindings = W::instantiate(&self.pre, &mut store)
-                    .map_err(|e| self.trapped(e, refused.load(Ordering::Relaxed)))?;
+                    .map_err(|e| self.trapped(e, refused.load(Ordering::Relaxed), None))?;
                 Warm {
                     store,
                     bindings,
@@ -903,12 +926,18 @@ impl<W: World> Plugin<W> {
                         ),
                     });
                 }
-                Err(self.trapped(e, w.refused.load(Ordering::Relaxed)))
+                let panicked = w.store.data_mut().panicked.take();
+                Err(self.trapped(e, w.refused.load(Ordering::Relaxed), panicked))
             }
         }
     }
 
-    fn trapped(&self, e: wasmtime::Error, memory_refused: bool) -> PluginError {
+    fn trapped(
+        &self,
+        e: wasmtime::Error,
+        memory_refused: bool,
+        panicked: Option<String>,
+    ) -> PluginError {
         if let Some(failed) = e.chain().find_map(|c| c.downcast_ref::<StateError>()) {
             return PluginError::Host {
                 plugin: self.plugin.to_string(),
@@ -945,9 +974,12 @@ impl<W: World> Plugin<W> {
                 Some(wasmtime::Trap::StackOverflow) => {
                     "trapped: stack overflow (call stack exhausted; unbounded recursion?)".into()
                 }
-                Some(wasmtime::Trap::UnreachableCodeReached) => {
-                    "trapped: wasm `unreachable` executed (a Rust plugin panicked?)".into()
-                }
+                Some(wasmtime::Trap::UnreachableCodeReached) => match panicked {
+                    Some(panic) => {
+                        format!("trapped: wasm `unreachable` executed: the plugin {panic}")
+                    }
+                    None => "trapped: wasm `unreachable` executed (a Rust plugin panicked?)".into(),
+                },
                 Some(wasmtime::Trap::MemoryOutOfBounds) => {
                     "trapped: out-of-bounds memory access (deep recursion overflowing the \
                      plugin's stack, or a memory bug)"
