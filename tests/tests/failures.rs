@@ -155,6 +155,10 @@ async fn hostile_events_are_dead_lettered_with_reasons_while_everything_else_run
         u["max_call_ms"].as_f64().unwrap() >= 200.0,
         "the loop ran to its limit: {u}"
     );
+    // Per event: every event handed in is counted, and the time per event is shown.
+    assert!(u["events"].as_u64().unwrap() > 2 * bad.len() as u64, "{u}");
+    assert!(u["ns_per_event"].as_f64().unwrap() > 0.0, "{u}");
+    assert!(u["fuel_used_per_event"].is_null(), "no fuel budget: {u}");
     // The other plugins and the host carried on.
     let counter = until(&h, "type-counter", "catches up", caught_up).await;
     assert_eq!(counter["dead_letters"], 0);

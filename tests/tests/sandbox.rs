@@ -231,6 +231,16 @@ fn a_fuel_budget_stops_a_runaway_call_and_usage_is_reported() {
     assert_eq!(u.fuel_per_event, Some(50_000_000));
     assert!(u.max_call_fuel >= 50_000_000, "{u:?}");
     assert!(u.fuel_consumed > u.max_call_fuel, "{u:?}");
+    // Per event: three calls of one event each, one of them burning its whole budget.
+    assert_eq!(u.events, 3);
+    let per = u
+        .fuel_used_per_event
+        .expect("a budgeted plugin shows fuel per event");
+    assert!(
+        per > 50_000_000.0 / 3.0 && per <= 50_000_000.0,
+        "fuel per event {per}: {u:?}"
+    );
+    assert!(u.ns_per_event.is_some_and(|ns| ns > 0.0), "{u:?}");
     assert!(
         u.peak_memory_bytes > 0 && u.peak_memory_bytes <= 32 << 20,
         "{u:?}"

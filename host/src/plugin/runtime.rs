@@ -284,6 +284,10 @@ pub(super) struct Usage {
     peak_memory_bytes: AtomicU64,
     fuel_consumed: AtomicU64,
     max_call_fuel: AtomicU64,
+    /// Events (or invocations) handed to calls, and the time and fuel of those calls.
+    events: AtomicU64,
+    event_call_nanos: AtomicU64,
+    event_call_fuel: AtomicU64,
 }
 
 /// A snapshot of [`Usage`] with the limits it is measured against.
@@ -309,6 +313,13 @@ pub struct UsageReport {
     pub max_call_fuel: u64,
     /// The plugin's fuel budget per event, if it has one.
     pub fuel_per_event: Option<u64>,
+    /// Events (and tool invocations) handed to the component.
+    pub events: u64,
+    /// Time per event of the calls that handled events (queries and `describe` left out),
+    /// in nanoseconds: what crossing the boundary and the plugin's own work cost.
+    pub ns_per_event: Option<f64>,
+    /// Fuel burnt per event, against `fuel_per_event` (only with a fuel budget).
+    pub fuel_used_per_event: Option<f64>,
 }
 
 impl ResourceLimiter for Limiter {
@@ -852,6 +863,7 @@ impl<W: World> Plugin<W> {
     pub fn usage(&self) -> UsageReport {
         let u = &*self.usage;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let events = get(&u.events);
         UsageReport {
             calls: get(&u.calls),
             failed_calls: get(&u.failed_calls),
@@ -863,6 +875,10 @@ impl<W: World> Plugin<W> {
             fuel_consumed: get(&u.fuel_consumed),
             max_call_fuel: get(&u.max_call_fuel),
             fuel_per_event: self.limits.fuel_per_event,
+            events,
+            ns_per_event: (events > 0).then(|| get(&u.event_call_nanos) as f64 / events as f64),
+            fuel_used_per_event: (events > 0 && self.limits.fuel_per_event.is_some())
+                .then(|| get(&u.event_call_fuel) as f64 / events as f64),
         }
     }
 
@@ -892,15 +908,22 @@ impl<W: World> Plugin<W> {
         }
         let result = f(&w.bindings, &mut w.store);
         let u = &*self.usage;
-        let took = started.elapsed().as_micros() as u64;
+        let elapsed = started.elapsed();
+        let took = elapsed.as_micros() as u64;
         u.calls.fetch_add(1, Ordering::Relaxed);
         u.busy_micros.fetch_add(took, Ordering::Relaxed);
         u.max_call_micros.fetch_max(took, Ordering::Relaxed);
+        if units > 0 {
+            u.events.fetch_add(units, Ordering::Relaxed);
+            u.event_call_nanos
+                .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        }
         if let Some(budget) = budget {
             let burnt = budget - w.store.get_fuel().unwrap_or(0);
             u.fuel_consumed.fetch_add(burnt, Ordering::Relaxed);
             if units > 0 {
                 u.max_call_fuel.fetch_max(burnt, Ordering::Relaxed);
+                u.event_call_fuel.fetch_add(burnt, Ordering::Relaxed);
             }
         }
         match result {
