@@ -168,6 +168,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(plugins::delete_plugin),
         )
         .route("/v1/plugins/{name}/resume", post(failures::resume))
+        .route("/v1/plugins/{name}/logs", get(plugins::get_logs))
         .route("/v1/dlq", get(failures::list_dead_letters))
         .route(
             "/v1/dlq/{id}",

@@ -118,6 +118,19 @@ enum PluginCommand {
         /// The plugin's name.
         name: String,
     },
+    /// What a plugin printed (stdout, stderr) and logged, from its bounded buffer.
+    Logs {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+        /// Keep printing new lines as they come (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// Only lines after this one (their `seq`).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -728,6 +741,12 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
             println!("{}", json_reply(resp).await?);
         }
+        PluginCommand::Logs {
+            remote,
+            name,
+            follow,
+            after,
+        } => plugin_logs(&remote, &name, follow, after).await?,
         PluginCommand::Resume { remote, name } => {
             let resp = remote
                 .client()?
@@ -743,6 +762,49 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints a plugin's log lines after `after` (`seq  source  line`), then, with `follow`,
+/// asks again every half second for what came since.
+async fn plugin_logs(remote: &Remote, name: &str, follow: bool, mut after: u64) -> Result<()> {
+    let client = remote.client()?;
+    let mut dropped_seen = None;
+    loop {
+        let resp = client
+            .get(format!(
+                "{}/v1/plugins/{}/logs",
+                remote.url,
+                urlencode(name)
+            ))
+            .query(&[("after", after)])
+            .send()
+            .await
+            .with_context(|| format!("reaching the host at {}", remote.url))?;
+        let page = json_reply(resp).await?;
+        let dropped = page["dropped"].as_u64().unwrap_or(0);
+        if dropped_seen.is_some_and(|d| dropped > d) || (dropped_seen.is_none() && dropped > 0) {
+            eprintln!(
+                "({dropped} older lines were dropped from the plugin's buffer to keep it bounded)"
+            );
+        }
+        dropped_seen = Some(dropped);
+        let lines = page["lines"].as_array().cloned().unwrap_or_default();
+        for l in &lines {
+            println!(
+                "{:>6}  {:<6}  {}",
+                l["seq"],
+                l["source"].as_str().unwrap_or(""),
+                l["line"].as_str().unwrap_or("")
+            );
+        }
+        after = page["next"].as_u64().unwrap_or(after);
+        if !follow {
+            return Ok(());
+        }
+        if lines.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
 }
 
 async fn dlq(cmd: DlqCommand) -> Result<()> {

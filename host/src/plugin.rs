@@ -2,6 +2,7 @@
 //! their state.
 
 mod handler;
+mod logs;
 mod manifest;
 mod runtime;
 mod sandbox;
@@ -9,6 +10,7 @@ mod store;
 mod worlds;
 
 pub use handler::{Derived, Handler, HandlerError, Output};
+pub use logs::{LOG_BUFFER_BYTES, LogLine, LogPage, MAX_LINE_BYTES, PluginLogs};
 pub use manifest::{
     Capabilities, InvalidManifest, Kind, Limits, Manifest, OnFailure, PluginId, StartFrom,
     valid_name,

@@ -27,9 +27,9 @@ use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, Handler, Kind, Manifest, MemState, PluginError, PluginStore,
-    ProjectionPlugin, Runtime, StartFrom, StateView, StoreError, ToolInfo, ToolPlugin, UsageReport,
-    component_hash, valid_name,
+    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, MemState, PluginError,
+    PluginStore, ProjectionPlugin, Runtime, StartFrom, StateView, StoreError, ToolInfo, ToolPlugin,
+    UsageReport, component_hash, valid_name,
 };
 use crate::runner::{
     ControlError, Controller, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
@@ -1003,6 +1003,23 @@ impl Registry {
             .get(name)
             .map(f)
             .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
+    }
+
+    /// Up to `limit` of the lines plugin `name` printed or logged after line `after`.
+    pub async fn logs(
+        &self,
+        name: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<LogPage, RegistryError> {
+        let logs = self
+            .with(name, |l| match &l.plugin {
+                Component::Projection(p) => p.logs().clone(),
+                Component::Extractor(p) => p.logs().clone(),
+                Component::Tool(t) => t.logs().clone(),
+            })
+            .await?;
+        Ok(logs.read(after, limit))
     }
 
     /// The stored state under `key`, without calling the plugin.

@@ -25,7 +25,8 @@ use crate::event::{Event, EventId, EventType, Metadata, NewEvent, Payload};
 use crate::limits::{OutputLimits, bound, event_bytes, split_appends, stamp_room};
 use crate::log::{AppendError, EventLog, StreamAppend};
 use crate::plugin::{
-    Derived, Handler, HandlerError, Output, PluginError, StateView, ToolInfo, ToolPlugin,
+    Derived, Handler, HandlerError, Output, PluginError, PluginLogs, StateView, ToolInfo,
+    ToolPlugin,
 };
 use crate::runner::{derived_id, push_grouped, stamp};
 
@@ -178,6 +179,11 @@ impl ToolHandler {
     /// What the tool's component has used.
     pub(crate) fn usage(&self) -> crate::plugin::UsageReport {
         self.plugin.usage()
+    }
+
+    /// What the tool printed and logged recently.
+    pub(crate) fn logs(&self) -> &PluginLogs {
+        self.plugin.logs()
     }
 
     /// Why `input` does not fit the schema, naming where; `None` when it fits. Each error is

@@ -33,6 +33,7 @@
 
 mod event;
 mod extractor;
+pub mod log;
 mod projection;
 pub mod testing;
 mod tool;
@@ -94,7 +95,6 @@ pub mod __private {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 std::panic::set_hook(Box::new(|info| {
-                    use crate::projection_bindings::evhost::plugin::log;
                     let payload = info
                         .payload()
                         .downcast_ref::<&str>()
@@ -105,7 +105,7 @@ pub mod __private {
                         .location()
                         .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
                         .unwrap_or_else(|| "an unknown place".into());
-                    log::log(log::Level::Error, &format!("panicked at {at}: {payload}"));
+                    crate::log::error(&format!("panicked at {at}: {payload}"));
                 }));
             });
         }

@@ -179,6 +179,26 @@ pub(super) struct StateQuery {
     limit: Option<usize>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogsQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/plugins/{name}/logs[?after=SEQ][&limit=N]`: what the plugin printed to stdout and
+/// stderr and sent through the `log` import, oldest first, from its bounded buffer; `next`
+/// is the `after` of the following read, `dropped` the lines the buffer let go.
+pub(super) async fn get_logs(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> Result<Json<crate::plugin::LogPage>, ApiError> {
+    let reg = registry(&st)?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    Ok(Json(reg.logs(&name, q.after.unwrap_or(0), limit).await?))
+}
+
 /// Stored state is JSON text by convention; anything else is returned as a string.
 fn as_json(text: String) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::String(text))

@@ -16,6 +16,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::logs::PluginLogs;
 use super::manifest::{Capabilities, Kind, Limits, Manifest, PluginId};
 use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
 
@@ -170,6 +171,7 @@ pub struct HostState {
     written: u64,
     budget: StateBudget,
     plugin: Arc<str>,
+    logs: PluginLogs,
     /// The panic the guest reported during this call (an error log line starting
     /// [`PANIC_PREFIX`]): the reason of the `unreachable` trap that follows it.
     panicked: Option<String>,
@@ -403,6 +405,14 @@ impl wit_log::Host for HostState {
             }
             self.panicked = Some(kept);
         }
+        let source = match level {
+            wit_log::Level::Trace => "trace",
+            wit_log::Level::Debug => "debug",
+            wit_log::Level::Info => "info",
+            wit_log::Level::Warn => "warn",
+            wit_log::Level::Error => "error",
+        };
+        self.logs.push(source, &message);
         match level {
             wit_log::Level::Trace => tracing::trace!(plugin, "{message}"),
             wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
@@ -706,6 +716,7 @@ impl Runtime {
             limits: Arc::new(manifest.limits.clone()),
             caps: Arc::new(manifest.capabilities.clone()),
             plugin,
+            logs: PluginLogs::default(),
             warm: Arc::default(),
         })
     }
@@ -746,6 +757,7 @@ pub struct Plugin<W: World> {
     pub(super) limits: Arc<Limits>,
     pub(super) caps: Arc<Capabilities>,
     pub(super) plugin: PluginId,
+    logs: PluginLogs,
     warm: Arc<std::sync::Mutex<Vec<Warm<W>>>>,
 }
 
@@ -758,6 +770,7 @@ impl<W: World> Clone for Plugin<W> {
             limits: self.limits.clone(),
             caps: self.caps.clone(),
             plugin: self.plugin.clone(),
+            logs: self.logs.clone(),
             warm: self.warm.clone(),
         }
     }
@@ -778,6 +791,11 @@ impl<W: World> Plugin<W> {
         self.plugin.as_str()
     }
 
+    /// What the plugin printed and logged recently.
+    pub fn logs(&self) -> &PluginLogs {
+        &self.logs
+    }
+
     fn store(
         &self,
         view: Arc<dyn StateView>,
@@ -786,7 +804,7 @@ impl<W: World> Plugin<W> {
         let clock = Arc::new(CallClock::default());
         let timeout = Duration::from_millis(self.limits.batch_timeout_ms);
         let data = HostState {
-            wasi: wasi_ctx(W::KIND, &self.caps, &clock),
+            wasi: wasi_ctx(W::KIND, &self.caps, &clock, &self.logs),
             http: WasiHttpCtx::new(),
             grant: HttpGrant::new(&self.caps.http, timeout, self.plugin.shared()),
             table: ResourceTable::new(),
@@ -803,6 +821,7 @@ impl<W: World> Plugin<W> {
                 entry: self.limits.value_budget(),
             },
             plugin: self.plugin.shared(),
+            logs: self.logs.clone(),
             panicked: None,
         };
         let mut store = Store::new(&self.engine, data);

@@ -2,6 +2,7 @@
 //! sockets; a clock and randomness that are real only when granted (and deterministic for
 //! handlers of the log); outgoing HTTP only to the hosts the manifest lists.
 
+use super::logs::PluginLogs;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -113,8 +114,15 @@ impl rand_core::TryRng for SeededRandom {
 ///   `random` grant the clock reads 0 (1970) and the seed is 0.
 /// - Tools see the real clock and real randomness only when granted; otherwise the same
 ///   fixed clock and seed.
-pub(super) fn wasi_ctx(kind: Kind, caps: &Capabilities, clock: &Arc<CallClock>) -> WasiCtx {
+pub(super) fn wasi_ctx(
+    kind: Kind,
+    caps: &Capabilities,
+    clock: &Arc<CallClock>,
+    logs: &PluginLogs,
+) -> WasiCtx {
     let mut b = WasiCtxBuilder::new();
+    // What the plugin prints goes to its bounded log buffer, never to the host's output.
+    b.stdout(logs.stream(false)).stderr(logs.stream(true));
     // No arguments, environment, preopened directories, stdin; sockets are denied by
     // default, and HTTP goes only through the allow-list below.
     b.allow_tcp(false)

@@ -5,6 +5,8 @@
 //! | `probe.loop`    | loops forever                                  |
 //! | `probe.alloc`   | allocates and touches 512 MiB                  |
 //! | `probe.trap`    | panics                                         |
+//! | `probe.print`   | prints to stdout and stderr, logs a line       |
+//! | `probe.spam`    | prints 5,000 lines of ~100 bytes to stdout     |
 //! | `probe.recurse` | recurses until the stack overflows             |
 //! | `probe.env`     | reads `HOME` and the argument list             |
 //! | `probe.file`    | reads `/etc/hostname` and lists `/`            |
@@ -51,6 +53,16 @@ impl Projection for Probe {
                 );
             }
             "probe.trap" => panic!("the probe was asked to panic"),
+            "probe.print" => {
+                println!("probe says hello on stdout");
+                eprintln!("probe says hello on stderr");
+                evhost_sdk::log::info("probe says hello through the log import");
+            }
+            "probe.spam" => {
+                for i in 0..5000 {
+                    println!("spam line {i:04} {}", "z".repeat(80));
+                }
+            }
             "probe.recurse" => {
                 let mut pad = [0u8; 256];
                 seen.insert("recurse".into(), recurse(0, &mut pad).to_string());
