@@ -17,7 +17,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 /// Bytes of lines a plugin's buffer holds; older lines are dropped (and counted) past it.
 pub const LOG_BUFFER_BYTES: usize = 256 * 1024;
 
-/// Longest line kept, in bytes; a longer one is cut and marked.
+/// Longest line kept, in bytes; a longer one is cut, with a marker saying so.
 pub const MAX_LINE_BYTES: usize = 4096;
 
 /// One line a plugin wrote.
@@ -93,15 +93,7 @@ impl PluginLogs {
 
 impl Buffer {
     fn push(&mut self, source: &'static str, line: &str) {
-        let mut text = line.to_owned();
-        if text.len() > MAX_LINE_BYTES {
-            let mut end = MAX_LINE_BYTES;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-            text.push_str(" [cut]");
-        }
+        let text = crate::limits::bound(line.to_owned(), MAX_LINE_BYTES);
         self.next_seq += 1;
         self.bytes += text.len();
         self.lines.push_back(LogLine {
@@ -256,6 +248,6 @@ mod tests {
         // A line without its end, past the line limit, is kept cut.
         out.take("y".repeat(3 * MAX_LINE_BYTES).as_bytes());
         let last = logs.read(0, usize::MAX).lines.pop().unwrap();
-        assert!(last.line.len() <= MAX_LINE_BYTES + 6, "{}", last.line.len());
+        assert!(last.line.len() <= MAX_LINE_BYTES, "{}", last.line.len());
     }
 }

@@ -394,16 +394,7 @@ impl wit_log::Host for HostState {
     fn log(&mut self, level: wit_log::Level, message: String) {
         let plugin = &*self.plugin;
         if matches!(level, wit_log::Level::Error) && message.starts_with(PANIC_PREFIX) {
-            let mut kept = message.clone();
-            if kept.len() > MAX_PANIC_BYTES {
-                let mut end = MAX_PANIC_BYTES;
-                while !kept.is_char_boundary(end) {
-                    end -= 1;
-                }
-                kept.truncate(end);
-                kept.push_str(" [cut]");
-            }
-            self.panicked = Some(kept);
+            self.panicked = Some(crate::limits::bound(message.clone(), MAX_PANIC_BYTES));
         }
         let source = match level {
             wit_log::Level::Trace => "trace",
