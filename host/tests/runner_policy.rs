@@ -134,6 +134,16 @@ async fn append_typed(log: &SledLog, event_type: &str, payloads: &[&str]) {
     .unwrap();
 }
 
+/// A policy with `retries` and `quarantine_after` and waits of a few milliseconds.
+fn quick(retries: u32, quarantine_after: u32) -> OnFailure {
+    OnFailure {
+        retries,
+        backoff_ms: 1,
+        max_backoff_ms: 5,
+        quarantine_after,
+    }
+}
+
 fn options(on_failure: OnFailure) -> RunnerOptions {
     RunnerOptions {
         on_failure,
@@ -202,16 +212,7 @@ async fn a_failing_event_costs_only_itself() {
     let s = setup();
     append(&s.log, &["1", "2", "\"bad\"", "4", "5"]).await;
     let handler = scripted(0);
-    let (runner, store) = spawn(
-        &s,
-        handler.clone(),
-        OnFailure {
-            retries: 2,
-            backoff_ms: 1,
-            max_backoff_ms: 5,
-            quarantine_after: 0,
-        },
-    );
+    let (runner, store) = spawn(&s, handler.clone(), quick(2, 0));
     until("the checkpoint passes the head", || {
         runner.status().position >= 5
     })
@@ -233,16 +234,7 @@ async fn host_failures_are_retried_never_dead_lettered() {
     let s = setup();
     append(&s.log, &["1", "2", "3"]).await;
     let handler = scripted(3);
-    let (runner, store) = spawn(
-        &s,
-        handler.clone(),
-        OnFailure {
-            retries: 0,
-            backoff_ms: 1,
-            max_backoff_ms: 5,
-            quarantine_after: 1,
-        },
-    );
+    let (runner, store) = spawn(&s, handler.clone(), quick(0, 1));
     until("the checkpoint passes the head", || {
         runner.status().position >= 3
     })
@@ -314,12 +306,7 @@ async fn retries_back_off_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_in_a_row_quarantine_until_resumed() {
     let s = setup();
-    let policy = OnFailure {
-        retries: 0,
-        backoff_ms: 1,
-        max_backoff_ms: 1,
-        quarantine_after: 2,
-    };
+    let policy = quick(0, 2);
     // Dead letters at 0, 2 and 3: the good event at 1 resets the count, so only 2 and 3
     // are two in a row.
     append(&s.log, &["\"bad\"", "1", "\"bad\"", "\"bad\"", "4", "5"]).await;
