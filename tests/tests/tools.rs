@@ -439,13 +439,13 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
 /// An invocation that waits on a slow host is cut off at the tool's time limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_invocation_fails_at_the_time_limit() {
-    let slow = CountingServer::start(Duration::from_secs(5)).await;
+    let slow = CountingServer::start(Duration::from_secs(20)).await;
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
     let (s, body) = upload(
         &h,
         "http-get",
-        &http_get_manifest(&slow.authority, 400),
+        &http_get_manifest(&slow.authority, 1_500),
         wasm("http-get"),
     )
     .await;
@@ -463,6 +463,9 @@ async fn a_slow_invocation_fails_at_the_time_limit() {
     let msg = o["payload"]["error"]["message"].as_str().unwrap();
     assert!(msg.to_lowercase().contains("timeout"), "{msg}");
     let ms = o["payload"]["duration_ms"].as_f64().unwrap();
-    assert!(ms < 2_000.0, "ran {ms} ms against a limit of 400 ms");
-    assert_eq!(slow.count("/slow"), 1);
+    // The limit is generous and the host far slower, so that a loaded machine still sends
+    // the request inside the limit; what matters is that the call ends near the limit,
+    // long before the host would answer, and that the request was made once, not retried.
+    assert!(ms < 8_000.0, "ran {ms} ms against a limit of 1500 ms and a 20 s host");
+    assert_eq!(slow.count("/slow"), 1, "the slow host saw the request once");
 }
