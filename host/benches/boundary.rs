@@ -29,11 +29,15 @@ struct TypeCounter;
 impl evhost_sdk::Projection for TypeCounter {
     type State = u64;
 
-    fn key(event: &evhost_sdk::Event) -> Option<String> {
-        Some(event.event_type.clone())
+    fn key(event: &evhost_sdk::Event) -> Result<String, evhost_sdk::Error> {
+        Ok(event.event_type.to_string())
     }
 
-    fn apply(count: &mut u64, _event: &evhost_sdk::Event) -> Result<(), evhost_sdk::Error> {
+    fn apply(
+        _type: &str,
+        count: &mut u64,
+        _event: &evhost_sdk::Event,
+    ) -> Result<(), evhost_sdk::Error> {
         *count += 1;
         Ok(())
     }
@@ -103,6 +107,18 @@ fn load(runtime: &Arc<Runtime>, name: &str) -> ProjectionPlugin {
     runtime.plugin(&compiled, &manifest).unwrap()
 }
 
+/// A test guest straight from the plugins' build (it has no manifest of its own).
+fn load_built(runtime: &Arc<Runtime>, crate_name: &str, manifest: &str) -> ProjectionPlugin {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins-build/wasm32-wasip2/release");
+    let wasm = std::fs::read(built.join(format!("{crate_name}.wasm"))).unwrap_or_else(|_| {
+        panic!("{crate_name}.wasm: run scripts/build-plugins.sh first")
+    });
+    let manifest = Manifest::parse(manifest).unwrap();
+    let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
+    runtime.plugin(&compiled, &manifest).unwrap()
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -116,9 +132,14 @@ fn main() {
     let events = events(n);
     println!("evhost boundary benchmark ({n} events per pass, runtime only, state in memory)");
     let counter = load(&runtime, "type-counter");
+    // The same projection built against evhost:plugin@0.1.0, whose batch crosses as a list
+    // of records (a string per field, each allocated in the guest by the host): the other
+    // way a batch can cross, measured beside the 0.2.0 buffer.
+    let counter_v01 = load_built(&runtime, "v0_1_type_counter", "name = \"v0-1-type-counter\"\nversion = \"0.1.0\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n");
     let stats = load(&runtime, "assistant-stats");
-    let sides: [(&str, Fold<'_>, Fold<'_>); 2] = [
+    let sides: [(&str, Fold<'_>, Fold<'_>); 3] = [
         ("type-counter", wasm(&counter), native::<TypeCounter>()),
+        ("type-counter@0.1", wasm(&counter_v01), native::<TypeCounter>()),
         (
             "assistant-stats",
             wasm(&stats),
@@ -142,11 +163,12 @@ fn main() {
         );
     }
     // One call of one event: the fixed cost of a call (instance, store, epoch deadline).
-    let (name, wasm, _) = &sides[0];
     let few = &events[..n.min(20_000)];
-    let one = run(wasm, few, 1);
-    println!(
-        "call      {name:<16} one event per call: {:>8.2} µs per call",
-        one.as_secs_f64() * 1e6
-    );
+    for (name, wasm, _) in &sides[..2] {
+        let one = run(wasm, few, 1);
+        println!(
+            "call      {name:<16} one event per call: {:>8.2} µs per call",
+            one.as_secs_f64() * 1e6
+        );
+    }
 }

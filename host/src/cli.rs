@@ -95,6 +95,14 @@ enum PluginCommand {
         /// The component, if not beside the manifest.
         #[arg(long)]
         wasm: Option<PathBuf>,
+        /// A value over the manifest's `[config]` (KEY=VALUE); repeat for more. Secret
+        /// values are never shown or logged.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Grant this load a capability its manifest asks for: `http:HOST:PORT`, `clock` or
+        /// `random`; repeat for more.
+        #[arg(long = "grant", value_name = "CAP")]
+        grant: Vec<String>,
     },
     /// List loaded plugins with their status, position and lag.
     List {
@@ -259,6 +267,11 @@ struct PolicyArgs {
     /// Largest `limits.fuel_per_event`; manifests must then set one.
     #[arg(long, value_name = "FUEL")]
     plugin_max_fuel_per_event: Option<u64>,
+    /// Grant a capability a manifest may ask for: `http:HOST:PORT`, `clock` or `random` for
+    /// every plugin, `PLUGIN=CAP` for one; repeat for more. A capability takes effect only
+    /// when the manifest asks for it and it is granted here or with the load.
+    #[arg(long, value_name = "[PLUGIN=]CAP")]
+    grant: Vec<String>,
     /// Refuse loading, replacing and unloading plugins over the API: only --plugins loads.
     #[arg(long)]
     no_hot_load: bool,
@@ -269,7 +282,7 @@ struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    fn policy(&self) -> crate::registry::PluginPolicy {
+    fn policy(&self) -> Result<crate::registry::PluginPolicy, String> {
         let http_hosts = if self.plugin_http_deny_all {
             Some(Default::default())
         } else if self.plugin_http_allow.is_empty() {
@@ -282,14 +295,15 @@ impl PolicyArgs {
                     .collect(),
             )
         };
-        crate::registry::PluginPolicy {
+        Ok(crate::registry::PluginPolicy {
+            grants: crate::registry::GrantTable::parse(&self.grant)?,
             http_hosts,
             max_memory_mb: self.plugin_max_memory_mb,
             max_concurrency: self.plugin_max_concurrency,
             max_batch_timeout_ms: self.plugin_max_batch_timeout_ms,
             max_fuel_per_event: self.plugin_max_fuel_per_event,
             hot_load: !self.no_hot_load,
-        }
+        })
     }
 }
 
@@ -453,7 +467,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         erase_round_bytes: args.erase_round_kb.map(|kb| kb * 1024),
         plugins: args.plugins.clone(),
         precedence: args.policy.plugin_precedence,
-        policy: args.policy.policy(),
+        policy: args.policy.policy().map_err(anyhow::Error::msg)?,
         flow_index: true,
     };
     let host = crate::host::Host::start(config).await?;
@@ -696,16 +710,45 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             remote,
             manifest,
             wasm,
+            config,
+            grant,
         } => {
+            let mut options = crate::registry::LoadOptions::default();
+            for kv in &config {
+                let (k, v) = kv.split_once('=').with_context(|| {
+                    format!("--config {kv}: give KEY=VALUE")
+                })?;
+                options.config.insert(k.to_owned(), v.to_owned());
+            }
+            for cap in &grant {
+                options
+                    .grants
+                    .add(cap)
+                    .map_err(|e| anyhow::anyhow!("--grant {cap}: {e}"))?;
+            }
             let wasm = wasm.unwrap_or_else(|| manifest.with_extension("wasm"));
             let text = std::fs::read_to_string(&manifest)
                 .with_context(|| format!("reading the manifest {}", manifest.display()))?;
             let bytes = std::fs::read(&wasm)
                 .with_context(|| format!("reading the component {}", wasm.display()))?;
             let parsed = crate::plugin::Manifest::parse(&text)?;
-            let form = reqwest::multipart::Form::new()
+            let mut form = reqwest::multipart::Form::new()
                 .part("manifest", reqwest::multipart::Part::text(text))
                 .part("wasm", reqwest::multipart::Part::bytes(bytes));
+            if !options.config.is_empty() {
+                form = form.part(
+                    "config",
+                    reqwest::multipart::Part::text(serde_json::to_string(&options.config)?),
+                );
+            }
+            if options.grants != Default::default() {
+                form = form.part(
+                    "grants",
+                    reqwest::multipart::Part::text(serde_json::to_string(
+                        &options.grants.to_caps(),
+                    )?),
+                );
+            }
             let resp = remote
                 .client()?
                 .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))

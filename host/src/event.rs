@@ -352,7 +352,8 @@ impl Metadata {
         self.to_pairs_ref().map(|(k, v)| k.len() + v.len()).sum()
     }
 
-    fn to_pairs_ref(&self) -> impl Iterator<Item = (&str, &str)> {
+    /// The pairs without copying them.
+    pub(crate) fn to_pairs_ref(&self) -> impl Iterator<Item = (&str, &str)> {
         [
             ("correlation_id", &self.correlation_id),
             ("causation_id", &self.causation_id),

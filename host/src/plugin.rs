@@ -1,6 +1,8 @@
 //! Plugins: the manifest, the sandboxed component runtime and its worlds, and the store of
 //! their state.
 
+mod batch;
+mod contract;
 mod handler;
 mod logs;
 mod manifest;
@@ -9,10 +11,12 @@ mod sandbox;
 mod store;
 mod worlds;
 
+pub use contract::{Contract, WitVersion};
 pub use handler::{Derived, Handler, HandlerError, Output};
 pub use logs::{LOG_BUFFER_BYTES, LogLine, LogPage, MAX_LINE_BYTES, PluginLogs};
 pub use manifest::{
-    Capabilities, InvalidManifest, Kind, Limits, Manifest, OnFailure, PluginId, StartFrom,
+    Capabilities, ConfigEntry, InvalidManifest, Kind, Limits, MAX_CONFIG_VALUE_BYTES, Manifest,
+    OnFailure, PluginConfig, PluginId, StartFrom,
     valid_name,
 };
 pub use runtime::{

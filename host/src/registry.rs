@@ -11,6 +11,7 @@
 //! a compile, a runner's stop or a storage scan, so other plugins and status reads are never
 //! held up.
 
+mod grants;
 mod names;
 mod policy;
 
@@ -27,7 +28,7 @@ use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, MemState, PluginError,
+    CompileError, ExtractorPlugin, PluginConfig, Handler, Kind, LogPage, Manifest, MemState, PluginError,
     PluginStore, ProjectionPlugin, Runtime, StartFrom, StateView, StoreError, ToolInfo, ToolPlugin,
     UsageReport, component_hash, valid_name,
 };
@@ -37,6 +38,7 @@ use crate::runner::{
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 use names::NameLocks;
+pub use grants::{GrantTable, Grants, LoadOptions};
 pub use policy::PluginPolicy;
 
 /// Why a registry operation failed.
@@ -98,6 +100,13 @@ pub struct PluginInfo {
     pub version: String,
     /// projection, extractor or tool.
     pub kind: Kind,
+    /// The version of the plugin contract (`evhost:plugin` WIT package) the component
+    /// implements, told from its exports.
+    pub wit: crate::plugin::WitVersion,
+    /// Its configuration: the manifest's `[config]` with this load's overrides; secret
+    /// values show as `(secret)`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub config: std::collections::BTreeMap<String, String>,
     /// Patterns it receives.
     pub subscriptions: Vec<String>,
     /// SHA-256 of the component.
@@ -313,18 +322,23 @@ impl Registry {
     /// different component starts its state over from the manifest's `start`. The old
     /// runner has stopped before anything of the new one happens; a storage failure after
     /// that leaves the plugin unloaded.
+    ///
+    /// `options` are the operator's config overrides and grants for this load: a
+    /// capability the manifest asks for must be granted by the host's `--grant` or by them.
     pub async fn load(
         self: &Arc<Self>,
         manifest_text: &str,
         wasm: Vec<u8>,
         persist: bool,
+        options: LoadOptions,
     ) -> Result<PluginInfo, RegistryError> {
         let source = if persist {
             Source::Api
         } else {
             Source::Embedded
         };
-        self.load_from(manifest_text, wasm, source, None).await
+        self.load_from(manifest_text, wasm, source, None, options)
+            .await
     }
 
     /// [`Registry::load`] of a copy from `source` (`Source::Api` keeps it for the next
@@ -335,9 +349,10 @@ impl Registry {
         wasm: Vec<u8>,
         source: Source,
         note: Option<String>,
+        options: LoadOptions,
     ) -> Result<PluginInfo, RegistryError> {
         let (this, text) = (self.clone(), manifest_text.to_owned());
-        tokio::spawn(async move { this.load_task(text, wasm, source, note).await })
+        tokio::spawn(async move { this.load_task(text, wasm, source, note, options).await })
             .await
             .map_err(storage)?
     }
@@ -348,13 +363,20 @@ impl Registry {
         wasm: Vec<u8>,
         source: Source,
         note: Option<String>,
+        options: LoadOptions,
     ) -> Result<PluginInfo, RegistryError> {
         let persist = source == Source::Api;
         let manifest =
             Manifest::parse(&manifest_text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        self.policy()
-            .admits(&manifest)
+        let policy = self.policy();
+        policy.admits(&manifest).map_err(RegistryError::Refused)?;
+        policy
+            .admits_grants(&options)
             .map_err(RegistryError::Refused)?;
+        options
+            .admit(&manifest, &policy.grants)
+            .map_err(RegistryError::Refused)?;
+        let config = Arc::new(options.config(&manifest).map_err(RegistryError::Invalid)?);
         let note = note.or_else(|| self.api_note(&manifest.name, &source));
         // Compiling (or loading from the cache) and linking need no lock; the hash stays
         // pinned in the compile cache until the plugin is registered as loaded.
@@ -372,7 +394,7 @@ impl Registry {
             }
             CompileError::Cache(m) => RegistryError::Storage(m),
         })?;
-        let plugin = self.component(&compiled, &manifest).await?;
+        let plugin = self.component(&compiled, &manifest, config).await?;
 
         let name = manifest.name.clone();
         let _held = self.names.lock(&name).await;
@@ -385,7 +407,7 @@ impl Registry {
                 &plugin,
                 &compiled.hash,
                 old_store,
-                persist,
+                persist.then_some(&options),
             )
             .await;
         let (runner, store) = match started {
@@ -495,7 +517,7 @@ impl Registry {
         plugin: &Component,
         hash: &str,
         store: Option<PluginStore>,
-        persist: bool,
+        persist: Option<&LoadOptions>,
     ) -> Result<(Runner, PluginStore), RegistryError> {
         let store = match store {
             Some(s) => s,
@@ -527,13 +549,14 @@ impl Registry {
                 "new component: state starts over"
             );
         }
-        if persist {
-            let (dir, name, text) = (
+        if let Some(options) = persist {
+            let (dir, name, text, options) = (
                 self.dir.clone(),
                 manifest.name.clone(),
                 manifest_text.to_owned(),
+                options.clone(),
             );
-            blocking(move || persist_files(&dir, &name, &text, &wasm))
+            blocking(move || persist_files(&dir, &name, &text, &wasm, &options))
                 .await?
                 .map_err(|e| {
                     storage(format!(
@@ -616,12 +639,18 @@ impl Registry {
         &self,
         compiled: &crate::plugin::Compiled,
         manifest: &Manifest,
+        config: Arc<PluginConfig>,
     ) -> Result<Component, RegistryError> {
+        let rt = &self.runtime;
         Ok(match manifest.kind {
-            Kind::Projection => Component::Projection(self.runtime.plugin(compiled, manifest)?),
-            Kind::Extractor => Component::Extractor(self.runtime.plugin(compiled, manifest)?),
+            Kind::Projection => {
+                Component::Projection(rt.plugin_configured(compiled, manifest, config)?)
+            }
+            Kind::Extractor => {
+                Component::Extractor(rt.plugin_configured(compiled, manifest, config)?)
+            }
             Kind::Tool => {
-                let plugin: ToolPlugin = self.runtime.plugin(compiled, manifest)?;
+                let plugin: ToolPlugin = rt.plugin_configured(compiled, manifest, config)?;
                 let p = plugin.clone();
                 let info = blocking(move || p.describe()).await??;
                 let id = plugin.id().to_owned();
@@ -711,9 +740,16 @@ impl Registry {
             }
         }
         for (_, (manifest, wasm, source, note)) in chosen {
-            let result = match (std::fs::read_to_string(&manifest), std::fs::read(&wasm)) {
-                (Ok(m), Ok(w)) => self.load_from(&m, w, source, note).await.map(|_| ()),
-                (Err(e), _) | (_, Err(e)) => Err(storage(e)),
+            // An upload loads again with the options it was loaded with; the operator's
+            // directory with the host's grants alone.
+            let options = match &source {
+                Source::Uploaded { .. } => read_options(&manifest),
+                _ => Ok(LoadOptions::default()),
+            };
+            let result = match (std::fs::read_to_string(&manifest), std::fs::read(&wasm), options) {
+                (Ok(m), Ok(w), Ok(o)) => self.load_from(&m, w, source, note, o).await.map(|_| ()),
+                (Err(e), _, _) | (_, Err(e), _) => Err(storage(e)),
+                (_, _, Err(e)) => Err(storage(e)),
             };
             if let Err(e) = result {
                 failed.push((manifest, e));
@@ -788,7 +824,7 @@ impl Registry {
         let dir = self.dir.clone();
         let n = name.clone();
         blocking(move || {
-            for ext in ["wasm", "toml"] {
+            for ext in ["wasm", "toml", "load.json"] {
                 let _ = std::fs::remove_file(dir.join(format!("{n}.{ext}")));
             }
         })
@@ -953,6 +989,16 @@ impl Registry {
             name: l.manifest.name.clone(),
             version: l.manifest.version.clone(),
             kind: l.manifest.kind,
+            wit: match &l.plugin {
+                Component::Projection(p) => p.contract().wit,
+                Component::Extractor(p) => p.contract().wit,
+                Component::Tool(t) => t.contract().wit,
+            },
+            config: match &l.plugin {
+                Component::Projection(p) => p.config().shown(),
+                Component::Extractor(p) => p.config().shown(),
+                Component::Tool(t) => t.config().shown(),
+            },
             subscriptions: l
                 .manifest
                 .subscriptions
@@ -1146,15 +1192,55 @@ fn plugin_files(
     found
 }
 
-fn persist_files(dir: &Path, name: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
+/// Keeps an upload for the next start: `NAME.wasm`, `NAME.toml` and, when the load had
+/// any, its options in `NAME.load.json` (readable by the host's user only: config values
+/// may be secrets).
+fn persist_files(
+    dir: &Path,
+    name: &str,
+    manifest: &str,
+    wasm: &[u8],
+    options: &LoadOptions,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)?;
-    for (ext, bytes) in [("wasm", wasm), ("toml", manifest.as_bytes())] {
+    let options_json = serde_json::to_vec(options).map_err(std::io::Error::other)?;
+    let options_path = dir.join(format!("{name}.load.json"));
+    if *options == LoadOptions::default() {
+        match std::fs::remove_file(&options_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    let mut files = vec![("wasm", wasm), ("toml", manifest.as_bytes())];
+    if *options != LoadOptions::default() {
+        files.push(("load.json", &options_json));
+    }
+    for (ext, bytes) in files {
         let path = dir.join(format!("{name}.{ext}"));
         let tmp = dir.join(format!("{name}.{ext}.tmp"));
-        std::fs::write(&tmp, bytes)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
     }
     Ok(())
+}
+
+/// The options an upload was loaded with, kept beside its manifest (none when absent).
+fn read_options(manifest: &Path) -> Result<LoadOptions, String> {
+    let path = manifest.with_extension("load.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} does not parse: {e}; fix or remove it", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LoadOptions::default()),
+        Err(e) => Err(format!("{} cannot be read: {e}", path.display())),
+    }
 }
 
 fn projection_of(name: &str, c: Component) -> Result<ProjectionPlugin, RegistryError> {

@@ -186,6 +186,16 @@ impl ToolHandler {
         self.plugin.logs()
     }
 
+    /// The world and contract version its component implements.
+    pub(crate) fn contract(&self) -> crate::plugin::Contract {
+        self.plugin.contract()
+    }
+
+    /// Its configuration.
+    pub(crate) fn config(&self) -> &crate::plugin::PluginConfig {
+        self.plugin.config()
+    }
+
     /// Why `input` does not fit the schema, naming where; `None` when it fits. Each error is
     /// cut short (they quote the offending input, which may be as large as the request).
     fn schema_error(&self, input: &Value) -> Option<String> {

@@ -1,16 +1,21 @@
 //! Events as a plugin sees them, and the errors it returns.
 
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 
 /// A committed event: the envelope's fields plus the payload as JSON text.
+///
+/// Inside wasm its text borrows the batch the host handed over (decoded in place, nothing
+/// copied); events built in tests own theirs. Fields read as `&str` through `Cow`'s deref.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Event {
+pub struct Event<'a> {
     /// Unique id.
-    pub id: String,
+    pub id: Cow<'a, str>,
     /// `domain.action.state`.
-    pub event_type: String,
+    pub event_type: Cow<'a, str>,
     /// The aggregate or entity the event belongs to.
-    pub stream: String,
+    pub stream: Cow<'a, str>,
     /// Global position in the log.
     pub position: u64,
     /// Version within the stream.
@@ -18,33 +23,34 @@ pub struct Event {
     /// Microseconds since the Unix epoch (UTC), assigned at append.
     pub timestamp_micros: i64,
     /// The producing service or plugin.
-    pub source: String,
+    pub source: Cow<'a, str>,
     /// The payload as JSON text.
-    pub payload: String,
+    pub payload: Cow<'a, str>,
     /// Metadata keys and values (correlation_id, causation_id, ...).
-    pub metadata: Vec<(String, String)>,
+    pub metadata: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 }
 
-impl Event {
+impl<'a> Event<'a> {
     /// An event of `event_type` with `payload` (JSON text), for tests.
-    pub fn new(event_type: &str, payload: &str) -> Self {
+    pub fn new(event_type: impl Into<Cow<'a, str>>, payload: impl Into<Cow<'a, str>>) -> Self {
         Self {
-            event_type: event_type.to_owned(),
-            payload: payload.to_owned(),
+            event_type: event_type.into(),
+            payload: payload.into(),
             ..Self::default()
         }
     }
 
     /// Sets the stream.
-    pub fn with_stream(mut self, stream: &str) -> Self {
-        self.stream = stream.to_owned();
+    pub fn with_stream(mut self, stream: impl Into<Cow<'a, str>>) -> Self {
+        self.stream = stream.into();
         self
     }
 
     /// Sets a metadata key.
     pub fn with_meta(mut self, key: &str, value: &str) -> Self {
         self.metadata.retain(|(k, _)| k != key);
-        self.metadata.push((key.to_owned(), value.to_owned()));
+        self.metadata
+            .push((Cow::Owned(key.to_owned()), Cow::Owned(value.to_owned())));
         self
     }
 
@@ -54,7 +60,8 @@ impl Event {
         self
     }
 
-    /// Parses the payload into `T`; a payload that does not fit is the event's fault.
+    /// Parses the payload into `T`; a payload that does not fit is the event's fault, and
+    /// the event is dead-lettered with this reason.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
         serde_json::from_str(&self.payload).map_err(|e| {
             Error::InvalidInput(format!(
@@ -69,19 +76,40 @@ impl Event {
         self.metadata
             .iter()
             .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| &**v)
     }
 
     /// `metadata.correlation_id`.
     pub fn correlation_id(&self) -> Option<&str> {
         self.meta("correlation_id")
     }
+
+    /// The same event owning its text, to keep beyond the batch.
+    pub fn into_owned(self) -> Event<'static> {
+        let own = |c: Cow<'a, str>| Cow::Owned(c.into_owned());
+        Event {
+            id: own(self.id),
+            event_type: own(self.event_type),
+            stream: own(self.stream),
+            position: self.position,
+            version: self.version,
+            timestamp_micros: self.timestamp_micros,
+            source: own(self.source),
+            payload: own(self.payload),
+            metadata: self
+                .metadata
+                .into_iter()
+                .map(|(k, v)| (own(k), own(v)))
+                .collect(),
+        }
+    }
 }
 
 /// Why a plugin could not handle its input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The event or request cannot be handled as it is.
+    /// The event or request cannot be handled as it is: the host dead-letters the event
+    /// with this reason.
     InvalidInput(String),
     /// Anything else.
     Failed(String),
@@ -89,7 +117,7 @@ pub enum Error {
 
 impl Error {
     /// The same error, naming the event it happened at.
-    pub fn at(self, event: &Event) -> Self {
+    pub fn at(self, event: &Event<'_>) -> Self {
         let at = |m: String| format!("{} at position {}: {m}", event.event_type, event.position);
         match self {
             Error::InvalidInput(m) => Error::InvalidInput(at(m)),

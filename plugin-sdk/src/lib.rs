@@ -1,4 +1,4 @@
-//! evhost-sdk: write evhost plugins in Rust.
+//! evhost-sdk: write evhost plugins in Rust, against `evhost:plugin@0.2.0`.
 //!
 //! A projection folds events into typed state. Implement [`Projection`], export it with
 //! [`export_projection!`], and build with `cargo build --release --target wasm32-wasip2`:
@@ -15,7 +15,7 @@
 //! impl Projection for Counter {
 //!     type State = Counts;
 //!     // Fold every event of a stream into that stream's state (the default key).
-//!     fn apply(state: &mut Counts, _event: &Event) -> Result<(), Error> {
+//!     fn apply(_stream: &str, state: &mut Counts, _event: &Event) -> Result<(), Error> {
 //!         state.total += 1;
 //!         Ok(())
 //!     }
@@ -30,66 +30,159 @@
 //!
 //! The host stores each key's state beside the projection's checkpoint, commits a batch's
 //! state and checkpoint together, and serves it at `GET /v1/projections/{name}/state?key=`.
+//! Extractors ([`Extractor`], [`export_extractor!`]) derive events; tools ([`Tool`],
+//! [`export_tool!`]) run invocations. [`log`] writes to the plugin's log, [`config`] reads
+//! its configuration, and [`testing::Harness`] runs all three kinds natively.
+//!
+//! The WIT the SDK implements is inside the crate (`wit/plugin.wit`), so the crate stands
+//! alone: depend on it by path or git.
 
+pub mod batch;
+pub mod config;
 mod event;
 mod extractor;
 pub mod log;
 mod projection;
+pub mod state;
 pub mod testing;
 mod tool;
 
 pub use event::{Error, Event};
 pub use extractor::{Extractor, NewEvent};
 pub use projection::{Projection, Store};
-pub use tool::{Tool, invoke_json};
+pub use tool::Tool;
 
-/// Generated bindings of the `projection` world; glue for [`export_projection!`].
-#[doc(hidden)]
-pub mod projection_bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "projection",
-        pub_export_macro: true,
-        export_macro_name: "export_projection_world",
-        default_bindings_module: "evhost_sdk::projection_bindings",
-    });
+/// The generated bindings, once per world; the shared interfaces (types, state, log,
+/// config) are generated with the projection world and reused by the others. Private: the
+/// SDK's own types are the API.
+mod bindings {
+    pub mod projection {
+        wit_bindgen::generate!({
+            path: "wit",
+            world: "projection",
+            pub_export_macro: true,
+            export_macro_name: "export_projection_world",
+            default_bindings_module: "evhost_sdk::__private::projection",
+        });
+    }
+    pub mod extractor {
+        wit_bindgen::generate!({
+            path: "wit",
+            world: "extractor",
+            pub_export_macro: true,
+            export_macro_name: "export_extractor_world",
+            default_bindings_module: "evhost_sdk::__private::extractor",
+            with: {
+                "evhost:plugin/types@0.2.0": crate::bindings::projection::evhost::plugin::types,
+                "evhost:plugin/state@0.2.0": crate::bindings::projection::evhost::plugin::state,
+                "evhost:plugin/log@0.2.0": crate::bindings::projection::evhost::plugin::log,
+                "evhost:plugin/config@0.2.0": crate::bindings::projection::evhost::plugin::config,
+            },
+        });
+    }
+    pub mod tool {
+        wit_bindgen::generate!({
+            path: "wit",
+            world: "tool",
+            pub_export_macro: true,
+            export_macro_name: "export_tool_world",
+            default_bindings_module: "evhost_sdk::__private::tool",
+            with: {
+                "evhost:plugin/types@0.2.0": crate::bindings::projection::evhost::plugin::types,
+                "evhost:plugin/log@0.2.0": crate::bindings::projection::evhost::plugin::log,
+                "evhost:plugin/config@0.2.0": crate::bindings::projection::evhost::plugin::config,
+            },
+        });
+    }
+    #[allow(unused_imports)]
+    pub(crate) use projection::evhost::plugin::{config, log, state, types};
 }
 
-/// Generated bindings of the `extractor` world; glue for [`export_extractor!`].
-#[doc(hidden)]
-pub mod extractor_bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "extractor",
-        pub_export_macro: true,
-        export_macro_name: "export_extractor_world",
-        default_bindings_module: "evhost_sdk::extractor_bindings",
-    });
-}
-
-/// Generated bindings of the `tool` world; glue for [`export_tool!`].
-#[doc(hidden)]
-pub mod tool_bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "tool",
-        pub_export_macro: true,
-        export_macro_name: "export_tool_world",
-        default_bindings_module: "evhost_sdk::tool_bindings",
-    });
-}
-
+/// Glue for the export macros; not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::extractor::wasm_extract;
-    pub use crate::projection::{wasm_handle, wasm_query};
-    pub use crate::tool::wasm::{wasm_describe, wasm_invoke};
+    pub use crate::bindings::extractor;
+    pub use crate::bindings::projection;
+    pub use crate::bindings::tool;
+    pub use crate::bindings::types::{Error as WitError, NewEvent as WitNewEvent, ToolInfo};
+
+    use crate::bindings::{state, types as wit};
+    use crate::{Error, Extractor, NewEvent, Projection, Store, Tool};
+
+    /// The host's store, through the `state` import.
+    struct HostStore;
+
+    impl Store for HostStore {
+        fn get(&mut self, key: &str) -> Option<String> {
+            state::get(key)
+        }
+        fn set(&mut self, key: &str, value: &str) {
+            state::set(key, value)
+        }
+        fn delete(&mut self, key: &str) {
+            state::delete(key)
+        }
+        fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
+            state::scan_prefix(prefix)
+        }
+    }
+
+    fn to_wit(e: Error) -> wit::Error {
+        match e {
+            Error::InvalidInput(m) => wit::Error::InvalidInput(m),
+            Error::Failed(m) => wit::Error::Failed(m),
+        }
+    }
+
+    pub fn handle<P: Projection>(batch: Vec<u8>) -> Result<(), WitError> {
+        report_panics();
+        let events = crate::batch::decode(&batch).map_err(to_wit)?;
+        crate::projection::handle_batch::<P>(&mut HostStore, &events).map_err(to_wit)
+    }
+
+    pub fn query<P: Projection>(request: String) -> Result<String, WitError> {
+        report_panics();
+        P::query(&mut HostStore, &request).map_err(to_wit)
+    }
+
+    pub fn extract<X: Extractor>(batch: Vec<u8>) -> Result<Vec<Vec<WitNewEvent>>, WitError> {
+        report_panics();
+        let events = crate::batch::decode(&batch).map_err(to_wit)?;
+        let out = crate::extractor::extract_batch::<X>(&mut HostStore, &events).map_err(to_wit)?;
+        Ok(out
+            .into_iter()
+            .map(|list| {
+                list.into_iter()
+                    .map(|e: NewEvent| WitNewEvent {
+                        event_type: e.event_type,
+                        stream: e.stream,
+                        payload: e.payload,
+                        metadata: e.metadata,
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    pub fn describe<T: Tool>() -> ToolInfo {
+        report_panics();
+        ToolInfo {
+            name: T::NAME.to_owned(),
+            description: T::DESCRIPTION.to_owned(),
+            input_schema: T::input_schema().to_string(),
+        }
+    }
+
+    pub fn invoke<T: Tool>(input: String) -> Result<String, WitError> {
+        report_panics();
+        crate::tool::invoke_json::<T>(&input).map_err(to_wit)
+    }
 
     /// Reports a panic to the host before the component traps, as an error log line
     /// starting `panicked at `: the host makes it the reason of the trap, so the dead
     /// letter and the status say what panicked instead of "unreachable executed". Installed
     /// once, at the first call of any export.
-    pub fn report_panics() {
+    fn report_panics() {
         #[cfg(target_arch = "wasm32")]
         {
             static ONCE: std::sync::Once = std::sync::Once::new();
@@ -112,26 +205,55 @@ pub mod __private {
     }
 }
 
+/// Exports a [`Projection`] implementation as the component's `projection` world.
+#[macro_export]
+macro_rules! export_projection {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __EvhostProjectionExport;
+        impl $crate::__private::projection::exports::evhost::plugin::projection_handler::Guest
+            for __EvhostProjectionExport
+        {
+            fn handle(
+                batch: ::std::vec::Vec<u8>,
+            ) -> ::std::result::Result<(), $crate::__private::WitError> {
+                $crate::__private::handle::<$t>(batch)
+            }
+            fn query(
+                request: ::std::string::String,
+            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitError> {
+                $crate::__private::query::<$t>(request)
+            }
+        }
+        // Inside wasm only: a native build (the plugin's tests) exports no symbols, whose
+        // interface-qualified names native linkers refuse.
+        #[cfg(target_arch = "wasm32")]
+        $crate::__private::projection::export_projection_world!(__EvhostProjectionExport);
+    };
+}
+
 /// Exports an [`Extractor`] implementation as the component's `extractor` world.
 #[macro_export]
 macro_rules! export_extractor {
     ($t:ty) => {
         #[doc(hidden)]
         pub struct __EvhostExtractorExport;
-        impl $crate::extractor_bindings::Guest for __EvhostExtractorExport {
+        impl $crate::__private::extractor::exports::evhost::plugin::extractor_handler::Guest
+            for __EvhostExtractorExport
+        {
             fn handle(
-                events: ::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::Event>,
+                batch: ::std::vec::Vec<u8>,
             ) -> ::std::result::Result<
-                ::std::vec::Vec<
-                    ::std::vec::Vec<$crate::extractor_bindings::evhost::plugin::types::NewEvent>,
-                >,
-                $crate::extractor_bindings::evhost::plugin::types::Error,
+                ::std::vec::Vec<::std::vec::Vec<$crate::__private::WitNewEvent>>,
+                $crate::__private::WitError,
             > {
-                $crate::__private::report_panics();
-                $crate::__private::wasm_extract::<$t>(events)
+                $crate::__private::extract::<$t>(batch)
             }
         }
-        $crate::extractor_bindings::export_extractor_world!(__EvhostExtractorExport);
+        // Inside wasm only: a native build (the plugin's tests) exports no symbols, whose
+        // interface-qualified names native linkers refuse.
+        #[cfg(target_arch = "wasm32")]
+        $crate::__private::extractor::export_extractor_world!(__EvhostExtractorExport);
     };
 }
 
@@ -141,46 +263,22 @@ macro_rules! export_tool {
     ($t:ty) => {
         #[doc(hidden)]
         pub struct __EvhostToolExport;
-        impl $crate::tool_bindings::Guest for __EvhostToolExport {
-            fn describe() -> $crate::tool_bindings::evhost::plugin::types::ToolInfo {
-                $crate::__private::report_panics();
-                $crate::__private::wasm_describe::<$t>()
+        impl $crate::__private::tool::exports::evhost::plugin::tool_handler::Guest
+            for __EvhostToolExport
+        {
+            fn describe() -> $crate::__private::ToolInfo {
+                $crate::__private::describe::<$t>()
             }
             fn invoke(
                 input: ::std::string::String,
-            ) -> ::std::result::Result<
-                ::std::string::String,
-                $crate::tool_bindings::evhost::plugin::types::Error,
-            > {
-                $crate::__private::report_panics();
-                $crate::__private::wasm_invoke::<$t>(input)
+            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitError> {
+                $crate::__private::invoke::<$t>(input)
             }
         }
-        $crate::tool_bindings::export_tool_world!(__EvhostToolExport);
-    };
-}
-
-/// Exports a [`Projection`] implementation as the component's `projection` world.
-#[macro_export]
-macro_rules! export_projection {
-    ($t:ty) => {
-        #[doc(hidden)]
-        pub struct __EvhostProjectionExport;
-        impl $crate::projection_bindings::Guest for __EvhostProjectionExport {
-            fn handle(
-                events: ::std::vec::Vec<$crate::projection_bindings::evhost::plugin::types::Event>,
-            ) -> ::std::result::Result<(), $crate::projection_bindings::evhost::plugin::types::Error> {
-                $crate::__private::report_panics();
-                $crate::__private::wasm_handle::<$t>(events)
-            }
-            fn query(
-                request: ::std::string::String,
-            ) -> ::std::result::Result<::std::string::String, $crate::projection_bindings::evhost::plugin::types::Error> {
-                $crate::__private::report_panics();
-                $crate::__private::wasm_query::<$t>(request)
-            }
-        }
-        $crate::projection_bindings::export_projection_world!(__EvhostProjectionExport);
+        // Inside wasm only: a native build (the plugin's tests) exports no symbols, whose
+        // interface-qualified names native linkers refuse.
+        #[cfg(target_arch = "wasm32")]
+        $crate::__private::tool::export_tool_world!(__EvhostToolExport);
     };
 }
 

@@ -21,7 +21,7 @@ pub enum Level {
 pub fn log(level: Level, message: &str) {
     #[cfg(target_arch = "wasm32")]
     {
-        use crate::projection_bindings::evhost::plugin::log as wit;
+        use crate::bindings::log as wit;
         let level = match level {
             Level::Trace => wit::Level::Trace,
             Level::Debug => wit::Level::Debug,

@@ -29,25 +29,21 @@ pub trait Projection {
     /// The state kept per key, stored as JSON.
     type State: Serialize + DeserializeOwned + Default;
 
-    /// The key an event's state lives under; `None` skips the event. Defaults to its stream.
-    fn key(event: &Event) -> Option<String> {
-        Some(event.stream.clone())
+    /// The key an event's state lives under. Defaults to its stream. An error (say, a
+    /// payload without the field the key comes from) dead-letters the event with its
+    /// reason instead of skipping it silently.
+    fn key(event: &Event<'_>) -> Result<String, Error> {
+        Ok(event.stream.to_string())
     }
 
     /// Every key an event folds into, for projections where one event touches several
-    /// states (an entity graph, say). Defaults to [`Projection::key`].
-    fn keys(event: &Event) -> Vec<String> {
-        Self::key(event).into_iter().collect()
+    /// states (an entity graph, say), or none to skip it. Defaults to [`Projection::key`].
+    fn keys(event: &Event<'_>) -> Result<Vec<String>, Error> {
+        Ok(vec![Self::key(event)?])
     }
 
-    /// Folds `event` into `state`.
-    fn apply(state: &mut Self::State, event: &Event) -> Result<(), Error>;
-
-    /// Folds `event` into the state under `key`; for projections overriding
-    /// [`Projection::keys`]. Defaults to [`Projection::apply`].
-    fn apply_keyed(_key: &str, state: &mut Self::State, event: &Event) -> Result<(), Error> {
-        Self::apply(state, event)
-    }
+    /// Folds `event` into `state`, the state under `key`.
+    fn apply(key: &str, state: &mut Self::State, event: &Event<'_>) -> Result<(), Error>;
 
     /// Answers `POST /v1/projections/{name}/query`. Defaults to treating the request as a
     /// key and returning its state as JSON (`null` when absent).
@@ -59,12 +55,13 @@ pub trait Projection {
 /// Folds a batch into `store`; on error nothing has been written.
 pub(crate) fn handle_batch<P: Projection>(
     store: &mut dyn Store,
-    events: &[Event],
+    events: &[Event<'_>],
 ) -> Result<(), Error> {
     let mut touched: HashMap<String, P::State> = HashMap::new();
     for event in events {
-        for key in P::keys(event) {
-            fold_into::<P>(store, &mut touched, key, event)?;
+        for key in P::keys(event).map_err(|e| e.at(event))? {
+            let state = state_of(store, &mut touched, &key)?;
+            P::apply(&key, state, event).map_err(|e| e.at(event))?;
         }
     }
     for (key, state) in touched {
@@ -73,16 +70,6 @@ pub(crate) fn handle_batch<P: Projection>(
         store.set(&key, &json);
     }
     Ok(())
-}
-
-fn fold_into<P: Projection>(
-    store: &mut dyn Store,
-    touched: &mut HashMap<String, P::State>,
-    key: String,
-    event: &Event,
-) -> Result<(), Error> {
-    let state = state_of(store, touched, &key)?;
-    P::apply_keyed(&key, state, event).map_err(|e| e.at(event))
 }
 
 /// The state under `key`: touched earlier in the batch, else read from `store` (or default).
@@ -101,61 +88,4 @@ pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
         touched.insert(key.to_owned(), loaded);
     }
     Ok(touched.get_mut(key).expect("just inserted"))
-}
-
-mod wasm {
-    use super::Store;
-    use crate::projection_bindings::evhost::plugin::state;
-
-    /// The host's store, through the `state` import.
-    pub(super) struct HostStore;
-
-    impl Store for HostStore {
-        fn get(&mut self, key: &str) -> Option<String> {
-            state::get(key)
-        }
-        fn set(&mut self, key: &str, value: &str) {
-            state::set(key, value)
-        }
-        fn delete(&mut self, key: &str) {
-            state::delete(key)
-        }
-        fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
-            state::scan_prefix(prefix)
-        }
-    }
-}
-
-use crate::projection_bindings::evhost::plugin::types as wit;
-
-fn from_wit(e: wit::Event) -> Event {
-    Event {
-        id: e.id,
-        event_type: e.event_type,
-        stream: e.stream,
-        position: e.position,
-        version: e.version,
-        timestamp_micros: e.timestamp_micros,
-        source: e.source,
-        payload: e.payload,
-        metadata: e.metadata,
-    }
-}
-
-fn to_wit(e: Error) -> wit::Error {
-    match e {
-        Error::InvalidInput(m) => wit::Error::InvalidInput(m),
-        Error::Failed(m) => wit::Error::Failed(m),
-    }
-}
-
-#[doc(hidden)]
-pub fn wasm_handle<P: Projection>(events: Vec<wit::Event>) -> Result<(), wit::Error> {
-    let events: Vec<Event> = events.into_iter().map(from_wit).collect();
-    handle_batch::<P>(&mut wasm::HostStore, &events).map_err(to_wit)
-}
-
-#[doc(hidden)]
-pub fn wasm_query<P: Projection>(request: String) -> Result<String, wit::Error> {
-    P::query(&mut wasm::HostStore, &request).map_err(to_wit)
 }

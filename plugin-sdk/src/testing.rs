@@ -1,10 +1,12 @@
-//! A native test harness: run a projection over events without wasm or a host.
+//! A native test harness: run a projection, an extractor or a tool as the host would,
+//! without wasm or a host.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use crate::event::{Error, Event};
 use crate::projection::{Projection, Store, handle_batch};
+use crate::{Extractor, NewEvent, Tool};
 
 /// An in-memory [`Store`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,42 +31,82 @@ impl Store for MemStore {
     }
 }
 
-/// Runs projection `P` as the host would: batches are all-or-nothing, positions are given
-/// in order if the events have none.
-pub struct Harness<P: Projection> {
+/// Runs plugin `T` (a [`Projection`], an [`Extractor`] or a [`Tool`]) as the host would:
+/// batches cross the same encoding as in wasm and are all-or-nothing, events get positions
+/// in order if they have none, and [`crate::config`] reads what [`Harness::config`] set.
+pub struct Harness<T> {
     store: MemStore,
+    config: BTreeMap<String, String>,
     next_position: u64,
-    _p: PhantomData<P>,
+    _t: PhantomData<T>,
 }
 
-impl<P: Projection> Default for Harness<P> {
+impl<T> Default for Harness<T> {
     fn default() -> Self {
         Self {
             store: MemStore::default(),
+            config: BTreeMap::new(),
             next_position: 0,
-            _p: PhantomData,
+            _t: PhantomData,
         }
     }
 }
 
-impl<P: Projection> Harness<P> {
-    /// A harness with empty state.
+impl<T> Harness<T> {
+    /// A harness with empty state and no configuration.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Handles one batch; on error the state is left as it was.
-    pub fn handle(&mut self, mut events: Vec<Event>) -> Result<(), Error> {
+    /// Sets a configuration value, as a manifest's `[config]` or a load's override would.
+    pub fn config(mut self, key: &str, value: &str) -> Self {
+        self.config.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The raw store (JSON text per key).
+    pub fn store(&self) -> &MemStore {
+        &self.store
+    }
+
+    /// Gives events without a position the next ones, and encodes and decodes the batch
+    /// as the host and the guest do; runs `f` on the decoded events over a scratch copy of
+    /// the store, keeping the copy only if `f` succeeds.
+    fn batch<R>(
+        &mut self,
+        mut events: Vec<Event<'_>>,
+        f: impl FnOnce(&mut MemStore, &[Event<'_>]) -> Result<R, Error>,
+    ) -> Result<R, Error> {
         for e in &mut events {
             if e.position == 0 {
                 e.position = self.next_position;
             }
             self.next_position = e.position + 1;
         }
+        let buf = crate::batch::encode(&events);
+        let decoded = crate::batch::decode(&buf)?;
         let mut scratch = self.store.clone();
-        handle_batch::<P>(&mut scratch, &events)?;
+        let r = self.configured(|| f(&mut scratch, &decoded))?;
         self.store = scratch;
-        Ok(())
+        Ok(r)
+    }
+
+    fn configured<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            crate::config::native::with(&self.config, f)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            f()
+        }
+    }
+}
+
+impl<P: Projection> Harness<P> {
+    /// Folds one batch; on error the state is left as it was.
+    pub fn handle(&mut self, events: Vec<Event<'_>>) -> Result<(), Error> {
+        self.batch(events, |store, events| handle_batch::<P>(store, events))
     }
 
     /// The state stored under `key`.
@@ -77,29 +119,53 @@ impl<P: Projection> Harness<P> {
 
     /// Calls the projection's `query`.
     pub fn query(&mut self, request: &str) -> Result<String, Error> {
-        P::query(&mut self.store, request)
+        let store = &mut self.store;
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            crate::config::native::with(&self.config, || P::query(store, request))
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            P::query(store, request)
+        }
+    }
+}
+
+impl<X: Extractor> Harness<X> {
+    /// Runs the extractor over one batch: one list of derived events per input event; on
+    /// error the state is left as it was.
+    pub fn extract(&mut self, events: Vec<Event<'_>>) -> Result<Vec<Vec<NewEvent>>, Error> {
+        self.batch(events, |store, events| {
+            crate::extractor::extract_batch::<X>(store, events)
+        })
     }
 
-    /// The raw store (JSON text per key).
-    pub fn store(&self) -> &MemStore {
-        &self.store
+    /// The extractor's state stored under `key`.
+    pub fn extractor_state(&self, key: &str) -> Option<X::State> {
+        self.store
+            .0
+            .get(key)
+            .map(|json| serde_json::from_str(json).expect("the harness stores valid state"))
+    }
+}
+
+impl<T: Tool> Harness<T> {
+    /// Runs one invocation on `input` (JSON text), returning its output as JSON text: the
+    /// input's parsing and the output's serialization included.
+    pub fn invoke(&mut self, input: &str) -> Result<String, Error> {
+        self.configured(|| crate::tool::invoke_json::<T>(input))
+    }
+
+    /// Runs one invocation on `input` as JSON values.
+    pub fn invoke_json(&mut self, input: serde_json::Value) -> Result<serde_json::Value, Error> {
+        let out = self.invoke(&input.to_string())?;
+        serde_json::from_str(&out)
+            .map_err(|e| Error::Failed(format!("the tool's output is not JSON: {e}")))
     }
 }
 
 /// Folds a batch with `P` over any [`Store`], natively, exactly as the wasm export does: for
 /// hosts that run a projection's logic without wasm (benchmarks, embedding).
-pub fn apply_batch<P: Projection>(store: &mut dyn Store, events: &[Event]) -> Result<(), Error> {
+pub fn apply_batch<P: Projection>(store: &mut dyn Store, events: &[Event<'_>]) -> Result<(), Error> {
     handle_batch::<P>(store, events)
-}
-
-/// Runs extractor `X` over one batch as the host would: one list of derived events per
-/// input event; on error `store` is left as it was.
-pub fn extract<X: crate::Extractor>(
-    store: &mut MemStore,
-    events: &[Event],
-) -> Result<Vec<Vec<crate::NewEvent>>, Error> {
-    let mut scratch = store.clone();
-    let out = crate::extractor::extract_batch::<X>(&mut scratch, events)?;
-    *store = scratch;
-    Ok(out)
 }

@@ -216,12 +216,45 @@ pub async fn upload(
     manifest: &str,
     wasm: Vec<u8>,
 ) -> (u16, serde_json::Value) {
-    let form = reqwest::multipart::Form::new()
+    upload_with(h, name, manifest, wasm, serde_json::json!({}), &[]).await
+}
+
+/// [`upload`] granting the load `grants` (`http:HOST:PORT`, `clock`, `random`).
+pub async fn upload_granted(
+    h: &Host,
+    name: &str,
+    manifest: &str,
+    wasm: Vec<u8>,
+    grants: &[&str],
+) -> (u16, serde_json::Value) {
+    upload_with(h, name, manifest, wasm, serde_json::json!({}), grants).await
+}
+
+/// [`upload`] with a load's `config` overrides (a JSON object; `{}` sends no part) and
+/// `grants` (none sends no part).
+pub async fn upload_with(
+    h: &Host,
+    name: &str,
+    manifest: &str,
+    wasm: Vec<u8>,
+    config: serde_json::Value,
+    grants: &[&str],
+) -> (u16, serde_json::Value) {
+    let mut form = reqwest::multipart::Form::new()
         .part(
             "manifest",
             reqwest::multipart::Part::text(manifest.to_owned()),
         )
         .part("wasm", reqwest::multipart::Part::bytes(wasm));
+    if config != serde_json::json!({}) {
+        form = form.part("config", reqwest::multipart::Part::text(config.to_string()));
+    }
+    if !grants.is_empty() {
+        form = form.part(
+            "grants",
+            reqwest::multipart::Part::text(serde_json::json!(grants).to_string()),
+        );
+    }
     let r = reqwest::Client::new()
         .put(format!("{}/v1/plugins/{name}", h.url))
         .multipart(form)

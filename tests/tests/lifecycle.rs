@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload};
+use evhost_tests::{
+    CountingServer, Host, all_events, append, get, jitter, upload, upload_granted,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -99,13 +101,14 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
     let dir = tempfile::tempdir().unwrap();
     let h = Arc::new(Host::start(BIN, dir.path(), &[]).await);
     let http = http_get_manifest(&server.authority);
+    let grant = format!("http:{}", server.authority);
     assert_eq!(
         upload(&h, "type-counter", COUNTER, wasm("type-counter"))
             .await
             .0,
         200
     );
-    assert_eq!(upload(&h, "http-get", &http, wasm("http-get")).await.0, 200);
+    assert_eq!(upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant]).await.0, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ticks, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -131,14 +134,14 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
     let poller = poll_status(&h, stop.clone());
     let clients: Vec<_> = (0..4)
         .map(|c| {
-            let (h, http) = (h.clone(), http.clone());
+            let (h, http, grant) = (h.clone(), http.clone(), grant.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 for _ in 0..ROUNDS {
                     let (s, body) = if c % 2 == 0 {
                         upload(&h, "type-counter", COUNTER, wasm("type-counter")).await
                     } else {
-                        upload(&h, "http-get", &http, wasm("http-get")).await
+                        upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant]).await
                     };
                     assert_eq!(s, 200, "{body}");
                     tokio::time::sleep(Duration::from_millis(jitter(40))).await;
@@ -167,7 +170,7 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
             .0,
         200
     );
-    assert_eq!(upload(&h, "http-get", &http, wasm("http-get")).await.0, 200);
+    assert_eq!(upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant]).await.0, 200);
 
     let (ticks, requests) = (
         ticks.load(Ordering::Relaxed),

@@ -331,7 +331,7 @@ async fn bad_plugins_are_refused_with_a_reason_and_change_nothing() {
             "a projection declared an extractor",
             good.replace("projection", "extractor"),
             wasm("type-counter"),
-            "does not implement the evhost:plugin/extractor world",
+            "its manifest says kind = \"extractor\" but the component is a projection (it implements evhost:plugin/projection@0.2.0)",
         ),
     ];
     for (what, manifest, bytes, want) in cases {

@@ -560,6 +560,8 @@ async fn operator_caps_bound_what_a_plugin_may_claim() {
             "8",
             "--plugin-max-batch-timeout-ms",
             "30000",
+            "--grant",
+            "http-get=http:127.0.0.1:8931",
         ],
     )
     .await;

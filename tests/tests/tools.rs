@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload};
+use evhost_tests::{
+    CountingServer, Host, all_events, append, get, jitter, upload, upload_granted,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -212,11 +214,12 @@ async fn http_reaches_granted_hosts_only() {
     let other = CountingServer::start(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
-    let (s, body) = upload(
+    let (s, body) = upload_granted(
         &h,
         "http-get",
         &http_get_manifest(&granted.authority, 5000),
         wasm("http-get"),
+        &[&format!("http:{}", granted.authority)],
     )
     .await;
     assert_eq!(s, 200, "{body}");
@@ -304,7 +307,9 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
         .await;
         if round == 0 {
             let m = http_get_manifest(&server.authority, 5000);
-            let (s, body) = upload(&h, "http-get", &m, wasm("http-get")).await;
+            // The load's grant is kept with the upload and holds at every restart.
+            let grant = format!("http:{}", server.authority);
+            let (s, body) = upload_granted(&h, "http-get", &m, wasm("http-get"), &[&grant]).await;
             assert_eq!(s, 200, "{body}");
         }
         let url = h.url.clone();
@@ -442,11 +447,12 @@ async fn a_slow_invocation_fails_at_the_time_limit() {
     let slow = CountingServer::start(Duration::from_secs(20)).await;
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
-    let (s, body) = upload(
+    let (s, body) = upload_granted(
         &h,
         "http-get",
         &http_get_manifest(&slow.authority, 1_500),
         wasm("http-get"),
+        &[&format!("http:{}", slow.authority)],
     )
     .await;
     assert_eq!(s, 200, "{body}");

@@ -120,17 +120,18 @@ impl evhost_sdk::Store for ViewStore {
     }
 }
 
-/// An event as the SDK sees it: the same conversion the wasm path makes into WIT records.
-pub fn to_sdk(e: &Event) -> evhost_sdk::Event {
+/// An event as the SDK sees it, borrowing the host's event as the guest's decode borrows
+/// its batch.
+pub fn to_sdk(e: &Event) -> evhost_sdk::Event<'_> {
     evhost_sdk::Event {
-        id: e.id.to_string(),
-        event_type: e.event_type.as_str().to_owned(),
-        stream: e.stream.to_string(),
+        id: e.id.as_str().into(),
+        event_type: e.event_type.as_str().into(),
+        stream: e.stream.as_str().into(),
         position: e.position,
         version: e.version,
         timestamp_micros: e.timestamp.timestamp_micros(),
-        source: e.source.clone(),
-        payload: e.payload.as_str().to_owned(),
+        source: e.source.as_str().into(),
+        payload: e.payload.as_str().into(),
         metadata: Vec::new(),
     }
 }

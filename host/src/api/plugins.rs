@@ -56,7 +56,9 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// `PUT /v1/plugins/{name}`: multipart with parts `manifest` (TOML) and `wasm`.
+/// `PUT /v1/plugins/{name}`: multipart with parts `manifest` (TOML) and `wasm`, and
+/// optionally `config` (a JSON object of strings over the manifest's `[config]`) and
+/// `grants` (a JSON array of capabilities: `"http:HOST:PORT"`, `"clock"`, `"random"`).
 pub(super) async fn put_plugin(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -74,6 +76,7 @@ pub(super) async fn put_plugin(
         )
     })?;
     let (mut manifest, mut wasm) = (None, None);
+    let mut options = crate::registry::LoadOptions::default();
     while let Some(field) = multipart
         .next_field()
         .await
@@ -91,10 +94,38 @@ pub(super) async fn put_plugin(
                 })?)
             }
             "wasm" => wasm = Some(bytes.to_vec()),
+            "config" => {
+                options.config = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_plugin",
+                        format!("the config part must be a JSON object of strings: {e}"),
+                    )
+                })?
+            }
+            "grants" => {
+                let caps: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_plugin",
+                        format!(
+                            "the grants part must be a JSON array of capabilities \
+                             (\"http:HOST:PORT\", \"clock\", \"random\"): {e}"
+                        ),
+                    )
+                })?;
+                for cap in &caps {
+                    options
+                        .grants
+                        .add(cap)
+                        .map_err(|e| ApiError::bad_request("invalid_plugin", e))?;
+                }
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "bad_body",
-                    format!("unexpected part {other:?}; send manifest and wasm"),
+                    format!(
+                        "unexpected part {other:?}; send manifest and wasm, and optionally \
+                         config and grants"
+                    ),
                 ));
             }
         }
@@ -117,7 +148,7 @@ pub(super) async fn put_plugin(
         ));
     }
     let info = reg
-        .load(&manifest, wasm, true)
+        .load(&manifest, wasm, true, options)
         .await
         .map_err(ApiError::from)?;
     Ok((StatusCode::OK, Json(info)).into_response())

@@ -1,6 +1,8 @@
 //! The plugin manifest (`<name>.toml` beside `<name>.wasm`): what a plugin is, what it
 //! subscribes to, its limits and its capabilities.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::pattern::Pattern;
@@ -150,6 +152,137 @@ pub struct Manifest {
     /// The failure policy.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Configuration the plugin reads through the `config` import (contract 0.2.0 and
+    /// later); the operator may override any value at load time.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigEntry>,
+}
+
+/// One value of a manifest's `[config]`: `key = "value"`, or
+/// `key = { value = "...", secret = true }`. A secret may leave its value to the load
+/// (`--config key=value`); its value is never logged or shown.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ConfigEntry {
+    /// A plain value.
+    Value(String),
+    /// A value with options.
+    Detailed {
+        /// The default value, if any (a secret without one must be given at load).
+        #[serde(default)]
+        value: Option<String>,
+        /// Never logged or shown in status.
+        #[serde(default)]
+        secret: bool,
+    },
+}
+
+impl std::fmt::Debug for ConfigEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigEntry::Detailed { secret: true, .. } => f.write_str("(secret)"),
+            ConfigEntry::Value(v) | ConfigEntry::Detailed { value: Some(v), .. } => {
+                write!(f, "{v:?}")
+            }
+            ConfigEntry::Detailed { value: None, .. } => f.write_str("(unset)"),
+        }
+    }
+}
+
+impl ConfigEntry {
+    fn secret(&self) -> bool {
+        matches!(self, ConfigEntry::Detailed { secret: true, .. })
+    }
+    fn value(&self) -> Option<&str> {
+        match self {
+            ConfigEntry::Value(v) | ConfigEntry::Detailed { value: Some(v), .. } => Some(v),
+            ConfigEntry::Detailed { value: None, .. } => None,
+        }
+    }
+}
+
+/// Longest configuration value, in bytes.
+pub const MAX_CONFIG_VALUE_BYTES: usize = 16 * 1024;
+
+/// A plugin's configuration as loaded: the manifest's `[config]` with the load's
+/// overrides. Secret values are readable by the plugin and nowhere else: `Debug` and
+/// [`PluginConfig::shown`] redact them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PluginConfig {
+    values: BTreeMap<String, String>,
+    secret: std::collections::BTreeSet<String>,
+}
+
+impl std::fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.shown()).finish()
+    }
+}
+
+impl PluginConfig {
+    /// The manifest's configuration with `overrides` over it. Refuses an override of a key
+    /// the manifest does not declare (a typo would otherwise pass unnoticed) and a secret
+    /// left without a value.
+    pub fn resolve(
+        manifest: &Manifest,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut c = PluginConfig::default();
+        for (key, value) in overrides {
+            if !manifest.config.contains_key(key) {
+                let declared: Vec<&str> = manifest.config.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "config key {key:?} is not declared in the manifest's [config] (it declares {}); \
+                     add it there to make it configurable",
+                    if declared.is_empty() { "none".to_owned() } else { declared.join(", ") }
+                ));
+            }
+            if value.len() > MAX_CONFIG_VALUE_BYTES {
+                return Err(format!(
+                    "config key {key:?} has a value of {} bytes, over the limit of {MAX_CONFIG_VALUE_BYTES}",
+                    value.len()
+                ));
+            }
+        }
+        for (key, entry) in &manifest.config {
+            if entry.secret() {
+                c.secret.insert(key.clone());
+            }
+            match overrides.get(key).map(String::as_str).or(entry.value()) {
+                Some(v) => {
+                    c.values.insert(key.clone(), v.to_owned());
+                }
+                None => {
+                    return Err(format!(
+                        "config key {key:?} is secret and has no value: give it at load \
+                         (evhost plugin load --config {key}=VALUE, or a config part in the upload)"
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// Every key with its value, secrets included: for the plugin only.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Every key with its value as status shows it: secrets as `(secret)`.
+    pub fn shown(&self) -> BTreeMap<String, String> {
+        self.values
+            .iter()
+            .map(|(k, v)| {
+                let v = if self.secret.contains(k) { "(secret)".to_owned() } else { v.clone() };
+                (k.clone(), v)
+            })
+            .collect()
+    }
 }
 
 /// Why a manifest was refused.
@@ -229,6 +362,23 @@ impl Manifest {
         }
         if self.version.trim().is_empty() {
             return bad("version must not be empty".into());
+        }
+        for (key, entry) in &self.config {
+            let ok = !key.is_empty()
+                && key.len() <= 128
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !ok {
+                return bad(format!(
+                    "config key {key:?} must be 1 to 128 letters, digits, '_', '-' or '.'"
+                ));
+            }
+            if entry.value().is_some_and(|v| v.len() > MAX_CONFIG_VALUE_BYTES) {
+                return bad(format!(
+                    "config key {key:?} has a value over the limit of {MAX_CONFIG_VALUE_BYTES} bytes"
+                ));
+            }
         }
         if self.kind == Kind::Tool && !self.subscriptions.is_empty() {
             return bad(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
@@ -20,45 +20,8 @@ use super::logs::PluginLogs;
 use super::manifest::{Capabilities, Kind, Limits, Manifest, PluginId};
 use super::sandbox::{CallClock, HttpGrant, wasi_ctx};
 
-pub(super) mod bindings {
-    pub(crate) mod projection {
-        wasmtime::component::bindgen!({
-            path: "../wit",
-            world: "projection",
-            // A call's state writes are bounded in bytes: past the bound the call traps.
-            imports: {
-                "evhost:plugin/state.set": trappable,
-                "evhost:plugin/state.delete": trappable,
-                // A read the host's store fails stops the call as the host's failure.
-                "evhost:plugin/state.get": trappable,
-                "evhost:plugin/state.scan-prefix": trappable,
-            },
-        });
-    }
-    pub(crate) mod extractor {
-        wasmtime::component::bindgen!({
-            path: "../wit",
-            world: "extractor",
-            with: {
-                "evhost:plugin/types": super::projection::evhost::plugin::types,
-                "evhost:plugin/state": super::projection::evhost::plugin::state,
-                "evhost:plugin/log": super::projection::evhost::plugin::log,
-            },
-        });
-    }
-    pub(crate) mod tool {
-        wasmtime::component::bindgen!({
-            path: "../wit",
-            world: "tool",
-            with: {
-                "evhost:plugin/types": super::projection::evhost::plugin::types,
-                "evhost:plugin/log": super::projection::evhost::plugin::log,
-            },
-        });
-    }
-}
-
-use bindings::projection::evhost::plugin::{log as wit_log, state as wit_state, types as wit};
+use super::contract::{Contract, GuestError, WitVersion};
+use super::manifest::PluginConfig;
 
 /// A WIT world the host can instantiate.
 pub trait World: Sized + Send + 'static {
@@ -66,8 +29,8 @@ pub trait World: Sized + Send + 'static {
     const KIND: Kind;
     /// The pre-linked component.
     type Pre: Clone + Send + Sync + 'static;
-    /// Checks the component's exports against the world.
-    fn pre(pre: InstancePre<HostState>) -> wasmtime::Result<Self::Pre>;
+    /// Checks the component's exports against the world at `wit`.
+    fn pre(pre: InstancePre<HostState>, wit: WitVersion) -> wasmtime::Result<Self::Pre>;
     /// A new instance.
     fn instantiate(pre: &Self::Pre, store: &mut Store<HostState>) -> wasmtime::Result<Self>;
 }
@@ -172,6 +135,7 @@ pub struct HostState {
     budget: StateBudget,
     plugin: Arc<str>,
     logs: PluginLogs,
+    config: Arc<PluginConfig>,
     /// The panic the guest reported during this call (an error log line starting
     /// [`PANIC_PREFIX`]): the reason of the `unreachable` trap that follows it.
     panicked: Option<String>,
@@ -199,7 +163,7 @@ struct StateLimitExceeded(String);
 
 impl HostState {
     /// Buffers a write of `key` (`Some` sets, `None` deletes) if the budget allows it.
-    fn write(&mut self, key: String, value: Option<String>) -> wasmtime::Result<()> {
+    pub(super) fn write(&mut self, key: String, value: Option<String>) -> wasmtime::Result<()> {
         let value_len = |v: &Option<String>| v.as_ref().map_or(0, |v| v.len() as u64);
         let key_len = key.len() as u64;
         let entry = key_len + value_len(&value);
@@ -352,25 +316,18 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-impl wit::Host for HostState {}
-
-impl wit_state::Host for HostState {
-    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+/// What the imports of every contract version do (`contract.rs` binds them per version).
+impl HostState {
+    /// `state.get`: the call's own write of `key`, else the stored value.
+    pub(super) fn state_get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         match self.writes.get(&key) {
             Some(v) => Ok(v.clone()),
             None => self.view.get(&key).map_err(wasmtime::Error::new),
         }
     }
 
-    fn set(&mut self, key: String, value: String) -> wasmtime::Result<()> {
-        self.write(key, Some(value))
-    }
-
-    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
-        self.write(key, None)
-    }
-
-    fn scan_prefix(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, String)>> {
+    /// `state.scan-prefix`: the stored entries under `prefix` with the call's writes over them.
+    pub(super) fn state_scan(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, String)>> {
         let mut merged: BTreeMap<String, String> = self
             .view
             .scan_prefix(&prefix)
@@ -388,29 +345,42 @@ impl wit_state::Host for HostState {
         }
         Ok(merged.into_iter().collect())
     }
-}
 
-impl wit_log::Host for HostState {
-    fn log(&mut self, level: wit_log::Level, message: String) {
+    /// `log.log`: into the plugin's log buffer and the host's log; a panic report becomes
+    /// the reason of the trap that follows it.
+    pub(super) fn log_line(&mut self, level: tracing::Level, message: String) {
         let plugin = &*self.plugin;
-        if matches!(level, wit_log::Level::Error) && message.starts_with(PANIC_PREFIX) {
+        if level == tracing::Level::ERROR && message.starts_with(PANIC_PREFIX) {
             self.panicked = Some(crate::limits::bound(message.clone(), MAX_PANIC_BYTES));
         }
         let source = match level {
-            wit_log::Level::Trace => "trace",
-            wit_log::Level::Debug => "debug",
-            wit_log::Level::Info => "info",
-            wit_log::Level::Warn => "warn",
-            wit_log::Level::Error => "error",
+            tracing::Level::TRACE => "trace",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::INFO => "info",
+            tracing::Level::WARN => "warn",
+            tracing::Level::ERROR => "error",
         };
         self.logs.push(source, &message);
         match level {
-            wit_log::Level::Trace => tracing::trace!(plugin, "{message}"),
-            wit_log::Level::Debug => tracing::debug!(plugin, "{message}"),
-            wit_log::Level::Info => tracing::info!(plugin, "{message}"),
-            wit_log::Level::Warn => tracing::warn!(plugin, "{message}"),
-            wit_log::Level::Error => tracing::error!(plugin, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(plugin, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, "{message}"),
+            tracing::Level::INFO => tracing::info!(plugin, "{message}"),
+            tracing::Level::WARN => tracing::warn!(plugin, "{message}"),
+            tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
         }
+    }
+
+    /// `config.get`.
+    pub(super) fn config_value(&self, key: &str) -> Option<String> {
+        self.config.get(key).map(str::to_owned)
+    }
+
+    /// `config.entries`.
+    pub(super) fn config_entries(&self) -> Vec<(String, String)> {
+        self.config
+            .entries()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 }
 
@@ -432,8 +402,7 @@ impl Machine {
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
-        // The projection world imports every evhost interface; the other worlds a subset.
-        bindings::projection::Projection::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        super::contract::add_to_linker(&mut linker)?;
         Ok(Self { engine, linker })
     }
 }
@@ -668,11 +637,30 @@ impl Runtime {
         })
     }
 
-    /// Links a compiled component as a plugin of world `W`, checking it implements it.
+    /// Links a compiled component as a plugin of world `W`, configured as its manifest
+    /// says (no load-time overrides), checking it implements the world.
     pub fn plugin<W: World>(
         self: &Arc<Self>,
         compiled: &Compiled,
         manifest: &Manifest,
+    ) -> Result<Plugin<W>, PluginError> {
+        let config = PluginConfig::resolve(manifest, &Default::default()).map_err(|message| {
+            PluginError::Load {
+                plugin: manifest.id().to_string(),
+                message,
+            }
+        })?;
+        self.plugin_configured(compiled, manifest, Arc::new(config))
+    }
+
+    /// Links a compiled component as a plugin of world `W` with `config`: tells the world
+    /// and contract version it implements from its exports, and refuses it when that is not
+    /// the manifest's kind.
+    pub fn plugin_configured<W: World>(
+        self: &Arc<Self>,
+        compiled: &Compiled,
+        manifest: &Manifest,
+        config: Arc<PluginConfig>,
     ) -> Result<Plugin<W>, PluginError> {
         let plugin = manifest.id();
         let load_err = |e: wasmtime::Error| PluginError::Load {
@@ -698,9 +686,33 @@ impl Runtime {
         let pre = machine
             .linker
             .instantiate_pre(&compiled.component)
-            .map_err(load_err)?;
-        let pre = W::pre(pre).map_err(load_err)?;
+            .map_err(|e| PluginError::Load {
+                plugin: plugin.to_string(),
+                message: format!(
+                    "its imports cannot be satisfied: {e:#}; a plugin may import only the \
+                     evhost:plugin interfaces of its world and WASI 0.2"
+                ),
+            })?;
+        let contract = super::contract::detect(&machine.engine, &compiled.component, &pre)
+            .map_err(|message| PluginError::Load {
+                plugin: plugin.to_string(),
+                message,
+            })?;
+        if contract.kind != W::KIND {
+            return Err(PluginError::Load {
+                plugin: plugin.to_string(),
+                message: format!(
+                    "its manifest says kind = \"{}\" but the component is a {} (it implements \
+                     {contract}); make the manifest's kind agree with what the component exports",
+                    W::KIND.as_str(),
+                    contract.kind.as_str()
+                ),
+            });
+        }
+        let pre = W::pre(pre, contract.wit).map_err(load_err)?;
         Ok(Plugin {
+            contract,
+            config,
             engine: machine.engine.clone(),
             usage: Arc::default(),
             pre,
@@ -742,6 +754,8 @@ impl StateView for NoState {
 /// and unmapping on every batch); an instance whose call failed in any way is dropped, never
 /// reused, so a trap or a refused batch cannot leave state behind for the next call.
 pub struct Plugin<W: World> {
+    contract: Contract,
+    config: Arc<PluginConfig>,
     engine: Engine,
     usage: Arc<Usage>,
     pre: W::Pre,
@@ -755,6 +769,8 @@ pub struct Plugin<W: World> {
 impl<W: World> Clone for Plugin<W> {
     fn clone(&self) -> Self {
         Self {
+            contract: self.contract,
+            config: self.config.clone(),
             engine: self.engine.clone(),
             usage: self.usage.clone(),
             pre: self.pre.clone(),
@@ -780,6 +796,16 @@ impl<W: World> Plugin<W> {
     /// `name@version`.
     pub fn id(&self) -> &str {
         self.plugin.as_str()
+    }
+
+    /// The world and contract version the component implements.
+    pub fn contract(&self) -> Contract {
+        self.contract
+    }
+
+    /// Its configuration (secret values redacted when shown).
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
     }
 
     /// What the plugin printed and logged recently.
@@ -813,6 +839,7 @@ impl<W: World> Plugin<W> {
             },
             plugin: self.plugin.shared(),
             logs: self.logs.clone(),
+            config: self.config.clone(),
             panicked: None,
         };
         let mut store = Store::new(&self.engine, data);
@@ -901,7 +928,7 @@ impl<W: World> Plugin<W> {
         view: Arc<dyn StateView>,
         ctx: CallContext,
         units: u64,
-        f: impl FnOnce(&W, &mut Store<HostState>) -> wasmtime::Result<Result<R, wit::Error>>,
+        f: impl FnOnce(&W, &mut Store<HostState>) -> wasmtime::Result<Result<R, GuestError>>,
     ) -> Result<(R, Writes), PluginError> {
         let started = Instant::now();
         let mut w = self.checkout(view, ctx)?;
@@ -1028,10 +1055,10 @@ impl<W: World> Plugin<W> {
         }
     }
 
-    pub(super) fn refused(&self, e: wit::Error) -> PluginError {
+    pub(super) fn refused(&self, e: GuestError) -> PluginError {
         let message = match e {
-            wit::Error::InvalidInput(m) => format!("invalid input: {m}"),
-            wit::Error::Failed(m) => m,
+            GuestError::InvalidInput(m) => format!("invalid input: {m}"),
+            GuestError::Failed(m) => m,
         };
         PluginError::Refused {
             plugin: self.plugin.to_string(),

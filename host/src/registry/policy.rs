@@ -25,6 +25,9 @@ pub struct PluginPolicy {
     /// Whether plugins may be loaded, replaced and unloaded over the API (off with
     /// `--no-hot-load`).
     pub hot_load: bool,
+    /// What the host grants plugins (`--grant [PLUGIN=]CAP`): a capability a manifest asks
+    /// for takes effect only when granted here or with the load.
+    pub grants: super::GrantTable,
 }
 
 impl Default for PluginPolicy {
@@ -36,11 +39,34 @@ impl Default for PluginPolicy {
             max_batch_timeout_ms: None,
             max_fuel_per_event: None,
             hot_load: true,
+            grants: Default::default(),
         }
     }
 }
 
 impl PluginPolicy {
+    /// Refuses a load's own grants of HTTP hosts beyond the operator's allow-list
+    /// (`--plugin-http-allow`): grants with a load never exceed the caps.
+    pub fn admits_grants(&self, options: &super::LoadOptions) -> Result<(), String> {
+        let Some(allowed) = &self.http_hosts else {
+            return Ok(());
+        };
+        let over: Vec<&String> = options
+            .grants
+            .http
+            .iter()
+            .filter(|h| !allowed.contains(*h))
+            .collect();
+        if over.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the load grants HTTP access to {over:?}, beyond the hosts the operator allows \
+                 (--plugin-http-allow)"
+            ))
+        }
+    }
+
     /// Refuses `m` if it claims more than the caps allow; the message names each claim.
     pub fn admits(&self, m: &Manifest) -> Result<(), String> {
         let mut over = Vec::new();
@@ -131,6 +157,7 @@ mod tests {
             max_batch_timeout_ms: Some(30_000),
             max_fuel_per_event: Some(1_000_000),
             hot_load: true,
+            grants: Default::default(),
         };
         let e = capped.admits(&greedy).unwrap_err();
         for part in [

@@ -100,7 +100,7 @@ impl AssistantStats {
 
     /// Applies one event; other types are ignored so new event types never break the fold.
     pub fn apply(&mut self, e: &Event) -> Result<(), Error> {
-        match e.event_type.as_str() {
+        match &*e.event_type {
             "assistant.created" => {
                 let p: Created = e.payload()?;
                 self.assistant_key = p.assistant_key;
@@ -176,7 +176,7 @@ impl AssistantStats {
 impl Projection for AssistantStatsProjection {
     type State = AssistantStats;
 
-    fn apply(state: &mut AssistantStats, e: &Event) -> Result<(), Error> {
+    fn apply(_stream: &str, state: &mut AssistantStats, e: &Event) -> Result<(), Error> {
         state.apply(e)
     }
 }
@@ -211,7 +211,7 @@ mod tests {
     use super::*;
     use evhost_sdk::testing::Harness;
 
-    fn ev(ty: &str, payload: &str, version: u64) -> Event {
+    fn ev<'a>(ty: &'a str, payload: &'a str, version: u64) -> Event<'a> {
         let mut e = Event::new(ty, payload).with_stream("assistant-1");
         e.version = version;
         e.timestamp_micros = 1_765_015_200_000_000; // 2025-12-06T10:00:00Z

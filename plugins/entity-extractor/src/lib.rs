@@ -99,7 +99,7 @@ impl Extractor for EntityExtractor {
             "memory.entity.extracted",
             &event.stream,
             &Extracted {
-                memory_event_id: event.id.clone(),
+                memory_event_id: event.id.to_string(),
                 entities,
             },
         )?);
@@ -112,7 +112,7 @@ evhost_sdk::export_extractor!(EntityExtractor);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evhost_sdk::testing::{MemStore, extract};
+    use evhost_sdk::testing::Harness;
 
     fn names(text: &str) -> Vec<(String, String)> {
         entities(text)
@@ -145,13 +145,13 @@ mod tests {
             .with_stream("m1"),
             Event::new("memory.created", r#"{"content": "no names"}"#).with_stream("m2"),
         ];
-        let out = extract::<EntityExtractor>(&mut MemStore::default(), &events).unwrap();
+        let out = Harness::<EntityExtractor>::new().extract(events.clone()).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].len(), 1);
         assert_eq!(out[0][0].event_type, "memory.entity.extracted");
         assert_eq!(out[0][0].json()["entities"][0]["name"], "Grace Hopper");
         assert!(out[1].is_empty());
         let bad = vec![Event::new("memory.created", r#"{"text": 1}"#)];
-        assert!(extract::<EntityExtractor>(&mut MemStore::default(), &bad).is_err());
+        assert!(Harness::<EntityExtractor>::new().extract(bad.clone()).is_err());
     }
 }

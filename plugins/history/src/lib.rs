@@ -27,11 +27,12 @@ pub struct History;
 impl Projection for History {
     type State = Flow;
 
-    fn key(event: &Event) -> Option<String> {
-        event.correlation_id().map(str::to_owned)
+    /// One state per flow; an event outside any flow (no correlation id) is skipped.
+    fn keys(event: &Event) -> Result<Vec<String>, Error> {
+        Ok(event.correlation_id().map(str::to_owned).into_iter().collect())
     }
 
-    fn apply(flow: &mut Flow, e: &Event) -> Result<(), Error> {
+    fn apply(_flow_id: &str, flow: &mut Flow, e: &Event) -> Result<(), Error> {
         // A replayed event (same position) is not recorded twice.
         if flow
             .events
@@ -42,9 +43,9 @@ impl Projection for History {
         }
         flow.events.push(Entry {
             position: e.position,
-            id: e.id.clone(),
-            event_type: e.event_type.clone(),
-            stream: e.stream.clone(),
+            id: e.id.to_string(),
+            event_type: e.event_type.to_string(),
+            stream: e.stream.to_string(),
             timestamp_micros: e.timestamp_micros,
             payload: serde_json::from_str(&e.payload).unwrap_or(serde_json::Value::Null),
         });

@@ -47,7 +47,7 @@ impl Extractor for Hostile {
 
     fn extract(_: &mut (), e: &Event, out: &mut Vec<NewEvent>) -> Result<(), Error> {
         let stream = &e.stream;
-        match e.event_type.as_str() {
+        match &*e.event_type {
             "hostile.loop" => {
                 let mut i: u64 = 0;
                 loop {
@@ -107,7 +107,7 @@ impl Extractor for Hostile {
                 let bytes = p["bytes"].as_u64().unwrap_or(1) as usize;
                 let value = "x".repeat(bytes);
                 for i in 0..count {
-                    evhost_sdk::extractor_bindings::evhost::plugin::state::set(
+                    evhost_sdk::state::set(
                         &format!("big-{i}"),
                         &value,
                     );

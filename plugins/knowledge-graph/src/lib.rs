@@ -41,27 +41,19 @@ const PREFIX: &str = "entity/";
 impl Projection for KnowledgeGraph {
     type State = Node;
 
-    fn keys(event: &Event) -> Vec<String> {
-        match event.payload::<Extracted>() {
-            Ok(x) => {
-                let mut keys: Vec<String> = x
-                    .entities
-                    .iter()
-                    .map(|m| format!("{PREFIX}{}", m.name))
-                    .collect();
-                keys.dedup();
-                keys
-            }
-            // Handed to `apply`, which reports what is wrong with the payload.
-            Err(_) => vec![String::new()],
-        }
+    /// One node per entity mentioned; a payload that does not fit dead-letters the event.
+    fn keys(event: &Event) -> Result<Vec<String>, Error> {
+        let x: Extracted = event.payload()?;
+        let mut keys: Vec<String> = x
+            .entities
+            .iter()
+            .map(|m| format!("{PREFIX}{}", m.name))
+            .collect();
+        keys.dedup();
+        Ok(keys)
     }
 
-    fn apply(_: &mut Node, event: &Event) -> Result<(), Error> {
-        event.payload::<Extracted>().map(|_| ())
-    }
-
-    fn apply_keyed(key: &str, node: &mut Node, event: &Event) -> Result<(), Error> {
+    fn apply(key: &str, node: &mut Node, event: &Event) -> Result<(), Error> {
         let x: Extracted = event.payload()?;
         let name = key.strip_prefix(PREFIX).unwrap_or(key);
         node.mentions += 1;
@@ -105,14 +97,14 @@ mod tests {
     use super::*;
     use evhost_sdk::testing::Harness;
 
-    fn extracted(names: &[&str]) -> Event {
+    fn extracted(names: &[&str]) -> Event<'static> {
         let entities: Vec<_> = names
             .iter()
             .map(|n| serde_json::json!({"name": n, "type": "name", "confidence": 0.9}))
             .collect();
         Event::new(
             "memory.entity.extracted",
-            &serde_json::json!({ "entities": entities }).to_string(),
+            serde_json::json!({ "entities": entities }).to_string(),
         )
     }
 

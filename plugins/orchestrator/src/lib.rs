@@ -132,8 +132,8 @@ pub struct Orchestrator;
 impl Extractor for Orchestrator {
     type State = Flow;
 
-    fn key(event: &Event) -> Option<String> {
-        event.correlation_id().map(|c| format!("flow/{c}"))
+    fn key(event: &Event) -> Result<Option<String>, Error> {
+        Ok(event.correlation_id().map(|c| format!("flow/{c}")))
     }
 
     fn extract(flow: &mut Flow, event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Error> {
@@ -141,7 +141,7 @@ impl Extractor for Orchestrator {
             // Not part of a flow: nothing to orchestrate.
             return Ok(());
         };
-        match event.event_type.as_str() {
+        match &*event.event_type {
             "user.query.received" => {
                 if !flow.steps.is_empty() || !flow.query.is_empty() {
                     return Ok(()); // A repeated query of a flow already planned.
@@ -206,7 +206,7 @@ evhost_sdk::export_extractor!(Orchestrator);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use evhost_sdk::testing::{MemStore, extract};
+    use evhost_sdk::testing::Harness;
 
     #[test]
     fn plans_math_and_urls() {
@@ -222,33 +222,33 @@ mod tests {
 
     #[test]
     fn a_flow_runs_from_query_to_answer() {
-        let mut store = MemStore::default();
+        let mut h = Harness::<Orchestrator>::new();
         let q = Event::new("user.query.received", r#"{"query": "what is 2+3*4"}"#)
             .with_stream("chat")
             .with_meta("correlation_id", "c1");
-        let out = extract::<Orchestrator>(&mut store, &[q.clone()]).unwrap();
+        let out = h.extract(vec![q.clone()]).unwrap();
         let types: Vec<_> = out[0].iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["plan.generated", "tool.invocation.requested"]);
         assert_eq!(out[0][1].json()["invocation_id"], "c1/1");
         // The same query again plans nothing new.
-        assert!(extract::<Orchestrator>(&mut store, &[q]).unwrap()[0].is_empty());
+        assert!(h.extract(vec![q]).unwrap()[0].is_empty());
         let done = Event::new(
             "tool.invocation.completed",
             r#"{"invocation_id": "c1/1", "output": {"value": 14}}"#,
         )
         .with_meta("correlation_id", "c1");
-        let out = extract::<Orchestrator>(&mut store, &[done.clone()]).unwrap();
+        let out = h.extract(vec![done.clone()]).unwrap();
         assert_eq!(out[0][0].event_type, "answer.synthesized");
         assert!(out[0][0].json()["answer"].as_str().unwrap().contains("14"));
         // A duplicate outcome answers nothing twice.
-        assert!(extract::<Orchestrator>(&mut store, &[done]).unwrap()[0].is_empty());
+        assert!(h.extract(vec![done]).unwrap()[0].is_empty());
     }
 
     #[test]
     fn a_query_without_tools_is_answered_at_once() {
         let q = Event::new("user.query.received", r#"{"query": "hello"}"#)
             .with_meta("correlation_id", "c2");
-        let out = extract::<Orchestrator>(&mut MemStore::default(), &[q]).unwrap();
+        let out = Harness::<Orchestrator>::new().extract(vec![q]).unwrap();
         let types: Vec<_> = out[0].iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["plan.generated", "answer.synthesized"]);
     }

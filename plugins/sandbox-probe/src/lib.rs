@@ -13,6 +13,7 @@
 //! | `probe.net`     | opens a TCP connection to 127.0.0.1:9          |
 //! | `probe.clock`   | reads the wall clock (microseconds)            |
 //! | `probe.random`  | reads a random u64                             |
+//! | `probe.config`  | records its configuration (`config.entries`)   |
 //! | anything else   | counts it                                      |
 
 use std::collections::BTreeMap;
@@ -33,12 +34,12 @@ fn recurse(n: u64, pad: &mut [u8; 256]) -> u64 {
 impl Projection for Probe {
     type State = BTreeMap<String, String>;
 
-    fn key(_: &Event) -> Option<String> {
-        Some("probe".into())
+    fn key(_: &Event) -> Result<String, Error> {
+        Ok("probe".into())
     }
 
-    fn apply(seen: &mut Self::State, e: &Event) -> Result<(), Error> {
-        match e.event_type.as_str() {
+    fn apply(_: &str, seen: &mut Self::State, e: &Event) -> Result<(), Error> {
+        match &*e.event_type {
             "probe.loop" => {
                 let mut i: u64 = 0;
                 loop {
@@ -96,6 +97,11 @@ impl Projection for Probe {
                     "random".into(),
                     wasi::random::random::get_random_u64().to_string(),
                 );
+            }
+            "probe.config" => {
+                for (k, v) in evhost_sdk::config::entries() {
+                    seen.insert(format!("config.{k}"), v);
+                }
             }
             other => {
                 let n: u64 = seen.get(other).and_then(|n| n.parse().ok()).unwrap_or(0);

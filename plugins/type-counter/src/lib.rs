@@ -8,11 +8,11 @@ pub struct TypeCounter;
 impl Projection for TypeCounter {
     type State = u64;
 
-    fn key(event: &Event) -> Option<String> {
-        Some(event.event_type.clone())
+    fn key(event: &Event) -> Result<String, Error> {
+        Ok(event.event_type.to_string())
     }
 
-    fn apply(count: &mut u64, _event: &Event) -> Result<(), Error> {
+    fn apply(_type: &str, count: &mut u64, _event: &Event) -> Result<(), Error> {
         *count += 1;
         Ok(())
     }
