@@ -111,9 +111,8 @@ fn load(runtime: &Arc<Runtime>, name: &str) -> ProjectionPlugin {
 fn load_built(runtime: &Arc<Runtime>, crate_name: &str, manifest: &str) -> ProjectionPlugin {
     let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/plugins-build/wasm32-wasip2/release");
-    let wasm = std::fs::read(built.join(format!("{crate_name}.wasm"))).unwrap_or_else(|_| {
-        panic!("{crate_name}.wasm: run scripts/build-plugins.sh first")
-    });
+    let wasm = std::fs::read(built.join(format!("{crate_name}.wasm")))
+        .unwrap_or_else(|_| panic!("{crate_name}.wasm: run scripts/build-plugins.sh first"));
     let manifest = Manifest::parse(manifest).unwrap();
     let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
     runtime.plugin(&compiled, &manifest).unwrap()
@@ -135,11 +134,19 @@ fn main() {
     // The same projection built against evhost:plugin@0.1.0, whose batch crosses as a list
     // of records (a string per field, each allocated in the guest by the host): the other
     // way a batch can cross, measured beside the 0.2.0 buffer.
-    let counter_v01 = load_built(&runtime, "v0_1_type_counter", "name = \"v0-1-type-counter\"\nversion = \"0.1.0\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n");
+    let counter_v01 = load_built(
+        &runtime,
+        "v0_1_type_counter",
+        "name = \"v0-1-type-counter\"\nversion = \"0.1.0\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n",
+    );
     let stats = load(&runtime, "assistant-stats");
     let sides: [(&str, Fold<'_>, Fold<'_>); 3] = [
         ("type-counter", wasm(&counter), native::<TypeCounter>()),
-        ("type-counter@0.1", wasm(&counter_v01), native::<TypeCounter>()),
+        (
+            "type-counter@0.1",
+            wasm(&counter_v01),
+            native::<TypeCounter>(),
+        ),
         (
             "assistant-stats",
             wasm(&stats),

@@ -715,9 +715,9 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         } => {
             let mut options = crate::registry::LoadOptions::default();
             for kv in &config {
-                let (k, v) = kv.split_once('=').with_context(|| {
-                    format!("--config {kv}: give KEY=VALUE")
-                })?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--config {kv}: give KEY=VALUE"))?;
                 options.config.insert(k.to_owned(), v.to_owned());
             }
             for cap in &grant {

@@ -28,17 +28,17 @@ use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
 use crate::log::{EventLog, ReadFilter};
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, PluginConfig, Handler, Kind, LogPage, Manifest, MemState, PluginError,
-    PluginStore, ProjectionPlugin, Runtime, StartFrom, StateView, StoreError, ToolInfo, ToolPlugin,
-    UsageReport, component_hash, valid_name,
+    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, MemState, PluginConfig,
+    PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom, StateView, StoreError,
+    ToolInfo, ToolPlugin, UsageReport, component_hash, valid_name,
 };
 use crate::runner::{
     ControlError, Controller, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
 };
 use crate::schemas::Schemas;
 use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
-use names::NameLocks;
 pub use grants::{GrantTable, Grants, LoadOptions};
+use names::NameLocks;
 pub use policy::PluginPolicy;
 
 /// Why a registry operation failed.
@@ -746,7 +746,11 @@ impl Registry {
                 Source::Uploaded { .. } => read_options(&manifest),
                 _ => Ok(LoadOptions::default()),
             };
-            let result = match (std::fs::read_to_string(&manifest), std::fs::read(&wasm), options) {
+            let result = match (
+                std::fs::read_to_string(&manifest),
+                std::fs::read(&wasm),
+                options,
+            ) {
                 (Ok(m), Ok(w), Ok(o)) => self.load_from(&m, w, source, note, o).await.map(|_| ()),
                 (Err(e), _, _) | (_, Err(e), _) => Err(storage(e)),
                 (_, _, Err(e)) => Err(storage(e)),

@@ -1,6 +1,6 @@
 //! The extractor model: derive new events from events, optionally with state per key.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -74,7 +74,7 @@ pub(crate) fn extract_batch<X: Extractor>(
     store: &mut dyn Store,
     events: &[Event<'_>],
 ) -> Result<Vec<Vec<NewEvent>>, Error> {
-    let mut touched: HashMap<String, X::State> = HashMap::new();
+    let mut touched: HashMap<String, X::State> = HashMap::default();
     let mut outputs = Vec::with_capacity(events.len());
     for event in events {
         let mut out = Vec::new();

@@ -49,7 +49,7 @@ mod tool;
 
 pub use event::{Error, Event};
 pub use extractor::{Extractor, NewEvent};
-pub use projection::{Projection, Store};
+pub use projection::{Keys, KeysIter, Projection, Store};
 pub use tool::Tool;
 
 /// The generated bindings, once per world; the shared interfaces (types, state, log,

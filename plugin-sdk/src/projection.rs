@@ -1,6 +1,6 @@
 //! The projection model: typed state per key, folded from events batch by batch.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,9 +37,10 @@ pub trait Projection {
     }
 
     /// Every key an event folds into, for projections where one event touches several
-    /// states (an entity graph, say), or none to skip it. Defaults to [`Projection::key`].
-    fn keys(event: &Event<'_>) -> Result<Vec<String>, Error> {
-        Ok(vec![Self::key(event)?])
+    /// states (an entity graph, say), or none to skip it ([`Keys::none`]). Defaults to
+    /// [`Projection::key`].
+    fn keys(event: &Event<'_>) -> Result<Keys, Error> {
+        Self::key(event).map(Keys::from)
     }
 
     /// Folds `event` into `state`, the state under `key`.
@@ -52,12 +53,87 @@ pub trait Projection {
     }
 }
 
+/// The keys an event folds into: one (the common case, with no allocation beyond the key),
+/// several, or none. Built with `Keys::from(key)`, `Keys::from(vec![..])` or
+/// [`Keys::none`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys(KeysRepr);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeysRepr {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Keys {
+    /// No key: the event is skipped.
+    pub fn none() -> Self {
+        Keys(KeysRepr::Many(Vec::new()))
+    }
+}
+
+impl From<String> for Keys {
+    fn from(key: String) -> Self {
+        Keys(KeysRepr::One(key))
+    }
+}
+
+impl From<&str> for Keys {
+    fn from(key: &str) -> Self {
+        Keys(KeysRepr::One(key.to_owned()))
+    }
+}
+
+impl From<Vec<String>> for Keys {
+    fn from(keys: Vec<String>) -> Self {
+        Keys(KeysRepr::Many(keys))
+    }
+}
+
+impl From<Option<String>> for Keys {
+    fn from(key: Option<String>) -> Self {
+        match key {
+            Some(k) => Keys(KeysRepr::One(k)),
+            None => Keys::none(),
+        }
+    }
+}
+
+impl IntoIterator for Keys {
+    type Item = String;
+    type IntoIter = KeysIter;
+    fn into_iter(self) -> KeysIter {
+        KeysIter(match self.0 {
+            KeysRepr::One(k) => KeysIterRepr::One(Some(k)),
+            KeysRepr::Many(v) => KeysIterRepr::Many(v.into_iter()),
+        })
+    }
+}
+
+/// The iterator of [`Keys`].
+pub struct KeysIter(KeysIterRepr);
+
+enum KeysIterRepr {
+    One(Option<String>),
+    Many(std::vec::IntoIter<String>),
+}
+
+impl Iterator for KeysIter {
+    type Item = String;
+    fn next(&mut self) -> Option<String> {
+        match &mut self.0 {
+            KeysIterRepr::One(k) => k.take(),
+            KeysIterRepr::Many(v) => v.next(),
+        }
+    }
+}
+
 /// Folds a batch into `store`; on error nothing has been written.
 pub(crate) fn handle_batch<P: Projection>(
     store: &mut dyn Store,
     events: &[Event<'_>],
 ) -> Result<(), Error> {
-    let mut touched: HashMap<String, P::State> = HashMap::new();
+    let mut touched: HashMap<String, P::State> = HashMap::default();
     for event in events {
         for key in P::keys(event).map_err(|e| e.at(event))? {
             let state = state_of(store, &mut touched, &key)?;
@@ -78,14 +154,14 @@ pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
     touched: &'a mut HashMap<String, S>,
     key: &str,
 ) -> Result<&'a mut S, Error> {
-    if !touched.contains_key(key) {
-        let loaded = match store.get(key) {
-            Some(json) => serde_json::from_str(&json).map_err(|e| {
-                Error::Failed(format!("stored state of {key:?} does not parse: {e}"))
-            })?,
-            None => S::default(),
-        };
-        touched.insert(key.to_owned(), loaded);
+    // One lookup when the key was touched before in the batch (the common case).
+    if touched.contains_key(key) {
+        return Ok(touched.get_mut(key).expect("present"));
     }
-    Ok(touched.get_mut(key).expect("just inserted"))
+    let loaded = match store.get(key) {
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| Error::Failed(format!("stored state of {key:?} does not parse: {e}")))?,
+        None => S::default(),
+    };
+    Ok(touched.entry(key.to_owned()).or_insert(loaded))
 }

@@ -166,6 +166,9 @@ impl<T: Tool> Harness<T> {
 
 /// Folds a batch with `P` over any [`Store`], natively, exactly as the wasm export does: for
 /// hosts that run a projection's logic without wasm (benchmarks, embedding).
-pub fn apply_batch<P: Projection>(store: &mut dyn Store, events: &[Event<'_>]) -> Result<(), Error> {
+pub fn apply_batch<P: Projection>(
+    store: &mut dyn Store,
+    events: &[Event<'_>],
+) -> Result<(), Error> {
     handle_batch::<P>(store, events)
 }

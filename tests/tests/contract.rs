@@ -9,8 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use evhost::plugin::{
-    ExtractorPlugin, Kind, Manifest, PluginError, ProjectionPlugin, Runtime, ToolPlugin,
-    WitVersion,
+    ExtractorPlugin, Kind, Manifest, PluginError, ProjectionPlugin, Runtime, ToolPlugin, WitVersion,
 };
 use evhost_tests::{Host, all_events, append, get, upload, upload_granted, upload_with};
 use serde_json::{Value, json};
@@ -71,11 +70,27 @@ fn load_error(r: Result<(Kind, WitVersion), PluginError>) -> String {
 #[test]
 fn a_component_is_told_by_its_exports_at_either_version() {
     for (file, kind, want) in [
-        ("type-counter", "projection", (Kind::Projection, WitVersion::V0_2_0)),
-        ("entity-extractor", "extractor", (Kind::Extractor, WitVersion::V0_2_0)),
+        (
+            "type-counter",
+            "projection",
+            (Kind::Projection, WitVersion::V0_2_0),
+        ),
+        (
+            "entity-extractor",
+            "extractor",
+            (Kind::Extractor, WitVersion::V0_2_0),
+        ),
         ("math", "tool", (Kind::Tool, WitVersion::V0_2_0)),
-        ("v0_1_type_counter", "projection", (Kind::Projection, WitVersion::V0_1_0)),
-        ("v0_1_tagger", "extractor", (Kind::Extractor, WitVersion::V0_1_0)),
+        (
+            "v0_1_type_counter",
+            "projection",
+            (Kind::Projection, WitVersion::V0_1_0),
+        ),
+        (
+            "v0_1_tagger",
+            "extractor",
+            (Kind::Extractor, WitVersion::V0_1_0),
+        ),
         ("v0_1_shout", "tool", (Kind::Tool, WitVersion::V0_1_0)),
     ] {
         assert_eq!(link(file, kind).unwrap(), want, "{file}");
@@ -85,14 +100,32 @@ fn a_component_is_told_by_its_exports_at_either_version() {
 #[test]
 fn a_manifest_whose_kind_contradicts_the_exports_is_refused_naming_both() {
     for (file, declared, is) in [
-        ("type-counter", "tool", "projection (it implements evhost:plugin/projection@0.2.0)"),
-        ("math", "extractor", "tool (it implements evhost:plugin/tool@0.2.0)"),
-        ("v0_1_type_counter", "extractor", "projection (it implements evhost:plugin/projection@0.1.0)"),
-        ("v0_1_shout", "projection", "tool (it implements evhost:plugin/tool@0.1.0)"),
+        (
+            "type-counter",
+            "tool",
+            "projection (it implements evhost:plugin/projection@0.2.0)",
+        ),
+        (
+            "math",
+            "extractor",
+            "tool (it implements evhost:plugin/tool@0.2.0)",
+        ),
+        (
+            "v0_1_type_counter",
+            "extractor",
+            "projection (it implements evhost:plugin/projection@0.1.0)",
+        ),
+        (
+            "v0_1_shout",
+            "projection",
+            "tool (it implements evhost:plugin/tool@0.1.0)",
+        ),
     ] {
         let m = load_error(link(file, declared));
         assert!(
-            m.contains(&format!("its manifest says kind = \"{declared}\" but the component is a {is}")),
+            m.contains(&format!(
+                "its manifest says kind = \"{declared}\" but the component is a {is}"
+            )),
             "{file}: {m}"
         );
     }
@@ -137,13 +170,20 @@ async fn caught_up(h: &Host, plugin: &str) -> Value {
         if s == 200 && info["lag"] == 0 && info["position"] == info["head"] {
             return info;
         }
-        assert!(Instant::now() < deadline, "{plugin} did not catch up: {info}");
+        assert!(
+            Instant::now() < deadline,
+            "{plugin} did not catch up: {info}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn state(h: &Host, plugin: &str, key: &str) -> Value {
-    let (s, v) = get(&format!("{}/v1/projections/{plugin}/state?key={key}", h.url)).await;
+    let (s, v) = get(&format!(
+        "{}/v1/projections/{plugin}/state?key={key}",
+        h.url
+    ))
+    .await;
     assert_eq!(s, 200, "{v}");
     v["value"].clone()
 }
@@ -195,7 +235,11 @@ async fn plugins_of_both_contract_versions_run_side_by_side_in_one_host() {
         assert!(Instant::now() < deadline, "the 0.1.0 tool did not answer");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(outcome["payload"]["output"], json!({"text": "HELLO"}), "{outcome}");
+    assert_eq!(
+        outcome["payload"]["output"],
+        json!({"text": "HELLO"}),
+        "{outcome}"
+    );
     let tagged: Vec<Value> = loop {
         let t: Vec<Value> = all_events(&h)
             .await
@@ -208,15 +252,31 @@ async fn plugins_of_both_contract_versions_run_side_by_side_in_one_host() {
         assert!(Instant::now() < deadline, "{} of 10 notes tagged", t.len());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(tagged.iter().all(|e| e["payload"]["tag"] == "idea"), "{tagged:?}");
+    assert!(
+        tagged.iter().all(|e| e["payload"]["tag"] == "idea"),
+        "{tagged:?}"
+    );
 
     let new = caught_up(&h, "counter-new").await;
     let old = caught_up(&h, "counter-old").await;
     assert_eq!(new["wit"], "0.2.0", "{new}");
     assert_eq!(old["wit"], "0.1.0", "{old}");
-    for (key, want) in [("a.x", 10), ("b.y", 10), ("note.added", 10), ("note.tagged", 10)] {
-        assert_eq!(state(&h, "counter-new", key).await, json!(want), "0.2.0 {key}");
-        assert_eq!(state(&h, "counter-old", key).await, json!(want), "0.1.0 {key}");
+    for (key, want) in [
+        ("a.x", 10),
+        ("b.y", 10),
+        ("note.added", 10),
+        ("note.tagged", 10),
+    ] {
+        assert_eq!(
+            state(&h, "counter-new", key).await,
+            json!(want),
+            "0.2.0 {key}"
+        );
+        assert_eq!(
+            state(&h, "counter-old", key).await,
+            json!(want),
+            "0.1.0 {key}"
+        );
     }
     let (_, shout) = get(&format!("{}/v1/plugins/v0-1-shout", h.url)).await;
     assert_eq!(shout["wit"], "0.1.0", "{shout}");
@@ -240,24 +300,59 @@ async fn configuration_reaches_the_plugin_and_secrets_stay_out_of_sight() {
     let (s, v) = upload(&h, "probe", &m, probe.clone()).await;
     assert_eq!(s, 400, "a secret without a value: {v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("\"api_key\" is secret and has no value") && msg.contains("--config api_key="), "{msg}");
-    let (s, v) = upload_with(&h, "probe", &m, probe.clone(), json!({"api_key": "x", "regoin": "us"}), &[]).await;
+    assert!(
+        msg.contains("\"api_key\" is secret and has no value") && msg.contains("--config api_key="),
+        "{msg}"
+    );
+    let (s, v) = upload_with(
+        &h,
+        "probe",
+        &m,
+        probe.clone(),
+        json!({"api_key": "x", "regoin": "us"}),
+        &[],
+    )
+    .await;
     assert_eq!(s, 400, "a key the manifest does not declare: {v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("\"regoin\" is not declared") && msg.contains("api_key, greeting, region"), "{msg}");
+    assert!(
+        msg.contains("\"regoin\" is not declared") && msg.contains("api_key, greeting, region"),
+        "{msg}"
+    );
 
-    let (s, v) = upload_with(&h, "probe", &m, probe.clone(), json!({"api_key": SECRET, "region": "us"}), &[]).await;
+    let (s, v) = upload_with(
+        &h,
+        "probe",
+        &m,
+        probe.clone(),
+        json!({"api_key": SECRET, "region": "us"}),
+        &[],
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["config"], json!({"api_key": "(secret)", "greeting": "hello", "region": "us"}), "{v}");
+    assert_eq!(
+        v["config"],
+        json!({"api_key": "(secret)", "greeting": "hello", "region": "us"}),
+        "{v}"
+    );
     append(&h, "p", json!([{"type": "probe.config", "payload": {}}])).await;
     caught_up(&h, "probe").await;
     let seen = state(&h, "probe", "probe").await;
-    assert_eq!(seen["config.api_key"], SECRET, "the plugin reads the secret: {seen}");
+    assert_eq!(
+        seen["config.api_key"], SECRET,
+        "the plugin reads the secret: {seen}"
+    );
     assert_eq!(seen["config.greeting"], "hello");
-    assert_eq!(seen["config.region"], "us", "the load's override wins: {seen}");
+    assert_eq!(
+        seen["config.region"], "us",
+        "the load's override wins: {seen}"
+    );
     for url in ["/v1/plugins", "/v1/plugins/probe"] {
         let (_, v) = get(&format!("{}{url}", h.url)).await;
-        assert!(!v.to_string().contains(SECRET), "{url} shows the secret: {v}");
+        assert!(
+            !v.to_string().contains(SECRET),
+            "{url} shows the secret: {v}"
+        );
     }
     let (ok, out, err) = h.cli(&["plugin", "list"]);
     assert!(ok, "{err}");
@@ -281,8 +376,13 @@ async fn configuration_reaches_the_plugin_and_secrets_stay_out_of_sight() {
     std::fs::write(&file, &m).unwrap();
     std::fs::write(dir.path().join("probe.wasm"), &probe).unwrap();
     let (ok, out, err) = h.cli(&[
-        "plugin", "load", file.to_str().unwrap(), "--config", &format!("api_key={SECRET}"),
-        "--config", "greeting=hi",
+        "plugin",
+        "load",
+        file.to_str().unwrap(),
+        "--config",
+        &format!("api_key={SECRET}"),
+        "--config",
+        "greeting=hi",
     ]);
     assert!(ok, "{err}");
     assert!(!out.contains(SECRET), "{out}");
@@ -297,30 +397,70 @@ async fn a_capability_takes_effect_only_when_asked_for_and_granted() {
     let h = Host::start(
         BIN,
         dir.path(),
-        &["--grant", "clock", "--grant", "http-get=http:127.0.0.1:8931"],
+        &[
+            "--grant",
+            "clock",
+            "--grant",
+            "http-get=http:127.0.0.1:8931",
+        ],
     )
     .await;
     let asks = |caps: &str| format!("{PROBE}[capabilities]\n{caps}");
 
     // Random is asked for and not granted: refused, naming it.
-    let (s, v) = upload(&h, "probe", &asks("clock = true\nrandom = true\n"), wasm("sandbox_probe")).await;
+    let (s, v) = upload(
+        &h,
+        "probe",
+        &asks("clock = true\nrandom = true\n"),
+        wasm("sandbox_probe"),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
     assert_eq!(v["error"]["code"], "refused_by_policy");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("asks for random, which the operator has not granted"), "{msg}");
+    assert!(
+        msg.contains("asks for random, which the operator has not granted"),
+        "{msg}"
+    );
     // Granted with the load: it runs, with a clock and randomness.
-    let (s, v) = upload_granted(&h, "probe", &asks("clock = true\nrandom = true\n"), wasm("sandbox_probe"), &["random"]).await;
+    let (s, v) = upload_granted(
+        &h,
+        "probe",
+        &asks("clock = true\nrandom = true\n"),
+        wasm("sandbox_probe"),
+        &["random"],
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    append(&h, "p", json!([{"type": "probe.clock", "payload": {}}, {"type": "probe.random", "payload": {}}])).await;
+    append(
+        &h,
+        "p",
+        json!([{"type": "probe.clock", "payload": {}}, {"type": "probe.random", "payload": {}}]),
+    )
+    .await;
     caught_up(&h, "probe").await;
     let seen = state(&h, "probe", "probe").await;
-    assert_ne!(seen["clock"], "0", "the clock is asked for and granted: {seen}");
+    assert_ne!(
+        seen["clock"], "0",
+        "the clock is asked for and granted: {seen}"
+    );
     let random = seen["random"].clone();
 
     // Granted but not asked for: no effect (the clock reads the epoch, the seed is fixed).
-    let (s, v) = upload(&h, "bare", &asks("").replace("\"probe\"", "\"bare\""), wasm("sandbox_probe")).await;
+    let (s, v) = upload(
+        &h,
+        "bare",
+        &asks("").replace("\"probe\"", "\"bare\""),
+        wasm("sandbox_probe"),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    append(&h, "p", json!([{"type": "probe.clock", "payload": {}}, {"type": "probe.random", "payload": {}}])).await;
+    append(
+        &h,
+        "p",
+        json!([{"type": "probe.clock", "payload": {}}, {"type": "probe.random", "payload": {}}]),
+    )
+    .await;
     caught_up(&h, "bare").await;
     let bare = state(&h, "bare", "probe").await;
     assert_eq!(bare["clock"], "0", "granted but not asked for: {bare}");
@@ -329,19 +469,55 @@ async fn a_capability_takes_effect_only_when_asked_for_and_granted() {
     // HTTP: a host the manifest asks for but nobody granted is refused, naming it; the one
     // the host grants http-get loads.
     let http_get = |hosts: &str| {
-        format!("name = \"http-get\"\nversion = \"1\"\nkind = \"tool\"\n[capabilities]\nhttp = [{hosts}]\n")
+        format!(
+            "name = \"http-get\"\nversion = \"1\"\nkind = \"tool\"\n[capabilities]\nhttp = [{hosts}]\n"
+        )
     };
-    let (s, v) = upload(&h, "http-get", &http_get("\"127.0.0.1:8931\", \"127.0.0.1:6379\""), wasm("http-get")).await;
+    let (s, v) = upload(
+        &h,
+        "http-get",
+        &http_get("\"127.0.0.1:8931\", \"127.0.0.1:6379\""),
+        wasm("http-get"),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("asks for http:127.0.0.1:6379,") && !msg.contains("http:127.0.0.1:8931,"), "{msg}");
-    let (s, v) = upload(&h, "http-get", &http_get("\"127.0.0.1:8931\""), wasm("http-get")).await;
+    assert!(
+        msg.contains("asks for http:127.0.0.1:6379,") && !msg.contains("http:127.0.0.1:8931,"),
+        "{msg}"
+    );
+    let (s, v) = upload(
+        &h,
+        "http-get",
+        &http_get("\"127.0.0.1:8931\""),
+        wasm("http-get"),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     // A grant to http-get is not another plugin's.
-    let (s, v) = upload(&h, "fetcher", &http_get("\"127.0.0.1:8931\"").replace("\"http-get\"", "\"fetcher\""), wasm("http-get")).await;
+    let (s, v) = upload(
+        &h,
+        "fetcher",
+        &http_get("\"127.0.0.1:8931\"").replace("\"http-get\"", "\"fetcher\""),
+        wasm("http-get"),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
     // A bad grant is refused with the forms it may take.
-    let (s, v) = upload_granted(&h, "fetcher", &http_get("\"127.0.0.1:8931\"").replace("\"http-get\"", "\"fetcher\""), wasm("http-get"), &["files"]).await;
+    let (s, v) = upload_granted(
+        &h,
+        "fetcher",
+        &http_get("\"127.0.0.1:8931\"").replace("\"http-get\"", "\"fetcher\""),
+        wasm("http-get"),
+        &["files"],
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("http:HOST:PORT, clock or random"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("http:HOST:PORT, clock or random"),
+        "{v}"
+    );
 }

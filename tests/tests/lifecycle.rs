@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{
-    CountingServer, Host, all_events, append, get, jitter, upload, upload_granted,
-};
+use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload, upload_granted};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -108,7 +106,12 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
             .0,
         200
     );
-    assert_eq!(upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant]).await.0, 200);
+    assert_eq!(
+        upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant])
+            .await
+            .0,
+        200
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ticks, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -170,7 +173,12 @@ async fn racing_loads_and_unloads_never_run_a_plugin_twice() {
             .0,
         200
     );
-    assert_eq!(upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant]).await.0, 200);
+    assert_eq!(
+        upload_granted(&h, "http-get", &http, wasm("http-get"), &[&grant])
+            .await
+            .0,
+        200
+    );
 
     let (ticks, requests) = (
         ticks.load(Ordering::Relaxed),

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{
-    CountingServer, Host, all_events, append, get, jitter, upload, upload_granted,
-};
+use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload, upload_granted};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -20,6 +18,9 @@ fn wasm(name: &str) -> Vec<u8> {
 }
 
 /// The http-get manifest granting exactly `authority`.
+/// What the bundled http-get asks for, granted as the README's `scripts/run.sh` grants it.
+const GRANT: &str = "http-get=http:127.0.0.1:8931";
+
 fn http_get_manifest(authority: &str, timeout_ms: u64) -> String {
     format!(
         "name = \"http-get\"\nversion = \"0.1.0\"\nkind = \"tool\"\n[limits]\nbatch_timeout_ms = {timeout_ms}\n\
@@ -76,7 +77,7 @@ async fn outcomes(h: &Host, ids: &[&str]) -> BTreeMap<String, Vec<Value>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_flows_through_plan_and_tool_to_an_answer_with_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS, "--grant", GRANT]).await;
     append(&h, "chat-1", json!([query("what is 2+3*4", "flow-1")])).await;
     let flow = answered(&h, "flow-1").await;
     let events = flow["events"].as_array().unwrap();
@@ -136,7 +137,7 @@ async fn a_query_flows_through_plan_and_tool_to_an_answer_with_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_invocation_runs_once_and_bad_requests_fail_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS]).await;
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS, "--grant", GRANT]).await;
     append(
         &h,
         "calls",
@@ -472,6 +473,9 @@ async fn a_slow_invocation_fails_at_the_time_limit() {
     // The limit is generous and the host far slower, so that a loaded machine still sends
     // the request inside the limit; what matters is that the call ends near the limit,
     // long before the host would answer, and that the request was made once, not retried.
-    assert!(ms < 8_000.0, "ran {ms} ms against a limit of 1500 ms and a 20 s host");
+    assert!(
+        ms < 8_000.0,
+        "ran {ms} ms against a limit of 1500 ms and a 20 s host"
+    );
     assert_eq!(slow.count("/slow"), 1, "the slow host saw the request once");
 }

@@ -75,7 +75,11 @@ mod tests {
                     timestamp: chrono::Utc::now(),
                     source: "src".into(),
                     payload: Payload::from_json(r#"{"text":"žluť"}"#).unwrap(),
-                    metadata: if i == 1 { metadata.clone() } else { Metadata::default() },
+                    metadata: if i == 1 {
+                        metadata.clone()
+                    } else {
+                        Metadata::default()
+                    },
                 })
             })
             .collect();
@@ -91,8 +95,7 @@ mod tests {
             assert_eq!(d.timestamp_micros, e.timestamp.timestamp_micros());
             assert_eq!(&*d.source, e.source);
             assert_eq!(&*d.payload, e.payload.as_str());
-            let pairs: Vec<(&str, &str)> =
-                d.metadata.iter().map(|(k, v)| (&**k, &**v)).collect();
+            let pairs: Vec<(&str, &str)> = d.metadata.iter().map(|(k, v)| (&**k, &**v)).collect();
             let want: Vec<(&str, &str)> = e.metadata.to_pairs_ref().collect();
             assert_eq!(pairs, want);
         }

@@ -200,7 +200,11 @@ pub(super) fn detect(
                 .rev()
                 .flat_map(|&wit| {
                     KINDS.iter().map(move |&kind| {
-                        format!("{} ({})", Contract { kind, wit }, wit.exports(kind).join(", "))
+                        format!(
+                            "{} ({})",
+                            Contract { kind, wit },
+                            wit.exports(kind).join(", ")
+                        )
                     })
                 })
                 .collect();
@@ -215,13 +219,18 @@ pub(super) fn detect(
                     mistyped.join("; ")
                 ));
             }
-            m.push_str(". Build it against wit/v0.2.0 (the SDK does) or an older version the host lists");
+            m.push_str(
+                ". Build it against wit/v0.2.0 (the SDK does) or an older version the host lists",
+            );
             Err(m)
         }
         many => Err(format!(
             "it implements more than one evhost plugin world ({}): it exports {listed}; a plugin \
              implements exactly one",
-            many.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }

@@ -234,7 +234,11 @@ impl PluginConfig {
                 return Err(format!(
                     "config key {key:?} is not declared in the manifest's [config] (it declares {}); \
                      add it there to make it configurable",
-                    if declared.is_empty() { "none".to_owned() } else { declared.join(", ") }
+                    if declared.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        declared.join(", ")
+                    }
                 ));
             }
             if value.len() > MAX_CONFIG_VALUE_BYTES {
@@ -278,7 +282,11 @@ impl PluginConfig {
         self.values
             .iter()
             .map(|(k, v)| {
-                let v = if self.secret.contains(k) { "(secret)".to_owned() } else { v.clone() };
+                let v = if self.secret.contains(k) {
+                    "(secret)".to_owned()
+                } else {
+                    v.clone()
+                };
                 (k.clone(), v)
             })
             .collect()
@@ -374,7 +382,10 @@ impl Manifest {
                     "config key {key:?} must be 1 to 128 letters, digits, '_', '-' or '.'"
                 ));
             }
-            if entry.value().is_some_and(|v| v.len() > MAX_CONFIG_VALUE_BYTES) {
+            if entry
+                .value()
+                .is_some_and(|v| v.len() > MAX_CONFIG_VALUE_BYTES)
+            {
                 return bad(format!(
                     "config key {key:?} has a value over the limit of {MAX_CONFIG_VALUE_BYTES} bytes"
                 ));

@@ -158,7 +158,9 @@ impl ProjectionPlugin {
             self.context_for(events),
             events.len() as u64,
             |b, store| match b {
-                ProjectionExports::V0_1(b) => Ok(b.call_handle(store, batch.records())?.map_err(GuestError::from)),
+                ProjectionExports::V0_1(b) => Ok(b
+                    .call_handle(store, batch.records())?
+                    .map_err(GuestError::from)),
                 ProjectionExports::V0_2(b) => Ok(b
                     .evhost_plugin_projection_handler()
                     .call_handle(store, batch.bytes())?
@@ -171,7 +173,9 @@ impl ProjectionPlugin {
     /// Calls the projection's `query` export over `view` (its writes are discarded).
     pub fn query(&self, view: Arc<dyn StateView>, request: &str) -> Result<String, PluginError> {
         self.call(view, CallContext::default(), 0, |b, store| match b {
-            ProjectionExports::V0_1(b) => Ok(b.call_query(store, request)?.map_err(GuestError::from)),
+            ProjectionExports::V0_1(b) => {
+                Ok(b.call_query(store, request)?.map_err(GuestError::from))
+            }
             ProjectionExports::V0_2(b) => Ok(b
                 .evhost_plugin_projection_handler()
                 .call_query(store, request)?
@@ -212,18 +216,28 @@ impl ExtractorPlugin {
         let units = events.len() as u64;
         let (lists, writes): (Vec<Vec<Fields>>, Writes) =
             self.call(view, self.context_for(events), units, |b, store| {
-            Ok(match b {
-                ExtractorExports::V0_1(b) => b
-                    .call_handle(store, batch.records())?
-                    .map(|lists| lists.into_iter().map(|l| l.into_iter().map(Fields::from).collect()).collect())
-                    .map_err(GuestError::from),
-                ExtractorExports::V0_2(b) => b
-                    .evhost_plugin_extractor_handler()
-                    .call_handle(store, batch.bytes())?
-                    .map(|lists| lists.into_iter().map(|l| l.into_iter().map(Fields::from).collect()).collect())
-                    .map_err(GuestError::from),
-            })
-        })?;
+                Ok(match b {
+                    ExtractorExports::V0_1(b) => b
+                        .call_handle(store, batch.records())?
+                        .map(|lists| {
+                            lists
+                                .into_iter()
+                                .map(|l| l.into_iter().map(Fields::from).collect())
+                                .collect()
+                        })
+                        .map_err(GuestError::from),
+                    ExtractorExports::V0_2(b) => b
+                        .evhost_plugin_extractor_handler()
+                        .call_handle(store, batch.bytes())?
+                        .map(|lists| {
+                            lists
+                                .into_iter()
+                                .map(|l| l.into_iter().map(Fields::from).collect())
+                                .collect()
+                        })
+                        .map_err(GuestError::from),
+                })
+            })?;
         let invalid = |message: String| PluginError::Refused {
             plugin: self.plugin.to_string(),
             message,
@@ -300,11 +314,10 @@ impl ToolPlugin {
             }))
         })?;
         let (name, description, input_schema) = info;
-        let input_schema =
-            serde_json::from_str(&input_schema).map_err(|e| PluginError::Load {
-                plugin: self.plugin.to_string(),
-                message: format!("describe() returned an input schema that is not JSON: {e}"),
-            })?;
+        let input_schema = serde_json::from_str(&input_schema).map_err(|e| PluginError::Load {
+            plugin: self.plugin.to_string(),
+            message: format!("describe() returned an input schema that is not JSON: {e}"),
+        })?;
         Ok(ToolInfo {
             name,
             description,
@@ -339,13 +352,23 @@ struct Fields {
 
 impl From<v1::types::NewEvent> for Fields {
     fn from(e: v1::types::NewEvent) -> Self {
-        Fields { event_type: e.event_type, stream: e.stream, payload: e.payload, metadata: e.metadata }
+        Fields {
+            event_type: e.event_type,
+            stream: e.stream,
+            payload: e.payload,
+            metadata: e.metadata,
+        }
     }
 }
 
 impl From<v2::types::NewEvent> for Fields {
     fn from(e: v2::types::NewEvent) -> Self {
-        Fields { event_type: e.event_type, stream: e.stream, payload: e.payload, metadata: e.metadata }
+        Fields {
+            event_type: e.event_type,
+            stream: e.stream,
+            payload: e.payload,
+            metadata: e.metadata,
+        }
     }
 }
 

@@ -228,7 +228,13 @@ mod tests {
 
     #[test]
     fn bad_grants_are_refused_with_the_forms() {
-        for bad in ["http:", "http:host", "http:h:notaport", "files", "http:a/b:1"] {
+        for bad in [
+            "http:",
+            "http:host",
+            "http:h:notaport",
+            "files",
+            "http:a/b:1",
+        ] {
             let e = Grants::parse_one(bad).unwrap_err();
             assert!(e.contains("http:HOST:PORT, clock or random"), "{bad}: {e}");
         }

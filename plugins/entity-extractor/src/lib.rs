@@ -145,13 +145,19 @@ mod tests {
             .with_stream("m1"),
             Event::new("memory.created", r#"{"content": "no names"}"#).with_stream("m2"),
         ];
-        let out = Harness::<EntityExtractor>::new().extract(events.clone()).unwrap();
+        let out = Harness::<EntityExtractor>::new()
+            .extract(events.clone())
+            .unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].len(), 1);
         assert_eq!(out[0][0].event_type, "memory.entity.extracted");
         assert_eq!(out[0][0].json()["entities"][0]["name"], "Grace Hopper");
         assert!(out[1].is_empty());
         let bad = vec![Event::new("memory.created", r#"{"text": 1}"#)];
-        assert!(Harness::<EntityExtractor>::new().extract(bad.clone()).is_err());
+        assert!(
+            Harness::<EntityExtractor>::new()
+                .extract(bad.clone())
+                .is_err()
+        );
     }
 }

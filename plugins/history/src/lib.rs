@@ -1,6 +1,6 @@
 //! history: every event of a flow, grouped by `metadata.correlation_id`, in log order.
 
-use evhost_sdk::{Error, Event, Projection};
+use evhost_sdk::{Error, Event, Keys, Projection};
 use serde::{Deserialize, Serialize};
 
 /// One event of a flow.
@@ -28,8 +28,8 @@ impl Projection for History {
     type State = Flow;
 
     /// One state per flow; an event outside any flow (no correlation id) is skipped.
-    fn keys(event: &Event) -> Result<Vec<String>, Error> {
-        Ok(event.correlation_id().map(str::to_owned).into_iter().collect())
+    fn keys(event: &Event) -> Result<Keys, Error> {
+        Ok(event.correlation_id().map(str::to_owned).into())
     }
 
     fn apply(_flow_id: &str, flow: &mut Flow, e: &Event) -> Result<(), Error> {

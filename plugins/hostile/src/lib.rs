@@ -107,10 +107,7 @@ impl Extractor for Hostile {
                 let bytes = p["bytes"].as_u64().unwrap_or(1) as usize;
                 let value = "x".repeat(bytes);
                 for i in 0..count {
-                    evhost_sdk::state::set(
-                        &format!("big-{i}"),
-                        &value,
-                    );
+                    evhost_sdk::state::set(&format!("big-{i}"), &value);
                 }
                 out.push(derived("hostile.ok", stream, count.to_string()));
             }

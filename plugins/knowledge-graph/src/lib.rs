@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use evhost_sdk::{Error, Event, Projection};
+use evhost_sdk::{Error, Event, Keys, Projection};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -42,7 +42,7 @@ impl Projection for KnowledgeGraph {
     type State = Node;
 
     /// One node per entity mentioned; a payload that does not fit dead-letters the event.
-    fn keys(event: &Event) -> Result<Vec<String>, Error> {
+    fn keys(event: &Event) -> Result<Keys, Error> {
         let x: Extracted = event.payload()?;
         let mut keys: Vec<String> = x
             .entities
@@ -50,7 +50,7 @@ impl Projection for KnowledgeGraph {
             .map(|m| format!("{PREFIX}{}", m.name))
             .collect();
         keys.dedup();
-        Ok(keys)
+        Ok(keys.into())
     }
 
     fn apply(key: &str, node: &mut Node, event: &Event) -> Result<(), Error> {

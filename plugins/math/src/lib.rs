@@ -197,8 +197,14 @@ mod tests {
 
     #[test]
     fn output_writes_whole_numbers_without_fraction() {
-        let out = evhost_sdk::testing::Harness::<Math>::new().invoke(r#"{"expression": "2+3*4"}"#).unwrap();
+        let out = evhost_sdk::testing::Harness::<Math>::new()
+            .invoke(r#"{"expression": "2+3*4"}"#)
+            .unwrap();
         assert_eq!(out, r#"{"expression":"2+3*4","value":14}"#);
-        assert!(evhost_sdk::testing::Harness::<Math>::new().invoke(r#"{"expression": "2/"}"#).is_err());
+        assert!(
+            evhost_sdk::testing::Harness::<Math>::new()
+                .invoke(r#"{"expression": "2/"}"#)
+                .is_err()
+        );
     }
 }

@@ -13,8 +13,8 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-use exports::evhost::plugin::{projection_handler, tool_handler};
 use evhost::plugin::types::{Error, ToolInfo};
+use exports::evhost::plugin::{projection_handler, tool_handler};
 
 #[allow(dead_code)]
 struct Both;

@@ -31,7 +31,9 @@ impl Tool for Shout {
     }
 
     fn invoke(input: Input) -> Result<Output, Error> {
-        Ok(Output { text: input.text.to_uppercase() })
+        Ok(Output {
+            text: input.text.to_uppercase(),
+        })
     }
 }
 

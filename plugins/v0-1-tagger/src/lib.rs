@@ -17,7 +17,12 @@ impl Extractor for Tagger {
 
     fn extract(_: &mut (), event: &Event, out: &mut Vec<NewEvent>) -> Result<(), Error> {
         let note: Note = event.payload()?;
-        let tag = note.text.split_whitespace().next().unwrap_or("").to_lowercase();
+        let tag = note
+            .text
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_lowercase();
         out.push(NewEvent::new(
             "note.tagged",
             &event.stream,
