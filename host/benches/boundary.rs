@@ -169,6 +169,21 @@ fn main() {
             nat.as_secs_f64() / w.as_secs_f64()
         );
     }
+    // The boundary alone: a guest that decodes every envelope of each batch and only counts
+    // (the host's encoding, the copy into wasm, the guest's decode, one state write a
+    // batch).
+    let count = load_built(
+        &runtime,
+        "batch_count",
+        "name = \"batch-count\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n",
+    );
+    let counting = wasm(&count);
+    run(&counting, &events[..BATCH.min(n)], BATCH);
+    let b = run(&counting, &events, BATCH);
+    println!(
+        "boundary  batch-count      wasm {:>6} ns/event  (decode and count only, batches of {BATCH})",
+        b.as_nanos()
+    );
     // One call of one event: the fixed cost of a call (instance, store, epoch deadline).
     let few = &events[..n.min(20_000)];
     for (name, wasm, _) in &sides[..2] {

@@ -10,11 +10,54 @@ use crate::event::{Error, Event};
 
 /// Decodes a batch; the events borrow `buf`.
 pub fn decode(buf: &[u8]) -> Result<Vec<Event<'_>>, Error> {
-    let mut r = Reader { buf, at: 0 };
-    let count = r.u32()? as usize;
-    // Every event takes at least 52 bytes, so a corrupt count cannot reserve much.
-    let mut events = Vec::with_capacity(count.min(buf.len() / 52));
-    for _ in 0..count {
+    iter(buf)?.collect()
+}
+
+/// The events of a batch one by one, each decoded when it is reached (a batch is folded
+/// without holding all its events at once); the events borrow `buf`. An error ends it.
+pub fn iter(buf: &[u8]) -> Result<Events<'_>, Error> {
+    let mut reader = Reader { buf, at: 0 };
+    let left = reader.u32()?;
+    Ok(Events { reader, left })
+}
+
+/// The iterator of [`iter`].
+pub struct Events<'a> {
+    reader: Reader<'a>,
+    left: u32,
+}
+
+impl<'a> Iterator for Events<'a> {
+    type Item = Result<Event<'a>, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            let r = &self.reader;
+            if r.at != r.buf.len() {
+                // Once: the reader is moved to the end so the error is not repeated.
+                let e = r.malformed("bytes after the last event");
+                self.reader.at = self.reader.buf.len();
+                return Some(Err(e));
+            }
+            return None;
+        }
+        self.left -= 1;
+        let e = self.reader.event();
+        if e.is_err() {
+            self.left = 0;
+            self.reader.at = self.reader.buf.len();
+        }
+        Some(e)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.left as usize + 1))
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn event(&mut self) -> Result<Event<'a>, Error> {
+        let r = self;
         let position = r.u64()?;
         let version = r.u64()?;
         let timestamp_micros = r.u64()? as i64;
@@ -26,9 +69,10 @@ pub fn decode(buf: &[u8]) -> Result<Vec<Event<'_>>, Error> {
         let pairs = r.u32()? as usize;
         let mut metadata = Vec::with_capacity(pairs.min(64));
         for _ in 0..pairs {
-            metadata.push((r.text()?, r.text()?));
+            let key = r.text()?;
+            metadata.push((key, r.text()?));
         }
-        events.push(Event {
+        Ok(Event {
             id,
             event_type,
             stream,
@@ -38,12 +82,8 @@ pub fn decode(buf: &[u8]) -> Result<Vec<Event<'_>>, Error> {
             source,
             payload,
             metadata,
-        });
+        })
     }
-    if r.at != buf.len() {
-        return Err(r.malformed("bytes after the last event"));
-    }
-    Ok(events)
 }
 
 /// Encodes `events` as the host does.

@@ -1,6 +1,8 @@
 //! The extractor model: derive new events from events, optionally with state per key.
 
-use rustc_hash::FxHashMap as HashMap;
+use std::borrow::Borrow;
+
+use crate::projection::HashMap;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -70,13 +72,19 @@ pub trait Extractor {
 
 /// Runs `X` over a batch: one list of derived events per input event. A state that
 /// serializes to `null` is deleted.
-pub(crate) fn extract_batch<X: Extractor>(
+pub(crate) fn extract_batch<'e, X, E>(
     store: &mut dyn Store,
-    events: &[Event<'_>],
-) -> Result<Vec<Vec<NewEvent>>, Error> {
+    events: impl IntoIterator<Item = Result<E, Error>>,
+) -> Result<Vec<Vec<NewEvent>>, Error>
+where
+    X: Extractor,
+    E: Borrow<Event<'e>>,
+{
     let mut touched: HashMap<String, X::State> = HashMap::default();
-    let mut outputs = Vec::with_capacity(events.len());
+    let mut outputs = Vec::new();
     for event in events {
+        let event = event?;
+        let event = event.borrow();
         let mut out = Vec::new();
         let result = match X::key(event).map_err(|e| e.at(event))? {
             None => X::extract(&mut X::State::default(), event, &mut out),

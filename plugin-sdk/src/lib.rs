@@ -37,6 +37,15 @@
 //! The WIT the SDK implements is inside the crate (`wit/plugin.wit`), so the crate stands
 //! alone: depend on it by path or git.
 
+/// The plugin's allocator inside single-threaded wasm (feature `allocator`, on by default).
+#[cfg(all(
+    feature = "allocator",
+    target_family = "wasm",
+    not(target_feature = "atomics")
+))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 pub mod batch;
 pub mod config;
 mod event;
@@ -136,8 +145,8 @@ pub mod __private {
 
     pub fn handle<P: Projection>(batch: Vec<u8>) -> Result<(), WitError> {
         report_panics();
-        let events = crate::batch::decode(&batch).map_err(to_wit)?;
-        crate::projection::handle_batch::<P>(&mut HostStore, &events).map_err(to_wit)
+        let events = crate::batch::iter(&batch).map_err(to_wit)?;
+        crate::projection::handle_batch::<P, _>(&mut HostStore, events).map_err(to_wit)
     }
 
     pub fn query<P: Projection>(request: String) -> Result<String, WitError> {
@@ -147,8 +156,9 @@ pub mod __private {
 
     pub fn extract<X: Extractor>(batch: Vec<u8>) -> Result<Vec<Vec<WitNewEvent>>, WitError> {
         report_panics();
-        let events = crate::batch::decode(&batch).map_err(to_wit)?;
-        let out = crate::extractor::extract_batch::<X>(&mut HostStore, &events).map_err(to_wit)?;
+        let events = crate::batch::iter(&batch).map_err(to_wit)?;
+        let out =
+            crate::extractor::extract_batch::<X, _>(&mut HostStore, events).map_err(to_wit)?;
         Ok(out
             .into_iter()
             .map(|list| {

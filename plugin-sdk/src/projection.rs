@@ -1,6 +1,9 @@
 //! The projection model: typed state per key, folded from events batch by batch.
 
-use rustc_hash::FxHashMap as HashMap;
+use std::borrow::Borrow;
+
+/// The batch's states by key.
+pub(crate) type HashMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -128,13 +131,20 @@ impl Iterator for KeysIter {
     }
 }
 
-/// Folds a batch into `store`; on error nothing has been written.
-pub(crate) fn handle_batch<P: Projection>(
+/// Folds a batch into `store`; on error nothing has been written. The events come one by
+/// one (decoded from the host's buffer as they are folded, or borrowed from a slice).
+pub(crate) fn handle_batch<'e, P, E>(
     store: &mut dyn Store,
-    events: &[Event<'_>],
-) -> Result<(), Error> {
+    events: impl IntoIterator<Item = Result<E, Error>>,
+) -> Result<(), Error>
+where
+    P: Projection,
+    E: Borrow<Event<'e>>,
+{
     let mut touched: HashMap<String, P::State> = HashMap::default();
     for event in events {
+        let event = event?;
+        let event = event.borrow();
         for key in P::keys(event).map_err(|e| e.at(event))? {
             let state = state_of(store, &mut touched, &key)?;
             P::apply(&key, state, event).map_err(|e| e.at(event))?;
@@ -154,14 +164,17 @@ pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
     touched: &'a mut HashMap<String, S>,
     key: &str,
 ) -> Result<&'a mut S, Error> {
-    // One lookup when the key was touched before in the batch (the common case).
-    if touched.contains_key(key) {
-        return Ok(touched.get_mut(key).expect("present"));
+    // One lookup; the key is copied only the first time the batch touches it.
+    match touched.entry_ref(key) {
+        hashbrown::hash_map::EntryRef::Occupied(o) => Ok(o.into_mut()),
+        hashbrown::hash_map::EntryRef::Vacant(v) => {
+            let loaded = match store.get(key) {
+                Some(json) => serde_json::from_str(&json).map_err(|e| {
+                    Error::Failed(format!("stored state of {key:?} does not parse: {e}"))
+                })?,
+                None => S::default(),
+            };
+            Ok(v.insert(loaded))
+        }
     }
-    let loaded = match store.get(key) {
-        Some(json) => serde_json::from_str(&json)
-            .map_err(|e| Error::Failed(format!("stored state of {key:?} does not parse: {e}")))?,
-        None => S::default(),
-    };
-    Ok(touched.entry(key.to_owned()).or_insert(loaded))
 }

@@ -106,7 +106,9 @@ impl<T> Harness<T> {
 impl<P: Projection> Harness<P> {
     /// Folds one batch; on error the state is left as it was.
     pub fn handle(&mut self, events: Vec<Event<'_>>) -> Result<(), Error> {
-        self.batch(events, |store, events| handle_batch::<P>(store, events))
+        self.batch(events, |store, events| {
+            handle_batch::<P, _>(store, events.iter().map(Ok))
+        })
     }
 
     /// The state stored under `key`.
@@ -136,7 +138,7 @@ impl<X: Extractor> Harness<X> {
     /// error the state is left as it was.
     pub fn extract(&mut self, events: Vec<Event<'_>>) -> Result<Vec<Vec<NewEvent>>, Error> {
         self.batch(events, |store, events| {
-            crate::extractor::extract_batch::<X>(store, events)
+            crate::extractor::extract_batch::<X, _>(store, events.iter().map(Ok))
         })
     }
 
@@ -170,5 +172,5 @@ pub fn apply_batch<P: Projection>(
     store: &mut dyn Store,
     events: &[Event<'_>],
 ) -> Result<(), Error> {
-    handle_batch::<P>(store, events)
+    handle_batch::<P, _>(store, events.iter().map(Ok))
 }

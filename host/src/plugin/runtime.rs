@@ -398,6 +398,11 @@ impl Machine {
         config.consume_fuel(fuel);
         // Component-model async is not used; without it a call costs less.
         config.concurrency_support(false);
+        // `EVHOST_WASM_PROFILE=perfmap` writes /tmp/perf-PID.map so that `perf` names the
+        // plugins' compiled functions: for profiling plugins, off by default.
+        if std::env::var("EVHOST_WASM_PROFILE").as_deref() == Ok("perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
@@ -579,7 +584,7 @@ impl Runtime {
         if path.exists() {
             // SAFETY: the file was written by `precompile_component` of this host into its own
             // cache directory; wasmtime checks its version and configuration when loading.
-            match unsafe { Component::deserialize_file(&machine.engine, &path) } {
+            match unsafe { load_compiled(&machine.engine, &path) } {
                 Ok(component) => {
                     return Ok(Compiled {
                         component,
@@ -621,13 +626,12 @@ impl Runtime {
                 ))
             })?;
         // SAFETY: as above; just written by this engine.
-        let component =
-            unsafe { Component::deserialize_file(&machine.engine, &path) }.map_err(|e| {
-                CompileError::Cache(format!(
-                    "cannot load the compiled component back from the compile cache {}: {e:#}",
-                    path.display()
-                ))
-            })?;
+        let component = unsafe { load_compiled(&machine.engine, &path) }.map_err(|e| {
+            CompileError::Cache(format!(
+                "cannot load the compiled component back from the compile cache {}: {e:#}",
+                path.display()
+            ))
+        })?;
         Ok(Compiled {
             component,
             fuel,
@@ -723,6 +727,23 @@ impl Runtime {
             warm: Arc::default(),
         })
     }
+}
+
+/// Loads a compiled component from the cache: mapped from its file, or read into memory
+/// when profiling (`EVHOST_WASM_PROFILE=perfmap`), since `perf` names code in anonymous
+/// memory from the perf map but code mapped from a file only from the file's symbols.
+///
+/// # Safety
+/// As [`Component::deserialize_file`]: `path` holds what `precompile_component` of an
+/// engine with this configuration wrote.
+unsafe fn load_compiled(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    if std::env::var("EVHOST_WASM_PROFILE").as_deref() == Ok("perfmap") {
+        let bytes = std::fs::read(path)?;
+        // SAFETY: as the caller promises for the file.
+        return unsafe { Component::deserialize(engine, bytes) };
+    }
+    // SAFETY: as the caller promises.
+    unsafe { Component::deserialize_file(engine, path) }
 }
 
 /// Instances kept between calls, per plugin.
