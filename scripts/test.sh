@@ -9,3 +9,4 @@ scripts/build-plugins.sh
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked "$@"
 cargo test --manifest-path plugins/Cargo.toml --target-dir target/plugins-native --locked --quiet
+scripts/check-sdk-standalone.sh

@@ -68,7 +68,7 @@ impl Handler for Native {
 
 /// The native projection's fold over one batch.
 fn fold_native(view: Arc<dyn StateView>, events: &[Arc<Event>]) -> Result<Output, HandlerError> {
-    // The same conversion the wasm path makes into WIT records.
+    // Borrowing the host's events, as the guest's decode borrows its batch.
     let evs: Vec<evhost_sdk::Event> = events.iter().map(|e| common::to_sdk(e)).collect();
     let mut store = common::ViewStore::new(view);
     evhost_sdk::testing::apply_batch::<assistant_stats::AssistantStatsProjection>(&mut store, &evs)
@@ -147,8 +147,8 @@ fn main() {
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let native_best = native.min(native2);
         println!("catch-up  assistant-stats native, same runner:    {:>10.0} events/s ({:.0} and {:.0})", rate(native_best), rate(native), rate(native2));
-        println!("catch-up  assistant-stats wasm:                   {:>10.0} events/s  (target >= 300,000)", rate(wasm_took));
-        println!("ratio     wasm / native throughput:               {:>10.2}x  (target >= 0.5x)", native_best.as_secs_f64() / wasm_took.as_secs_f64());
+        println!("catch-up  assistant-stats wasm:                   {:>10.0} events/s  (target >= 500,000)", rate(wasm_took));
+        println!("ratio     wasm / native throughput:               {:>10.2}x  (target >= 0.8x, against the better native run)", native_best.as_secs_f64() / wasm_took.as_secs_f64());
         let a = PluginStore::open(&db, "wasm").unwrap().get("assistant-7").unwrap();
         let b = PluginStore::open(&db, "native-1").unwrap().get("assistant-7").unwrap();
         assert_eq!(a, b, "wasm and native states differ");
