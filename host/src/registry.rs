@@ -1154,13 +1154,39 @@ impl Registry {
                 .collect();
             if !events.is_empty() {
                 let (p, s) = (plugin.clone(), scratch.clone());
-                let writes = tokio::task::spawn_blocking(move || p.fold(s, &events))
+                let passed = tokio::task::spawn_blocking(move || fold_passing_failures(&p, &s, &events))
                     .await
                     .map_err(storage)??;
-                scratch.apply(writes);
+                if passed > 0 {
+                    tracing::debug!(plugin = name, passed, "the replay passed over events the plugin fails on");
+                }
             }
         }
         scratch.get(key).map_err(storage)
+    }
+}
+
+/// Folds `events` into `scratch` in order as the live run did: an event the plugin fails on
+/// (its own fault, which the live run dead-lettered) is passed over, found by halving the
+/// failing batch, and the events around it are folded. A failure of the host ends the
+/// replay. Returns how many events were passed over.
+fn fold_passing_failures(
+    plugin: &ProjectionPlugin,
+    scratch: &Arc<MemState>,
+    events: &[Arc<crate::event::Event>],
+) -> Result<u64, PluginError> {
+    match plugin.fold(scratch.clone(), events) {
+        Ok(writes) => {
+            scratch.apply(writes);
+            Ok(0)
+        }
+        Err(e @ PluginError::Host { .. }) => Err(e),
+        Err(_) if events.len() == 1 => Ok(1),
+        Err(_) => {
+            let (first, second) = events.split_at(events.len() / 2);
+            Ok(fold_passing_failures(plugin, scratch, first)?
+                + fold_passing_failures(plugin, scratch, second)?)
+        }
     }
 }
 

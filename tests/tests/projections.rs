@@ -496,3 +496,51 @@ async fn get_at(h: &Host, position: u64) -> (u16, Value) {
     .await;
     (s, body["value"].clone())
 }
+
+/// Time travel replays what the live run did: an event the projection failed on (and the
+/// live run dead-lettered) is passed over, so `at=` answers at and past it instead of
+/// failing on it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_passes_over_what_the_live_run_dead_lettered() {
+    const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let manifest = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\n\
+        subscriptions = [\"probe.>\"]\n[limits]\nbatch_size = 64\n\
+        [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    let wasm = std::fs::read(Path::new(BUILD).join("sandbox_probe.wasm")).unwrap();
+    let (s, body) = upload(&h, "probe", manifest, wasm).await;
+    assert_eq!(s, 200, "{body}");
+    let types = ["probe.a", "probe.a", "probe.trap", "probe.a", "probe.b"];
+    let events: Vec<Value> = types.iter().map(|t| ev(t, json!({}))).collect();
+    let reply = append(&h, "p", events).await;
+    let positions: Vec<u64> = reply["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    caught_up(&h, "probe").await;
+    let (_, letters) = get(&format!("{}/v1/dlq?plugin=probe", h.url)).await;
+    assert_eq!(
+        letters["dead_letters"].as_array().map(Vec::len),
+        Some(1),
+        "{letters}"
+    );
+    let (_, now) = state(&h, "probe", "probe").await;
+    assert_eq!(now["value"], json!({"probe.a": "3", "probe.b": "1"}), "{now}");
+    for (at, want) in [
+        (positions[1], json!({"probe.a": "2"})),
+        (positions[2], json!({"probe.a": "2"})),
+        (positions[3], json!({"probe.a": "3"})),
+        (positions[4], json!({"probe.a": "3", "probe.b": "1"})),
+    ] {
+        let (s, then) = get(&format!(
+            "{}/v1/projections/probe/state?key=probe&at={at}",
+            h.url
+        ))
+        .await;
+        assert_eq!(s, 200, "at={at}: {then}");
+        assert_eq!(then["value"], want, "at={at}");
+    }
+}
