@@ -1,6 +1,7 @@
 //! Flows and their metrics: every event with a `correlation_id`, indexed by it, and the
-//! latencies seed-style agents are judged by: per tool (requested -> completed or failed)
-//! and end to end (`user.query.received` -> `answer.synthesized`).
+//! latencies seed-style agents are judged by: per tool (requested -> completed or failed,
+//! for every invocation, in a flow or not) and end to end (`user.query.received` ->
+//! `answer.synthesized`).
 //!
 //! A built-in handler run by a [`Runner`] like any projection, so the index and the
 //! aggregates commit with its checkpoint and equal a replay of the log. Latencies are
@@ -105,8 +106,10 @@ impl Latency {
 /// A tool's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ToolFigures {
-    /// Invocations with an outcome.
-    pub completed: u64,
+    /// Invocations with an outcome, completed or failed (stored as `completed`, the name
+    /// it had when it was, wrongly, shown as the completed count).
+    #[serde(rename = "completed")]
+    pub outcomes: u64,
     /// Of which failed.
     pub failed: u64,
     /// Requested -> outcome.
@@ -179,13 +182,14 @@ impl Handler for FlowIndex {
             writes: Writes::new(),
         };
         for e in events.iter() {
-            let Some(correlation) = &e.metadata.correlation_id else {
-                continue;
-            };
-            o.writes.insert(
-                flow_key(correlation, e.position),
-                Some(e.event_type.as_str().to_owned()),
-            );
+            // Flows need a correlation id; a tool's figures count every invocation.
+            let correlation = e.metadata.correlation_id.as_deref();
+            if let Some(correlation) = correlation {
+                o.writes.insert(
+                    flow_key(correlation, e.position),
+                    Some(e.event_type.as_str().to_owned()),
+                );
+            }
             let micros = e.timestamp.timestamp_micros();
             let payload = || e.payload.to_value();
             match e.event_type.as_str() {
@@ -212,18 +216,24 @@ impl Handler for FlowIndex {
                     o.delete(format!("{REQUEST}{id}"));
                     let key = format!("{TOOL}{}", pending.tool);
                     let mut f: ToolFigures = o.get(&key)?.unwrap_or_default();
-                    f.completed += 1;
+                    f.outcomes += 1;
                     f.failed += u64::from(t == FAILED);
                     f.latency.record((micros - pending.micros) as f64 / 1e3);
                     o.set(key, &f);
                 }
                 QUERY => {
+                    let Some(correlation) = correlation else {
+                        continue;
+                    };
                     let key = format!("{STARTED_AT}{correlation}");
                     if o.get::<i64>(&key)?.is_none() {
                         o.set(key, &micros);
                     }
                 }
                 ANSWER => {
+                    let Some(correlation) = correlation else {
+                        continue;
+                    };
                     if let Some(began) = o.get::<i64>(&format!("{STARTED_AT}{correlation}"))? {
                         let mut l: Latency = o.get(E2E)?.unwrap_or_default();
                         l.record((micros - began) as f64 / 1e3);
@@ -383,7 +393,8 @@ pub(crate) fn metrics(store: &PluginStore) -> Result<Value, FlowError> {
         tools.insert(
             k[TOOL.len()..].to_owned(),
             json!({
-                "completed": f.completed,
+                "invocations": f.outcomes,
+                "completed": f.outcomes.saturating_sub(f.failed),
                 "failed": f.failed,
                 "latency": f.latency.summary(),
             }),

@@ -1154,11 +1154,16 @@ impl Registry {
                 .collect();
             if !events.is_empty() {
                 let (p, s) = (plugin.clone(), scratch.clone());
-                let passed = tokio::task::spawn_blocking(move || fold_passing_failures(&p, &s, &events))
-                    .await
-                    .map_err(storage)??;
+                let passed =
+                    tokio::task::spawn_blocking(move || fold_passing_failures(&p, &s, &events))
+                        .await
+                        .map_err(storage)??;
                 if passed > 0 {
-                    tracing::debug!(plugin = name, passed, "the replay passed over events the plugin fails on");
+                    tracing::debug!(
+                        plugin = name,
+                        passed,
+                        "the replay passed over events the plugin fails on"
+                    );
                 }
             }
         }

@@ -528,7 +528,11 @@ async fn time_travel_passes_over_what_the_live_run_dead_lettered() {
         "{letters}"
     );
     let (_, now) = state(&h, "probe", "probe").await;
-    assert_eq!(now["value"], json!({"probe.a": "3", "probe.b": "1"}), "{now}");
+    assert_eq!(
+        now["value"],
+        json!({"probe.a": "3", "probe.b": "1"}),
+        "{now}"
+    );
     for (at, want) in [
         (positions[1], json!({"probe.a": "2"})),
         (positions[2], json!({"probe.a": "2"})),

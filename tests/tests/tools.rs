@@ -479,3 +479,31 @@ async fn a_slow_invocation_fails_at_the_time_limit() {
     );
     assert_eq!(slow.count("/slow"), 1, "the slow host saw the request once");
 }
+
+/// `/v1/metrics` counts every invocation of a tool, with or without a correlation id, and
+/// tells the completed ones from the failed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_metrics_count_every_invocation_by_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS, "--grant", GRANT]).await;
+    let calls = json!([
+        request("ok-1", "math", json!({"expression": "1+2"})),
+        request("ok-2", "math", json!({"expression": "2*3"})),
+        request("bad-1", "math", json!({"expression": "2/"})),
+    ]);
+    append(&h, "calls", calls).await;
+    let by_id = outcomes(&h, &["ok-1", "ok-2", "bad-1"]).await;
+    assert_eq!(by_id["bad-1"][0]["type"], "tool.invocation.failed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let math = loop {
+        let (_, m) = get(&format!("{}/v1/metrics", h.url)).await;
+        if m["tools"]["math"]["invocations"] == 3 {
+            break m["tools"]["math"].clone();
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(math["completed"], 2, "{math}");
+    assert_eq!(math["failed"], 1, "{math}");
+    assert_eq!(math["latency"]["count"], 3, "{math}");
+}
