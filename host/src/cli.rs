@@ -95,7 +95,8 @@ enum PluginCommand {
         /// The component, if not beside the manifest.
         #[arg(long)]
         wasm: Option<PathBuf>,
-        /// A value over the manifest's `[config]` (KEY=VALUE); repeat for more. Secret
+        /// A value over the manifest's `[config]` (KEY=VALUE, or KEY=@FILE to read it from
+        /// a file, which keeps a secret out of the shell's history); repeat for more. Secret
         /// values are never shown or logged.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
@@ -272,6 +273,10 @@ struct PolicyArgs {
     /// when the manifest asks for it and it is granted here or with the load.
     #[arg(long, value_name = "[PLUGIN=]CAP")]
     grant: Vec<String>,
+    /// Refuse grants carried by a load (`evhost plugin load --grant`, an upload's grants
+    /// part): only --grant grants capabilities.
+    #[arg(long)]
+    no_load_grants: bool,
     /// Refuse loading, replacing and unloading plugins over the API: only --plugins loads.
     #[arg(long)]
     no_hot_load: bool,
@@ -297,6 +302,7 @@ impl PolicyArgs {
         };
         Ok(crate::registry::PluginPolicy {
             grants: crate::registry::GrantTable::parse(&self.grant)?,
+            load_grants: !self.no_load_grants,
             http_hosts,
             max_memory_mb: self.plugin_max_memory_mb,
             max_concurrency: self.plugin_max_concurrency,
@@ -715,10 +721,18 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         } => {
             let mut options = crate::registry::LoadOptions::default();
             for kv in &config {
+                // Named by its key only: the value may be a secret.
                 let (k, v) = kv
                     .split_once('=')
-                    .with_context(|| format!("--config {kv}: give KEY=VALUE"))?;
-                options.config.insert(k.to_owned(), v.to_owned());
+                    .with_context(|| format!("--config {kv:.0}...: give KEY=VALUE or KEY=@FILE"))?;
+                let v = match v.strip_prefix('@') {
+                    Some(file) => std::fs::read_to_string(file)
+                        .with_context(|| format!("--config {k}=@{file}: reading the value"))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                    None => v.to_owned(),
+                };
+                options.config.insert(k.to_owned(), v);
             }
             for cap in &grant {
                 options

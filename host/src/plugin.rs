@@ -15,8 +15,8 @@ pub use contract::{Contract, WitVersion};
 pub use handler::{Derived, Handler, HandlerError, Output};
 pub use logs::{LOG_BUFFER_BYTES, LogLine, LogPage, MAX_LINE_BYTES, PluginLogs};
 pub use manifest::{
-    Capabilities, ConfigEntry, InvalidManifest, Kind, Limits, MAX_CONFIG_VALUE_BYTES, Manifest,
-    OnFailure, PluginConfig, PluginId, StartFrom, valid_name,
+    Capabilities, ConfigDetail, ConfigEntry, InvalidManifest, Kind, Limits, MAX_CONFIG_VALUE_BYTES,
+    Manifest, OnFailure, PluginConfig, PluginId, StartFrom, valid_name,
 };
 pub use runtime::{
     CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, RuntimeError,

@@ -828,7 +828,14 @@ impl Registry {
         let dir = self.dir.clone();
         let n = name.clone();
         blocking(move || {
-            for ext in ["wasm", "toml", "load.json"] {
+            for ext in [
+                "wasm",
+                "toml",
+                "load.json",
+                "wasm.tmp",
+                "toml.tmp",
+                "load.json.tmp",
+            ] {
                 let _ = std::fs::remove_file(dir.join(format!("{n}.{ext}")));
             }
         })
@@ -1240,12 +1247,12 @@ fn persist_files(
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)?;
     let options_json = serde_json::to_vec(options).map_err(std::io::Error::other)?;
-    let options_path = dir.join(format!("{name}.load.json"));
-    if *options == LoadOptions::default() {
-        match std::fs::remove_file(&options_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+    // The previous load's options go first and the new ones come last, so a crash in
+    // between leaves the new component with no options (refused or unconfigured at the
+    // next start), never with another load's grants and secrets.
+    match std::fs::remove_file(dir.join(format!("{name}.load.json"))) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
     let mut files = vec![("wasm", wasm), ("toml", manifest.as_bytes())];
     if *options != LoadOptions::default() {
@@ -1271,8 +1278,15 @@ fn persist_files(
 fn read_options(manifest: &Path) -> Result<LoadOptions, String> {
     let path = manifest.with_extension("load.json");
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{} does not parse: {e}; fix or remove it", path.display())),
+        // The error names where, never what: the file holds secrets.
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e: serde_json::Error| {
+            format!(
+                "{} does not parse at line {} column {}; fix or remove it",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LoadOptions::default()),
         Err(e) => Err(format!("{} cannot be read: {e}", path.display())),
     }

@@ -8,23 +8,40 @@ use std::borrow::Cow;
 
 use crate::event::{Error, Event};
 
-/// Decodes a batch; the events borrow `buf`.
+/// Decodes a batch; the events borrow `buf`. Every text field is checked to be UTF-8.
 pub fn decode(buf: &[u8]) -> Result<Vec<Event<'_>>, Error> {
     iter(buf)?.collect()
 }
 
 /// The events of a batch one by one, each decoded when it is reached (a batch is folded
 /// without holding all its events at once); the events borrow `buf`. An error ends it.
+/// Every text field is checked to be UTF-8.
 pub fn iter(buf: &[u8]) -> Result<Events<'_>, Error> {
-    let mut reader = Reader { buf, at: 0 };
-    let left = reader.u32()?;
-    Ok(Events { reader, left })
+    Events::new(buf, false)
+}
+
+/// [`iter`] over a batch the host handed to an export: inside wasm in release builds its
+/// text is not checked again (see `Reader::text`).
+pub(crate) fn iter_from_host(buf: &[u8]) -> Result<Events<'_>, Error> {
+    Events::new(buf, true)
 }
 
 /// The iterator of [`iter`].
 pub struct Events<'a> {
     reader: Reader<'a>,
     left: u32,
+}
+
+impl<'a> Events<'a> {
+    fn new(buf: &'a [u8], from_host: bool) -> Result<Self, Error> {
+        let mut reader = Reader {
+            buf,
+            at: 0,
+            from_host,
+        };
+        let left = reader.u32()?;
+        Ok(Events { reader, left })
+    }
 }
 
 impl<'a> Iterator for Events<'a> {
@@ -114,6 +131,8 @@ fn text(out: &mut Vec<u8>, t: &str) {
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
+    /// The buffer is a batch the host handed to an export (encoded from Rust strings).
+    from_host: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -143,15 +162,16 @@ impl<'a> Reader<'a> {
     fn text(&mut self) -> Result<Cow<'a, str>, Error> {
         let n = self.u32()? as usize;
         let b = self.bytes(n)?;
-        if cfg!(debug_assertions) || !cfg!(target_arch = "wasm32") {
+        if !self.from_host || cfg!(debug_assertions) || !cfg!(target_arch = "wasm32") {
             return std::str::from_utf8(b)
                 .map(Cow::Borrowed)
                 .map_err(|_| self.malformed("a text field is not UTF-8"));
         }
-        // SAFETY: inside wasm the batch comes from the host, which encodes it from Rust
-        // strings (UTF-8 by construction), as the canonical ABI's own string lowering
-        // does, and wit-bindgen's release builds lift strings unchecked on the same
-        // ground. Debug builds and native callers (which may decode anything) check.
+        // SAFETY: `from_host` is set only for the batch an export was handed, which the
+        // host encodes from Rust strings (UTF-8 by construction), as the canonical ABI's
+        // own string lowering does, and wit-bindgen's release builds lift strings
+        // unchecked on the same ground. Any other buffer, debug builds and native callers
+        // are checked.
         Ok(Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(b) }))
     }
 

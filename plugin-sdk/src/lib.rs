@@ -145,7 +145,7 @@ pub mod __private {
 
     pub fn handle<P: Projection>(batch: Vec<u8>) -> Result<(), WitError> {
         report_panics();
-        let events = crate::batch::iter(&batch).map_err(to_wit)?;
+        let events = crate::batch::iter_from_host(&batch).map_err(to_wit)?;
         crate::projection::handle_batch::<P, _>(&mut HostStore, events).map_err(to_wit)
     }
 
@@ -156,7 +156,7 @@ pub mod __private {
 
     pub fn extract<X: Extractor>(batch: Vec<u8>) -> Result<Vec<Vec<WitNewEvent>>, WitError> {
         report_panics();
-        let events = crate::batch::iter(&batch).map_err(to_wit)?;
+        let events = crate::batch::iter_from_host(&batch).map_err(to_wit)?;
         let out =
             crate::extractor::extract_batch::<X, _>(&mut HostStore, events).map_err(to_wit)?;
         Ok(out

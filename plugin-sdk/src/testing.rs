@@ -77,17 +77,21 @@ impl<T> Harness<T> {
         mut events: Vec<Event<'_>>,
         f: impl FnOnce(&mut MemStore, &[Event<'_>]) -> Result<R, Error>,
     ) -> Result<R, Error> {
+        let mut next = self.next_position;
         for e in &mut events {
             if e.position == 0 {
-                e.position = self.next_position;
+                e.position = next;
             }
-            self.next_position = e.position + 1;
+            next = e.position + 1;
         }
         let buf = crate::batch::encode(&events);
         let decoded = crate::batch::decode(&buf)?;
         let mut scratch = self.store.clone();
         let r = self.configured(|| f(&mut scratch, &decoded))?;
+        // Like the host: a failed batch changes nothing, and is handed over again with the
+        // same positions.
         self.store = scratch;
+        self.next_position = next;
         Ok(r)
     }
 
@@ -119,9 +123,10 @@ impl<P: Projection> Harness<P> {
             .map(|json| serde_json::from_str(json).expect("the harness stores valid state"))
     }
 
-    /// Calls the projection's `query`.
+    /// Calls the projection's `query`; what it writes is dropped, as the host drops it.
     pub fn query(&mut self, request: &str) -> Result<String, Error> {
-        let store = &mut self.store;
+        let mut scratch = self.store.clone();
+        let store = &mut scratch;
         #[cfg(not(target_arch = "wasm32"))]
         {
             crate::config::native::with(&self.config, || P::query(store, request))
@@ -163,6 +168,52 @@ impl<T: Tool> Harness<T> {
         let out = self.invoke(&input.to_string())?;
         serde_json::from_str(&out)
             .map_err(|e| Error::Failed(format!("the tool's output is not JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Noter;
+
+    impl Projection for Noter {
+        type State = u64;
+        fn apply(_: &str, n: &mut u64, e: &Event<'_>) -> Result<(), Error> {
+            if &*e.event_type == "bad" {
+                return Err(Error::InvalidInput("bad".into()));
+            }
+            *n += 1;
+            Ok(())
+        }
+        fn query(store: &mut dyn Store, request: &str) -> Result<String, Error> {
+            store.set("written-by-query", "1");
+            Ok(store.get(request).unwrap_or_else(|| "null".into()))
+        }
+    }
+
+    #[test]
+    fn the_harness_drops_what_fails_or_what_a_query_writes_as_the_host_does() {
+        let mut h = Harness::<Noter>::new();
+        h.handle(vec![Event::new("a", "{}").with_stream("s")])
+            .unwrap();
+        let bad = vec![
+            Event::new("a", "{}").with_stream("s"),
+            Event::new("bad", "{}"),
+        ];
+        assert!(h.handle(bad).is_err());
+        assert_eq!(h.state("s"), Some(1), "a failed batch changes nothing");
+        assert_eq!(h.query("s").unwrap(), "1");
+        assert!(!h.store().0.contains_key("written-by-query"));
+    }
+
+    #[test]
+    fn decoding_bytes_that_are_not_utf8_is_an_error() {
+        let mut buf = crate::batch::encode(&[Event::new("ab", "{}")]);
+        // The event type's bytes follow the count (4), the header (24), the empty id (4)
+        // and the type's own length (4).
+        buf[4 + 24 + 4 + 4] = 0xff;
+        assert!(crate::batch::decode(&buf).is_err());
     }
 }
 

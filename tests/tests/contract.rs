@@ -147,6 +147,27 @@ fn a_component_of_two_worlds_or_of_none_is_refused_with_its_exports() {
 }
 
 #[test]
+fn a_0_1_0_component_cannot_be_given_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(dir.path()).unwrap();
+    let compiled = runtime.compile(&wasm("v0_1_type_counter")).unwrap();
+    let m = Manifest::parse(&format!(
+        "{}[config]\ngreeting = \"hi\"\n",
+        manifest("p", "projection")
+    ))
+    .unwrap();
+    let r: Result<ProjectionPlugin, _> = runtime.plugin(&compiled, &m);
+    match r {
+        Err(PluginError::Load { message, .. }) => assert!(
+            message.contains("evhost:plugin@0.1.0, which has no config import"),
+            "{message}"
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a 0.1.0 component was given configuration it cannot read"),
+    }
+}
+
+#[test]
 fn the_sdk_vendors_the_wit_it_implements() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let vendored = std::fs::read_to_string(root.join("plugin-sdk/wit/plugin.wit")).unwrap();
@@ -371,16 +392,18 @@ async fn configuration_reaches_the_plugin_and_secrets_stay_out_of_sight() {
     caught_up(&h, "probe").await;
     assert_eq!(state(&h, "probe", "probe").await["config.api_key"], SECRET);
 
-    // The CLI loads with --config too.
+    // The CLI loads with --config too, a secret read from a file (KEY=@FILE).
     let file = dir.path().join("probe.toml");
     std::fs::write(&file, &m).unwrap();
     std::fs::write(dir.path().join("probe.wasm"), &probe).unwrap();
+    let secret_file = dir.path().join("api_key.txt");
+    std::fs::write(&secret_file, format!("{SECRET}-from-a-file\n")).unwrap();
     let (ok, out, err) = h.cli(&[
         "plugin",
         "load",
         file.to_str().unwrap(),
         "--config",
-        &format!("api_key={SECRET}"),
+        &format!("api_key=@{}", secret_file.display()),
         "--config",
         "greeting=hi",
     ]);
@@ -388,6 +411,13 @@ async fn configuration_reaches_the_plugin_and_secrets_stay_out_of_sight() {
     assert!(!out.contains(SECRET), "{out}");
     let reply: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(reply["config"]["greeting"], "hi", "{reply}");
+    append(&h, "p", json!([{"type": "probe.config", "payload": {}}])).await;
+    caught_up(&h, "probe").await;
+    assert_eq!(
+        state(&h, "probe", "probe").await["config.api_key"],
+        format!("{SECRET}-from-a-file"),
+        "the file's value, without its newline"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,4 +550,32 @@ async fn a_capability_takes_effect_only_when_asked_for_and_granted() {
             .contains("http:HOST:PORT, clock or random"),
         "{v}"
     );
+    drop(h);
+
+    // An operator can take grants from the host's configuration alone.
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        &["--no-load-grants", "--grant", "probe=clock"],
+    )
+    .await;
+    let (s, v) = upload_granted(
+        &h,
+        "probe",
+        &asks("clock = true\nrandom = true\n"),
+        wasm("sandbox_probe"),
+        &["random"],
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--no-load-grants"),
+        "{v}"
+    );
+    let (s, v) = upload(&h, "probe", &asks("clock = true\n"), wasm("sandbox_probe")).await;
+    assert_eq!(s, 200, "the host's own grant still holds: {v}");
 }

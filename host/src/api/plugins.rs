@@ -95,12 +95,19 @@ pub(super) async fn put_plugin(
             }
             "wasm" => wasm = Some(bytes.to_vec()),
             "config" => {
-                options.config = serde_json::from_slice(&bytes).map_err(|e| {
-                    ApiError::bad_request(
-                        "invalid_plugin",
-                        format!("the config part must be a JSON object of strings: {e}"),
-                    )
-                })?
+                // The error names where, never what: values may be secrets.
+                options.config =
+                    serde_json::from_slice(&bytes).map_err(|e: serde_json::Error| {
+                        ApiError::bad_request(
+                            "invalid_plugin",
+                            format!(
+                                "the config part must be a JSON object of strings (it is not, at \
+                             line {} column {})",
+                                e.line(),
+                                e.column()
+                            ),
+                        )
+                    })?
             }
             "grants" => {
                 let caps: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| {

@@ -49,7 +49,9 @@ pub(super) fn encode(events: &[Arc<Event>]) -> Vec<u8> {
 }
 
 fn text(out: &mut Vec<u8>, t: &str) {
-    out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    // An event's fields are bounded by the event size limit, far below 4 GiB.
+    let len = u32::try_from(t.len()).expect("an event field is under 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(t.as_bytes());
 }
 

@@ -167,36 +167,46 @@ pub enum ConfigEntry {
     /// A plain value.
     Value(String),
     /// A value with options.
-    Detailed {
-        /// The default value, if any (a secret without one must be given at load).
-        #[serde(default)]
-        value: Option<String>,
-        /// Never logged or shown in status.
-        #[serde(default)]
-        secret: bool,
-    },
+    Detailed(ConfigDetail),
+}
+
+/// `key = { value = "...", secret = true }`; unknown fields are refused.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDetail {
+    /// The default value, if any (a secret without one must be given at load).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Never logged or shown in status.
+    #[serde(default)]
+    pub secret: bool,
 }
 
 impl std::fmt::Debug for ConfigEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConfigEntry::Detailed { secret: true, .. } => f.write_str("(secret)"),
-            ConfigEntry::Value(v) | ConfigEntry::Detailed { value: Some(v), .. } => {
+            ConfigEntry::Detailed(ConfigDetail { secret: true, .. }) => f.write_str("(secret)"),
+            ConfigEntry::Value(v) | ConfigEntry::Detailed(ConfigDetail { value: Some(v), .. }) => {
                 write!(f, "{v:?}")
             }
-            ConfigEntry::Detailed { value: None, .. } => f.write_str("(unset)"),
+            ConfigEntry::Detailed(ConfigDetail { value: None, .. }) => f.write_str("(unset)"),
         }
     }
 }
 
 impl ConfigEntry {
     fn secret(&self) -> bool {
-        matches!(self, ConfigEntry::Detailed { secret: true, .. })
+        matches!(
+            self,
+            ConfigEntry::Detailed(ConfigDetail { secret: true, .. })
+        )
     }
     fn value(&self) -> Option<&str> {
         match self {
-            ConfigEntry::Value(v) | ConfigEntry::Detailed { value: Some(v), .. } => Some(v),
-            ConfigEntry::Detailed { value: None, .. } => None,
+            ConfigEntry::Value(v) | ConfigEntry::Detailed(ConfigDetail { value: Some(v), .. }) => {
+                Some(v)
+            }
+            ConfigEntry::Detailed(ConfigDetail { value: None, .. }) => None,
         }
     }
 }
@@ -257,8 +267,13 @@ impl PluginConfig {
                     c.values.insert(key.clone(), v.to_owned());
                 }
                 None => {
+                    let what = if entry.secret() {
+                        "is secret and has"
+                    } else {
+                        "has"
+                    };
                     return Err(format!(
-                        "config key {key:?} is secret and has no value: give it at load \
+                        "config key {key:?} {what} no value: give it at load \
                          (evhost plugin load --config {key}=VALUE, or a config part in the upload)"
                     ));
                 }
@@ -275,6 +290,11 @@ impl PluginConfig {
     /// Every key with its value, secrets included: for the plugin only.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// True when nothing is configured.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
     }
 
     /// Every key with its value as status shows it: secrets as `(secret)`.
@@ -499,6 +519,32 @@ impl Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_entries_refuse_unknown_fields_and_bad_keys() {
+        let base = "name = \"p\"\nversion = \"1\"\nkind = \"tool\"\n[config]\n";
+        let ok = Manifest::parse(&format!(
+            "{base}a = \"x\"\nb = {{ value = \"y\" }}\nc = {{ secret = true }}\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.config.len(), 3);
+        assert!(
+            Manifest::parse(&format!("{base}a = {{ secret = true, valeu = \"x\" }}\n")).is_err()
+        );
+        assert!(Manifest::parse(&format!("{base}\"a b\" = \"x\"\n")).is_err());
+        // A secret's value never shows in Debug.
+        let m = Manifest::parse(&format!(
+            "{base}k = {{ value = \"hunter2\", secret = true }}\n"
+        ))
+        .unwrap();
+        assert!(!format!("{m:?}").contains("hunter2"));
+        let c = PluginConfig::resolve(&m, &Default::default()).unwrap();
+        assert_eq!(c.get("k"), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.shown()["k"], "(secret)");
+        let e = PluginConfig::resolve(&ok, &Default::default()).unwrap_err();
+        assert!(e.contains("\"c\" is secret and has no value"), "{e}");
+    }
 
     const GOOD: &str = r#"
 name = "assistant-stats"

@@ -694,7 +694,8 @@ impl Runtime {
                 plugin: plugin.to_string(),
                 message: format!(
                     "its imports cannot be satisfied: {e:#}; a plugin may import only the \
-                     evhost:plugin interfaces of its world and WASI 0.2"
+                     evhost:plugin interfaces of a version this host loads ({}) and WASI 0.2",
+                    WitVersion::ALL.map(|v| v.as_str()).join(", ")
                 ),
             })?;
         let contract = super::contract::detect(&machine.engine, &compiled.component, &pre)
@@ -711,6 +712,15 @@ impl Runtime {
                     W::KIND.as_str(),
                     contract.kind.as_str()
                 ),
+            });
+        }
+        if contract.wit == WitVersion::V0_1_0 && !config.is_empty() {
+            return Err(PluginError::Load {
+                plugin: plugin.to_string(),
+                message: "its manifest has a [config] table, but the component is built against \
+                          evhost:plugin@0.1.0, which has no config import to read it: rebuild it \
+                          against 0.2.0 or drop the table"
+                    .into(),
             });
         }
         let pre = W::pre(pre, contract.wit).map_err(load_err)?;

@@ -119,6 +119,12 @@ impl GrantTable {
         let mut t = GrantTable::default();
         for v in values {
             let (target, cap) = match v.split_once('=') {
+                Some((plugin, _)) if !crate::plugin::valid_name(plugin) => {
+                    return Err(format!(
+                        "--grant {v}: {plugin:?} is not a plugin name (1 to 64 lower-case \
+                         letters, digits or '-')"
+                    ));
+                }
                 Some((plugin, cap)) => (t.per_plugin.entry(plugin.to_owned()).or_default(), cap),
                 None => (&mut t.all, v.as_str()),
             };
@@ -239,5 +245,9 @@ mod tests {
             assert!(e.contains("http:HOST:PORT, clock or random"), "{bad}: {e}");
         }
         assert!(GrantTable::parse(&["x=nope".into()]).is_err());
+        for bad in ["Http-Get=clock", "=clock"] {
+            let e = GrantTable::parse(&[bad.into()]).unwrap_err();
+            assert!(e.contains("is not a plugin name"), "{e}");
+        }
     }
 }

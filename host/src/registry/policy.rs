@@ -28,6 +28,9 @@ pub struct PluginPolicy {
     /// What the host grants plugins (`--grant [PLUGIN=]CAP`): a capability a manifest asks
     /// for takes effect only when granted here or with the load.
     pub grants: super::GrantTable,
+    /// Whether a load may carry grants of its own (off with `--no-load-grants`: only the
+    /// host's `--grant` then grants anything).
+    pub load_grants: bool,
 }
 
 impl Default for PluginPolicy {
@@ -40,6 +43,7 @@ impl Default for PluginPolicy {
             max_fuel_per_event: None,
             hot_load: true,
             grants: Default::default(),
+            load_grants: true,
         }
     }
 }
@@ -48,6 +52,13 @@ impl PluginPolicy {
     /// Refuses a load's own grants of HTTP hosts beyond the operator's allow-list
     /// (`--plugin-http-allow`): grants with a load never exceed the caps.
     pub fn admits_grants(&self, options: &super::LoadOptions) -> Result<(), String> {
+        if !self.load_grants && options.grants != super::Grants::default() {
+            return Err(format!(
+                "the load grants {}, but this host takes grants only from its own \
+                 configuration (--no-load-grants): ask the operator to start it with --grant",
+                options.grants.to_caps().join(", ")
+            ));
+        }
         let Some(allowed) = &self.http_hosts else {
             return Ok(());
         };
@@ -158,6 +169,7 @@ mod tests {
             max_fuel_per_event: Some(1_000_000),
             hot_load: true,
             grants: Default::default(),
+            load_grants: true,
         };
         let e = capped.admits(&greedy).unwrap_err();
         for part in [
