@@ -73,21 +73,45 @@ impl<'a> Iterator for Events<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// One event: its fixed header (one bounds check), then its five texts back to back
+    /// (one more), then its metadata pairs.
     fn event(&mut self) -> Result<Event<'a>, Error> {
-        let r = self;
-        let position = r.u64()?;
-        let version = r.u64()?;
-        let timestamp_micros = r.u64()? as i64;
-        let id = r.text()?;
-        let event_type = r.text()?;
-        let stream = r.text()?;
-        let source = r.text()?;
-        let payload = r.text()?;
-        let pairs = r.u32()? as usize;
+        let h = self.bytes(HEADER)?;
+        let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+        let position = u64_at(0);
+        let version = u64_at(8);
+        let timestamp_micros = u64_at(16) as i64;
+        let lens = [u32_at(24), u32_at(28), u32_at(32), u32_at(36), u32_at(40)];
+        let pairs = u32_at(44) as usize;
+        let total = lens
+            .iter()
+            .try_fold(0usize, |sum, &n| sum.checked_add(n as usize));
+        let total = total.ok_or_else(|| self.malformed("its texts are longer than memory"))?;
+        let mut body = self.bytes(total)?;
+        let mut texts = [
+            Cow::Borrowed(""),
+            Cow::Borrowed(""),
+            Cow::Borrowed(""),
+            Cow::Borrowed(""),
+            Cow::Borrowed(""),
+        ];
+        for (t, &n) in texts.iter_mut().zip(&lens) {
+            let (this, rest) = body.split_at(n as usize);
+            *t = self.utf8(this)?;
+            body = rest;
+        }
+        let [id, event_type, stream, source, payload] = texts;
         let mut metadata = Vec::with_capacity(pairs.min(64));
         for _ in 0..pairs {
-            let key = r.text()?;
-            metadata.push((key, r.text()?));
+            let lens = self.bytes(8)?;
+            let k = u32::from_le_bytes(lens[..4].try_into().expect("4 bytes")) as usize;
+            let v = u32::from_le_bytes(lens[4..].try_into().expect("4 bytes")) as usize;
+            let total = k
+                .checked_add(v)
+                .ok_or_else(|| self.malformed("a metadata pair is longer than memory"))?;
+            let (key, value) = self.bytes(total)?.split_at(k);
+            metadata.push((self.utf8(key)?, self.utf8(value)?));
         }
         Ok(Event {
             id,
@@ -103,6 +127,10 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Bytes of an event's fixed header: position, version, timestamp, five text lengths, the
+/// metadata count.
+const HEADER: usize = 8 * 3 + 4 * 6;
+
 /// Encodes `events` as the host does.
 pub fn encode(events: &[Event<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -111,21 +139,26 @@ pub fn encode(events: &[Event<'_>]) -> Vec<u8> {
         out.extend_from_slice(&e.position.to_le_bytes());
         out.extend_from_slice(&e.version.to_le_bytes());
         out.extend_from_slice(&e.timestamp_micros.to_le_bytes());
-        for t in [&e.id, &e.event_type, &e.stream, &e.source, &e.payload] {
-            text(&mut out, t);
+        let texts = [&e.id, &e.event_type, &e.stream, &e.source, &e.payload];
+        for t in texts {
+            out.extend_from_slice(&len32(t).to_le_bytes());
         }
         out.extend_from_slice(&(e.metadata.len() as u32).to_le_bytes());
+        for t in texts {
+            out.extend_from_slice(t.as_bytes());
+        }
         for (k, v) in &e.metadata {
-            text(&mut out, k);
-            text(&mut out, v);
+            out.extend_from_slice(&len32(k).to_le_bytes());
+            out.extend_from_slice(&len32(v).to_le_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(v.as_bytes());
         }
     }
     out
 }
 
-fn text(out: &mut Vec<u8>, t: &str) {
-    out.extend_from_slice(&(t.len() as u32).to_le_bytes());
-    out.extend_from_slice(t.as_bytes());
+fn len32(t: &str) -> u32 {
+    u32::try_from(t.len()).expect("a text of an event is under 4 GiB")
 }
 
 struct Reader<'a> {
@@ -153,15 +186,8 @@ impl<'a> Reader<'a> {
         ))
     }
 
-    fn u64(&mut self) -> Result<u64, Error> {
-        Ok(u64::from_le_bytes(
-            self.bytes(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-
-    fn text(&mut self) -> Result<Cow<'a, str>, Error> {
-        let n = self.u32()? as usize;
-        let b = self.bytes(n)?;
+    /// `b` as text, checked to be UTF-8 unless it is the host's (see below).
+    fn utf8(&self, b: &'a [u8]) -> Result<Cow<'a, str>, Error> {
         if !self.from_host || cfg!(debug_assertions) || !cfg!(target_arch = "wasm32") {
             return std::str::from_utf8(b)
                 .map(Cow::Borrowed)

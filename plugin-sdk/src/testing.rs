@@ -210,10 +210,12 @@ mod tests {
     #[test]
     fn decoding_bytes_that_are_not_utf8_is_an_error() {
         let mut buf = crate::batch::encode(&[Event::new("ab", "{}")]);
-        // The event type's bytes follow the count (4), the header (24), the empty id (4)
-        // and the type's own length (4).
-        buf[4 + 24 + 4 + 4] = 0xff;
-        assert!(crate::batch::decode(&buf).is_err());
+        // The event type's bytes follow the count (4) and the event's header (48); the id
+        // before them is empty.
+        assert_eq!(&buf[52..54], b"ab");
+        buf[52] = 0xff;
+        let e = crate::batch::decode(&buf).unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 }
 

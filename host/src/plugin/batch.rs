@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use crate::event::Event;
 
-/// Fixed bytes per event: position, version, timestamp, five text lengths, the metadata
-/// count.
-const FIXED: usize = 8 * 3 + 4 * 5 + 4;
+/// Bytes of an event's fixed header: position, version, timestamp, five text lengths, the
+/// metadata count.
+const FIXED: usize = 8 * 3 + 4 * 6;
 
 /// Encodes `events` in order.
 pub(super) fn encode(events: &[Arc<Event>]) -> Vec<u8> {
@@ -27,20 +27,32 @@ pub(super) fn encode(events: &[Arc<Event>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
     for e in events {
-        out.extend_from_slice(&e.position.to_le_bytes());
-        out.extend_from_slice(&e.version.to_le_bytes());
-        out.extend_from_slice(&e.timestamp.timestamp_micros().to_le_bytes());
-        text(&mut out, e.id.as_str());
-        text(&mut out, e.event_type.as_str());
-        text(&mut out, e.stream.as_str());
-        text(&mut out, &e.source);
-        text(&mut out, e.payload.as_str());
-        let count_at = out.len();
-        out.extend_from_slice(&0u32.to_le_bytes());
+        let texts = [
+            e.id.as_str(),
+            e.event_type.as_str(),
+            e.stream.as_str(),
+            e.source.as_str(),
+            e.payload.as_str(),
+        ];
+        // The header is built in place and copied once.
+        let mut header = [0u8; FIXED];
+        header[0..8].copy_from_slice(&e.position.to_le_bytes());
+        header[8..16].copy_from_slice(&e.version.to_le_bytes());
+        header[16..24].copy_from_slice(&e.timestamp.timestamp_micros().to_le_bytes());
+        for (i, t) in texts.iter().enumerate() {
+            header[24 + 4 * i..28 + 4 * i].copy_from_slice(&len32(t).to_le_bytes());
+        }
+        let count_at = out.len() + 44;
+        out.extend_from_slice(&header);
+        for t in texts {
+            out.extend_from_slice(t.as_bytes());
+        }
         let mut count = 0u32;
         for (k, v) in e.metadata.to_pairs_ref() {
-            text(&mut out, k);
-            text(&mut out, v);
+            out.extend_from_slice(&len32(k).to_le_bytes());
+            out.extend_from_slice(&len32(v).to_le_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(v.as_bytes());
             count += 1;
         }
         out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
@@ -48,11 +60,10 @@ pub(super) fn encode(events: &[Arc<Event>]) -> Vec<u8> {
     out
 }
 
-fn text(out: &mut Vec<u8>, t: &str) {
+/// A text's length as the layout stores it.
+fn len32(t: &str) -> u32 {
     // An event's fields are bounded by the event size limit, far below 4 GiB.
-    let len = u32::try_from(t.len()).expect("an event field is under 4 GiB");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(t.as_bytes());
+    u32::try_from(t.len()).expect("an event field is under 4 GiB")
 }
 
 #[cfg(test)]
