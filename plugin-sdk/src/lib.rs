@@ -134,6 +134,9 @@ pub mod __private {
         fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
             state::scan_prefix(prefix)
         }
+        fn set_many(&mut self, entries: Vec<(String, String)>) {
+            state::set_many(&entries)
+        }
     }
 
     fn to_wit(e: Error) -> wit::Error {

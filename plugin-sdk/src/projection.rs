@@ -20,6 +20,12 @@ pub trait Store {
     fn delete(&mut self, key: &str);
     /// Every key starting with `prefix`, in key order, with its value.
     fn scan_prefix(&mut self, prefix: &str) -> Vec<(String, String)>;
+    /// Sets each key to its value, in order (the host's store takes them in one call).
+    fn set_many(&mut self, entries: Vec<(String, String)>) {
+        for (k, v) in entries {
+            self.set(&k, &v);
+        }
+    }
 }
 
 /// A projection: which state an event folds into ([`Projection::key`]), and how
@@ -72,6 +78,17 @@ impl Keys {
     /// No key: the event is skipped.
     pub fn none() -> Self {
         Keys(KeysRepr::Many(Vec::new()))
+    }
+}
+
+impl Keys {
+    /// The keys, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let (one, many) = match &self.0 {
+            KeysRepr::One(k) => (Some(k.as_str()), &[][..]),
+            KeysRepr::Many(v) => (None, v.as_slice()),
+        };
+        one.into_iter().chain(many.iter().map(String::as_str))
     }
 }
 
@@ -141,6 +158,8 @@ where
     P: Projection,
     E: Borrow<Event<'e>>,
 {
+    // One lookup per event; a key's state is read at its first event, and every state the
+    // batch touched is written back in one call.
     let mut touched: HashMap<String, P::State> = HashMap::default();
     for event in events {
         let event = event?;
@@ -150,11 +169,13 @@ where
             P::apply(&key, state, event).map_err(|e| e.at(event))?;
         }
     }
+    let mut writes = Vec::with_capacity(touched.len());
     for (key, state) in touched {
         let json = serde_json::to_string(&state)
             .map_err(|e| Error::Failed(format!("state of {key:?} does not serialize: {e}")))?;
-        store.set(&key, &json);
+        writes.push((key, json));
     }
+    store.set_many(writes);
     Ok(())
 }
 

@@ -67,6 +67,7 @@ pub(super) mod since_v0_2_0 {
                 "evhost:plugin/state.delete": trappable,
                 "evhost:plugin/state.get": trappable,
                 "evhost:plugin/state.scan-prefix": trappable,
+                "evhost:plugin/state.set-many": trappable,
             },
         });
     }
@@ -293,7 +294,7 @@ impl From<since_v0_2_0::types::Error> for GuestError {
 
 /// The imports of each version, answered by the same host functions.
 macro_rules! host_imports {
-    ($v:ident) => {
+    ($v:ident $(, $more:item)*) => {
         impl $v::types::Host for HostState {}
 
         impl $v::state::Host for HostState {
@@ -309,6 +310,7 @@ macro_rules! host_imports {
             fn scan_prefix(&mut self, prefix: String) -> wasmtime::Result<Vec<(String, String)>> {
                 self.state_scan(prefix)
             }
+            $($more)*
         }
 
         impl $v::log::Host for HostState {
@@ -328,7 +330,15 @@ macro_rules! host_imports {
 }
 
 host_imports!(since_v0_1_0);
-host_imports!(since_v0_2_0);
+host_imports!(
+    since_v0_2_0,
+    fn set_many(&mut self, entries: Vec<(String, String)>) -> wasmtime::Result<()> {
+        for (k, v) in entries {
+            self.write(k, Some(v))?;
+        }
+        Ok(())
+    }
+);
 
 impl since_v0_2_0::config::Host for HostState {
     fn get(&mut self, key: String) -> Option<String> {
