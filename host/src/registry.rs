@@ -371,10 +371,7 @@ impl Registry {
         let policy = self.policy();
         policy.admits(&manifest).map_err(RegistryError::Refused)?;
         policy
-            .admits_grants(&options)
-            .map_err(RegistryError::Refused)?;
-        options
-            .admit(&manifest, &policy.grants)
+            .admits_grants(&manifest, &options)
             .map_err(RegistryError::Refused)?;
         let config = Arc::new(options.config(&manifest).map_err(RegistryError::Invalid)?);
         let note = note.or_else(|| self.api_note(&manifest.name, &source));

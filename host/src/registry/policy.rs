@@ -49,9 +49,11 @@ impl Default for PluginPolicy {
 }
 
 impl PluginPolicy {
-    /// Refuses a load's own grants of HTTP hosts beyond the operator's allow-list
-    /// (`--plugin-http-allow`): grants with a load never exceed the caps.
-    pub fn admits_grants(&self, options: &super::LoadOptions) -> Result<(), String> {
+    /// Refuses a load of `m` with `options` when its grants fall short: a load's own
+    /// grants when the host takes none (`--no-load-grants`) or beyond the HTTP allow-list
+    /// (`--plugin-http-allow`), or a capability the manifest asks for that neither the
+    /// host's `--grant` nor the load grants.
+    pub fn admits_grants(&self, m: &Manifest, options: &super::LoadOptions) -> Result<(), String> {
         if !self.load_grants && options.grants != super::Grants::default() {
             return Err(format!(
                 "the load grants {}, but this host takes grants only from its own \
@@ -60,7 +62,7 @@ impl PluginPolicy {
             ));
         }
         let Some(allowed) = &self.http_hosts else {
-            return Ok(());
+            return options.admit(m, &self.grants);
         };
         let over: Vec<&String> = options
             .grants
@@ -68,14 +70,13 @@ impl PluginPolicy {
             .iter()
             .filter(|h| !allowed.contains(*h))
             .collect();
-        if over.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
+        if !over.is_empty() {
+            return Err(format!(
                 "the load grants HTTP access to {over:?}, beyond the hosts the operator allows \
                  (--plugin-http-allow)"
-            ))
+            ));
         }
+        options.admit(m, &self.grants)
     }
 
     /// Refuses `m` if it claims more than the caps allow; the message names each claim.
