@@ -81,17 +81,6 @@ impl Keys {
     }
 }
 
-impl Keys {
-    /// The keys, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &str> {
-        let (one, many) = match &self.0 {
-            KeysRepr::One(k) => (Some(k.as_str()), &[][..]),
-            KeysRepr::Many(v) => (None, v.as_slice()),
-        };
-        one.into_iter().chain(many.iter().map(String::as_str))
-    }
-}
-
 impl From<String> for Keys {
     fn from(key: String) -> Self {
         Keys(KeysRepr::One(key))

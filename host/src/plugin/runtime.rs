@@ -400,7 +400,7 @@ impl Machine {
         config.concurrency_support(false);
         // `EVHOST_WASM_PROFILE=perfmap` writes /tmp/perf-PID.map so that `perf` names the
         // plugins' compiled functions: for profiling plugins, off by default.
-        if std::env::var("EVHOST_WASM_PROFILE").as_deref() == Ok("perfmap") {
+        if profiling() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&config)?;
@@ -739,6 +739,11 @@ impl Runtime {
     }
 }
 
+/// Whether plugins are being profiled (`EVHOST_WASM_PROFILE=perfmap`).
+fn profiling() -> bool {
+    std::env::var("EVHOST_WASM_PROFILE").as_deref() == Ok("perfmap")
+}
+
 /// Loads a compiled component from the cache: mapped from its file, or read into memory
 /// when profiling (`EVHOST_WASM_PROFILE=perfmap`), since `perf` names code in anonymous
 /// memory from the perf map but code mapped from a file only from the file's symbols.
@@ -747,7 +752,7 @@ impl Runtime {
 /// As [`Component::deserialize_file`]: `path` holds what `precompile_component` of an
 /// engine with this configuration wrote.
 unsafe fn load_compiled(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    if std::env::var("EVHOST_WASM_PROFILE").as_deref() == Ok("perfmap") {
+    if profiling() {
         let bytes = std::fs::read(path)?;
         // SAFETY: as the caller promises for the file.
         return unsafe { Component::deserialize(engine, bytes) };
