@@ -14,6 +14,7 @@
 mod grants;
 mod names;
 mod policy;
+mod replay;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -1158,10 +1159,11 @@ impl Registry {
                 .collect();
             if !events.is_empty() {
                 let (p, s) = (plugin.clone(), scratch.clone());
-                let passed =
-                    tokio::task::spawn_blocking(move || fold_passing_failures(&p, &s, &events))
-                        .await
-                        .map_err(storage)??;
+                let passed = tokio::task::spawn_blocking(move || {
+                    replay::fold_passing_failures(&p, &s, &events)
+                })
+                .await
+                .map_err(storage)??;
                 if passed > 0 {
                     tracing::debug!(
                         plugin = name,
@@ -1172,30 +1174,6 @@ impl Registry {
             }
         }
         scratch.get(key).map_err(storage)
-    }
-}
-
-/// Folds `events` into `scratch` in order as the live run did: an event the plugin fails on
-/// (its own fault, which the live run dead-lettered) is passed over, found by halving the
-/// failing batch, and the events around it are folded. A failure of the host ends the
-/// replay. Returns how many events were passed over.
-fn fold_passing_failures(
-    plugin: &ProjectionPlugin,
-    scratch: &Arc<MemState>,
-    events: &[Arc<crate::event::Event>],
-) -> Result<u64, PluginError> {
-    match plugin.fold(scratch.clone(), events) {
-        Ok(writes) => {
-            scratch.apply(writes);
-            Ok(0)
-        }
-        Err(e @ PluginError::Host { .. }) => Err(e),
-        Err(_) if events.len() == 1 => Ok(1),
-        Err(_) => {
-            let (first, second) = events.split_at(events.len() / 2);
-            Ok(fold_passing_failures(plugin, scratch, first)?
-                + fold_passing_failures(plugin, scratch, second)?)
-        }
     }
 }
 
