@@ -133,7 +133,7 @@ fn main() {
         );
         let (text, wasm) = manifest(&plugins, "entity-extractor");
         let start = Instant::now();
-        registry.load(&text, wasm, false, Default::default()).await.unwrap();
+        registry.load(&text, wasm, false, Default::default(), Default::default()).await.unwrap();
         let took = derived(&registry, "entity-extractor", n, start).await;
         println!(
             "extract   entity-extractor, derived appended:      {:>10.0} input events/s  ({n} in {:.2} s; target >= 100,000)",
@@ -144,7 +144,7 @@ fn main() {
 
         // Tools: a backlog of m requests, then live requests in batches.
         let (text, wasm) = manifest(&plugins, "math");
-        registry.load(&text, wasm, false, Default::default()).await.unwrap();
+        registry.load(&text, wasm, false, Default::default(), Default::default()).await.unwrap();
         let before = registry.info("math").await.unwrap().status.derived;
         let start = Instant::now();
         let offset = 10_000_000;

@@ -88,7 +88,7 @@ async fn catch_up(registry: &Arc<Registry>, name: &str, wasm: &[u8]) -> Duration
     );
     let start = Instant::now();
     registry
-        .load(&manifest, wasm.to_vec(), false, Default::default())
+        .load(&manifest, wasm.to_vec(), false, Default::default(), Default::default())
         .await
         .unwrap();
     while registry.info(name).await.unwrap().lag > 0 {
@@ -121,7 +121,7 @@ fn main() {
         let hostile_manifest = "name = \"hostile\"\nversion = \"1\"\nkind = \"extractor\"\nsubscriptions = [\"hostile.>\"]\n\
             [limits]\nmemory_mb = 32\nbatch_timeout_ms = 100\nbatch_size = 64\n\
             [on_failure]\nretries = 1\nbackoff_ms = 10\nmax_backoff_ms = 100\nquarantine_after = 0\n";
-        registry.load(hostile_manifest, hostile.clone(), false, Default::default()).await.unwrap();
+        registry.load(hostile_manifest, hostile.clone(), false, Default::default(), Default::default()).await.unwrap();
         let beside = catch_up(registry, "beside-hostile", &stats).await;
         let failing = registry.info("hostile").await.unwrap();
         registry.unload("hostile", true).await.unwrap();

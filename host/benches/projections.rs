@@ -155,7 +155,7 @@ fn main() {
 
         // Time travel to the middle, through the registry as the API does it.
         let registry = &host.registry;
-        registry.load(&manifest_text, wasm.clone(), false, Default::default()).await.unwrap();
+        registry.load(&manifest_text, wasm.clone(), false, Default::default(), Default::default()).await.unwrap();
         let t = Instant::now();
         let then = registry.state_at("assistant-stats", "assistant-7", head / 2).await.unwrap();
         let travel = t.elapsed();

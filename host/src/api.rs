@@ -168,6 +168,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(plugins::delete_plugin),
         )
         .route("/v1/plugins/{name}/resume", post(failures::resume))
+        .route("/v1/plugins/{name}/promote", post(plugins::promote))
+        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
+        .route("/v1/plugins/{name}/discard", post(plugins::discard))
+        .route("/v1/plugins/{name}/diff", get(plugins::diff))
         .route("/v1/plugins/{name}/logs", get(plugins::get_logs))
         .route("/v1/dlq", get(failures::list_dead_letters))
         .route(

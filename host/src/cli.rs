@@ -104,6 +104,50 @@ enum PluginCommand {
         /// `random`; repeat for more.
         #[arg(long = "grant", value_name = "CAP")]
         grant: Vec<String>,
+        /// For a different component of a loaded projection, built beside the live one:
+        /// switch when it has caught up (`auto`) or when promoted (`manual`).
+        #[arg(long, value_enum, default_value_t = crate::registry::Switch::Auto)]
+        switch: crate::registry::Switch,
+        /// Build beside the live projection and never switch by itself: compare with
+        /// `plugin diff`, then `plugin promote` or `plugin discard`.
+        #[arg(long)]
+        shadow: bool,
+        /// Keep the state as it stands (a compatible fix): the new component goes on from
+        /// the checkpoint.
+        #[arg(long)]
+        keep_state: bool,
+    },
+    /// Make a projection's candidate (or shadow run) live, once it has caught up.
+    Promote {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+    },
+    /// Make the version the last switch replaced live again, at once.
+    Rollback {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+    },
+    /// Drop the version kept beside the live one (candidate, shadow or previous) and its
+    /// state.
+    Discard {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+    },
+    /// Compare the live state with the version kept beside it, at one checkpoint.
+    Diff {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+        /// How many differing keys to show.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
     },
     /// List loaded plugins with their status, position and lag.
     List {
@@ -711,6 +755,13 @@ async fn events(cmd: EventsCommand) -> Result<()> {
 }
 
 async fn plugin(cmd: PluginCommand) -> Result<()> {
+    let cmd_name = match &cmd {
+        PluginCommand::Resume { .. } => Some("resume"),
+        PluginCommand::Promote { .. } => Some("promote"),
+        PluginCommand::Rollback { .. } => Some("rollback"),
+        PluginCommand::Discard { .. } => Some("discard"),
+        _ => None,
+    };
     match cmd {
         PluginCommand::Load {
             remote,
@@ -718,6 +769,9 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             wasm,
             config,
             grant,
+            switch,
+            shadow,
+            keep_state,
         } => {
             let mut options = crate::registry::LoadOptions::default();
             for kv in &config {
@@ -766,6 +820,11 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             let resp = remote
                 .client()?
                 .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
+                .query(&[
+                    ("switch", if switch == crate::registry::Switch::Manual { "manual" } else { "auto" }),
+                    ("shadow", if shadow { "true" } else { "false" }),
+                    ("keep_state", if keep_state { "true" } else { "false" }),
+                ])
                 .multipart(form)
                 .send()
                 .await
@@ -804,11 +863,29 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             follow,
             after,
         } => plugin_logs(&remote, &name, follow, after).await?,
-        PluginCommand::Resume { remote, name } => {
+        PluginCommand::Diff {
+            remote,
+            name,
+            sample,
+        } => {
+            let resp = remote
+                .client()?
+                .get(format!("{}/v1/plugins/{}/diff", remote.url, urlencode(&name)))
+                .query(&[("sample", sample)])
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
+        PluginCommand::Resume { remote, name }
+        | PluginCommand::Promote { remote, name }
+        | PluginCommand::Rollback { remote, name }
+        | PluginCommand::Discard { remote, name } => {
+            let action = cmd_name.expect("each of these posts to its action");
             let resp = remote
                 .client()?
                 .post(format!(
-                    "{}/v1/plugins/{}/resume",
+                    "{}/v1/plugins/{}/{action}",
                     remote.url,
                     urlencode(&name)
                 ))

@@ -138,6 +138,9 @@ pub const DEAD_LETTER_DELETED: &str = "evhost.plugin.dead_letter_deleted";
 pub const LOADED: &str = "evhost.plugin.loaded";
 /// `evhost.plugin.unloaded`: a plugin was unloaded.
 pub const UNLOADED: &str = "evhost.plugin.unloaded";
+/// `evhost.plugin.switched`: a plugin's live version changed (a candidate caught up or was
+/// promoted, or the operator rolled back).
+pub const SWITCHED: &str = "evhost.plugin.switched";
 
 /// An audit event of `event_type` about `plugin`, caused by `cause` when there is one. A
 /// fixed `id` makes the append idempotent (a batch that runs again after a crash announces
@@ -192,6 +195,7 @@ mod tests {
             DEAD_LETTER_DELETED,
             LOADED,
             UNLOADED,
+            SWITCHED,
         ] {
             let a = audit(t, "p", json!({}), None, None);
             assert!(

@@ -22,5 +22,5 @@ pub use runtime::{
     CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, RuntimeError,
     StateError, StateView, UsageReport, Writes, component_hash,
 };
-pub use store::{MemState, PluginStore, StoreError, StoreResult};
+pub use store::{Comparison, MemState, PluginStore, StoreError, StoreResult, generations};
 pub use worlds::{ExtractorPlugin, ProjectionPlugin, ToolInfo, ToolPlugin};

@@ -14,7 +14,9 @@
 mod grants;
 mod names;
 mod policy;
+mod reads;
 mod replay;
+mod upgrade;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,11 +28,11 @@ use serde::Serialize;
 
 use crate::bus::Bus;
 use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
-use crate::log::{EventLog, ReadFilter};
+use crate::log::EventLog;
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, MemState, PluginConfig,
-    PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom, StateView, StoreError,
+    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, PluginConfig,
+    PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom, StoreError,
     ToolInfo, ToolPlugin, UsageReport, component_hash, valid_name,
 };
 use crate::runner::{
@@ -41,6 +43,9 @@ use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 pub use grants::{GrantTable, Grants, LoadOptions};
 use names::NameLocks;
 pub use policy::PluginPolicy;
+pub use reads::{ReadAt, StateDiff};
+pub use upgrade::{StagedInfo, Switch, Upgrade};
+use upgrade::{Role, Staged};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,13 @@ pub enum RegistryError {
     /// host's fault, not the request's.
     #[error("plugin storage failed: {0}")]
     Storage(String),
+    /// The request does not fit the plugin's state now (no candidate to promote, one that
+    /// has not caught up, two versions at different checkpoints); nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// A read waited for a position the state did not reach in time.
+    #[error("{0}")]
+    NotReached(String),
 }
 
 fn storage(e: impl std::fmt::Display) -> RegistryError {
@@ -132,6 +144,13 @@ pub struct PluginInfo {
     pub dead_letters: usize,
     /// Which copy of the plugin runs, and why that one.
     pub source: PluginSource,
+    /// A version an upgrade builds beside this one (a candidate or a shadow run), with its
+    /// progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<StagedInfo>,
+    /// The version the last switch replaced, kept following the log for a rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous: Option<StagedInfo>,
 }
 
 /// Where a loaded plugin's copy came from.
@@ -184,6 +203,7 @@ enum Component {
     Tool(Arc<ToolHandler>),
 }
 
+/// One version of a plugin: the live one, or one an upgrade keeps beside it.
 struct Loaded {
     manifest: Manifest,
     plugin: Component,
@@ -197,6 +217,11 @@ struct Loaded {
     load: Duration,
     cached: bool,
     source: PluginSource,
+    /// What persisting this version writes to `DATA/plugins/` when it becomes live (none
+    /// for an embedded one).
+    upload: Option<Arc<upgrade::Upload>>,
+    /// The version an upgrade builds beside this live one, or the one it replaced.
+    staged: Option<Staged>,
 }
 
 /// The set of loaded plugins.
@@ -319,10 +344,12 @@ impl Registry {
 
     /// Loads (or replaces) a plugin. `persist` keeps a copy to load at the next start.
     ///
-    /// Replacing a plugin with the same component keeps its state and checkpoint; a
-    /// different component starts its state over from the manifest's `start`. The old
-    /// runner has stopped before anything of the new one happens; a storage failure after
-    /// that leaves the plugin unloaded.
+    /// Replacing a plugin with the same component keeps its state and checkpoint. A
+    /// different component for a loaded projection is built beside the live version, which
+    /// goes on serving, and takes over as `upgrade` says (see [`Upgrade`]); an extractor or
+    /// a tool is replaced at a batch boundary and goes on from its checkpoint. When a
+    /// replace stops the old runner, that happens before anything of the new one; a storage
+    /// failure after that leaves the plugin unloaded.
     ///
     /// `options` are the operator's config overrides and grants for this load: a
     /// capability the manifest asks for must be granted by the host's `--grant` or by them.
@@ -332,14 +359,20 @@ impl Registry {
         wasm: Vec<u8>,
         persist: bool,
         options: LoadOptions,
+        upgrade: Upgrade,
     ) -> Result<PluginInfo, RegistryError> {
         let source = if persist {
             Source::Api
         } else {
             Source::Embedded
         };
-        self.load_from(manifest_text, wasm, source, None, options)
-            .await
+        let (this, text) = (self.clone(), manifest_text.to_owned());
+        tokio::spawn(async move {
+            this.load_task(text, wasm, source, None, options, upgrade)
+                .await
+        })
+        .await
+        .map_err(storage)?
     }
 
     /// [`Registry::load`] of a copy from `source` (`Source::Api` keeps it for the next
@@ -353,9 +386,12 @@ impl Registry {
         options: LoadOptions,
     ) -> Result<PluginInfo, RegistryError> {
         let (this, text) = (self.clone(), manifest_text.to_owned());
-        tokio::spawn(async move { this.load_task(text, wasm, source, note, options).await })
-            .await
-            .map_err(storage)?
+        tokio::spawn(async move {
+            this.load_task(text, wasm, source, note, options, Upgrade::default())
+                .await
+        })
+        .await
+        .map_err(storage)?
     }
 
     async fn load_task(
@@ -365,6 +401,7 @@ impl Registry {
         source: Source,
         note: Option<String>,
         options: LoadOptions,
+        upgrade: Upgrade,
     ) -> Result<PluginInfo, RegistryError> {
         let persist = source == Source::Api;
         let manifest =
@@ -396,18 +433,60 @@ impl Registry {
 
         let name = manifest.name.clone();
         let _held = self.names.lock(&name).await;
-        let old_store = self.stop_runner(&name).await;
-        let started = self
-            .start(
-                &manifest,
-                &manifest_text,
-                wasm,
-                &plugin,
-                &compiled.hash,
-                old_store,
-                persist.then_some(&options),
-            )
-            .await;
+        let upload = (source != Source::Embedded).then(|| {
+            Arc::new(upgrade::Upload {
+                manifest_text: manifest_text.clone(),
+                wasm: wasm.clone(),
+                options: options.clone(),
+            })
+        });
+        let built = upgrade::Built {
+            manifest: manifest.clone(),
+            plugin: plugin.clone(),
+            hash: compiled.hash.clone(),
+            load: compiled.took,
+            cached: compiled.cached,
+            source: PluginSource {
+                source: source.clone(),
+                note: note.clone(),
+            },
+            upload,
+        };
+        let result = match self.plan(&name, &manifest, &compiled.hash, &upgrade)? {
+            upgrade::Plan::Stage(role) => self.stage(built, role).await,
+            upgrade::Plan::InPlace { keep_state } => {
+                self.discard_staged(&name).await?;
+                let old_store = self.stop_runner(&name).await;
+                let started = self
+                    .start(
+                        &manifest,
+                        &manifest_text,
+                        wasm,
+                        &plugin,
+                        &compiled.hash,
+                        old_store,
+                        keep_state,
+                        persist.then_some(&options),
+                    )
+                    .await;
+                self.finish_load(built, started, persist).await
+            }
+        };
+        drop(pin);
+        result
+    }
+
+    /// Registers a version started in place as the live one, and announces a load over
+    /// the API.
+    async fn finish_load(
+        &self,
+        built: upgrade::Built,
+        started: Result<(Runner, PluginStore), RegistryError>,
+        persist: bool,
+    ) -> Result<PluginInfo, RegistryError> {
+        let name = built.manifest.name.clone();
+        let manifest = built.manifest.clone();
+        let (hash, cached, took) = (built.hash.clone(), built.cached, built.load);
         let (runner, store) = match started {
             Ok(started) => started,
             Err(e) => {
@@ -419,8 +498,8 @@ impl Registry {
             plugin = manifest.name,
             version = manifest.version,
             kind = manifest.kind.as_str(),
-            cached = compiled.cached,
-            load_ms = compiled.took.as_secs_f64() * 1e3,
+            cached,
+            load_ms = took.as_secs_f64() * 1e3,
             "plugin loaded"
         );
         let announcement = persist.then(|| {
@@ -430,23 +509,13 @@ impl Registry {
                 serde_json::json!({
                     "version": manifest.version,
                     "kind": manifest.kind.as_str(),
-                    "component_hash": compiled.hash,
+                    "component_hash": hash,
                 }),
                 None,
                 None,
             )
         });
-        let entry = Loaded {
-            manifest,
-            plugin,
-            store,
-            runner: Some(runner),
-            stopped: None,
-            hash: compiled.hash,
-            load: compiled.took,
-            cached: compiled.cached,
-            source: PluginSource { source, note },
-        };
+        let entry = built.into_loaded(store, runner);
         let inserted = {
             let mut loaded = self.loaded();
             if self.closed.load(Ordering::Acquire) {
@@ -469,7 +538,6 @@ impl Registry {
                 ));
             }
         };
-        drop(pin);
         // Loads over the API are operator actions worth an audit trail; loads at start-up
         // are configuration and would add events on every restart.
         if let Some(a) = announcement {
@@ -505,7 +573,8 @@ impl Registry {
     }
 
     /// Everything of a load after the old runner stopped, under the plugin's name: the
-    /// store (reset for a new component), the persisted copy, the tool's name, the runner.
+    /// store (reset for a new component unless `keep_state`), the persisted copy, the
+    /// tool's name, the runner.
     #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
@@ -515,16 +584,12 @@ impl Registry {
         plugin: &Component,
         hash: &str,
         store: Option<PluginStore>,
+        keep_state: bool,
         persist: Option<&LoadOptions>,
     ) -> Result<(Runner, PluginStore), RegistryError> {
         let store = match store {
             Some(s) => s,
-            None => {
-                let (db, name) = (self.db.clone(), manifest.name.clone());
-                blocking(move || PluginStore::open(&db, &name))
-                    .await?
-                    .map_err(store_error)?
-            }
+            None => self.open_version(&manifest.name, hash).await?,
         };
         let known = store.component_hash().map_err(store_error)?;
         if known.is_none() && manifest.kind == Kind::Extractor {
@@ -532,7 +597,14 @@ impl Registry {
             // events this extractor derived before, which its runner must find first.
             store.mark_derived().map_err(store_error)?;
         }
-        if known.as_deref() != Some(hash) {
+        if known.is_some() && known.as_deref() != Some(hash) && keep_state {
+            let (s, h) = (store.clone(), hash.to_owned());
+            blocking(move || s.adopt(&h)).await?.map_err(store_error)?;
+            tracing::info!(
+                plugin = manifest.name,
+                "new component: it goes on from the state and checkpoint as they stand"
+            );
+        } else if known.as_deref() != Some(hash) {
             let origin = match manifest.start {
                 StartFrom::Beginning => 0,
                 StartFrom::Now => self.log.head(),
@@ -564,11 +636,6 @@ impl Registry {
                     ))
                 })?;
         }
-        let (handler, patterns): (Arc<dyn Handler>, _) = match plugin {
-            Component::Projection(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
-            Component::Extractor(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
-            Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
-        };
         if manifest.kind == Kind::Tool {
             self.know_tool(&manifest.name).await;
         } else {
@@ -577,13 +644,29 @@ impl Registry {
                 .expect("tool names lock")
                 .remove(&manifest.name);
         }
+        let runner = self.spawn_runner(manifest, plugin, &store)?;
+        Ok((runner, store))
+    }
+
+    /// Starts the runner of one version of a plugin over its store.
+    fn spawn_runner(
+        &self,
+        manifest: &Manifest,
+        plugin: &Component,
+        store: &PluginStore,
+    ) -> Result<Runner, RegistryError> {
+        let (handler, patterns): (Arc<dyn Handler>, _) = match plugin {
+            Component::Projection(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
+            Component::Extractor(p) => (Arc::new(p.clone()), manifest.subscriptions.clone()),
+            Component::Tool(t) => (t.clone(), vec![REQUESTED.parse().expect("a valid pattern")]),
+        };
         let options = RunnerOptions {
             batch_size: manifest.limits.batch_size,
             on_failure: manifest.on_failure.clone(),
             schemas: Some(self.schemas.clone()),
             limits: self.limits(),
         };
-        let runner = Runner::spawn(
+        Runner::spawn(
             &manifest.name,
             handler,
             store.clone(),
@@ -592,8 +675,7 @@ impl Registry {
             PatternSet::new(patterns),
             options,
         )
-        .map_err(storage)?;
-        Ok((runner, store))
+        .map_err(storage)
     }
 
     /// Adds `name` to the loaded tools before its runner starts; when it was not there,
@@ -789,7 +871,10 @@ impl Registry {
             this.runtime.collect_cache(|| {
                 this.loaded()
                     .values()
-                    .map(|l| l.hash.clone())
+                    .flat_map(|l| {
+                        let staged = l.staged.as_ref().map(|s| s.version.hash.clone());
+                        std::iter::once(l.hash.clone()).chain(staged)
+                    })
                     .collect::<HashSet<_>>()
             })
         })
@@ -818,8 +903,19 @@ impl Registry {
 
     async fn unload_task(self: Arc<Self>, name: String, purge: bool) -> Result<(), RegistryError> {
         let _held = self.names.lock(&name).await;
+        let staged = self.loaded().get_mut(&name).and_then(|l| l.staged.take());
         let Some(store) = self.stop_runner(&name).await else {
             return Err(RegistryError::NotFound(name));
+        };
+        let staged_store = match staged {
+            Some(s) => {
+                let upgrade::Staged { version, .. } = s;
+                if let Some(r) = version.runner {
+                    r.stop().await;
+                }
+                Some(version.store)
+            }
+            None => None,
         };
         self.tools.write().expect("tool names lock").remove(&name);
         self.loaded().remove(&name);
@@ -839,10 +935,20 @@ impl Registry {
         })
         .await?;
         if purge {
-            let db = self.db.clone();
-            blocking(move || store.purge(&db))
-                .await?
-                .map_err(store_error)?;
+            let (db, n) = (self.db.clone(), name.clone());
+            blocking(move || {
+                store.purge(&db)?;
+                if let Some(s) = staged_store {
+                    s.purge(&db)?;
+                }
+                // Stores earlier upgrades left.
+                for g in crate::plugin::generations(&db, &n) {
+                    PluginStore::open_generation(&db, &n, g)?.purge(&db)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await?
+            .map_err(store_error)?;
             self.collect_cache().await;
         }
         tracing::info!(plugin = name, purge, "plugin unloaded");
@@ -971,7 +1077,10 @@ impl Registry {
             let mut loaded = self.loaded();
             std::mem::take(&mut *loaded)
                 .into_values()
-                .filter_map(|l| l.runner)
+                .flat_map(|l| {
+                    let staged = l.staged.and_then(|s| s.version.runner);
+                    l.runner.into_iter().chain(staged)
+                })
                 .collect()
         };
         for r in runners {
@@ -988,21 +1097,19 @@ impl Registry {
     }
 
     fn info_of(&self, l: &Loaded) -> PluginInfo {
-        let status = match (&l.runner, &l.stopped) {
-            (Some(r), _) => r.status(),
-            (None, Some(s)) => s.clone(),
-            (None, None) => unreachable!("a listed plugin has a runner or its last status"),
-        };
+        let status = upgrade::status_of(l);
         let head = self.log.head();
+        let staged = l.staged.as_ref().map(|s| (s.role, s.info(head)));
+        let (candidate, previous) = match staged {
+            Some((Role::Previous, info)) => (None, Some(info)),
+            Some((_, info)) => (Some(info), None),
+            None => (None, None),
+        };
         PluginInfo {
             name: l.manifest.name.clone(),
             version: l.manifest.version.clone(),
             kind: l.manifest.kind,
-            wit: match &l.plugin {
-                Component::Projection(p) => p.contract().wit,
-                Component::Extractor(p) => p.contract().wit,
-                Component::Tool(t) => t.contract().wit,
-            },
+            wit: l.plugin.wit(),
             config: match &l.plugin {
                 Component::Projection(p) => p.config().shown(),
                 Component::Extractor(p) => p.config().shown(),
@@ -1031,6 +1138,8 @@ impl Registry {
             },
             source: l.source.clone(),
             dead_letters: l.store.dead_letter_count(),
+            candidate,
+            previous,
         }
     }
 
@@ -1049,17 +1158,6 @@ impl Registry {
         Ok(self.info_of(l))
     }
 
-    async fn with<T>(&self, name: &str, f: impl FnOnce(&Loaded) -> T) -> Result<T, RegistryError> {
-        if !valid_name(name) {
-            return Err(RegistryError::NotFound(name.to_owned()));
-        }
-        let loaded = self.loaded();
-        loaded
-            .get(name)
-            .map(f)
-            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
-    }
-
     /// Up to `limit` of the lines plugin `name` printed or logged after line `after`.
     pub async fn logs(
         &self,
@@ -1072,109 +1170,10 @@ impl Registry {
                 Component::Projection(p) => p.logs().clone(),
                 Component::Extractor(p) => p.logs().clone(),
                 Component::Tool(t) => t.logs().clone(),
-            })
-            .await?;
+            })?;
         Ok(logs.read(after, limit))
     }
 
-    /// The stored state under `key`, without calling the plugin.
-    pub async fn state(&self, name: &str, key: &str) -> Result<Option<String>, RegistryError> {
-        let store = self.with(name, |l| l.store.clone()).await?;
-        store.get(key).map_err(store_error)
-    }
-
-    /// Up to `limit` stored keys starting with `prefix`, without calling the plugin.
-    pub async fn state_prefix(
-        &self,
-        name: &str,
-        prefix: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, RegistryError> {
-        let store = self.with(name, |l| l.store.clone()).await?;
-        store.scan(prefix, limit).map_err(store_error)
-    }
-
-    /// Calls the plugin's `query` export.
-    pub async fn query(&self, name: &str, request: String) -> Result<String, RegistryError> {
-        let (plugin, store) = self
-            .with(name, |l| (l.plugin.clone(), l.store.clone()))
-            .await?;
-        let plugin = projection_of(name, plugin)?;
-        let view: Arc<dyn StateView> = Arc::new(store);
-        tokio::task::spawn_blocking(move || plugin.query(view, &request))
-            .await
-            .map_err(storage)?
-            .map_err(RegistryError::from)
-    }
-
-    /// The state under `key` as it was right after the event at `position`, by replaying the
-    /// log into a scratch store; the plugin's real state is not touched.
-    pub async fn state_at(
-        &self,
-        name: &str,
-        key: &str,
-        position: u64,
-    ) -> Result<Option<String>, RegistryError> {
-        let (plugin, manifest, store) = self
-            .with(name, |l| {
-                (l.plugin.clone(), l.manifest.clone(), l.store.clone())
-            })
-            .await?;
-        let plugin = projection_of(name, plugin)?;
-        // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
-        let origin = store.origin().map_err(store_error)?;
-        if position < origin {
-            return Err(RegistryError::Invalid(format!(
-                "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
-            )));
-        }
-        let head = self.log.head();
-        if position >= head {
-            return Err(RegistryError::Invalid(format!(
-                "position {position} is not in the log yet (the head is {head})"
-            )));
-        }
-        let scratch = Arc::new(MemState::default());
-        let filter = ReadFilter {
-            types: Some(PatternSet::new(manifest.subscriptions.clone())),
-            ..ReadFilter::default()
-        };
-        // Reading the next page overlaps with folding the current one.
-        let page_size = manifest.limits.batch_size.max(4096);
-        let read = |from: u64| {
-            let (log, filter) = (self.log.clone(), filter.clone());
-            tokio::spawn(async move { log.read(from, page_size, &filter).await })
-        };
-        let mut pending = (origin <= position).then(|| (origin, read(origin)));
-        while let Some((from, reading)) = pending.take() {
-            let page = reading.await.map_err(storage)?.map_err(storage)?;
-            if page.next > from && page.next <= position {
-                pending = Some((page.next, read(page.next)));
-            }
-            let events: Vec<Arc<crate::event::Event>> = page
-                .events
-                .into_iter()
-                .filter(|e| e.position <= position)
-                .map(Arc::new)
-                .collect();
-            if !events.is_empty() {
-                let (p, s) = (plugin.clone(), scratch.clone());
-                let passed = tokio::task::spawn_blocking(move || {
-                    replay::fold_passing_failures(&p, &s, &events)
-                })
-                .await
-                .map_err(storage)??;
-                if passed > 0 {
-                    tracing::debug!(
-                        plugin = name,
-                        passed,
-                        "the replay passed over events the plugin fails on"
-                    );
-                }
-            }
-        }
-        scratch.get(key).map_err(storage)
-    }
 }
 
 /// Writes the manifest and component of a hot-loaded plugin into `dir`, each by rename.

@@ -45,6 +45,10 @@ impl From<RegistryError> for ApiError {
                 "plugin_failed",
                 p.to_string(),
             ),
+            RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RegistryError::NotReached(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "position_not_reached", m)
+            }
             // The host's own storage (plugin stores, the data directory, the compile cache):
             // not the request's fault.
             e @ RegistryError::Storage(_) => ApiError::new(
@@ -56,12 +60,26 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-/// `PUT /v1/plugins/{name}`: multipart with parts `manifest` (TOML) and `wasm`, and
-/// optionally `config` (a JSON object of strings over the manifest's `[config]`) and
-/// `grants` (a JSON array of capabilities: `"http:HOST:PORT"`, `"clock"`, `"random"`).
+/// How a `PUT` replaces a loaded version: `switch=auto|manual`, `shadow`, `keep_state`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PutQuery {
+    #[serde(default)]
+    switch: crate::registry::Switch,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    keep_state: bool,
+}
+
+/// `PUT /v1/plugins/{name}[?switch=manual|&shadow=true|&keep_state=true]`: multipart with
+/// parts `manifest` (TOML) and `wasm`, and optionally `config` (a JSON object of strings
+/// over the manifest's `[config]`) and `grants` (a JSON array of capabilities:
+/// `"http:HOST:PORT"`, `"clock"`, `"random"`).
 pub(super) async fn put_plugin(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<PutQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let reg = registry(&st)?;
@@ -154,8 +172,13 @@ pub(super) async fn put_plugin(
             ),
         ));
     }
+    let upgrade = crate::registry::Upgrade {
+        switch: q.switch,
+        shadow: q.shadow,
+        keep_state: q.keep_state,
+    };
     let info = reg
-        .load(&manifest, wasm, true, options)
+        .load(&manifest, wasm, true, options, upgrade)
         .await
         .map_err(ApiError::from)?;
     Ok((StatusCode::OK, Json(info)).into_response())
@@ -215,6 +238,31 @@ pub(super) struct StateQuery {
     prefix: Option<String>,
     at: Option<u64>,
     limit: Option<usize>,
+    min_position: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+/// `min_position` and `timeout_ms` of a read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReadQuery {
+    min_position: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+/// How long a read waits for `min_position` by default, and at most.
+const READ_WAIT_MS: (u64, u64) = (5_000, 30_000);
+
+fn read_wait(timeout_ms: Option<u64>) -> std::time::Duration {
+    std::time::Duration::from_millis(timeout_ms.unwrap_or(READ_WAIT_MS.0).min(READ_WAIT_MS.1))
+}
+
+/// The JSON of where a read stands, merged into its reply.
+fn with_at(mut reply: Value, at: crate::registry::ReadAt) -> Value {
+    reply["position"] = json!(at.position);
+    reply["version"] = json!(at.version);
+    reply["component_hash"] = json!(at.component_hash);
+    reply
 }
 
 #[derive(Deserialize)]
@@ -249,13 +297,24 @@ pub(super) async fn get_state(
     ApiQuery(q): ApiQuery<StateQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
+    let wait = read_wait(q.timeout_ms);
+    if q.at.is_some() && q.min_position.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "give at=POSITION (a past state) or min_position=POSITION (the current state once it reflects that position), not both",
+        ));
+    }
     match (q.key, q.prefix, q.at) {
         (Some(key), None, None) => {
-            let value = reg.state(&name, &key).await.map_err(ApiError::from)?;
+            let (value, at) = reg
+                .state(&name, &key, q.min_position, wait)
+                .await
+                .map_err(ApiError::from)?;
             match value {
-                Some(v) => Ok(Json(json!({"key": key, "value": as_json(v)}))),
+                Some(v) => Ok(Json(with_at(json!({"key": key, "value": as_json(v)}), at))),
                 None => Err(ApiError::not_found(format!(
-                    "projection {name:?} has no state under key {key:?}"
+                    "projection {name:?} has no state under key {key:?} (at position {}, version {})",
+                    at.position, at.version
                 ))),
             }
         }
@@ -270,15 +329,15 @@ pub(super) async fn get_state(
         }
         (None, Some(prefix), None) => {
             let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-            let items = reg
-                .state_prefix(&name, &prefix, limit)
+            let (items, at) = reg
+                .state_prefix(&name, &prefix, limit, q.min_position, wait)
                 .await
                 .map_err(ApiError::from)?;
             let items: Vec<Value> = items
                 .into_iter()
                 .map(|(k, v)| json!({"key": k, "value": as_json(v)}))
                 .collect();
-            Ok(Json(json!({"prefix": prefix, "items": items})))
+            Ok(Json(with_at(json!({"prefix": prefix, "items": items}), at)))
         }
         _ => Err(ApiError::bad_request(
             "invalid_query",
@@ -310,10 +369,63 @@ fn query_request(body: &[u8]) -> Result<String, ApiError> {
 pub(super) async fn post_query(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ReadQuery>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
     let request = query_request(&body)?;
-    let answer = reg.query(&name, request).await.map_err(ApiError::from)?;
-    Ok(Json(json!({"answer": as_json(answer)})))
+    let (answer, at) = reg
+        .query(&name, request, q.min_position, read_wait(q.timeout_ms))
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Json(with_at(json!({"answer": as_json(answer)}), at)))
+}
+
+/// `POST /v1/plugins/{name}/promote`: the candidate or shadow run, once caught up, becomes
+/// the live version.
+pub(super) async fn promote(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(reg.promote(&name).await?).into_response())
+}
+
+/// `POST /v1/plugins/{name}/rollback`: the version the last switch replaced is live again.
+pub(super) async fn rollback(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(reg.rollback(&name).await?).into_response())
+}
+
+/// `POST /v1/plugins/{name}/discard`: drops the candidate, shadow or previous version with
+/// its state.
+pub(super) async fn discard(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(reg.discard(&name).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DiffQuery {
+    sample: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /v1/plugins/{name}/diff[?sample=N][&timeout_ms=T]`: the live state against the
+/// version kept beside it, at one checkpoint.
+pub(super) async fn diff(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<DiffQuery>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    let sample = q.sample.unwrap_or(10).min(1_000);
+    let diff = reg.diff(&name, sample, read_wait(q.timeout_ms)).await?;
+    Ok(Json(diff).into_response())
 }

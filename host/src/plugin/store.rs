@@ -2,7 +2,7 @@
 //! checkpoint, committed together.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::runtime::{StateError, StateView, Writes};
@@ -25,6 +25,35 @@ fn dead_letter_key(position: u64) -> [u8; 9] {
 
 fn tree_name(plugin: &str) -> String {
     format!("plugin/{plugin}")
+}
+
+/// The tree of one version's state: generation 0 is the plugin's first tree (the only one
+/// before versions were kept apart), later ones carry `#N`, a character no name has.
+fn generation_tree(plugin: &str, generation: u32) -> String {
+    match generation {
+        0 => tree_name(plugin),
+        g => format!("plugin/{plugin}#{g}"),
+    }
+}
+
+/// The generations of `plugin`'s stores that exist in `db`, in order.
+pub fn generations(db: &sled::Db, plugin: &str) -> Vec<u32> {
+    let base = tree_name(plugin);
+    let mut found: Vec<u32> = db
+        .tree_names()
+        .iter()
+        .filter_map(|n| {
+            let n = std::str::from_utf8(n).ok()?;
+            let rest = n.strip_prefix(base.as_str())?;
+            match rest.strip_prefix('#') {
+                None if rest.is_empty() => Some(0),
+                Some(g) => g.parse().ok(),
+                None => None,
+            }
+        })
+        .collect();
+    found.sort_unstable();
+    found
 }
 
 fn state_key(key: &str) -> Vec<u8> {
@@ -103,14 +132,27 @@ fn encode(value: &impl serde::Serialize) -> Vec<u8> {
 #[derive(Clone)]
 pub struct PluginStore {
     tree: sled::Tree,
+    generation: u32,
     dead_letters: Arc<AtomicUsize>,
+    /// Commits hold it for writing and [`PluginStore::consistent`] reads for reading, so a
+    /// read of several keys never sees half a batch.
+    commits: Arc<RwLock<()>>,
+    /// Odd while a commit applies, bumped twice by each: a read that sees the same even
+    /// value before and after saw no commit.
+    sequence: Arc<AtomicU64>,
 }
 
 impl PluginStore {
     /// Opens (or creates) the store of `plugin` in `db`. Counts its dead letters (a scan of
     /// their keys): call it off the async threads.
     pub fn open(db: &sled::Db, plugin: &str) -> StoreResult<Self> {
-        let tree = db.open_tree(tree_name(plugin))?;
+        Self::open_generation(db, plugin, 0)
+    }
+
+    /// Opens (or creates) the store of one version of `plugin`: each version an upgrade
+    /// builds beside the live one has its own generation. Call it off the async threads.
+    pub fn open_generation(db: &sled::Db, plugin: &str, generation: u32) -> StoreResult<Self> {
+        let tree = db.open_tree(generation_tree(plugin, generation))?;
         let mut count = 0;
         for key in tree.scan_prefix([DEAD_LETTER]).keys() {
             key?;
@@ -118,8 +160,57 @@ impl PluginStore {
         }
         Ok(Self {
             tree,
+            generation,
             dead_letters: Arc::new(AtomicUsize::new(count)),
+            commits: Arc::default(),
+            sequence: Arc::default(),
         })
+    }
+
+    /// Which of the plugin's stores this is (0 for the first).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Runs `read` with no commit in between, and answers with the checkpoint the state it
+    /// read reflects: every event before it is folded in.
+    pub fn consistent<T>(
+        &self,
+        read: impl FnOnce(&Self) -> StoreResult<T>,
+    ) -> StoreResult<(u64, T)> {
+        let _held = self.commits.read().expect("commit lock");
+        let checkpoint = self.checkpoint()?.unwrap_or(0);
+        Ok((checkpoint, read(self)?))
+    }
+
+    /// Runs `read` (a plugin's query, which may take as long as its time limit) without
+    /// holding commits up: it runs again when a commit came in between, and only its last
+    /// try holds them. Answers like [`PluginStore::consistent`].
+    pub fn optimistic<T>(
+        &self,
+        mut read: impl FnMut(&Self) -> StoreResult<T>,
+    ) -> StoreResult<(u64, T)> {
+        for _ in 0..3 {
+            let before = self.sequence.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let checkpoint = self.checkpoint()?.unwrap_or(0);
+            let value = read(self)?;
+            if self.sequence.load(Ordering::Acquire) == before {
+                return Ok((checkpoint, value));
+            }
+        }
+        self.consistent(read)
+    }
+
+    fn apply(&self, b: sled::Batch) -> StoreResult<()> {
+        let _held = self.commits.write().expect("commit lock");
+        self.sequence.fetch_add(1, Ordering::AcqRel);
+        let applied = self.tree.apply_batch(b);
+        self.sequence.fetch_add(1, Ordering::AcqRel);
+        Ok(applied?)
     }
 
     /// Deletes everything stored for the plugin. The tree itself is dropped only when this
@@ -169,7 +260,16 @@ impl PluginStore {
         b.insert(HASH, hash.as_bytes());
         b.insert(CHECKPOINT, &origin.to_be_bytes()[..]);
         b.insert(ORIGIN, &origin.to_be_bytes()[..]);
-        Ok(self.tree.apply_batch(b)?)
+        self.apply(b)
+    }
+
+    /// Records that the component with `hash` now builds this state as it stands (an
+    /// upgrade that keeps the state, or an extractor's or tool's, which go on from their
+    /// checkpoint).
+    pub fn adopt(&self, hash: &str) -> StoreResult<()> {
+        self.tree.insert(HASH, hash.as_bytes())?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     /// True once the plugin has (possibly) appended derived events under its name.
@@ -222,7 +322,7 @@ impl PluginStore {
         }
         b.insert(CHECKPOINT, &checkpoint.to_be_bytes()[..]);
         b.insert(PROCESSED, &processed.to_be_bytes()[..]);
-        self.tree.apply_batch(b)?;
+        self.apply(b)?;
         self.dead_letters.fetch_add(new, Ordering::Relaxed);
         Ok(())
     }
@@ -235,7 +335,7 @@ impl PluginStore {
         let key = dead_letter_key(position);
         let existed = self.tree.contains_key(key)?;
         b.remove(&key[..]);
-        self.tree.apply_batch(b)?;
+        self.apply(b)?;
         if existed {
             self.dead_letters.fetch_sub(1, Ordering::Relaxed);
         }
@@ -334,6 +434,73 @@ impl PluginStore {
                 ))
             })
             .collect()
+    }
+}
+
+/// How two stores' states compare, key by key.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// Keys with equal values in both.
+    pub same: u64,
+    /// Keys in both with different values.
+    pub differ: u64,
+    /// Keys only in the first store.
+    pub only_in_first: u64,
+    /// Keys only in the second store.
+    pub only_in_second: u64,
+    /// Up to the sample size of the keys that are not the same: key, first's value,
+    /// second's value.
+    pub sample: Vec<(String, Option<String>, Option<String>)>,
+}
+
+impl PluginStore {
+    /// Compares this store's state with `other`'s key by key, in one pass over both in
+    /// key order, keeping up to `sample` of the keys that are not the same.
+    pub fn compare(&self, other: &PluginStore, sample: usize) -> StoreResult<Comparison> {
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let mut a = self.tree.scan_prefix([STATE]).peekable();
+        let mut b = other.tree.scan_prefix([STATE]).peekable();
+        let mut c = Comparison::default();
+        loop {
+            let order = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(Err(_)), _) => return Err(a.next().expect("peeked").unwrap_err().into()),
+                (_, Some(Err(_))) => return Err(b.next().expect("peeked").unwrap_err().into()),
+                (Some(Ok(_)), None) => std::cmp::Ordering::Less,
+                (None, Some(Ok(_))) => std::cmp::Ordering::Greater,
+                (Some(Ok((ka, _))), Some(Ok((kb, _)))) => ka.cmp(kb),
+            };
+            let (key, first, second) = match order {
+                std::cmp::Ordering::Less => {
+                    let (k, v) = a.next().expect("peeked")?;
+                    c.only_in_first += 1;
+                    (k, Some(v), None)
+                }
+                std::cmp::Ordering::Greater => {
+                    let (k, v) = b.next().expect("peeked")?;
+                    c.only_in_second += 1;
+                    (k, None, Some(v))
+                }
+                std::cmp::Ordering::Equal => {
+                    let (k, va) = a.next().expect("peeked")?;
+                    let (_, vb) = b.next().expect("peeked")?;
+                    if va == vb {
+                        c.same += 1;
+                        continue;
+                    }
+                    c.differ += 1;
+                    (k, Some(va), Some(vb))
+                }
+            };
+            if c.sample.len() < sample {
+                c.sample.push((
+                    text(&key[1..]),
+                    first.as_deref().map(text),
+                    second.as_deref().map(text),
+                ));
+            }
+        }
+        Ok(c)
     }
 }
 

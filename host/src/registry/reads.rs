@@ -1,0 +1,321 @@
+//! Reads of a projection's state: now (a key, a prefix, a query), each answered wholly by
+//! one version and saying where it stands; after a position (`min_position`, so a client
+//! reads its own writes); at a past position (time travel); and two versions compared.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{Loaded, Registry, RegistryError, blocking, projection_of, replay, storage, store_error};
+use super::upgrade::{Role, status_of};
+use crate::log::ReadFilter;
+use crate::pattern::PatternSet;
+use crate::plugin::{MemState, PluginStore, StateView, valid_name};
+
+/// How often a read waiting for a position looks again.
+const WAIT_STEP: Duration = Duration::from_millis(2);
+
+/// Where a read's answer stands: the position the state reflects and the version that
+/// built it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadAt {
+    /// The state reflects every event before this position (the projection's checkpoint).
+    pub position: u64,
+    /// The manifest's version of the plugin version that built the state.
+    pub version: String,
+    /// SHA-256 of the component that built it.
+    pub component_hash: String,
+}
+
+/// One side of a [`StateDiff`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffSide {
+    /// `live`, `candidate`, `shadow` or `previous`.
+    pub role: &'static str,
+    /// The manifest's version.
+    pub version: String,
+    /// SHA-256 of its component.
+    pub component_hash: String,
+}
+
+/// A key whose value differs between the two versions.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffSample {
+    /// The key.
+    pub key: String,
+    /// The old version's value, absent when only the new one has the key.
+    pub old: Option<serde_json::Value>,
+    /// The new version's value, absent when only the old one has the key.
+    pub new: Option<serde_json::Value>,
+}
+
+/// Two versions of a projection compared at one checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateDiff {
+    /// The checkpoint both states reflect.
+    pub position: u64,
+    /// The older version: the live one against a candidate or shadow, the previous one
+    /// against the live one.
+    pub old: DiffSide,
+    /// The newer version.
+    pub new: DiffSide,
+    /// Keys with equal values.
+    pub same: u64,
+    /// Keys in both with different values.
+    pub differ: u64,
+    /// Keys only the old version has.
+    pub only_in_old: u64,
+    /// Keys only the new version has.
+    pub only_in_new: u64,
+    /// Some of the keys that are not the same, in key order.
+    pub sample: Vec<DiffSample>,
+}
+
+/// Stored state is JSON text by convention; anything else is a string.
+fn as_json(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+}
+
+impl Registry {
+    pub(super) fn with<T>(&self, name: &str, f: impl FnOnce(&Loaded) -> T) -> Result<T, RegistryError> {
+        if !valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_owned()));
+        }
+        let loaded = self.loaded();
+        loaded
+            .get(name)
+            .map(f)
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
+    }
+
+    /// Waits up to `wait` until `name`'s live state reflects the event at `min` (its
+    /// checkpoint is past it).
+    async fn reached(&self, name: &str, min: Option<u64>, wait: Duration) -> Result<(), RegistryError> {
+        let Some(min) = min else {
+            return self.with(name, |_| ());
+        };
+        let head = self.log.head();
+        if min >= head {
+            return Err(RegistryError::Invalid(format!(
+                "min_position {min} is not in the log yet (the head is {head}); give a position an append answered"
+            )));
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let status = self.with(name, status_of)?;
+            if status.position > min {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(RegistryError::NotReached(format!(
+                    "projection {name:?} has not reached position {min} within {} ms: it is at {} ({:?}{})",
+                    wait.as_millis(),
+                    status.position,
+                    status.state,
+                    status.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+                )));
+            }
+            tokio::time::sleep(WAIT_STEP).await;
+        }
+    }
+
+    /// The live version's store and what a read of it says about where it stands.
+    fn live_store(&self, name: &str) -> Result<(PluginStore, String, String), RegistryError> {
+        self.with(name, |l| (l.store.clone(), l.manifest.version.clone(), l.hash.clone()))
+    }
+
+    /// The stored state under `key`, without calling the plugin, once the state reflects
+    /// `min_position` (waiting up to `wait`).
+    pub async fn state(
+        &self,
+        name: &str,
+        key: &str,
+        min_position: Option<u64>,
+        wait: Duration,
+    ) -> Result<(Option<String>, ReadAt), RegistryError> {
+        self.reached(name, min_position, wait).await?;
+        let (store, version, component_hash) = self.live_store(name)?;
+        let (position, value) = store.consistent(|s| s.get(key)).map_err(store_error)?;
+        Ok((value, ReadAt { position, version, component_hash }))
+    }
+
+    /// Up to `limit` stored keys starting with `prefix`, without calling the plugin, once
+    /// the state reflects `min_position`.
+    pub async fn state_prefix(
+        &self,
+        name: &str,
+        prefix: &str,
+        limit: usize,
+        min_position: Option<u64>,
+        wait: Duration,
+    ) -> Result<(Vec<(String, String)>, ReadAt), RegistryError> {
+        self.reached(name, min_position, wait).await?;
+        let (store, version, component_hash) = self.live_store(name)?;
+        let (position, items) = store
+            .consistent(|s| s.scan(prefix, limit))
+            .map_err(store_error)?;
+        Ok((items, ReadAt { position, version, component_hash }))
+    }
+
+    /// Calls the plugin's `query` export, once the state reflects `min_position`; the
+    /// answer comes from one version over state no commit changed meanwhile.
+    pub async fn query(
+        &self,
+        name: &str,
+        request: String,
+        min_position: Option<u64>,
+        wait: Duration,
+    ) -> Result<(String, ReadAt), RegistryError> {
+        self.reached(name, min_position, wait).await?;
+        let (plugin, store, version, component_hash) = self.with(name, |l| {
+            (l.plugin.clone(), l.store.clone(), l.manifest.version.clone(), l.hash.clone())
+        })?;
+        let plugin = projection_of(name, plugin)?;
+        let view: Arc<dyn StateView> = Arc::new(store.clone());
+        let (position, answer) = tokio::task::spawn_blocking(move || {
+            let mut answer = None;
+            let read = store.optimistic(|_| {
+                answer = Some(plugin.query(view.clone(), &request));
+                Ok(())
+            });
+            read.map(|(p, ())| (p, answer.expect("the query ran")))
+        })
+        .await
+        .map_err(storage)?
+        .map_err(store_error)?;
+        Ok((answer?, ReadAt { position, version, component_hash }))
+    }
+
+    /// Compares `name`'s live state with the version kept beside it, at one checkpoint:
+    /// waits up to `wait` for both to reach the same one.
+    pub async fn diff(&self, name: &str, sample: usize, wait: Duration) -> Result<StateDiff, RegistryError> {
+        let side = |l: &Loaded, role| DiffSide {
+            role,
+            version: l.manifest.version.clone(),
+            component_hash: l.hash.clone(),
+        };
+        let (live, other, live_first) = self.with(name, |l| {
+            l.staged.as_ref().map(|s| {
+                let (role, live_first) = match s.role {
+                    Role::Candidate(_) => ("candidate", true),
+                    Role::Shadow => ("shadow", true),
+                    Role::Previous => ("previous", false),
+                };
+                ((l.store.clone(), side(l, "live")), (s.version.store.clone(), side(&s.version, role)), live_first)
+            })
+        })?
+        .ok_or_else(|| RegistryError::Conflict(format!(
+            "plugin {name:?} has no other version to compare with; load a different component with --shadow (or as an upgrade) first"
+        )))?;
+        let ((old, old_side), (new, new_side)) = if live_first { (live, other) } else { (other, live) };
+        let deadline = Instant::now() + wait;
+        loop {
+            let (o, n) = (old.clone(), new.clone());
+            let compared = blocking(move || {
+                let (co, cn) = (o.checkpoint()?, n.checkpoint()?);
+                if co != cn {
+                    return Ok(Err((co.unwrap_or(0), cn.unwrap_or(0))));
+                }
+                let (co, (cn, c)) = o.optimistic(|o| n.optimistic(|n| o.compare(n, sample)))?;
+                Ok::<_, crate::plugin::StoreError>(if co == cn { Ok((co, c)) } else { Err((co, cn)) })
+            })
+            .await?
+            .map_err(store_error)?;
+            match compared {
+                Ok((position, c)) => {
+                    return Ok(StateDiff {
+                        position,
+                        old: old_side,
+                        new: new_side,
+                        same: c.same,
+                        differ: c.differ,
+                        only_in_old: c.only_in_first,
+                        only_in_new: c.only_in_second,
+                        sample: c
+                            .sample
+                            .into_iter()
+                            .map(|(key, old, new)| DiffSample { key, old: old.map(as_json), new: new.map(as_json) })
+                            .collect(),
+                    });
+                }
+                Err((co, cn)) if Instant::now() >= deadline => {
+                    return Err(RegistryError::Conflict(format!(
+                        "the two versions of {name:?} did not reach the same checkpoint within {} ms (the {} is at {co}, the {} at {cn}); they compare once both have caught up, so try again when appends pause",
+                        wait.as_millis(), old_side.role, new_side.role
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// The state under `key` as it was right after the event at `position`, by replaying the
+    /// log into a scratch store; the plugin's real state is not touched.
+    pub async fn state_at(
+        &self,
+        name: &str,
+        key: &str,
+        position: u64,
+    ) -> Result<Option<String>, RegistryError> {
+        let (plugin, manifest, store) = self
+            .with(name, |l| {
+                (l.plugin.clone(), l.manifest.clone(), l.store.clone())
+            })
+?;
+        let plugin = projection_of(name, plugin)?;
+        // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
+        let origin = store.origin().map_err(store_error)?;
+        if position < origin {
+            return Err(RegistryError::Invalid(format!(
+                "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
+            )));
+        }
+        let head = self.log.head();
+        if position >= head {
+            return Err(RegistryError::Invalid(format!(
+                "position {position} is not in the log yet (the head is {head})"
+            )));
+        }
+        let scratch = Arc::new(MemState::default());
+        let filter = ReadFilter {
+            types: Some(PatternSet::new(manifest.subscriptions.clone())),
+            ..ReadFilter::default()
+        };
+        // Reading the next page overlaps with folding the current one.
+        let page_size = manifest.limits.batch_size.max(4096);
+        let read = |from: u64| {
+            let (log, filter) = (self.log.clone(), filter.clone());
+            tokio::spawn(async move { log.read(from, page_size, &filter).await })
+        };
+        let mut pending = (origin <= position).then(|| (origin, read(origin)));
+        while let Some((from, reading)) = pending.take() {
+            let page = reading.await.map_err(storage)?.map_err(storage)?;
+            if page.next > from && page.next <= position {
+                pending = Some((page.next, read(page.next)));
+            }
+            let events: Vec<Arc<crate::event::Event>> = page
+                .events
+                .into_iter()
+                .filter(|e| e.position <= position)
+                .map(Arc::new)
+                .collect();
+            if !events.is_empty() {
+                let (p, s) = (plugin.clone(), scratch.clone());
+                let passed = tokio::task::spawn_blocking(move || {
+                    replay::fold_passing_failures(&p, &s, &events)
+                })
+                .await
+                .map_err(storage)??;
+                if passed > 0 {
+                    tracing::debug!(
+                        plugin = name,
+                        passed,
+                        "the replay passed over events the plugin fails on"
+                    );
+                }
+            }
+        }
+        scratch.get(key).map_err(storage)
+    }
+}

@@ -1,0 +1,633 @@
+//! Blue/green upgrades of projections: a different component for a loaded projection builds
+//! its state in a store of its own while the live version goes on serving; when it has
+//! caught up (or when the operator promotes it) reads switch to it at once, and the
+//! replaced version keeps following the log so a rollback is immediate, until it is
+//! discarded. A shadow run builds beside the live version and never switches by itself.
+//!
+//! Which version is live survives a restart through the files in `DATA/plugins/` alone:
+//! each version's store records the component that built it, and a start opens the store
+//! whose component it loads. A candidate or a replaced version is not kept across a
+//! restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Component, Loaded, PluginInfo, PluginSource, Registry, RegistryError, Source, blocking,
+    persist_files, store_error,
+};
+use crate::dead_letter::audit;
+use crate::plugin::{Kind, Manifest, PluginStore, StartFrom, generations};
+use crate::runner::{RunState, RunnerStatus};
+
+/// How often a candidate's progress is checked for the switch.
+const WATCH_EVERY: Duration = Duration::from_millis(10);
+
+/// When a candidate that has caught up takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Switch {
+    /// As soon as it has caught up with the live version.
+    #[default]
+    Auto,
+    /// When the operator promotes it (`POST /v1/plugins/{name}/promote`).
+    Manual,
+}
+
+/// How a load replaces a loaded version of the same plugin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Upgrade {
+    /// When a rebuilt projection takes over.
+    pub switch: Switch,
+    /// Build beside the live version and never switch by itself: compare with the diff,
+    /// then promote or discard.
+    pub shadow: bool,
+    /// Keep the state as it stands: the new component goes on from the checkpoint (a
+    /// compatible fix), replaced in place at a batch boundary.
+    pub keep_state: bool,
+}
+
+/// What an upgrade does with a load.
+pub(super) enum Plan {
+    /// Start (or replace) the live version; `keep_state` keeps a different component's
+    /// predecessor's state and checkpoint.
+    InPlace { keep_state: bool },
+    /// Build beside the live version.
+    Stage(Role),
+}
+
+/// What a version kept beside the live one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Building its state; takes over as its switch says.
+    Candidate(Switch),
+    /// Building its state beside the live version; takes over only when promoted.
+    Shadow,
+    /// The version a switch replaced, still following the log for a rollback.
+    Previous,
+}
+
+/// What persisting a version writes to `DATA/plugins/`.
+pub(super) struct Upload {
+    pub(super) manifest_text: String,
+    pub(super) wasm: Vec<u8>,
+    pub(super) options: super::LoadOptions,
+}
+
+/// A compiled and linked version not yet running.
+pub(super) struct Built {
+    pub(super) manifest: Manifest,
+    pub(super) plugin: Component,
+    pub(super) hash: String,
+    pub(super) load: Duration,
+    pub(super) cached: bool,
+    pub(super) source: PluginSource,
+    pub(super) upload: Option<Arc<Upload>>,
+}
+
+impl Built {
+    pub(super) fn into_loaded(self, store: PluginStore, runner: crate::runner::Runner) -> Loaded {
+        Loaded {
+            manifest: self.manifest,
+            plugin: self.plugin,
+            store,
+            runner: Some(runner),
+            stopped: None,
+            hash: self.hash,
+            load: self.load,
+            cached: self.cached,
+            source: self.source,
+            upload: self.upload,
+            staged: None,
+        }
+    }
+}
+
+/// A version kept beside the live one.
+pub(super) struct Staged {
+    pub(super) role: Role,
+    pub(super) version: Box<Loaded>,
+    /// When it took this role, and its checkpoint then (for its rate and ETA).
+    since: Instant,
+    from: u64,
+}
+
+/// What status shows of a version kept beside the live one.
+#[derive(Debug, Clone, Serialize)]
+pub struct StagedInfo {
+    /// `candidate` (switches when caught up, or when promoted with `switch: manual`),
+    /// `shadow` (only when promoted) or `previous` (what a rollback returns to).
+    pub role: &'static str,
+    /// For a candidate: `auto` or `manual`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch: Option<Switch>,
+    /// The manifest's version.
+    pub version: String,
+    /// SHA-256 of its component.
+    pub component_hash: String,
+    /// The WIT version its component implements.
+    pub wit: crate::plugin::WitVersion,
+    /// Its runner: catching_up, live, failing, quarantined.
+    pub state: RunState,
+    /// Its checkpoint.
+    pub position: u64,
+    /// Events between its checkpoint and the head.
+    pub lag: u64,
+    /// Its checkpoint as a percentage of the head (100 when caught up).
+    pub percent: f64,
+    /// Events per second since it took this role.
+    pub events_per_s: f64,
+    /// Seconds until it reaches the head at that rate, while it is behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    /// Events it has handled.
+    pub events_processed: u64,
+    /// Its last failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Staged {
+    pub(super) fn info(&self, head: u64) -> StagedInfo {
+        let status = status_of(&self.version);
+        let elapsed = self.since.elapsed().as_secs_f64().max(1e-3);
+        let rate = status.position.saturating_sub(self.from) as f64 / elapsed;
+        let lag = head.saturating_sub(status.position);
+        StagedInfo {
+            role: match self.role {
+                Role::Candidate(_) => "candidate",
+                Role::Shadow => "shadow",
+                Role::Previous => "previous",
+            },
+            switch: match self.role {
+                Role::Candidate(s) => Some(s),
+                _ => None,
+            },
+            version: self.version.manifest.version.clone(),
+            component_hash: self.version.hash.clone(),
+            wit: self.version.plugin.wit(),
+            state: status.state,
+            position: status.position,
+            lag,
+            percent: if head == 0 {
+                100.0
+            } else {
+                (status.position.min(head) as f64 * 1000.0 / head as f64).floor() / 10.0
+            },
+            events_per_s: rate.round(),
+            eta_s: (lag > 0 && rate > 0.0).then(|| (lag as f64 / rate * 10.0).ceil() / 10.0),
+            events_processed: status.events_processed,
+            last_error: status.last_error,
+        }
+    }
+}
+
+/// A version's runner status (its last one while it is being stopped).
+pub(super) fn status_of(l: &Loaded) -> RunnerStatus {
+    match (&l.runner, &l.stopped) {
+        (Some(r), _) => r.status(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => unreachable!("a listed plugin has a runner or its last status"),
+    }
+}
+
+impl Component {
+    pub(super) fn wit(&self) -> crate::plugin::WitVersion {
+        match self {
+            Component::Projection(p) => p.contract().wit,
+            Component::Extractor(p) => p.contract().wit,
+            Component::Tool(t) => t.contract().wit,
+        }
+    }
+}
+
+/// Why a switch happens, as the audit event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    CaughtUp,
+    Promoted,
+    RolledBack,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::CaughtUp => "caught_up",
+            Reason::Promoted => "promoted",
+            Reason::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl Registry {
+    /// Decides how a load of `manifest` (component `hash`) meets what is loaded as `name`.
+    pub(super) fn plan(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+        hash: &str,
+        upgrade: &Upgrade,
+    ) -> Result<Plan, RegistryError> {
+        let loaded = self.loaded();
+        let live = loaded.get(name);
+        let rebuild = live.is_some_and(|l| {
+            l.manifest.kind == Kind::Projection
+                && manifest.kind == Kind::Projection
+                && l.hash != hash
+        });
+        let staged_only = upgrade.shadow || upgrade.switch == Switch::Manual;
+        if staged_only && !rebuild {
+            return Err(RegistryError::Invalid(format!(
+                "{} needs a loaded projection {name:?} and a different component to build beside it; {}",
+                if upgrade.shadow {
+                    "--shadow"
+                } else {
+                    "--switch manual"
+                },
+                match live {
+                    None => "none is loaded, so load it plainly".to_owned(),
+                    Some(l) if l.hash == hash => {
+                        "this is the component already loaded".to_owned()
+                    }
+                    Some(l) => format!(
+                        "the loaded one is {} {} and this is {} {}",
+                        if l.manifest.kind == Kind::Extractor { "an" } else { "a" },
+                        l.manifest.kind.as_str(),
+                        if manifest.kind == Kind::Extractor { "an" } else { "a" },
+                        manifest.kind.as_str()
+                    ),
+                }
+            )));
+        }
+        if staged_only && upgrade.keep_state {
+            return Err(RegistryError::Invalid(
+                "--keep-state replaces the component in place; it cannot be combined with --shadow or --switch manual".into(),
+            ));
+        }
+        // Extractors and tools go on from their checkpoint: deriving again from the start
+        // would only find what their name already derived.
+        let same_kind = live.is_some_and(|l| l.manifest.kind == manifest.kind);
+        Ok(if rebuild && !upgrade.keep_state {
+            Plan::Stage(if upgrade.shadow {
+                Role::Shadow
+            } else {
+                Role::Candidate(upgrade.switch)
+            })
+        } else {
+            Plan::InPlace {
+                keep_state: same_kind && (upgrade.keep_state || manifest.kind != Kind::Projection),
+            }
+        })
+    }
+
+    /// Opens the store for a plugin's first version after a start: the generation whose
+    /// state `hash`'s component built, else the first one (reset by the caller).
+    pub(super) async fn open_version(
+        &self,
+        name: &str,
+        hash: &str,
+    ) -> Result<PluginStore, RegistryError> {
+        let (db, name, hash) = (self.db.clone(), name.to_owned(), hash.to_owned());
+        blocking(move || {
+            let gens = generations(&db, &name);
+            for &g in &gens {
+                let store = PluginStore::open_generation(&db, &name, g)?;
+                if store.component_hash()?.as_deref() == Some(hash.as_str()) {
+                    return Ok(store);
+                }
+            }
+            PluginStore::open_generation(&db, &name, gens.first().copied().unwrap_or(0))
+        })
+        .await?
+        .map_err(store_error)
+    }
+
+    /// Builds `built` beside the live version of its name, in `role`; the caller holds the
+    /// name. A version already kept beside it is replaced (its state reused when it was
+    /// built by the same component).
+    pub(super) async fn stage(
+        self: &Arc<Self>,
+        built: Built,
+        role: Role,
+    ) -> Result<PluginInfo, RegistryError> {
+        let name = built.manifest.name.clone();
+        let old = self
+            .loaded()
+            .get_mut(&name)
+            .and_then(|l| l.staged.take());
+        if let Some(old) = old
+            && let Some(r) = old.version.runner
+        {
+            r.stop().await;
+        }
+        let live_gen = self
+            .loaded()
+            .get(&name)
+            .map(|l| l.store.generation())
+            .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+        let origin = match built.manifest.start {
+            StartFrom::Beginning => 0,
+            StartFrom::Now => self.log.head(),
+        };
+        let (db, n, hash) = (self.db.clone(), name.clone(), built.hash.clone());
+        let store = blocking(move || {
+            let gens = generations(&db, &n);
+            let mut chosen = None;
+            for &g in gens.iter().filter(|&&g| g != live_gen) {
+                let store = PluginStore::open_generation(&db, &n, g)?;
+                if chosen.is_none() && store.component_hash()?.as_deref() == Some(hash.as_str()) {
+                    chosen = Some(store);
+                } else {
+                    // What an earlier candidate or replaced version left.
+                    store.purge(&db)?;
+                }
+            }
+            let store = match chosen {
+                Some(s) => s,
+                None => {
+                    let next = gens.iter().max().map_or(1, |g| g + 1).max(live_gen + 1);
+                    let s = PluginStore::open_generation(&db, &n, next)?;
+                    s.reset(&hash, origin)?;
+                    s
+                }
+            };
+            Ok::<_, crate::plugin::StoreError>(store)
+        })
+        .await?
+        .map_err(store_error)?;
+        let runner = self.spawn_runner(&built.manifest, &built.plugin, &store)?;
+        let from = runner.status().position;
+        let generation = store.generation();
+        tracing::info!(
+            plugin = name,
+            version = built.manifest.version,
+            generation,
+            from,
+            role = ?role,
+            "building a new version beside the live one"
+        );
+        let version = Box::new(built.into_loaded(store, runner));
+        let info = {
+            let mut loaded = self.loaded();
+            let l = loaded
+                .get_mut(&name)
+                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+            l.staged = Some(Staged {
+                role,
+                version,
+                since: Instant::now(),
+                from,
+            });
+            self.info_of(l)
+        };
+        if role == Role::Candidate(Switch::Auto) {
+            let this = self.clone();
+            tokio::spawn(async move { this.watch(name, generation).await });
+        }
+        Ok(info)
+    }
+
+    /// Switches `name` to its candidate of `generation` once it has caught up with the
+    /// live version; ends when the candidate is gone or has switched.
+    async fn watch(self: Arc<Self>, name: String, generation: u32) {
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let ready = {
+                let loaded = self.loaded();
+                let Some(l) = loaded.get(&name) else { return };
+                match &l.staged {
+                    Some(s)
+                        if s.role == Role::Candidate(Switch::Auto)
+                            && s.version.store.generation() == generation =>
+                    {
+                        caught_up(l, s)
+                    }
+                    _ => return,
+                }
+            };
+            if !ready {
+                continue;
+            }
+            let _held = self.names.lock(&name).await;
+            match self.switch_held(&name, Some(generation), Reason::CaughtUp).await {
+                Ok(()) => return,
+                // Changed meanwhile (promoted, discarded, replaced, unloaded).
+                Err(RegistryError::Conflict(_) | RegistryError::NotFound(_)) => return,
+                Err(e) => {
+                    tracing::warn!(plugin = name, error = %e, "switching to the new version failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Makes the candidate (or shadow) of `name` live, once it has caught up.
+    pub async fn promote(self: &Arc<Self>, name: &str) -> Result<PluginInfo, RegistryError> {
+        self.lifecycle(name, |this, name| async move {
+            this.switch_held(&name, None, Reason::Promoted).await?;
+            this.info(&name).await
+        })
+        .await
+    }
+
+    /// Makes the version a switch replaced live again, at once.
+    pub async fn rollback(self: &Arc<Self>, name: &str) -> Result<PluginInfo, RegistryError> {
+        self.lifecycle(name, |this, name| async move {
+            this.switch_held(&name, None, Reason::RolledBack).await?;
+            this.info(&name).await
+        })
+        .await
+    }
+
+    /// Drops the version kept beside the live one (a candidate, a shadow or the previous
+    /// version), with its state.
+    pub async fn discard(self: &Arc<Self>, name: &str) -> Result<PluginInfo, RegistryError> {
+        self.lifecycle(name, |this, name| async move {
+            if !this.loaded().get(&name).is_some_and(|l| l.staged.is_some()) {
+                return Err(RegistryError::Conflict(format!(
+                    "plugin {name:?} has no candidate, shadow or previous version to discard"
+                )));
+            }
+            this.discard_staged(&name).await?;
+            this.info(&name).await
+        })
+        .await
+    }
+
+    /// Runs `op` as a task holding `name` (a client that hangs up cannot leave it half
+    /// done).
+    async fn lifecycle<F, Fut, T>(self: &Arc<Self>, name: &str, op: F) -> Result<T, RegistryError>
+    where
+        F: FnOnce(Arc<Self>, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, RegistryError>> + Send,
+        T: Send + 'static,
+    {
+        if !crate::plugin::valid_name(name) {
+            return Err(RegistryError::NotFound(name.to_owned()));
+        }
+        self.check_hot_load()?;
+        let (this, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let _held = this.names.lock(&name).await;
+            op(this.clone(), name).await
+        })
+        .await
+        .map_err(super::storage)?
+    }
+
+    /// Stops the version kept beside `name`'s live one and deletes its state; the caller
+    /// holds the name.
+    pub(super) async fn discard_staged(&self, name: &str) -> Result<(), RegistryError> {
+        let staged = self.loaded().get_mut(name).and_then(|l| l.staged.take());
+        let Some(staged) = staged else { return Ok(()) };
+        let Loaded { runner, store, .. } = *staged.version;
+        if let Some(r) = runner {
+            r.stop().await;
+        }
+        let db = self.db.clone();
+        blocking(move || store.purge(&db))
+            .await?
+            .map_err(store_error)?;
+        tracing::info!(plugin = name, "discarded the version kept beside the live one");
+        Ok(())
+    }
+
+    /// Swaps `name`'s live version with the one kept beside it; the caller holds the name.
+    /// `Promoted` and `CaughtUp` need a candidate or shadow that has caught up (of
+    /// `generation`, when given), `RolledBack` the previous version. The new live version's
+    /// files are kept for the next start first; the swap itself is one step under the map's
+    /// lock, so every read is answered wholly by one version.
+    async fn switch_held(
+        &self,
+        name: &str,
+        generation: Option<u32>,
+        reason: Reason,
+    ) -> Result<(), RegistryError> {
+        let (upload, source) = {
+            let loaded = self.loaded();
+            let l = loaded
+                .get(name)
+                .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+            let s = l.staged.as_ref().ok_or_else(|| {
+                RegistryError::Conflict(format!(
+                    "plugin {name:?} has no {} version; load a different component to build one",
+                    if reason == Reason::RolledBack {
+                        "previous"
+                    } else {
+                        "candidate or shadow"
+                    }
+                ))
+            })?;
+            match (reason, s.role) {
+                (Reason::RolledBack, Role::Previous) => {}
+                (Reason::RolledBack, _) => {
+                    return Err(RegistryError::Conflict(format!(
+                        "plugin {name:?} has no previous version to roll back to (the version beside it is a candidate not yet live); discard it to stay on the live one"
+                    )));
+                }
+                (_, Role::Previous) => {
+                    return Err(RegistryError::Conflict(format!(
+                        "plugin {name:?} has no candidate to promote; its other version is the previous one: roll back to return to it"
+                    )));
+                }
+                _ => {}
+            }
+            if generation.is_some_and(|g| g != s.version.store.generation()) {
+                return Err(RegistryError::Conflict("the candidate changed".into()));
+            }
+            if reason != Reason::RolledBack && !caught_up(l, s) {
+                let (c, live) = (status_of(&s.version), status_of(l));
+                return Err(RegistryError::Conflict(format!(
+                    "the candidate of {name:?} is at position {} and the live version at {}; it is promoted once it has caught up, so that no partial state is served (see its progress in GET /v1/plugins/{name})",
+                    c.position, live.position
+                )));
+            }
+            (s.version.upload.clone(), s.version.source.source.clone())
+        };
+        self.persist_live(name, &source, upload.as_deref()).await?;
+        let started = Instant::now();
+        let (from, to) = {
+            let mut loaded = self.loaded();
+            let l = loaded
+                .get_mut(name)
+                .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+            let mut staged = l.staged.take().expect("checked above, under the name");
+            std::mem::swap(l, &mut *staged.version);
+            staged.role = Role::Previous;
+            staged.since = Instant::now();
+            staged.from = status_of(&staged.version).position;
+            let from = (
+                staged.version.manifest.version.clone(),
+                staged.version.hash.clone(),
+            );
+            l.staged = Some(staged);
+            (from, (l.manifest.version.clone(), l.hash.clone()))
+        };
+        let took = started.elapsed();
+        tracing::info!(
+            plugin = name,
+            from = from.0,
+            to = to.0,
+            reason = reason.as_str(),
+            switch_us = took.as_micros() as u64,
+            "switched the live version"
+        );
+        self.announce(audit(
+            crate::dead_letter::SWITCHED,
+            name,
+            serde_json::json!({
+                "reason": reason.as_str(),
+                "from": {"version": from.0, "component_hash": from.1},
+                "to": {"version": to.0, "component_hash": to.1},
+            }),
+            None,
+            None,
+        ))
+        .await;
+        Ok(())
+    }
+
+    /// Keeps what the next start loads as `name` in step with the version becoming live:
+    /// an upload's files, or none (so the operator's `--plugins` copy loads).
+    async fn persist_live(
+        &self,
+        name: &str,
+        source: &Source,
+        upload: Option<&Upload>,
+    ) -> Result<(), RegistryError> {
+        let dir = self.dir.clone();
+        let name_owned = name.to_owned();
+        let work: Box<dyn FnOnce() -> std::io::Result<()> + Send> = match (source, upload) {
+            (Source::Embedded, _) | (_, None) => return Ok(()),
+            (Source::PluginsDir { .. }, _) => Box::new(move || {
+                for ext in ["wasm", "toml", "load.json"] {
+                    match std::fs::remove_file(dir.join(format!("{name_owned}.{ext}"))) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }),
+            (Source::Api | Source::Uploaded { .. }, Some(u)) => {
+                let (text, wasm, options) =
+                    (u.manifest_text.clone(), u.wasm.clone(), u.options.clone());
+                Box::new(move || persist_files(&dir, &name_owned, &text, &wasm, &options))
+            }
+        };
+        blocking(work).await?.map_err(|e| {
+            super::storage(format!(
+                "keeping plugin {name}'s new live version in {} failed (nothing was switched): {e}",
+                self.dir.display()
+            ))
+        })
+    }
+}
+
+/// True when the staged version has reached the live version's checkpoint, so switching
+/// to it never moves a reader back.
+fn caught_up(live: &Loaded, staged: &Staged) -> bool {
+    let (s, l) = (status_of(&staged.version), status_of(live));
+    s.position >= l.position && s.state != RunState::Quarantined
+}
