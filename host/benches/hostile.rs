@@ -88,7 +88,13 @@ async fn catch_up(registry: &Arc<Registry>, name: &str, wasm: &[u8]) -> Duration
     );
     let start = Instant::now();
     registry
-        .load(&manifest, wasm.to_vec(), false, Default::default(), Default::default())
+        .load(
+            &manifest,
+            wasm.to_vec(),
+            false,
+            Default::default(),
+            Default::default(),
+        )
         .await
         .unwrap();
     while registry.info(name).await.unwrap().lag > 0 {

@@ -821,7 +821,14 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .client()?
                 .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
                 .query(&[
-                    ("switch", if switch == crate::registry::Switch::Manual { "manual" } else { "auto" }),
+                    (
+                        "switch",
+                        if switch == crate::registry::Switch::Manual {
+                            "manual"
+                        } else {
+                            "auto"
+                        },
+                    ),
                     ("shadow", if shadow { "true" } else { "false" }),
                     ("keep_state", if keep_state { "true" } else { "false" }),
                 ])
@@ -870,7 +877,11 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         } => {
             let resp = remote
                 .client()?
-                .get(format!("{}/v1/plugins/{}/diff", remote.url, urlencode(&name)))
+                .get(format!(
+                    "{}/v1/plugins/{}/diff",
+                    remote.url,
+                    urlencode(&name)
+                ))
                 .query(&[("sample", sample)])
                 .send()
                 .await

@@ -31,9 +31,9 @@ use crate::dead_letter::{self, DeadLetter, DeadLetterId, audit};
 use crate::log::EventLog;
 use crate::pattern::PatternSet;
 use crate::plugin::{
-    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, PluginConfig,
-    PluginError, PluginStore, ProjectionPlugin, Runtime, StartFrom, StoreError,
-    ToolInfo, ToolPlugin, UsageReport, component_hash, valid_name,
+    CompileError, ExtractorPlugin, Handler, Kind, LogPage, Manifest, PluginConfig, PluginError,
+    PluginStore, ProjectionPlugin, Runtime, StartFrom, StoreError, ToolInfo, ToolPlugin,
+    UsageReport, component_hash, valid_name,
 };
 use crate::runner::{
     ControlError, Controller, RetryOutcome, RunState, Runner, RunnerOptions, RunnerStatus,
@@ -44,8 +44,8 @@ pub use grants::{GrantTable, Grants, LoadOptions};
 use names::NameLocks;
 pub use policy::PluginPolicy;
 pub use reads::{ReadAt, StateDiff};
-pub use upgrade::{StagedInfo, Switch, Upgrade};
 use upgrade::{Role, Staged};
+pub use upgrade::{StagedInfo, Switch, Upgrade};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -1165,15 +1165,13 @@ impl Registry {
         after: u64,
         limit: usize,
     ) -> Result<LogPage, RegistryError> {
-        let logs = self
-            .with(name, |l| match &l.plugin {
-                Component::Projection(p) => p.logs().clone(),
-                Component::Extractor(p) => p.logs().clone(),
-                Component::Tool(t) => t.logs().clone(),
-            })?;
+        let logs = self.with(name, |l| match &l.plugin {
+            Component::Projection(p) => p.logs().clone(),
+            Component::Extractor(p) => p.logs().clone(),
+            Component::Tool(t) => t.logs().clone(),
+        })?;
         Ok(logs.read(after, limit))
     }
-
 }
 
 /// Writes the manifest and component of a hot-loaded plugin into `dir`, each by rename.

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Loaded, Registry, RegistryError, blocking, projection_of, replay, storage, store_error};
 use super::upgrade::{Role, status_of};
+use super::{
+    Loaded, Registry, RegistryError, blocking, projection_of, replay, storage, store_error,
+};
 use crate::log::ReadFilter;
 use crate::pattern::PatternSet;
 use crate::plugin::{MemState, PluginStore, StateView, valid_name};
@@ -78,7 +80,11 @@ fn as_json(text: String) -> serde_json::Value {
 }
 
 impl Registry {
-    pub(super) fn with<T>(&self, name: &str, f: impl FnOnce(&Loaded) -> T) -> Result<T, RegistryError> {
+    pub(super) fn with<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Loaded) -> T,
+    ) -> Result<T, RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::NotFound(name.to_owned()));
         }
@@ -91,7 +97,12 @@ impl Registry {
 
     /// Waits up to `wait` until `name`'s live state reflects the event at `min` (its
     /// checkpoint is past it).
-    async fn reached(&self, name: &str, min: Option<u64>, wait: Duration) -> Result<(), RegistryError> {
+    async fn reached(
+        &self,
+        name: &str,
+        min: Option<u64>,
+        wait: Duration,
+    ) -> Result<(), RegistryError> {
         let Some(min) = min else {
             return self.with(name, |_| ());
         };
@@ -113,7 +124,10 @@ impl Registry {
                     wait.as_millis(),
                     status.position,
                     status.state,
-                    status.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+                    status
+                        .last_error
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
                 )));
             }
             tokio::time::sleep(WAIT_STEP).await;
@@ -122,7 +136,9 @@ impl Registry {
 
     /// The live version's store and what a read of it says about where it stands.
     fn live_store(&self, name: &str) -> Result<(PluginStore, String, String), RegistryError> {
-        self.with(name, |l| (l.store.clone(), l.manifest.version.clone(), l.hash.clone()))
+        self.with(name, |l| {
+            (l.store.clone(), l.manifest.version.clone(), l.hash.clone())
+        })
     }
 
     /// The stored state under `key`, without calling the plugin, once the state reflects
@@ -137,7 +153,14 @@ impl Registry {
         self.reached(name, min_position, wait).await?;
         let (store, version, component_hash) = self.live_store(name)?;
         let (position, value) = store.consistent(|s| s.get(key)).map_err(store_error)?;
-        Ok((value, ReadAt { position, version, component_hash }))
+        Ok((
+            value,
+            ReadAt {
+                position,
+                version,
+                component_hash,
+            },
+        ))
     }
 
     /// Up to `limit` stored keys starting with `prefix`, without calling the plugin, once
@@ -155,7 +178,14 @@ impl Registry {
         let (position, items) = store
             .consistent(|s| s.scan(prefix, limit))
             .map_err(store_error)?;
-        Ok((items, ReadAt { position, version, component_hash }))
+        Ok((
+            items,
+            ReadAt {
+                position,
+                version,
+                component_hash,
+            },
+        ))
     }
 
     /// Calls the plugin's `query` export, once the state reflects `min_position`; the
@@ -169,7 +199,12 @@ impl Registry {
     ) -> Result<(String, ReadAt), RegistryError> {
         self.reached(name, min_position, wait).await?;
         let (plugin, store, version, component_hash) = self.with(name, |l| {
-            (l.plugin.clone(), l.store.clone(), l.manifest.version.clone(), l.hash.clone())
+            (
+                l.plugin.clone(),
+                l.store.clone(),
+                l.manifest.version.clone(),
+                l.hash.clone(),
+            )
         })?;
         let plugin = projection_of(name, plugin)?;
         let view: Arc<dyn StateView> = Arc::new(store.clone());
@@ -184,12 +219,24 @@ impl Registry {
         .await
         .map_err(storage)?
         .map_err(store_error)?;
-        Ok((answer?, ReadAt { position, version, component_hash }))
+        Ok((
+            answer?,
+            ReadAt {
+                position,
+                version,
+                component_hash,
+            },
+        ))
     }
 
     /// Compares `name`'s live state with the version kept beside it, at one checkpoint:
     /// waits up to `wait` for both to reach the same one.
-    pub async fn diff(&self, name: &str, sample: usize, wait: Duration) -> Result<StateDiff, RegistryError> {
+    pub async fn diff(
+        &self,
+        name: &str,
+        sample: usize,
+        wait: Duration,
+    ) -> Result<StateDiff, RegistryError> {
         let side = |l: &Loaded, role| DiffSide {
             role,
             version: l.manifest.version.clone(),
@@ -208,7 +255,11 @@ impl Registry {
         .ok_or_else(|| RegistryError::Conflict(format!(
             "plugin {name:?} has no other version to compare with; load a different component with --shadow (or as an upgrade) first"
         )))?;
-        let ((old, old_side), (new, new_side)) = if live_first { (live, other) } else { (other, live) };
+        let ((old, old_side), (new, new_side)) = if live_first {
+            (live, other)
+        } else {
+            (other, live)
+        };
         let deadline = Instant::now() + wait;
         loop {
             let (o, n) = (old.clone(), new.clone());
@@ -218,7 +269,11 @@ impl Registry {
                     return Ok(Err((co.unwrap_or(0), cn.unwrap_or(0))));
                 }
                 let (co, (cn, c)) = o.optimistic(|o| n.optimistic(|n| o.compare(n, sample)))?;
-                Ok::<_, crate::plugin::StoreError>(if co == cn { Ok((co, c)) } else { Err((co, cn)) })
+                Ok::<_, crate::plugin::StoreError>(if co == cn {
+                    Ok((co, c))
+                } else {
+                    Err((co, cn))
+                })
             })
             .await?
             .map_err(store_error)?;
@@ -235,14 +290,20 @@ impl Registry {
                         sample: c
                             .sample
                             .into_iter()
-                            .map(|(key, old, new)| DiffSample { key, old: old.map(as_json), new: new.map(as_json) })
+                            .map(|(key, old, new)| DiffSample {
+                                key,
+                                old: old.map(as_json),
+                                new: new.map(as_json),
+                            })
                             .collect(),
                     });
                 }
                 Err((co, cn)) if Instant::now() >= deadline => {
                     return Err(RegistryError::Conflict(format!(
                         "the two versions of {name:?} did not reach the same checkpoint within {} ms (the {} is at {co}, the {} at {cn}); they compare once both have caught up, so try again when appends pause",
-                        wait.as_millis(), old_side.role, new_side.role
+                        wait.as_millis(),
+                        old_side.role,
+                        new_side.role
                     )));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -258,11 +319,9 @@ impl Registry {
         key: &str,
         position: u64,
     ) -> Result<Option<String>, RegistryError> {
-        let (plugin, manifest, store) = self
-            .with(name, |l| {
-                (l.plugin.clone(), l.manifest.clone(), l.store.clone())
-            })
-?;
+        let (plugin, manifest, store) = self.with(name, |l| {
+            (l.plugin.clone(), l.manifest.clone(), l.store.clone())
+        })?;
         let plugin = projection_of(name, plugin)?;
         // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
         let origin = store.origin().map_err(store_error)?;

@@ -253,9 +253,17 @@ impl Registry {
                     }
                     Some(l) => format!(
                         "the loaded one is {} {} and this is {} {}",
-                        if l.manifest.kind == Kind::Extractor { "an" } else { "a" },
+                        if l.manifest.kind == Kind::Extractor {
+                            "an"
+                        } else {
+                            "a"
+                        },
                         l.manifest.kind.as_str(),
-                        if manifest.kind == Kind::Extractor { "an" } else { "a" },
+                        if manifest.kind == Kind::Extractor {
+                            "an"
+                        } else {
+                            "a"
+                        },
                         manifest.kind.as_str()
                     ),
                 }
@@ -313,10 +321,7 @@ impl Registry {
         role: Role,
     ) -> Result<PluginInfo, RegistryError> {
         let name = built.manifest.name.clone();
-        let old = self
-            .loaded()
-            .get_mut(&name)
-            .and_then(|l| l.staged.take());
+        let old = self.loaded().get_mut(&name).and_then(|l| l.staged.take());
         if let Some(old) = old
             && let Some(r) = old.version.runner
         {
@@ -411,7 +416,10 @@ impl Registry {
                 continue;
             }
             let _held = self.names.lock(&name).await;
-            match self.switch_held(&name, Some(generation), Reason::CaughtUp).await {
+            match self
+                .switch_held(&name, Some(generation), Reason::CaughtUp)
+                .await
+            {
                 Ok(()) => return,
                 // Changed meanwhile (promoted, discarded, replaced, unloaded).
                 Err(RegistryError::Conflict(_) | RegistryError::NotFound(_)) => return,
@@ -490,7 +498,10 @@ impl Registry {
         blocking(move || store.purge(&db))
             .await?
             .map_err(store_error)?;
-        tracing::info!(plugin = name, "discarded the version kept beside the live one");
+        tracing::info!(
+            plugin = name,
+            "discarded the version kept beside the live one"
+        );
         Ok(())
     }
 

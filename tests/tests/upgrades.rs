@@ -1,0 +1,547 @@
+//! Upgrades end to end on the real binary: a projection's new version builds beside the
+//! live one while readers see only complete states of one version, switches when caught up
+//! (or when promoted), rolls back at once, runs as a shadow with a state diff; extractors
+//! and tools are replaced at a batch boundary without deriving or running anything twice;
+//! reads say where they stand and wait for `min_position`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use evhost_tests::{CountingServer, Host, all_events, append, get, post, upload, upload_granted};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
+const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
+const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
+
+fn wasm(name: &str) -> Vec<u8> {
+    let installed = Path::new(PLUGINS).join(format!("{name}.wasm"));
+    let built = Path::new(BUILD).join(format!("{name}.wasm"));
+    std::fs::read(&installed)
+        .or_else(|_| std::fs::read(&built))
+        .unwrap_or_else(|_| panic!("{name}.wasm is neither in {PLUGINS} nor in {BUILD}"))
+}
+
+/// The same component with a custom section added: a different component (another hash)
+/// that behaves the same, as a rebuilt plugin would.
+fn rebuilt(wasm: &[u8], tag: &str) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = format!("evhost-test-{tag}");
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(b"rebuilt");
+    let mut out = wasm.to_vec();
+    out.push(0);
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn counter(version: &str, extra: &str) -> String {
+    format!(
+        "name = \"counter\"\nversion = \"{version}\"\nkind = \"projection\"\n\
+         subscriptions = [\"test.>\"]\n{extra}"
+    )
+}
+
+/// `PUT /v1/plugins/{name}?QUERY` with a manifest and a component.
+async fn upload_as(
+    h: &Host,
+    name: &str,
+    query: &str,
+    manifest: &str,
+    wasm: Vec<u8>,
+) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "manifest",
+            reqwest::multipart::Part::text(manifest.to_owned()),
+        )
+        .part("wasm", reqwest::multipart::Part::bytes(wasm));
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/plugins/{name}?{query}", h.url))
+        .multipart(form)
+        .send()
+        .await
+        .expect("the host answers");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn status(h: &Host, name: &str) -> Value {
+    let (s, body) = get(&format!("{}/v1/plugins/{name}", h.url)).await;
+    assert_eq!(s, 200, "{body}");
+    body
+}
+
+/// Waits until `check` holds of `name`'s status; returns that status.
+async fn until(h: &Host, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(h, name).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{name} never {what}: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Appends `n` events: `test.a` and `test.b` in turn, in batches of 1,000.
+async fn fill(h: &Host, n: u64) {
+    for start in (0..n).step_by(1000) {
+        let events: Vec<Value> = (start..(start + 1000).min(n))
+            .map(|i| json!({"type": if i % 2 == 0 { "test.a" } else { "test.b" }, "payload": {"i": i}}))
+            .collect();
+        append(h, "fill", events).await;
+    }
+}
+
+/// Reads `counter`'s `test.a` as fast as it can until stopped; every answer must be a
+/// complete state (`want`) of a known version, at a position that never goes back.
+fn reader(
+    h: &Host,
+    want: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let url = format!("{}/v1/projections/counter/state?key=test.a", h.url);
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let (mut reads, mut versions, mut last) = (0u64, Vec::<String>::new(), 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            let r = client.get(&url).send().await.expect("the host answers");
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(code, 200, "a read failed during the upgrade: {body}");
+            assert_eq!(body["value"], want, "a partial state was served: {body}");
+            let p = body["position"].as_u64().unwrap();
+            assert!(p >= last, "a read went back from position {last}: {body}");
+            last = p;
+            let hash = body["component_hash"].as_str().unwrap().to_owned();
+            if versions.last() != Some(&hash) {
+                versions.push(hash);
+            }
+            reads += 1;
+        }
+        (reads, versions)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_builds_beside_the_live_version_switches_when_caught_up_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let v1 = wasm("type-counter");
+    let (s, info) = upload(&h, "counter", &counter("1.0.0", ""), v1.clone()).await;
+    assert_eq!(s, 200, "{info}");
+    let v1_hash = info["component_hash"].as_str().unwrap().to_owned();
+    let n = 30_000;
+    fill(&h, n).await;
+    until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
+
+    // A manual switch: the candidate builds in its own store and waits for promote.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(&h, n / 2, stop.clone());
+    let v2 = wasm("v0_1_type_counter");
+    let (s, info) = upload_as(&h, "counter", "switch=manual", &counter("2.0.0", ""), v2).await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(
+        info["component_hash"],
+        v1_hash.as_str(),
+        "the live version stays: {info}"
+    );
+    assert_eq!(info["candidate"]["role"], "candidate", "{info}");
+    assert_eq!(info["candidate"]["switch"], "manual", "{info}");
+    assert_eq!(info["candidate"]["version"], "2.0.0", "{info}");
+    let v2_hash = info["candidate"]["component_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for field in ["position", "lag", "percent", "events_per_s", "state"] {
+        assert!(
+            !info["candidate"][field].is_null(),
+            "candidate status lacks {field}: {info}"
+        );
+    }
+    let caught = until(&h, "counter", "built its candidate", |s| {
+        s["candidate"]["lag"] == 0 && s["candidate"]["percent"] == 100.0
+    })
+    .await;
+    // Caught up, a manual candidate still waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s2 = status(&h, "counter").await;
+    assert_eq!(s2["component_hash"], v1_hash.as_str(), "{caught}");
+    let (code, promoted) = post(&format!("{}/v1/plugins/counter/promote", h.url), json!({})).await;
+    assert_eq!(code, 200, "{promoted}");
+    assert_eq!(promoted["component_hash"], v2_hash.as_str(), "{promoted}");
+    assert_eq!(promoted["version"], "2.0.0");
+    assert_eq!(promoted["wit"], "0.1.0");
+    assert_eq!(
+        promoted["previous"]["component_hash"],
+        v1_hash.as_str(),
+        "{promoted}"
+    );
+    assert!(promoted["candidate"].is_null(), "{promoted}");
+
+    // Rollback is immediate: the previous version kept following the log.
+    let (code, back) = post(&format!("{}/v1/plugins/counter/rollback", h.url), json!({})).await;
+    assert_eq!(code, 200, "{back}");
+    assert_eq!(back["component_hash"], v1_hash.as_str(), "{back}");
+    assert_eq!(
+        back["previous"]["component_hash"],
+        v2_hash.as_str(),
+        "{back}"
+    );
+
+    // An automatic switch over a rebuilt component.
+    let v3 = rebuilt(&v1, "v3");
+    let (s, info) = upload_as(&h, "counter", "", &counter("3.0.0", ""), v3).await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["candidate"]["switch"], "auto", "{info}");
+    let v3_hash = info["candidate"]["component_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let switched = until(&h, "counter", "switched to 3.0.0", |s| {
+        s["component_hash"] == v3_hash.as_str()
+    })
+    .await;
+    assert_eq!(
+        switched["previous"]["component_hash"],
+        v1_hash.as_str(),
+        "{switched}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (count, seen) = reads.await.unwrap();
+    assert!(count > 10, "the reader made only {count} reads");
+    assert_eq!(seen.first(), Some(&v1_hash), "{seen:?}");
+    assert_eq!(seen.last(), Some(&v3_hash), "{seen:?}");
+
+    // The switches are announced, and the live version survives a restart.
+    let switches: Vec<Value> = all_events(&h)
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "evhost.plugin.switched")
+        .collect();
+    let reasons: Vec<&str> = switches
+        .iter()
+        .map(|e| e["payload"]["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["promoted", "rolled_back", "caught_up"],
+        "{switches:?}"
+    );
+
+    // Discarding drops the previous version; then there is nothing to roll back to.
+    let (code, info) = post(&format!("{}/v1/plugins/counter/discard", h.url), json!({})).await;
+    assert_eq!(code, 200, "{info}");
+    assert!(info["previous"].is_null(), "{info}");
+    let (code, err) = post(&format!("{}/v1/plugins/counter/rollback", h.url), json!({})).await;
+    assert_eq!(code, 409, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no previous version"),
+        "{err}"
+    );
+
+    let mut h = h;
+    h.stop();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let after = until(&h, "counter", "caught up after the restart", |s| {
+        s["lag"] == 0
+    })
+    .await;
+    assert_eq!(after["component_hash"], v3_hash.as_str(), "{after}");
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.a",
+        h.url
+    ))
+    .await;
+    assert_eq!((s, &body["value"]), (200, &json!(n / 2)), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_run_never_switches_by_itself_and_its_diff_names_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let (s, info) = upload(&h, "counter", &counter("1.0.0", ""), wasm("type-counter")).await;
+    assert_eq!(s, 200, "{info}");
+    fill(&h, 200).await;
+    until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
+
+    // Refused: --shadow needs a different component.
+    let (s, err) = upload_as(
+        &h,
+        "counter",
+        "shadow=true",
+        &counter("1.0.0", ""),
+        wasm("type-counter"),
+    )
+    .await;
+    assert_eq!(s, 400, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already loaded"),
+        "{err}"
+    );
+
+    // The shadow counts only what comes after it, and other.> too.
+    let shadow =
+        counter("2.0.0", "start = \"now\"\n").replace("[\"test.>\"]", "[\"test.>\", \"other.>\"]");
+    let (s, info) = upload_as(
+        &h,
+        "counter",
+        "shadow=true",
+        &shadow,
+        wasm("v0_1_type_counter"),
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["candidate"]["role"], "shadow", "{info}");
+    append(
+        &h,
+        "more",
+        (0..10)
+            .map(|_| json!({"type": "test.a", "payload": {}}))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    append(&h, "more", vec![json!({"type": "other.x", "payload": {}})]).await;
+    until(&h, "counter", "caught up with its shadow", |s| {
+        s["lag"] == 0 && s["candidate"]["lag"] == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = status(&h, "counter").await;
+    assert_eq!(s["version"], "1.0.0", "a shadow switched by itself: {s}");
+
+    let (code, diff) = get(&format!("{}/v1/plugins/counter/diff", h.url)).await;
+    assert_eq!(code, 200, "{diff}");
+    assert_eq!(diff["old"]["role"], "live", "{diff}");
+    assert_eq!(diff["new"]["role"], "shadow", "{diff}");
+    assert_eq!(
+        (
+            diff["differ"].as_u64(),
+            diff["only_in_old"].as_u64(),
+            diff["only_in_new"].as_u64(),
+            diff["same"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1), Some(0)),
+        "{diff}"
+    );
+    let sample = diff["sample"].as_array().unwrap();
+    let a = sample
+        .iter()
+        .find(|x| x["key"] == "test.a")
+        .expect("test.a in the sample");
+    assert_eq!((&a["old"], &a["new"]), (&json!(110), &json!(10)), "{diff}");
+    assert!(
+        sample
+            .iter()
+            .any(|x| x["key"] == "test.b" && x["new"].is_null()),
+        "{diff}"
+    );
+    assert!(
+        sample
+            .iter()
+            .any(|x| x["key"] == "other.x" && x["old"].is_null()),
+        "{diff}"
+    );
+    let (ok, out, _) = h.cli(&["plugin", "diff", "counter"]);
+    assert!(ok && out.contains("\"differ\":1"), "{out}");
+
+    // Promoted, the shadow's state is what reads answer.
+    let (ok, out, err) = h.cli(&["plugin", "promote", "counter"]);
+    assert!(ok, "{out}{err}");
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.a",
+        h.url
+    ))
+    .await;
+    assert_eq!(
+        (s, &body["value"], &body["version"]),
+        (200, &json!(10), &json!("2.0.0")),
+        "{body}"
+    );
+    // Now the old version is the previous one: the diff compares it with the live one.
+    let (code, diff) = get(&format!("{}/v1/plugins/counter/diff", h.url)).await;
+    assert_eq!(code, 200, "{diff}");
+    assert_eq!(
+        (&diff["old"]["role"], &diff["new"]["role"]),
+        (&json!("previous"), &json!("live")),
+        "{diff}"
+    );
+    let (ok, out, err) = h.cli(&["plugin", "discard", "counter"]);
+    assert!(ok, "{out}{err}");
+    let (code, err) = get(&format!("{}/v1/plugins/counter/diff", h.url)).await;
+    assert_eq!(code, 409, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_say_where_they_stand_and_wait_for_min_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let (s, info) = upload(&h, "counter", &counter("1.0.0", ""), wasm("type-counter")).await;
+    assert_eq!(s, 200, "{info}");
+    let hash = info["component_hash"].as_str().unwrap().to_owned();
+    for round in 1..=20u64 {
+        let reply = append(&h, "own", vec![json!({"type": "test.a", "payload": {}})]).await;
+        let p = reply["positions"][0].as_u64().unwrap();
+        // Read your own write: the state reflects the append just acknowledged.
+        let (s, body) = get(&format!(
+            "{}/v1/projections/counter/state?key=test.a&min_position={p}",
+            h.url
+        ))
+        .await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["value"], round, "{body}");
+        assert!(body["position"].as_u64().unwrap() > p, "{body}");
+        assert_eq!(
+            (&body["version"], &body["component_hash"]),
+            (&json!("1.0.0"), &json!(hash)),
+            "{body}"
+        );
+        let (s, body) = get(&format!(
+            "{}/v1/projections/counter/state?prefix=test.&min_position={p}",
+            h.url
+        ))
+        .await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["items"][0]["value"], round, "{body}");
+        assert!(body["position"].as_u64().unwrap() > p, "{body}");
+    }
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.a&min_position=999999",
+        h.url
+    ))
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the log yet"),
+        "{body}"
+    );
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.a&at=1&min_position=1",
+        h.url
+    ))
+    .await;
+    assert_eq!(s, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_extractor_derives_nothing_twice_and_a_tool_finishes_on_the_version_that_started()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = CountingServer::start(Duration::from_secs(2)).await;
+    let h = Host::start(BIN, dir.path(), &[]).await;
+
+    // The extractor: replaced at a batch boundary, it goes on from its checkpoint.
+    let extractor = "name = \"entities\"\nversion = \"1.0.0\"\nkind = \"extractor\"\n\
+                     subscriptions = [\"memory.created\"]\n";
+    let memory = |i: u64| json!({"type": "memory.created", "payload": {"content": format!("Ada Lovelace met Person{i} in London")}});
+    let ee = wasm("entity-extractor");
+    assert_eq!(upload(&h, "entities", extractor, ee.clone()).await.0, 200);
+    append(&h, "memories", (0..50).map(memory).collect::<Vec<_>>()).await;
+    until(&h, "entities", "caught up", |s| s["lag"] == 0).await;
+    let (s, info) = upload(
+        &h,
+        "entities",
+        &extractor.replace("1.0.0", "1.1.0"),
+        rebuilt(&ee, "e2"),
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    assert!(
+        info["candidate"].is_null(),
+        "an extractor is replaced in place: {info}"
+    );
+    append(&h, "memories", (50..80).map(memory).collect::<Vec<_>>()).await;
+    until(&h, "entities", "caught up after the upgrade", |s| {
+        s["lag"] == 0 && s["version"] == "1.1.0"
+    })
+    .await;
+    let events = all_events(&h).await;
+    let mut sources: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "memory.entity.extracted")
+        .map(|e| e["payload"]["memory_event_id"].as_str().unwrap())
+        .collect();
+    let derived = sources.len();
+    sources.sort_unstable();
+    sources.dedup();
+    assert_eq!(
+        (derived, sources.len()),
+        (80, 80),
+        "each memory derives exactly once"
+    );
+
+    // The tool: an invocation in flight finishes before the new version starts.
+    let tool = format!(
+        "name = \"http-get\"\nversion = \"1.0.0\"\nkind = \"tool\"\n[limits]\nbatch_timeout_ms = 10000\n\
+         [capabilities]\nhttp = [\"{}\"]\n",
+        slow.authority
+    );
+    let grant = format!("http:{}", slow.authority);
+    let hg = wasm("http-get");
+    let (s, info) = upload_granted(&h, "http-get", &tool, hg.clone(), &[&grant]).await;
+    assert_eq!(s, 200, "{info}");
+    let url = format!("http://{}/slow", slow.authority);
+    append(
+        &h,
+        "calls",
+        vec![json!({"type": "tool.invocation.requested",
+        "payload": {"invocation_id": "inv-1", "tool": "http-get", "input": {"url": url}}})],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow.count("/slow") == 0 {
+        assert!(Instant::now() < deadline, "the tool never made its request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, info) = upload_granted(
+        &h,
+        "http-get",
+        &tool.replace("1.0.0", "1.1.0"),
+        rebuilt(&hg, "t2"),
+        &[&grant],
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["version"], "1.1.0");
+    // The replace waited for the call in flight: its outcome is in the log already.
+    let outcomes: Vec<Value> = all_events(&h)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(
+        outcomes[0]["type"], "tool.invocation.completed",
+        "{outcomes:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(slow.count("/slow"), 1, "the invocation ran twice");
+}
