@@ -285,11 +285,11 @@ async fn a_shadow_run_never_switches_by_itself_and_its_diff_names_what_differs()
     fill(&h, 200).await;
     until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
 
-    // Refused: --shadow needs a different component.
+    // Refused: a manual switch needs a different component.
     let (s, err) = upload_as(
         &h,
         "counter",
-        "shadow=true",
+        "switch=manual",
         &counter("1.0.0", ""),
         wasm("type-counter"),
     )
@@ -302,6 +302,41 @@ async fn a_shadow_run_never_switches_by_itself_and_its_diff_names_what_differs()
             .contains("already loaded"),
         "{err}"
     );
+
+    // Verify: a shadow of the live component rebuilds from the log and compares equal.
+    let (s, info) = upload_as(
+        &h,
+        "counter",
+        "shadow=true",
+        &counter("1.0.0", ""),
+        wasm("type-counter"),
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    until(&h, "counter", "rebuilt its shadow", |s| {
+        s["candidate"]["lag"] == 0
+    })
+    .await;
+    let (code, diff) = get(&format!("{}/v1/plugins/counter/diff", h.url)).await;
+    assert_eq!(code, 200, "{diff}");
+    assert_eq!(
+        (
+            diff["same"].as_u64(),
+            diff["differ"].as_u64(),
+            diff["only_in_old"].as_u64(),
+            diff["only_in_new"].as_u64()
+        ),
+        (Some(2), Some(0), Some(0), Some(0)),
+        "{diff}"
+    );
+    assert_eq!(
+        diff["position"],
+        status(&h, "counter").await["position"],
+        "{diff}"
+    );
+    let (code, info) = post(&format!("{}/v1/plugins/counter/discard", h.url), json!({})).await;
+    assert_eq!(code, 200, "{info}");
+    assert!(info["candidate"].is_null(), "{info}");
 
     // The shadow counts only what comes after it, and other.> too.
     let shadow =

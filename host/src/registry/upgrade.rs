@@ -232,19 +232,26 @@ impl Registry {
     ) -> Result<Plan, RegistryError> {
         let loaded = self.loaded();
         let live = loaded.get(name);
-        let rebuild = live.is_some_and(|l| {
-            l.manifest.kind == Kind::Projection
-                && manifest.kind == Kind::Projection
-                && l.hash != hash
+        let projections = live.is_some_and(|l| {
+            l.manifest.kind == Kind::Projection && manifest.kind == Kind::Projection
         });
+        let different = live.is_some_and(|l| l.hash != hash);
+        // A shadow of the very component that is live rebuilds its state from the log, to
+        // verify the live state against it.
+        let rebuild = projections && (different || upgrade.shadow);
         let staged_only = upgrade.shadow || upgrade.switch == Switch::Manual;
         if staged_only && !rebuild {
             return Err(RegistryError::Invalid(format!(
-                "{} needs a loaded projection {name:?} and a different component to build beside it; {}",
+                "{} needs a loaded projection {name:?} and {} to build beside it; {}",
                 if upgrade.shadow {
                     "--shadow"
                 } else {
                     "--switch manual"
+                },
+                if upgrade.shadow {
+                    "a projection"
+                } else {
+                    "a different component"
                 },
                 match live {
                     None => "none is loaded, so load it plainly".to_owned(),
