@@ -157,7 +157,7 @@ fn main() {
         let registry = &host.registry;
         registry.load(&manifest_text, wasm.clone(), false, Default::default(), Default::default()).await.unwrap();
         let t = Instant::now();
-        let then = registry.state_at("assistant-stats", "assistant-7", head / 2).await.unwrap();
+        let then = registry.state_at("assistant-stats", head / 2).await.unwrap().get("assistant-7");
         let travel = t.elapsed();
         assert!(then.is_some());
         println!("travel    state at position {} of {head}:      {:>10.0} ms  (target < 2,000 ms; no snapshots)", head / 2, travel.as_secs_f64() * 1e3);

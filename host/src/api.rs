@@ -186,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/projections/{name}/state", get(plugins::get_state))
         .route("/v1/projections/{name}/query", post(plugins::post_query))
+        .route("/v1/projections/{name}/diff", get(plugins::get_changes))
         .route("/v1/tools", get(flows::list_tools))
         .route("/v1/flows/{correlation_id}", get(flows::get_flow))
         .route("/v1/metrics", get(flows::get_metrics))

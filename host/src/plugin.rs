@@ -16,7 +16,7 @@ pub use handler::{Derived, Handler, HandlerError, Output};
 pub use logs::{LOG_BUFFER_BYTES, LogLine, LogPage, MAX_LINE_BYTES, PluginLogs};
 pub use manifest::{
     Capabilities, ConfigDetail, ConfigEntry, InvalidManifest, Kind, Limits, MAX_CONFIG_VALUE_BYTES,
-    Manifest, OnFailure, PluginConfig, PluginId, StartFrom, valid_name,
+    Manifest, OnFailure, PluginConfig, PluginId, Snapshots, StartFrom, valid_name,
 };
 pub use runtime::{
     CachePin, CallContext, CompileError, Compiled, Plugin, PluginError, Runtime, RuntimeError,

@@ -43,7 +43,8 @@ use crate::tools::{REQUESTED, ToolHandler, UnknownTools};
 pub use grants::{GrantTable, Grants, LoadOptions};
 use names::NameLocks;
 pub use policy::PluginPolicy;
-pub use reads::{ReadAt, StateDiff};
+pub use reads::{DiffSample, ReadAt, StateDiff};
+pub use replay::{Changes, PastState};
 use upgrade::{Role, Staged};
 pub use upgrade::{StagedInfo, Switch, Upgrade};
 
@@ -665,6 +666,10 @@ impl Registry {
             on_failure: manifest.on_failure.clone(),
             schemas: Some(self.schemas.clone()),
             limits: self.limits(),
+            snapshots: match plugin {
+                Component::Projection(_) => (manifest.snapshots.every, manifest.snapshots.keep),
+                _ => (0, 0),
+            },
         };
         Runner::spawn(
             &manifest.name,

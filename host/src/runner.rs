@@ -114,6 +114,8 @@ impl Runner {
             status: status.clone(),
             committed: committed_tx,
             stopped: stopped.clone(),
+            snapshots: options.snapshots,
+            snapshotted: store.snapshot_checkpoints()?.last().copied().unwrap_or(0),
         };
         let committer = tokio::spawn(committer.run(queue));
         let task = Task {

@@ -238,6 +238,8 @@ pub(super) struct StateQuery {
     prefix: Option<String>,
     at: Option<u64>,
     limit: Option<usize>,
+    version: Option<u64>,
+    stream: Option<String>,
     min_position: Option<u64>,
     timeout_ms: Option<u64>,
 }
@@ -248,6 +250,9 @@ pub(super) struct StateQuery {
 pub(super) struct ReadQuery {
     min_position: Option<u64>,
     timeout_ms: Option<u64>,
+    at: Option<u64>,
+    version: Option<u64>,
+    stream: Option<String>,
 }
 
 /// How long a read waits for `min_position` by default, and at most.
@@ -290,7 +295,34 @@ fn as_json(text: String) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
-/// `GET /v1/projections/{name}/state?key=K[&at=POSITION]` or `?prefix=P[&limit=N]`.
+/// The past position a read asks for: `at=POSITION`, or `version=N` of `stream` (by
+/// default the key: a projection keyed by stream).
+async fn past(
+    reg: &Registry,
+    at: Option<u64>,
+    version: Option<u64>,
+    stream: Option<&str>,
+) -> Result<Option<u64>, ApiError> {
+    match (at, version, stream) {
+        (Some(_), Some(_), _) => Err(ApiError::bad_request(
+            "invalid_query",
+            "give at=POSITION or version=N (with stream=S), not both",
+        )),
+        (at, None, None) => Ok(at),
+        (None, Some(v), Some(stream)) => Ok(Some(reg.position_of_version(stream, v).await?)),
+        (None, Some(_), None) => Err(ApiError::bad_request(
+            "invalid_query",
+            "version=N needs the stream it counts in: stream=S (a key read defaults to the key)",
+        )),
+        (_, None, Some(_)) => Err(ApiError::bad_request(
+            "invalid_query",
+            "stream=S goes with version=N",
+        )),
+    }
+}
+
+/// `GET /v1/projections/{name}/state?key=K` or `?prefix=P[&limit=N]`, now (with
+/// `min_position`) or in the past (`at=POSITION`, or `version=N[&stream=S]`).
 pub(super) async fn get_state(
     State(st): State<AppState>,
     Path(name): Path<String>,
@@ -298,13 +330,16 @@ pub(super) async fn get_state(
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
     let wait = read_wait(q.timeout_ms);
-    if q.at.is_some() && q.min_position.is_some() {
+    let stream = q.stream.as_deref().or(q.version.and(q.key.as_deref()));
+    let at = past(reg, q.at, q.version, stream).await?;
+    if at.is_some() && q.min_position.is_some() {
         return Err(ApiError::bad_request(
             "invalid_query",
             "give at=POSITION (a past state) or min_position=POSITION (the current state once it reflects that position), not both",
         ));
     }
-    match (q.key, q.prefix, q.at) {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    match (q.key, q.prefix, at) {
         (Some(key), None, None) => {
             let (value, at) = reg
                 .state(&name, &key, q.min_position, wait)
@@ -318,32 +353,66 @@ pub(super) async fn get_state(
                 ))),
             }
         }
-        (Some(key), None, Some(at)) => {
-            let value = reg
-                .state_at(&name, &key, at)
-                .await
-                .map_err(ApiError::from)?;
-            Ok(Json(
-                json!({"key": key, "at": at, "value": value.map(as_json)}),
-            ))
-        }
         (None, Some(prefix), None) => {
-            let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
             let (items, at) = reg
                 .state_prefix(&name, &prefix, limit, q.min_position, wait)
                 .await
                 .map_err(ApiError::from)?;
-            let items: Vec<Value> = items
-                .into_iter()
-                .map(|(k, v)| json!({"key": k, "value": as_json(v)}))
-                .collect();
-            Ok(Json(with_at(json!({"prefix": prefix, "items": items}), at)))
+            Ok(Json(with_at(
+                json!({"prefix": prefix, "items": items_json(items)}),
+                at,
+            )))
+        }
+        (Some(key), None, Some(at)) => {
+            let past = reg.state_at(&name, at).await.map_err(ApiError::from)?;
+            Ok(Json(json!({
+                "key": key,
+                "at": at,
+                "value": past.get(&key).map(as_json),
+                "replayed_from": past.replayed_from,
+            })))
+        }
+        (None, Some(prefix), Some(at)) => {
+            let past = reg.state_at(&name, at).await.map_err(ApiError::from)?;
+            Ok(Json(json!({
+                "prefix": prefix,
+                "at": at,
+                "items": items_json(past.scan(&prefix, limit)),
+                "replayed_from": past.replayed_from,
+            })))
         }
         _ => Err(ApiError::bad_request(
             "invalid_query",
-            "give key=K (optionally with at=POSITION) or prefix=P",
+            "give key=K or prefix=P, now or with at=POSITION or version=N",
         )),
     }
+}
+
+fn items_json(items: Vec<(String, String)>) -> Vec<Value> {
+    items
+        .into_iter()
+        .map(|(k, v)| json!({"key": k, "value": as_json(v)}))
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ChangesQuery {
+    from: u64,
+    to: u64,
+    sample: Option<usize>,
+}
+
+/// `GET /v1/projections/{name}/diff?from=P&to=Q[&sample=N]`: what changed in the state
+/// between right after `from` and right after `to`.
+pub(super) async fn get_changes(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ChangesQuery>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    let sample = q.sample.unwrap_or(10).min(1_000);
+    Ok(Json(reg.changes(&name, q.from, q.to, sample).await?).into_response())
 }
 
 /// `POST /v1/projections/{name}/query`: the body is passed to the plugin's `query` as text;
@@ -374,6 +443,13 @@ pub(super) async fn post_query(
 ) -> Result<Json<Value>, ApiError> {
     let reg = registry(&st)?;
     let request = query_request(&body)?;
+    if let Some(at) = past(reg, q.at, q.version, q.stream.as_deref()).await? {
+        let past = reg.state_at(&name, at).await?;
+        let answer = past.query(request).await?;
+        return Ok(Json(
+            json!({"answer": as_json(answer), "at": at, "replayed_from": past.replayed_from}),
+        ));
+    }
     let (answer, at) = reg
         .query(&name, request, q.min_position, read_wait(q.timeout_ms))
         .await

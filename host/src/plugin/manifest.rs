@@ -113,6 +113,26 @@ impl Default for OnFailure {
     }
 }
 
+/// How often a projection keeps a copy of its state, so that reading a past state
+/// (`at=`) replays at most `every` positions of the log from the nearest copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Snapshots {
+    /// Log positions between two copies (0: none, and `at=` replays from the start).
+    pub every: u64,
+    /// Copies kept; the oldest goes when one more is taken.
+    pub keep: usize,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Self {
+            every: 100_000,
+            keep: 128,
+        }
+    }
+}
+
 /// What a plugin may do beyond handling its input. Nothing by default: no files,
 /// environment, sockets or hosts, a clock that reads 1970 and a fixed random seed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +172,9 @@ pub struct Manifest {
     /// The failure policy.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Projections: copies of the state kept for time travel.
+    #[serde(default)]
+    pub snapshots: Snapshots,
     /// Configuration the plugin reads through the `config` import (contract 0.2.0 and
     /// later); the operator may override any value at load time.
     #[serde(default)]
@@ -464,6 +487,18 @@ impl Manifest {
                     v.unwrap_or_default()
                 ));
             }
+        }
+        if self.snapshots.every > 0 && self.snapshots.every < 1_000 {
+            return bad(format!(
+                "snapshots.every {} is below 1000 positions (each copy costs a pass over the state); give 0 for none",
+                self.snapshots.every
+            ));
+        }
+        if !(1..=100_000).contains(&self.snapshots.keep) {
+            return bad(format!(
+                "snapshots.keep {} is outside 1..=100000",
+                self.snapshots.keep
+            ));
         }
         let f = &self.on_failure;
         if f.retries > 100 {

@@ -36,6 +36,27 @@ fn generation_tree(plugin: &str, generation: u32) -> String {
     }
 }
 
+/// The tree of one version's snapshots (copies of its state at past checkpoints).
+fn snapshot_tree(plugin: &str, generation: u32) -> String {
+    format!(
+        "snapshot/{}",
+        &generation_tree(plugin, generation)["plugin/".len()..]
+    )
+}
+
+/// A snapshot's marker (`m` + checkpoint), written with its keys in one batch.
+const SNAPSHOT_MARK: u8 = b'm';
+/// A snapshot's key (`k` + checkpoint + state key).
+const SNAPSHOT_KEY: u8 = b'k';
+
+fn snapshot_key(kind: u8, checkpoint: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.push(kind);
+    k.extend_from_slice(&checkpoint.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
 /// The generations of `plugin`'s stores that exist in `db`, in order.
 pub fn generations(db: &sled::Db, plugin: &str) -> Vec<u32> {
     let base = tree_name(plugin);
@@ -132,6 +153,8 @@ fn encode(value: &impl serde::Serialize) -> Vec<u8> {
 #[derive(Clone)]
 pub struct PluginStore {
     tree: sled::Tree,
+    /// Copies of the state at past checkpoints, for time travel.
+    snapshots: sled::Tree,
     generation: u32,
     dead_letters: Arc<AtomicUsize>,
     /// Commits hold it for writing and [`PluginStore::consistent`] reads for reading, so a
@@ -153,6 +176,7 @@ impl PluginStore {
     /// builds beside the live one has its own generation. Call it off the async threads.
     pub fn open_generation(db: &sled::Db, plugin: &str, generation: u32) -> StoreResult<Self> {
         let tree = db.open_tree(generation_tree(plugin, generation))?;
+        let snapshots = db.open_tree(snapshot_tree(plugin, generation))?;
         let mut count = 0;
         for key in tree.scan_prefix([DEAD_LETTER]).keys() {
             key?;
@@ -160,6 +184,7 @@ impl PluginStore {
         }
         Ok(Self {
             tree,
+            snapshots,
             generation,
             dead_letters: Arc::new(AtomicUsize::new(count)),
             commits: Arc::default(),
@@ -181,6 +206,72 @@ impl PluginStore {
         let _held = self.commits.read().expect("commit lock");
         let checkpoint = self.checkpoint()?.unwrap_or(0);
         Ok((checkpoint, read(self)?))
+    }
+
+    /// Keeps a copy of the state as it stands at `checkpoint` (call it right after the
+    /// commit of that checkpoint), in one batch, and drops the oldest copies past `keep`.
+    /// Costs one pass over the state.
+    pub fn snapshot(&self, checkpoint: u64, keep: usize) -> StoreResult<()> {
+        let mut b = sled::Batch::default();
+        {
+            let _held = self.commits.read().expect("commit lock");
+            for entry in self.tree.scan_prefix([STATE]) {
+                let (k, v) = entry?;
+                b.insert(snapshot_key(SNAPSHOT_KEY, checkpoint, &k[1..]), v);
+            }
+        }
+        b.insert(snapshot_key(SNAPSHOT_MARK, checkpoint, &[]), &[][..]);
+        self.snapshots.apply_batch(b)?;
+        let marks = self.snapshot_checkpoints()?;
+        for old in marks.iter().take(marks.len().saturating_sub(keep)) {
+            let mut b = sled::Batch::default();
+            b.remove(snapshot_key(SNAPSHOT_MARK, *old, &[]));
+            for k in self
+                .snapshots
+                .scan_prefix(snapshot_key(SNAPSHOT_KEY, *old, &[]))
+                .keys()
+            {
+                b.remove(k?);
+            }
+            self.snapshots.apply_batch(b)?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoints of the snapshots kept, oldest first.
+    pub fn snapshot_checkpoints(&self) -> StoreResult<Vec<u64>> {
+        self.snapshots
+            .scan_prefix([SNAPSHOT_MARK])
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok(u64::from_be_bytes(
+                    k[1..9].try_into().expect("a marker's checkpoint"),
+                ))
+            })
+            .collect()
+    }
+
+    /// The latest snapshot at or before `checkpoint`: its checkpoint and state.
+    pub fn snapshot_before(&self, checkpoint: u64) -> StoreResult<Option<(u64, MemState)>> {
+        let range =
+            snapshot_key(SNAPSHOT_MARK, 0, &[])..=snapshot_key(SNAPSHOT_MARK, checkpoint, &[]);
+        let Some(mark) = self.snapshots.range(range).keys().next_back() else {
+            return Ok(None);
+        };
+        let at = u64::from_be_bytes(mark?[1..9].try_into().expect("a marker's checkpoint"));
+        let mut state = BTreeMap::new();
+        for entry in self
+            .snapshots
+            .scan_prefix(snapshot_key(SNAPSHOT_KEY, at, &[]))
+        {
+            let (k, v) = entry?;
+            state.insert(
+                String::from_utf8_lossy(&k[9..]).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+        Ok(Some((at, MemState(RwLock::new(state)))))
     }
 
     /// Runs `read` (a plugin's query, which may take as long as its time limit) without
@@ -219,9 +310,11 @@ impl PluginStore {
     /// off the async threads.
     pub fn purge(self, db: &sled::Db) -> StoreResult<()> {
         self.tree.clear()?;
+        self.snapshots.clear()?;
         self.dead_letters.store(0, Ordering::Relaxed);
         if Arc::strong_count(&self.dead_letters) == 1 {
             db.drop_tree(self.tree.name())?;
+            db.drop_tree(self.snapshots.name())?;
         } else {
             self.tree.flush()?;
         }
@@ -251,6 +344,7 @@ impl PluginStore {
     /// plugin ever derived events is kept: they stay in the log.
     pub fn reset(&self, hash: &str, origin: u64) -> StoreResult<()> {
         let derived = self.has_derived()?;
+        self.snapshots.clear()?;
         self.tree.clear()?;
         self.dead_letters.store(0, Ordering::Relaxed);
         let mut b = sled::Batch::default();

@@ -8,12 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::upgrade::{Role, status_of};
-use super::{
-    Loaded, Registry, RegistryError, blocking, projection_of, replay, storage, store_error,
-};
-use crate::log::ReadFilter;
-use crate::pattern::PatternSet;
-use crate::plugin::{MemState, PluginStore, StateView, valid_name};
+use super::{Loaded, Registry, RegistryError, blocking, projection_of, storage, store_error};
+use crate::plugin::{PluginStore, StateView, valid_name};
 
 /// How often a read waiting for a position looks again.
 const WAIT_STEP: Duration = Duration::from_millis(2);
@@ -309,72 +305,5 @@ impl Registry {
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
-    }
-
-    /// The state under `key` as it was right after the event at `position`, by replaying the
-    /// log into a scratch store; the plugin's real state is not touched.
-    pub async fn state_at(
-        &self,
-        name: &str,
-        key: &str,
-        position: u64,
-    ) -> Result<Option<String>, RegistryError> {
-        let (plugin, manifest, store) = self.with(name, |l| {
-            (l.plugin.clone(), l.manifest.clone(), l.store.clone())
-        })?;
-        let plugin = projection_of(name, plugin)?;
-        // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
-        let origin = store.origin().map_err(store_error)?;
-        if position < origin {
-            return Err(RegistryError::Invalid(format!(
-                "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
-            )));
-        }
-        let head = self.log.head();
-        if position >= head {
-            return Err(RegistryError::Invalid(format!(
-                "position {position} is not in the log yet (the head is {head})"
-            )));
-        }
-        let scratch = Arc::new(MemState::default());
-        let filter = ReadFilter {
-            types: Some(PatternSet::new(manifest.subscriptions.clone())),
-            ..ReadFilter::default()
-        };
-        // Reading the next page overlaps with folding the current one.
-        let page_size = manifest.limits.batch_size.max(4096);
-        let read = |from: u64| {
-            let (log, filter) = (self.log.clone(), filter.clone());
-            tokio::spawn(async move { log.read(from, page_size, &filter).await })
-        };
-        let mut pending = (origin <= position).then(|| (origin, read(origin)));
-        while let Some((from, reading)) = pending.take() {
-            let page = reading.await.map_err(storage)?.map_err(storage)?;
-            if page.next > from && page.next <= position {
-                pending = Some((page.next, read(page.next)));
-            }
-            let events: Vec<Arc<crate::event::Event>> = page
-                .events
-                .into_iter()
-                .filter(|e| e.position <= position)
-                .map(Arc::new)
-                .collect();
-            if !events.is_empty() {
-                let (p, s) = (plugin.clone(), scratch.clone());
-                let passed = tokio::task::spawn_blocking(move || {
-                    replay::fold_passing_failures(&p, &s, &events)
-                })
-                .await
-                .map_err(storage)??;
-                if passed > 0 {
-                    tracing::debug!(
-                        plugin = name,
-                        passed,
-                        "the replay passed over events the plugin fails on"
-                    );
-                }
-            }
-        }
-        scratch.get(key).map_err(storage)
     }
 }

@@ -93,6 +93,10 @@ pub(super) struct Committer {
     /// Where the committed checkpoint is published.
     pub(super) committed: watch::Sender<u64>,
     pub(super) stopped: watch::Receiver<bool>,
+    /// Positions between snapshots of the state (0: none), and how many are kept.
+    pub(super) snapshots: (u64, usize),
+    /// The checkpoint of the latest snapshot.
+    pub(super) snapshotted: u64,
 }
 
 /// An append still to make, with whether its ids are indexed.
@@ -162,6 +166,26 @@ impl Committer {
             });
             tracing::trace!(plugin = self.plugin, events = job.events, took = ?job.started.elapsed(), "batch committed");
             let _ = self.committed.send(job.resume);
+            self.snapshot_past(job.resume);
+        }
+    }
+
+    /// Keeps a copy of the state when `checkpoint` has passed the next snapshot interval;
+    /// a failure is logged (time travel replays from an older copy).
+    fn snapshot_past(&mut self, checkpoint: u64) {
+        let (every, keep) = self.snapshots;
+        if every == 0 || checkpoint / every <= self.snapshotted / every {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.store.snapshot(checkpoint, keep) {
+            Ok(()) => {
+                self.snapshotted = checkpoint;
+                tracing::debug!(plugin = self.plugin, checkpoint, took = ?started.elapsed(), "state snapshot kept");
+            }
+            Err(e) => {
+                tracing::warn!(plugin = self.plugin, checkpoint, error = %e, "keeping a state snapshot failed")
+            }
         }
     }
 

@@ -67,6 +67,9 @@ pub struct RunnerOptions {
     /// The log's limits: derived events must fit them, appends are split to them, and
     /// the texts the runner builds are cut to a size under them.
     pub limits: OutputLimits,
+    /// Projections: log positions between copies of the state kept for time travel (0:
+    /// none), and how many copies are kept.
+    pub snapshots: (u64, usize),
 }
 
 impl RunnerOptions {
@@ -81,6 +84,7 @@ impl RunnerOptions {
             },
             schemas: None,
             limits: OutputLimits::default(),
+            snapshots: (0, 0),
         }
     }
 }
