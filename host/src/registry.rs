@@ -598,6 +598,26 @@ impl Registry {
             // events this extractor derived before, which its runner must find first.
             store.mark_derived().map_err(store_error)?;
         }
+        // The files first: a crash before the store records the new component leaves a
+        // store no loaded component claims, which the next start rebuilds, never a store
+        // claimed by a component that did not build it.
+        if let Some(options) = persist {
+            let (dir, name, text, options) = (
+                self.dir.clone(),
+                manifest.name.clone(),
+                manifest_text.to_owned(),
+                options.clone(),
+            );
+            blocking(move || persist_files(&dir, &name, &text, &wasm, &options))
+                .await?
+                .map_err(|e| {
+                    storage(format!(
+                        "keeping plugin {} in {} failed: {e}",
+                        manifest.name,
+                        self.dir.display()
+                    ))
+                })?;
+        }
         if known.is_some() && known.as_deref() != Some(hash) && keep_state {
             let (s, h) = (store.clone(), hash.to_owned());
             blocking(move || s.adopt(&h)).await?.map_err(store_error)?;
@@ -619,23 +639,6 @@ impl Registry {
                 origin,
                 "new component: state starts over"
             );
-        }
-        if let Some(options) = persist {
-            let (dir, name, text, options) = (
-                self.dir.clone(),
-                manifest.name.clone(),
-                manifest_text.to_owned(),
-                options.clone(),
-            );
-            blocking(move || persist_files(&dir, &name, &text, &wasm, &options))
-                .await?
-                .map_err(|e| {
-                    storage(format!(
-                        "keeping plugin {} in {} failed: {e}",
-                        manifest.name,
-                        self.dir.display()
-                    ))
-                })?;
         }
         if manifest.kind == Kind::Tool {
             self.know_tool(&manifest.name).await;
@@ -942,15 +945,19 @@ impl Registry {
         if purge {
             let (db, n) = (self.db.clone(), name.clone());
             blocking(move || {
+                let mut held = vec![store.generation()];
+                held.extend(staged_store.as_ref().map(PluginStore::generation));
                 store.purge(&db)?;
                 if let Some(s) = staged_store {
                     s.purge(&db)?;
                 }
-                // Stores earlier upgrades left.
+                // Stores earlier upgrades left (before a restart).
                 for g in crate::plugin::generations(&db, &n) {
-                    PluginStore::open_generation(&db, &n, g)?.purge(&db)?;
+                    if !held.contains(&g) {
+                        PluginStore::open_generation(&db, &n, g)?.purge(&db)?;
+                    }
                 }
-                Ok::<_, StoreError>(())
+                upgrade::forget_live_generation(&db, &n)
             })
             .await?
             .map_err(store_error)?;

@@ -289,6 +289,7 @@ impl PluginStore {
             }
             let checkpoint = self.checkpoint()?.unwrap_or(0);
             let value = read(self)?;
+            std::sync::atomic::fence(Ordering::Acquire);
             if self.sequence.load(Ordering::Acquire) == before {
                 return Ok((checkpoint, value));
             }
@@ -309,9 +310,7 @@ impl PluginStore {
     /// may still read is emptied and kept. Call it only once the plugin's runner stopped,
     /// off the async threads.
     pub fn purge(self, db: &sled::Db) -> StoreResult<()> {
-        self.tree.clear()?;
-        self.snapshots.clear()?;
-        self.dead_letters.store(0, Ordering::Relaxed);
+        self.wipe()?;
         if Arc::strong_count(&self.dead_letters) == 1 {
             db.drop_tree(self.tree.name())?;
             db.drop_tree(self.snapshots.name())?;
@@ -344,9 +343,7 @@ impl PluginStore {
     /// plugin ever derived events is kept: they stay in the log.
     pub fn reset(&self, hash: &str, origin: u64) -> StoreResult<()> {
         let derived = self.has_derived()?;
-        self.snapshots.clear()?;
-        self.tree.clear()?;
-        self.dead_letters.store(0, Ordering::Relaxed);
+        self.wipe()?;
         let mut b = sled::Batch::default();
         if derived {
             b.insert(DERIVED, &[1u8][..]);
@@ -355,6 +352,27 @@ impl PluginStore {
         b.insert(CHECKPOINT, &origin.to_be_bytes()[..]);
         b.insert(ORIGIN, &origin.to_be_bytes()[..]);
         self.apply(b)
+    }
+
+    /// Deletes everything stored, as one commit for readers. The component hash and the
+    /// checkpoint go first, durably: a crash halfway leaves a store no component claims,
+    /// which the next load starts over, never stale state under a checkpoint of 0.
+    fn wipe(&self) -> StoreResult<()> {
+        let _held = self.commits.write().expect("commit lock");
+        self.sequence.fetch_add(1, Ordering::AcqRel);
+        let wiped = (|| {
+            let mut b = sled::Batch::default();
+            b.remove(HASH);
+            b.remove(CHECKPOINT);
+            self.tree.apply_batch(b)?;
+            self.tree.flush()?;
+            self.snapshots.clear()?;
+            self.tree.clear()?;
+            self.dead_letters.store(0, Ordering::Relaxed);
+            Ok::<_, sled::Error>(())
+        })();
+        self.sequence.fetch_add(1, Ordering::AcqRel);
+        Ok(wiped?)
     }
 
     /// Records that the component with `hash` now builds this state as it stands (an

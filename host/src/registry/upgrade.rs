@@ -10,6 +10,7 @@
 //! restart.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,15 @@ use crate::runner::{RunState, RunnerStatus};
 
 /// How often a candidate's progress is checked for the switch.
 const WATCH_EVERY: Duration = Duration::from_millis(10);
+
+/// The state database's tree that names each plugin's live generation.
+const LIVE_TREE: &str = "plugin-live";
+
+/// Longest a switch waits at the swap for the new version to reach the live checkpoint.
+const SWAP_WAIT: Duration = Duration::from_secs(2);
+
+/// Tells staged versions apart, so a watcher never switches to a later one.
+static SERIAL: AtomicU64 = AtomicU64::new(1);
 
 /// When a candidate that has caught up takes over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -109,6 +119,8 @@ impl Built {
 pub(super) struct Staged {
     pub(super) role: Role,
     pub(super) version: Box<Loaded>,
+    /// Unique among the versions staged in this process.
+    serial: u64,
     /// When it took this role, and its checkpoint then (for its rate and ETA).
     since: Instant,
     from: u64,
@@ -241,49 +253,44 @@ impl Registry {
         let rebuild = projections && (different || upgrade.shadow);
         let staged_only = upgrade.shadow || upgrade.switch == Switch::Manual;
         if staged_only && !rebuild {
+            let flag = if upgrade.shadow {
+                "--shadow"
+            } else {
+                "--switch manual"
+            };
+            let needs = if upgrade.shadow {
+                "a projection"
+            } else {
+                "a different component"
+            };
+            let why = match live {
+                None => "none is loaded, so load it plainly".to_owned(),
+                Some(l) if l.hash == hash => "this is the component already loaded".to_owned(),
+                Some(l) => format!(
+                    "the loaded one is {} {} and this is {} {}",
+                    article(l.manifest.kind),
+                    l.manifest.kind.as_str(),
+                    article(manifest.kind),
+                    manifest.kind.as_str()
+                ),
+            };
             return Err(RegistryError::Invalid(format!(
-                "{} needs a loaded projection {name:?} and {} to build beside it; {}",
-                if upgrade.shadow {
-                    "--shadow"
-                } else {
-                    "--switch manual"
-                },
-                if upgrade.shadow {
-                    "a projection"
-                } else {
-                    "a different component"
-                },
-                match live {
-                    None => "none is loaded, so load it plainly".to_owned(),
-                    Some(l) if l.hash == hash => {
-                        "this is the component already loaded".to_owned()
-                    }
-                    Some(l) => format!(
-                        "the loaded one is {} {} and this is {} {}",
-                        if l.manifest.kind == Kind::Extractor {
-                            "an"
-                        } else {
-                            "a"
-                        },
-                        l.manifest.kind.as_str(),
-                        if manifest.kind == Kind::Extractor {
-                            "an"
-                        } else {
-                            "a"
-                        },
-                        manifest.kind.as_str()
-                    ),
-                }
+                "{flag} needs a loaded projection {name:?} and {needs} to build beside it; {why}"
             )));
         }
-        if staged_only && upgrade.keep_state {
+        if upgrade.keep_state && staged_only {
             return Err(RegistryError::Invalid(
                 "--keep-state replaces the component in place; it cannot be combined with --shadow or --switch manual".into(),
             ));
         }
+        let same_kind = live.is_some_and(|l| l.manifest.kind == manifest.kind);
+        if upgrade.keep_state && live.is_some() && !same_kind {
+            return Err(RegistryError::Invalid(format!(
+                "--keep-state keeps the state of the same kind of plugin; {name:?} is loaded as another kind, so its state starts over: load without --keep-state"
+            )));
+        }
         // Extractors and tools go on from their checkpoint: deriving again from the start
         // would only find what their name already derived.
-        let same_kind = live.is_some_and(|l| l.manifest.kind == manifest.kind);
         Ok(if rebuild && !upgrade.keep_state {
             Plan::Stage(if upgrade.shadow {
                 Role::Shadow
@@ -297,8 +304,10 @@ impl Registry {
         })
     }
 
-    /// Opens the store for a plugin's first version after a start: the generation whose
-    /// state `hash`'s component built, else the first one (reset by the caller).
+    /// Opens the store for a plugin loaded while no version of it is: the generation last
+    /// made live, when `hash`'s component built it; else one that component built; else
+    /// the first (reset by the caller). The other generations (what candidates and
+    /// replaced versions left before a restart) are deleted.
     pub(super) async fn open_version(
         &self,
         name: &str,
@@ -306,22 +315,36 @@ impl Registry {
     ) -> Result<PluginStore, RegistryError> {
         let (db, name, hash) = (self.db.clone(), name.to_owned(), hash.to_owned());
         blocking(move || {
-            let gens = generations(&db, &name);
-            for &g in &gens {
+            let marked = live_generation(&db, &name)?;
+            let mut stores = Vec::new();
+            for g in generations(&db, &name) {
                 let store = PluginStore::open_generation(&db, &name, g)?;
-                if store.component_hash()?.as_deref() == Some(hash.as_str()) {
-                    return Ok(store);
-                }
+                let ours = store.component_hash()?.as_deref() == Some(hash.as_str());
+                stores.push((ours, store));
             }
-            PluginStore::open_generation(&db, &name, gens.first().copied().unwrap_or(0))
+            let pick = stores
+                .iter()
+                .position(|(ours, s)| *ours && Some(s.generation()) == marked)
+                .or_else(|| stores.iter().position(|(ours, _)| *ours));
+            let chosen = match pick {
+                Some(i) => stores.remove(i).1,
+                None if stores.is_empty() => PluginStore::open_generation(&db, &name, 0)?,
+                None => stores.remove(0).1,
+            };
+            // Nothing else holds these: no version of the plugin is loaded.
+            for (_, store) in stores {
+                store.purge(&db)?;
+            }
+            set_live_generation(&db, &name, chosen.generation())?;
+            Ok(chosen)
         })
         .await?
         .map_err(store_error)
     }
 
     /// Builds `built` beside the live version of its name, in `role`; the caller holds the
-    /// name. A version already kept beside it is replaced (its state reused when it was
-    /// built by the same component).
+    /// name. A version already kept beside it is replaced (its state reused when the same
+    /// component built it, except by a shadow of the live component, which rebuilds).
     pub(super) async fn stage(
         self: &Arc<Self>,
         built: Built,
@@ -329,16 +352,22 @@ impl Registry {
     ) -> Result<PluginInfo, RegistryError> {
         let name = built.manifest.name.clone();
         let old = self.loaded().get_mut(&name).and_then(|l| l.staged.take());
-        if let Some(old) = old
-            && let Some(r) = old.version.runner
-        {
-            r.stop().await;
-        }
-        let live_gen = self
+        let old_store = match old {
+            Some(old) => {
+                let Loaded { runner, store, .. } = *old.version;
+                if let Some(r) = runner {
+                    r.stop().await;
+                }
+                Some(store)
+            }
+            None => None,
+        };
+        let (live_gen, live_hash) = self
             .loaded()
             .get(&name)
-            .map(|l| l.store.generation())
+            .map(|l| (l.store.generation(), l.hash.clone()))
             .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+        let reuse = built.hash != live_hash;
         let origin = match built.manifest.start {
             StartFrom::Beginning => 0,
             StartFrom::Now => self.log.head(),
@@ -346,10 +375,19 @@ impl Registry {
         let (db, n, hash) = (self.db.clone(), name.clone(), built.hash.clone());
         let store = blocking(move || {
             let gens = generations(&db, &n);
+            let mut old_store = old_store;
             let mut chosen = None;
             for &g in gens.iter().filter(|&&g| g != live_gen) {
-                let store = PluginStore::open_generation(&db, &n, g)?;
-                if chosen.is_none() && store.component_hash()?.as_deref() == Some(hash.as_str()) {
+                // The version staged until now is purged through its own handle, so a read
+                // still holding it sees an empty store, never a dropped tree.
+                let store = match old_store.take_if(|s| s.generation() == g) {
+                    Some(s) => s,
+                    None => PluginStore::open_generation(&db, &n, g)?,
+                };
+                if reuse
+                    && chosen.is_none()
+                    && store.component_hash()?.as_deref() == Some(hash.as_str())
+                {
                     chosen = Some(store);
                 } else {
                     // What an earlier candidate or replaced version left.
@@ -371,49 +409,61 @@ impl Registry {
         .map_err(store_error)?;
         let runner = self.spawn_runner(&built.manifest, &built.plugin, &store)?;
         let from = runner.status().position;
-        let generation = store.generation();
         tracing::info!(
             plugin = name,
             version = built.manifest.version,
-            generation,
+            generation = store.generation(),
             from,
             role = ?role,
             "building a new version beside the live one"
         );
         let version = Box::new(built.into_loaded(store, runner));
-        let info = {
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let staged = {
             let mut loaded = self.loaded();
-            let l = loaded
-                .get_mut(&name)
-                .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
-            l.staged = Some(Staged {
-                role,
-                version,
-                since: Instant::now(),
-                from,
-            });
-            self.info_of(l)
+            match loaded.get_mut(&name) {
+                Some(l) if !self.closed.load(Ordering::Acquire) => {
+                    l.staged = Some(Staged {
+                        role,
+                        version,
+                        serial,
+                        since: Instant::now(),
+                        from,
+                    });
+                    Ok(self.info_of(l))
+                }
+                _ => Err(version),
+            }
+        };
+        let info = match staged {
+            Ok(info) => info,
+            Err(version) => {
+                if let Some(r) = version.runner {
+                    r.stop().await;
+                }
+                return Err(RegistryError::Storage(
+                    "the host is shutting down; load the new version again after the restart"
+                        .into(),
+                ));
+            }
         };
         if role == Role::Candidate(Switch::Auto) {
             let this = self.clone();
-            tokio::spawn(async move { this.watch(name, generation).await });
+            tokio::spawn(async move { this.watch(name, serial).await });
         }
         Ok(info)
     }
 
-    /// Switches `name` to its candidate of `generation` once it has caught up with the
-    /// live version; ends when the candidate is gone or has switched.
-    async fn watch(self: Arc<Self>, name: String, generation: u32) {
+    /// Switches `name` to its automatic candidate `serial` once it has caught up with the
+    /// live version; ends when that candidate is gone or has switched.
+    async fn watch(self: Arc<Self>, name: String, serial: u64) {
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             let ready = {
                 let loaded = self.loaded();
                 let Some(l) = loaded.get(&name) else { return };
                 match &l.staged {
-                    Some(s)
-                        if s.role == Role::Candidate(Switch::Auto)
-                            && s.version.store.generation() == generation =>
-                    {
+                    Some(s) if s.serial == serial && s.role == Role::Candidate(Switch::Auto) => {
                         caught_up(l, s)
                     }
                     _ => return,
@@ -424,12 +474,13 @@ impl Registry {
             }
             let _held = self.names.lock(&name).await;
             match self
-                .switch_held(&name, Some(generation), Reason::CaughtUp)
+                .switch_held(&name, Some(serial), Reason::CaughtUp)
                 .await
             {
                 Ok(()) => return,
-                // Changed meanwhile (promoted, discarded, replaced, unloaded).
-                Err(RegistryError::Conflict(_) | RegistryError::NotFound(_)) => return,
+                // Changed meanwhile (promoted, discarded, replaced, unloaded: the loop
+                // ends), or fell behind again (it goes on).
+                Err(RegistryError::Conflict(_) | RegistryError::NotFound(_)) => {}
                 Err(e) => {
                     tracing::warn!(plugin = name, error = %e, "switching to the new version failed; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -447,7 +498,7 @@ impl Registry {
         .await
     }
 
-    /// Makes the version a switch replaced live again, at once.
+    /// Makes the version the last switch replaced live again, at once.
     pub async fn rollback(self: &Arc<Self>, name: &str) -> Result<PluginInfo, RegistryError> {
         self.lifecycle(name, |this, name| async move {
             this.switch_held(&name, None, Reason::RolledBack).await?;
@@ -513,75 +564,89 @@ impl Registry {
     }
 
     /// Swaps `name`'s live version with the one kept beside it; the caller holds the name.
-    /// `Promoted` and `CaughtUp` need a candidate or shadow that has caught up (of
-    /// `generation`, when given), `RolledBack` the previous version. The new live version's
-    /// files are kept for the next start first; the swap itself is one step under the map's
-    /// lock, so every read is answered wholly by one version.
+    /// `CaughtUp` needs the automatic candidate `serial`, `Promoted` a candidate or
+    /// shadow, `RolledBack` the previous version; each only once it has reached the live
+    /// checkpoint, so no reader goes back. The new live version's store and files are made
+    /// durable first; the swap itself is one step under the map's lock, so every read is
+    /// answered wholly by one version.
     async fn switch_held(
         &self,
         name: &str,
-        generation: Option<u32>,
+        serial: Option<u64>,
         reason: Reason,
     ) -> Result<(), RegistryError> {
-        let (upload, source) = {
+        let (upload, source, generation) = {
             let loaded = self.loaded();
             let l = loaded
                 .get(name)
                 .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-            let s = l.staged.as_ref().ok_or_else(|| {
-                RegistryError::Conflict(format!(
-                    "plugin {name:?} has no {} version; load a different component to build one",
-                    if reason == Reason::RolledBack {
-                        "previous"
-                    } else {
-                        "candidate or shadow"
-                    }
-                ))
-            })?;
-            match (reason, s.role) {
-                (Reason::RolledBack, Role::Previous) => {}
-                (Reason::RolledBack, _) => {
-                    return Err(RegistryError::Conflict(format!(
-                        "plugin {name:?} has no previous version to roll back to (the version beside it is a candidate not yet live); discard it to stay on the live one"
-                    )));
-                }
-                (_, Role::Previous) => {
-                    return Err(RegistryError::Conflict(format!(
-                        "plugin {name:?} has no candidate to promote; its other version is the previous one: roll back to return to it"
-                    )));
-                }
-                _ => {}
-            }
-            if generation.is_some_and(|g| g != s.version.store.generation()) {
-                return Err(RegistryError::Conflict("the candidate changed".into()));
-            }
-            if reason != Reason::RolledBack && !caught_up(l, s) {
-                let (c, live) = (status_of(&s.version), status_of(l));
-                return Err(RegistryError::Conflict(format!(
-                    "the candidate of {name:?} is at position {} and the live version at {}; it is promoted once it has caught up, so that no partial state is served (see its progress in GET /v1/plugins/{name})",
-                    c.position, live.position
-                )));
-            }
-            (s.version.upload.clone(), s.version.source.source.clone())
+            let s = check_switch(name, l, serial, reason)?;
+            (
+                s.version.upload.clone(),
+                s.version.source.source.clone(),
+                s.version.store.generation(),
+            )
         };
-        self.persist_live(name, &source, upload.as_deref()).await?;
-        let started = Instant::now();
-        let (from, to) = {
-            let mut loaded = self.loaded();
+        let (live_upload, live_source, live_generation_now) = {
+            let loaded = self.loaded();
             let l = loaded
-                .get_mut(name)
+                .get(name)
                 .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-            let mut staged = l.staged.take().expect("checked above, under the name");
-            std::mem::swap(l, &mut *staged.version);
-            staged.role = Role::Previous;
-            staged.since = Instant::now();
-            staged.from = status_of(&staged.version).position;
-            let from = (
-                staged.version.manifest.version.clone(),
-                staged.version.hash.clone(),
-            );
-            l.staged = Some(staged);
-            (from, (l.manifest.version.clone(), l.hash.clone()))
+            (
+                l.upload.clone(),
+                l.source.source.clone(),
+                l.store.generation(),
+            )
+        };
+        self.mark_live(name, generation).await?;
+        if let Err(e) = self.persist_live(name, &source, upload.as_deref()).await {
+            let _ = self.mark_live(name, live_generation_now).await;
+            return Err(e);
+        }
+        // The name is held, so the version beside the live one stays; only the positions
+        // move. The swap waits (briefly) until the new version's store has reached the
+        // live one's checkpoint, so that no reader goes back.
+        let started = Instant::now();
+        let deadline = started + SWAP_WAIT;
+        let swapped = loop {
+            let done = {
+                let mut loaded = self.loaded();
+                let l = loaded
+                    .get_mut(name)
+                    .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+                let s = l.staged.as_ref().expect("the name is held");
+                let behind = match (s.version.store.checkpoint(), l.store.checkpoint()) {
+                    (Ok(c), Ok(live)) => c < live,
+                    _ => true,
+                };
+                (!behind).then(|| {
+                    let mut staged = l.staged.take().expect("the name is held");
+                    std::mem::swap(l, &mut *staged.version);
+                    staged.role = Role::Previous;
+                    staged.since = Instant::now();
+                    staged.from = status_of(&staged.version).position;
+                    let from = (
+                        staged.version.manifest.version.clone(),
+                        staged.version.hash.clone(),
+                    );
+                    l.staged = Some(staged);
+                    (from, (l.manifest.version.clone(), l.hash.clone()))
+                })
+            };
+            if done.is_some() || Instant::now() >= deadline {
+                break done;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let Some((from, to)) = swapped else {
+            let _ = self.mark_live(name, live_generation_now).await;
+            let _ = self
+                .persist_live(name, &live_source, live_upload.as_deref())
+                .await;
+            return Err(RegistryError::Conflict(format!(
+                "the other version of {name:?} did not keep up with the live one for {} ms while switching; nothing was switched, try again",
+                SWAP_WAIT.as_millis()
+            )));
         };
         let took = started.elapsed();
         tracing::info!(
@@ -599,6 +664,7 @@ impl Registry {
                 "reason": reason.as_str(),
                 "from": {"version": from.0, "component_hash": from.1},
                 "to": {"version": to.0, "component_hash": to.1},
+                "switch_us": took.as_micros() as u64,
             }),
             None,
             None,
@@ -607,8 +673,22 @@ impl Registry {
         Ok(())
     }
 
+    /// Records `generation` as `name`'s live store, durably with every store's commits
+    /// so far (the new live version's state is on disk before its files are).
+    async fn mark_live(&self, name: &str, generation: u32) -> Result<(), RegistryError> {
+        let (db, n) = (self.db.clone(), name.to_owned());
+        blocking(move || {
+            set_live_generation(&db, &n, generation)?;
+            db.flush()?;
+            Ok::<_, crate::plugin::StoreError>(())
+        })
+        .await?
+        .map_err(store_error)
+    }
+
     /// Keeps what the next start loads as `name` in step with the version becoming live:
-    /// an upload's files, or none (so the operator's `--plugins` copy loads).
+    /// an upload's files, or none (so the operator's `--plugins` copy, or the embedding
+    /// program's, loads).
     async fn persist_live(
         &self,
         name: &str,
@@ -618,8 +698,12 @@ impl Registry {
         let dir = self.dir.clone();
         let name_owned = name.to_owned();
         let work: Box<dyn FnOnce() -> std::io::Result<()> + Send> = match (source, upload) {
-            (Source::Embedded, _) | (_, None) => return Ok(()),
-            (Source::PluginsDir { .. }, _) => Box::new(move || {
+            (Source::Api | Source::Uploaded { .. }, Some(u)) => {
+                let (text, wasm, options) =
+                    (u.manifest_text.clone(), u.wasm.clone(), u.options.clone());
+                Box::new(move || persist_files(&dir, &name_owned, &text, &wasm, &options))
+            }
+            _ => Box::new(move || {
                 for ext in ["wasm", "toml", "load.json"] {
                     match std::fs::remove_file(dir.join(format!("{name_owned}.{ext}"))) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -628,23 +712,114 @@ impl Registry {
                 }
                 Ok(())
             }),
-            (Source::Api | Source::Uploaded { .. }, Some(u)) => {
-                let (text, wasm, options) =
-                    (u.manifest_text.clone(), u.wasm.clone(), u.options.clone());
-                Box::new(move || persist_files(&dir, &name_owned, &text, &wasm, &options))
-            }
         };
         blocking(work).await?.map_err(|e| {
             super::storage(format!(
-                "keeping plugin {name}'s new live version in {} failed (nothing was switched): {e}",
+                "keeping plugin {name}'s new live version in {} failed, so nothing was switched; until a switch succeeds, what the next start loads from there may be either version: {e}",
                 self.dir.display()
             ))
         })
     }
 }
 
-/// True when the staged version has reached the live version's checkpoint, so switching
-/// to it never moves a reader back.
+/// The version beside `l` that a switch for `reason` goes to, if it may.
+fn check_switch<'a>(
+    name: &str,
+    l: &'a Loaded,
+    serial: Option<u64>,
+    reason: Reason,
+) -> Result<&'a Staged, RegistryError> {
+    let s = l.staged.as_ref().ok_or_else(|| {
+        RegistryError::Conflict(format!(
+            "plugin {name:?} has no {} version; {}",
+            if reason == Reason::RolledBack {
+                "previous"
+            } else {
+                "candidate or shadow"
+            },
+            if reason == Reason::RolledBack {
+                "a switch to a new version keeps the one it replaced until it is discarded"
+            } else {
+                "load a different component (or --shadow) to build one"
+            }
+        ))
+    })?;
+    match (reason, s.role) {
+        (Reason::RolledBack, Role::Previous) => {}
+        (Reason::RolledBack, _) => {
+            return Err(RegistryError::Conflict(format!(
+                "plugin {name:?} has no previous version to roll back to: the version beside it is a {} not yet live; discard it to stay on the live one",
+                role_name(s.role)
+            )));
+        }
+        (_, Role::Previous) => {
+            return Err(RegistryError::Conflict(format!(
+                "plugin {name:?} has no candidate to promote: its other version is the previous one; roll back to return to it"
+            )));
+        }
+        (Reason::CaughtUp, role) if role != Role::Candidate(Switch::Auto) => {
+            return Err(RegistryError::Conflict("the candidate changed".into()));
+        }
+        _ => {}
+    }
+    if serial.is_some_and(|id| id != s.serial) {
+        return Err(RegistryError::Conflict("the candidate changed".into()));
+    }
+    if !caught_up(l, s) {
+        let (c, live) = (status_of(&s.version), status_of(l));
+        return Err(RegistryError::Conflict(format!(
+            "the {} of {name:?} is at position {} and the live version at {}; it can take over once it has caught up, so that no reader gets a partial or older state (see its progress in GET /v1/plugins/{name})",
+            role_name(s.role),
+            c.position,
+            live.position
+        )));
+    }
+    Ok(s)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Candidate(_) => "candidate",
+        Role::Shadow => "shadow",
+        Role::Previous => "previous version",
+    }
+}
+
+fn article(kind: Kind) -> &'static str {
+    if kind == Kind::Extractor { "an" } else { "a" }
+}
+
+/// The generation last made live for `name`, if recorded.
+fn live_generation(db: &sled::Db, name: &str) -> Result<Option<u32>, crate::plugin::StoreError> {
+    Ok(db
+        .open_tree(LIVE_TREE)?
+        .get(name)?
+        .and_then(|v| v.as_ref().try_into().ok())
+        .map(u32::from_be_bytes))
+}
+
+/// Records `generation` as `name`'s live one.
+fn set_live_generation(
+    db: &sled::Db,
+    name: &str,
+    generation: u32,
+) -> Result<(), crate::plugin::StoreError> {
+    db.open_tree(LIVE_TREE)?
+        .insert(name, &generation.to_be_bytes()[..])?;
+    Ok(())
+}
+
+/// Forgets which generation of `name` is live (its stores were purged).
+pub(super) fn forget_live_generation(
+    db: &sled::Db,
+    name: &str,
+) -> Result<(), crate::plugin::StoreError> {
+    db.open_tree(LIVE_TREE)?.remove(name)?;
+    Ok(())
+}
+
+/// True when the staged version has reached the live version's checkpoint (and is not
+/// quarantined), so switching to it never moves a reader back.
 fn caught_up(live: &Loaded, staged: &Staged) -> bool {
     let (s, l) = (status_of(&staged.version), status_of(live));
     s.position >= l.position && s.state != RunState::Quarantined
