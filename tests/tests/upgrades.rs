@@ -580,3 +580,103 @@ async fn an_upgraded_extractor_derives_nothing_twice_and_a_tool_finishes_on_the_
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(slow.count("/slow"), 1, "the invocation ran twice");
 }
+
+/// Rounds of `kill -9` while a rebuilt projection builds beside the live one and switches,
+/// with a writer appending throughout: after each restart exactly one version serves, its
+/// state counts every acknowledged event once, and no candidate is left building.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_rebuild_or_a_switch_leaves_one_version_with_every_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = wasm("type-counter");
+    let mut h = Host::start(BIN, dir.path(), &[]).await;
+    let (s, info) = upload(&h, "counter", &counter("1", ""), v1.clone()).await;
+    assert_eq!(s, 200, "{info}");
+    let mut hashes = vec![info["component_hash"].as_str().unwrap().to_owned()];
+    fill(&h, 20_000).await;
+    let mut acked = 10_000u64;
+    let rounds: u64 = std::env::var("EVHOST_UPGRADE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for round in 0..rounds {
+        let wasm = rebuilt(&v1, &format!("round-{round}"));
+        let url = h.url.clone();
+        // A writer appending test.a, one acknowledged event at a time, until the kill.
+        let writer = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut ok = 0u64;
+            loop {
+                let r = client
+                    .post(format!("{url}/v1/streams/w"))
+                    .json(&json!({"events": [{"type": "test.a", "payload": {}}]}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => return ok,
+                }
+            }
+        });
+        let (s, info) =
+            upload_as(&h, "counter", "", &counter(&format!("r{round}"), ""), wasm).await;
+        assert_eq!(s, 200, "{info}");
+        hashes.push(
+            info["candidate"]["component_hash"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        // Early in the rebuild, around the switch, or after it.
+        tokio::time::sleep(Duration::from_millis(evhost_tests::jitter(600))).await;
+        h.kill9();
+        acked += writer.await.unwrap();
+        h = Host::start(BIN, dir.path(), &[]).await;
+        let s = until(&h, "counter", "caught up after the crash", |s| {
+            s["lag"] == 0
+        })
+        .await;
+        let live = s["component_hash"].as_str().unwrap();
+        assert!(
+            live == hashes[hashes.len() - 1] || live == hashes[hashes.len() - 2],
+            "round {round}: an unknown version serves: {s}"
+        );
+        assert!(
+            s["candidate"].is_null() && s["previous"].is_null(),
+            "round {round}: {s}"
+        );
+        // Each acknowledged test.a counted once: the fill's 10,000 and the writer's.
+        let (code, body) = get(&format!(
+            "{}/v1/projections/counter/state?key=test.a",
+            h.url
+        ))
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let counted = body["value"].as_u64().unwrap();
+        let in_log = all_events(&h)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "test.a")
+            .count() as u64;
+        assert!(
+            in_log >= acked,
+            "round {round}: acknowledged events lost: {in_log} < {acked}"
+        );
+        assert_eq!(
+            counted, in_log,
+            "round {round}: the state does not count each event once"
+        );
+        acked = in_log;
+        eprintln!(
+            "round {round}: {} is live after the crash",
+            if live == hashes[hashes.len() - 1] {
+                "the new version"
+            } else {
+                "the old version"
+            }
+        );
+        if live != hashes[hashes.len() - 1] {
+            // The candidate did not survive: the version before it stays live.
+            hashes.pop();
+        }
+    }
+}
