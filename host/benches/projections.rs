@@ -20,31 +20,7 @@ use evhost::plugin::{
     Handler, HandlerError, Manifest, Output, PluginStore, ProjectionPlugin, StateView,
 };
 use evhost::runner::{Runner, RunnerOptions};
-use evhost::{
-    Bus, Event, EventLog, EventType, ExpectedVersion, NewEvent, PatternSet, Payload, SledLog,
-    StreamAppend,
-};
-
-fn event(i: u64) -> NewEvent {
-    let (ty, payload) = common::TYPES[(i % common::TYPES.len() as u64) as usize];
-    NewEvent::new(
-        EventType::new(ty).unwrap(),
-        Payload::from_json(payload).unwrap(),
-    )
-}
-
-async fn ingest(log: &SledLog, n: u64) {
-    for b in 0..n / 1000 {
-        let groups = (0..10)
-            .map(|s| StreamAppend {
-                stream: format!("assistant-{}", (b * 10 + s) % 1000).into(),
-                expected: ExpectedVersion::Any,
-                events: (0..100).map(|i| event(b * 1000 + s * 100 + i)).collect(),
-            })
-            .collect();
-        log.append(groups).await.unwrap();
-    }
-}
+use evhost::{Bus, Event, EventLog, ExpectedVersion, PatternSet, StreamAppend};
 
 /// assistant-stats compiled natively, run through the same runner and store as the wasm.
 struct Native;
@@ -126,7 +102,7 @@ fn main() {
     rt.block_on(async {
         let host = common::host().await;
         let (log, dyn_log, bus, runtime) = (&host.log, &host.dyn_log, &host.bus, &host.runtime);
-        ingest(&log, n).await;
+        common::ingest(log, n).await;
         let head = log.head();
         let db = host.db.clone();
 
@@ -179,7 +155,7 @@ fn main() {
                         .append(vec![StreamAppend {
                             stream: format!("assistant-{}", tick % 1000).into(),
                             expected: ExpectedVersion::Any,
-                            events: (0..20).map(|i| event(tick * 20 + i)).collect(),
+                            events: (0..20).map(|i| common::event(tick * 20 + i)).collect(),
                         }])
                         .await
                         .unwrap();

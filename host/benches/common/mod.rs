@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use evhost::plugin::{Runtime, StateView, Writes};
 use evhost::registry::Registry;
-use evhost::{Bus, Event, EventLog, Host, HostConfig, SledLog};
+use evhost::{
+    Bus, Event, EventLog, EventType, ExpectedVersion, Host, HostConfig, NewEvent, Payload,
+    SledLog, StreamAppend,
+};
 
 /// A host's parts, kept alive with their directory.
 pub struct BenchHost {
@@ -133,5 +136,28 @@ pub fn to_sdk(e: &Event) -> evhost_sdk::Event<'_> {
         source: e.source.as_str().into(),
         payload: e.payload.as_str().into(),
         metadata: Vec::new(),
+    }
+}
+
+/// Event `i` of the assistant streams: the types of [`TYPES`] in turn.
+pub fn event(i: u64) -> NewEvent {
+    let (ty, payload) = TYPES[(i % TYPES.len() as u64) as usize];
+    NewEvent::new(
+        EventType::new(ty).unwrap(),
+        Payload::from_json(payload).unwrap(),
+    )
+}
+
+/// Appends `n` assistant events over 1,000 streams, 1,000 per append.
+pub async fn ingest(log: &SledLog, n: u64) {
+    for b in 0..n / 1000 {
+        let groups = (0..10)
+            .map(|s| StreamAppend {
+                stream: format!("assistant-{}", (b * 10 + s) % 1000).into(),
+                expected: ExpectedVersion::Any,
+                events: (0..100).map(|i| event(b * 1000 + s * 100 + i)).collect(),
+            })
+            .collect();
+        log.append(groups).await.unwrap();
     }
 }
