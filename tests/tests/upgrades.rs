@@ -680,3 +680,100 @@ async fn kill_9_during_a_rebuild_or_a_switch_leaves_one_version_with_every_event
         }
     }
 }
+
+/// The `evhost` commands of README's "Upgrading a plugin", in order: continued lines
+/// joined, comments dropped.
+fn readme_upgrade_commands() -> Vec<Vec<String>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme
+        .find("### Upgrading a plugin")
+        .expect("the section is in README");
+    let section = &readme[start..];
+    let section = &section[..section[4..].find("\n### ").map_or(section.len(), |e| e + 4)];
+    let mut commands = Vec::new();
+    for block in section.split("```sh\n").skip(1) {
+        let block = &block[..block.find("```").unwrap()];
+        for line in block.replace("\\\n", " ").lines() {
+            let line = line.split(" #").next().unwrap().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            assert_eq!(words[0], "evhost", "README runs only evhost here: {line}");
+            commands.push(words[1..].to_vec());
+        }
+    }
+    commands
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_upgrade_walk_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        &[
+            "--plugins",
+            PLUGINS,
+            "--grant",
+            "http-get=http:127.0.0.1:8931",
+        ],
+    )
+    .await;
+    append(
+        &h,
+        "readme",
+        (0..100)
+            .map(|i| json!({"type": "test.a", "payload": {"i": i}}))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let commands = readme_upgrade_commands();
+    assert!(commands.len() >= 8, "{commands:?}");
+    let mut outputs = Vec::new();
+    for args in &commands {
+        // promote and diff wait as README says: until the other version has caught up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            let out = std::process::Command::new(BIN)
+                .args(args)
+                .current_dir(&root)
+                .env("EVHOST_URL", &h.url)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            if out.status.success() || !err.contains("409") || Instant::now() > deadline {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(
+            out.status.success(),
+            "evhost {}: {stdout}{stderr}",
+            args.join(" ")
+        );
+        outputs.push((args.join(" "), stdout));
+    }
+    let promoted = outputs
+        .iter()
+        .find(|(c, _)| c.starts_with("plugin promote"))
+        .unwrap();
+    assert!(promoted.1.contains("\"wit\":\"0.1.0\""), "{promoted:?}");
+    let diff = outputs
+        .iter()
+        .find(|(c, _)| c.starts_with("plugin diff"))
+        .unwrap();
+    assert!(
+        diff.1.contains("\"differ\":0") && diff.1.contains("\"only_in_old\":0"),
+        "{diff:?}"
+    );
+    let s = status(&h, "type-counter").await;
+    assert_eq!(s["wit"], "0.2.0", "rolled back to the bundled build: {s}");
+    assert!(s["candidate"].is_null() && s["previous"].is_null(), "{s}");
+}

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use evhost::plugin::{Runtime, StateView, Writes};
 use evhost::registry::Registry;
 use evhost::{
-    Bus, Event, EventLog, EventType, ExpectedVersion, Host, HostConfig, NewEvent, Payload,
-    SledLog, StreamAppend,
+    Bus, Event, EventLog, EventType, ExpectedVersion, Host, HostConfig, NewEvent, Payload, SledLog,
+    StreamAppend,
 };
 
 /// A host's parts, kept alive with their directory.
