@@ -172,6 +172,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/plugins/{name}/discard", post(plugins::discard))
         .route("/v1/plugins/{name}/diff", get(plugins::diff))
+        .route("/v1/plugins/{name}/reset", post(plugins::reset))
+        .route("/v1/plugins/{name}/verify", post(plugins::verify))
         .route("/v1/plugins/{name}/logs", get(plugins::get_logs))
         .route("/v1/dlq", get(failures::list_dead_letters))
         .route(

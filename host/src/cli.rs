@@ -139,6 +139,24 @@ enum PluginCommand {
         /// The plugin's name.
         name: String,
     },
+    /// Rebuild a projection from the start beside its live state, switching as an
+    /// upgrade does.
+    Reset {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+        /// Switch when caught up (`auto`) or when promoted (`manual`).
+        #[arg(long, value_enum, default_value_t = crate::registry::Switch::Auto)]
+        switch: crate::registry::Switch,
+    },
+    /// Replay a projection up to its checkpoint and compare the replay with its live state.
+    Verify {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+    },
     /// Compare the live state with the version kept beside it, at one checkpoint.
     Diff {
         #[command(flatten)]
@@ -757,6 +775,7 @@ async fn events(cmd: EventsCommand) -> Result<()> {
 async fn plugin(cmd: PluginCommand) -> Result<()> {
     let cmd_name = match &cmd {
         PluginCommand::Resume { .. } => Some("resume"),
+        PluginCommand::Verify { .. } => Some("verify"),
         PluginCommand::Promote { .. } => Some("promote"),
         PluginCommand::Rollback { .. } => Some("rollback"),
         PluginCommand::Discard { .. } => Some("discard"),
@@ -888,7 +907,31 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
             println!("{}", json_reply(resp).await?);
         }
+        PluginCommand::Reset {
+            remote,
+            name,
+            switch,
+        } => {
+            let switch = if switch == crate::registry::Switch::Manual {
+                "manual"
+            } else {
+                "auto"
+            };
+            let resp = remote
+                .client()?
+                .post(format!(
+                    "{}/v1/plugins/{}/reset",
+                    remote.url,
+                    urlencode(&name)
+                ))
+                .query(&[("switch", switch)])
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            println!("{}", json_reply(resp).await?);
+        }
         PluginCommand::Resume { remote, name }
+        | PluginCommand::Verify { remote, name }
         | PluginCommand::Promote { remote, name }
         | PluginCommand::Rollback { remote, name }
         | PluginCommand::Discard { remote, name } => {

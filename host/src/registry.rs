@@ -44,7 +44,7 @@ pub use grants::{GrantTable, Grants, LoadOptions};
 use names::NameLocks;
 pub use policy::PluginPolicy;
 pub use reads::{DiffSample, ReadAt, StateDiff};
-pub use replay::{Changes, PastState};
+pub use replay::{Changes, PastState, Verified};
 use upgrade::{Role, Staged};
 pub use upgrade::{StagedInfo, Switch, Upgrade};
 

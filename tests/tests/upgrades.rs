@@ -777,3 +777,117 @@ async fn the_readme_upgrade_walk_runs_as_written() {
     assert_eq!(s["wit"], "0.2.0", "rolled back to the bundled build: {s}");
     assert!(s["candidate"].is_null() && s["previous"].is_null(), "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_state_that_is_not_a_replay_and_reset_rebuilds_it_blue_green() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let v1 = wasm("type-counter");
+    let only_a = counter("1.0.0", "").replace("[\"test.>\"]", "[\"test.a\"]");
+    assert_eq!(upload(&h, "counter", &only_a, v1.clone()).await.0, 200);
+    fill(&h, 2_000).await;
+    until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
+    let (ok, out, err) = h.cli(&["plugin", "verify", "counter"]);
+    assert!(ok, "{out}{err}");
+    let verified: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verified["equal"], true, "{verified}");
+    assert_eq!(
+        verified["live_hash"], verified["replayed_hash"],
+        "{verified}"
+    );
+    assert_eq!(verified["same"], 1, "{verified}");
+
+    // The same component with wider subscriptions keeps its state as it is: test.b was
+    // never counted before, and verify says so.
+    assert_eq!(
+        upload(&h, "counter", &counter("1.0.0", ""), v1.clone())
+            .await
+            .0,
+        200
+    );
+    fill(&h, 10).await;
+    until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
+    let (code, verified) = post(&format!("{}/v1/plugins/counter/verify", h.url), json!({})).await;
+    assert_eq!(code, 200, "{verified}");
+    assert_eq!(verified["equal"], false, "{verified}");
+    assert_ne!(
+        verified["live_hash"], verified["replayed_hash"],
+        "{verified}"
+    );
+    assert_eq!(verified["differ"], 1, "{verified}");
+    let b = &verified["sample"][0];
+    assert_eq!(
+        (&b["key"], &b["old"], &b["new"]),
+        (&json!("test.b"), &json!(5), &json!(1005)),
+        "{verified}"
+    );
+
+    // Reset rebuilds beside the live state and switches when caught up.
+    let (ok, out, err) = h.cli(&["plugin", "reset", "counter", "--switch", "manual"]);
+    assert!(ok, "{out}{err}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        info["candidate"]["component_hash"], info["component_hash"],
+        "{info}"
+    );
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.b",
+        h.url
+    ))
+    .await;
+    assert_eq!(
+        (s, &body["value"]),
+        (200, &json!(5)),
+        "the live state serves while the reset builds: {body}"
+    );
+    until(&h, "counter", "rebuilt", |s| s["candidate"]["lag"] == 0).await;
+    let (code, info) = post(&format!("{}/v1/plugins/counter/promote", h.url), json!({})).await;
+    assert_eq!(code, 200, "{info}");
+    let (s, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.b",
+        h.url
+    ))
+    .await;
+    assert_eq!((s, &body["value"]), (200, &json!(1005)), "{body}");
+    let (_, verified) = post(&format!("{}/v1/plugins/counter/verify", h.url), json!({})).await;
+    assert_eq!(verified["equal"], true, "{verified}");
+
+    // --keep-state: a rebuilt component goes on from the state as it stands, in place.
+    let before = status(&h, "counter").await;
+    let (s, info) = upload_as(
+        &h,
+        "counter",
+        "keep_state=true",
+        &counter("1.0.1", ""),
+        rebuilt(&v1, "fix"),
+    )
+    .await;
+    assert_eq!(s, 200, "{info}");
+    assert!(info["candidate"].is_null(), "{info}");
+    assert_ne!(info["component_hash"], before["component_hash"], "{info}");
+    assert!(
+        info["position"].as_u64() >= before["position"].as_u64(),
+        "{info}"
+    );
+    fill(&h, 10).await;
+    until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
+    let (_, body) = get(&format!(
+        "{}/v1/projections/counter/state?key=test.b",
+        h.url
+    ))
+    .await;
+    assert_eq!(
+        (&body["value"], &body["version"]),
+        (&json!(1010), &json!("1.0.1")),
+        "{body}"
+    );
+    let (s, err) = upload_as(
+        &h,
+        "counter",
+        "keep_state=true&shadow=true",
+        &counter("1.0.2", ""),
+        rebuilt(&v1, "x"),
+    )
+    .await;
+    assert_eq!(s, 400, "{err}");
+}

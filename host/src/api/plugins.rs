@@ -488,6 +488,42 @@ pub(super) async fn discard(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct ResetQuery {
+    #[serde(default)]
+    switch: crate::registry::Switch,
+}
+
+/// `POST /v1/plugins/{name}/reset[?switch=manual]`: rebuilds a projection from the start
+/// beside the live state, blue/green like an upgrade.
+pub(super) async fn reset(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ResetQuery>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    Ok(Json(reg.reset(&name, q.switch).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct VerifyQuery {
+    sample: Option<usize>,
+}
+
+/// `POST /v1/plugins/{name}/verify[?sample=N]`: replays the projection up to its
+/// checkpoint and compares the replay with the live state.
+pub(super) async fn verify(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<VerifyQuery>,
+) -> Result<Response, ApiError> {
+    let reg = registry(&st)?;
+    let sample = q.sample.unwrap_or(10).min(1_000);
+    Ok(Json(reg.verify(&name, sample).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct DiffQuery {
     sample: Option<usize>,
     timeout_ms: Option<u64>,

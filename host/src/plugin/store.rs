@@ -563,57 +563,101 @@ pub struct Comparison {
     /// Up to the sample size of the keys that are not the same: key, first's value,
     /// second's value.
     pub sample: Vec<(String, Option<String>, Option<String>)>,
+    /// SHA-256 (hex) of each side's keys and values, in key order.
+    pub hashes: (String, String),
 }
 
+/// One side of a comparison: state entries in key order.
+type Entries<'a> = Box<dyn Iterator<Item = StoreResult<(Vec<u8>, Vec<u8>)>> + 'a>;
+
 impl PluginStore {
+    /// This store's state entries in key order (keys without their prefix).
+    fn entries(&self) -> Entries<'_> {
+        Box::new(self.tree.scan_prefix([STATE]).map(|r| {
+            let (k, v) = r?;
+            Ok((k[1..].to_vec(), v.to_vec()))
+        }))
+    }
+
     /// Compares this store's state with `other`'s key by key, in one pass over both in
     /// key order, keeping up to `sample` of the keys that are not the same.
     pub fn compare(&self, other: &PluginStore, sample: usize) -> StoreResult<Comparison> {
-        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        let mut a = self.tree.scan_prefix([STATE]).peekable();
-        let mut b = other.tree.scan_prefix([STATE]).peekable();
-        let mut c = Comparison::default();
-        loop {
-            let order = match (a.peek(), b.peek()) {
-                (None, None) => break,
-                (Some(Err(_)), _) => return Err(a.next().expect("peeked").unwrap_err().into()),
-                (_, Some(Err(_))) => return Err(b.next().expect("peeked").unwrap_err().into()),
-                (Some(Ok(_)), None) => std::cmp::Ordering::Less,
-                (None, Some(Ok(_))) => std::cmp::Ordering::Greater,
-                (Some(Ok((ka, _))), Some(Ok((kb, _)))) => ka.cmp(kb),
-            };
-            let (key, first, second) = match order {
-                std::cmp::Ordering::Less => {
-                    let (k, v) = a.next().expect("peeked")?;
-                    c.only_in_first += 1;
-                    (k, Some(v), None)
-                }
-                std::cmp::Ordering::Greater => {
-                    let (k, v) = b.next().expect("peeked")?;
-                    c.only_in_second += 1;
-                    (k, None, Some(v))
-                }
-                std::cmp::Ordering::Equal => {
-                    let (k, va) = a.next().expect("peeked")?;
-                    let (_, vb) = b.next().expect("peeked")?;
-                    if va == vb {
-                        c.same += 1;
-                        continue;
-                    }
-                    c.differ += 1;
-                    (k, Some(va), Some(vb))
-                }
-            };
-            if c.sample.len() < sample {
-                c.sample.push((
-                    text(&key[1..]),
-                    first.as_deref().map(text),
-                    second.as_deref().map(text),
-                ));
-            }
-        }
-        Ok(c)
+        compare_entries(self.entries(), other.entries(), sample)
     }
+
+    /// Compares this store's state with `state` (a replay's), like [`PluginStore::compare`].
+    pub fn compare_with(&self, state: &MemState, sample: usize) -> StoreResult<Comparison> {
+        let map = state.0.read().expect("scratch state lock");
+        let theirs: Entries<'_> = Box::new(
+            map.iter()
+                .map(|(k, v)| Ok((k.as_bytes().to_vec(), v.as_bytes().to_vec()))),
+        );
+        compare_entries(self.entries(), theirs, sample)
+    }
+}
+
+/// Walks two sides in key order: counts, a sample, and a SHA-256 of each side.
+fn compare_entries(a: Entries<'_>, b: Entries<'_>, sample: usize) -> StoreResult<Comparison> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    use sha2::Digest;
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let (mut ha, mut hb) = (sha2::Sha256::new(), sha2::Sha256::new());
+    let digest = |h: &mut sha2::Sha256, k: &[u8], v: &[u8]| {
+        for part in [k, v] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+    };
+    let mut c = Comparison::default();
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(Err(_)), _) => return Err(a.next().expect("peeked").unwrap_err()),
+            (_, Some(Err(_))) => return Err(b.next().expect("peeked").unwrap_err()),
+            (Some(Ok(_)), None) => std::cmp::Ordering::Less,
+            (None, Some(Ok(_))) => std::cmp::Ordering::Greater,
+            (Some(Ok((ka, _))), Some(Ok((kb, _)))) => ka.cmp(kb),
+        };
+        let (key, first, second) = match order {
+            std::cmp::Ordering::Less => {
+                let (k, v) = a.next().expect("peeked")?;
+                digest(&mut ha, &k, &v);
+                c.only_in_first += 1;
+                (k, Some(v), None)
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, v) = b.next().expect("peeked")?;
+                digest(&mut hb, &k, &v);
+                c.only_in_second += 1;
+                (k, None, Some(v))
+            }
+            std::cmp::Ordering::Equal => {
+                let (k, va) = a.next().expect("peeked")?;
+                let (_, vb) = b.next().expect("peeked")?;
+                digest(&mut ha, &k, &va);
+                digest(&mut hb, &k, &vb);
+                if va == vb {
+                    c.same += 1;
+                    continue;
+                }
+                c.differ += 1;
+                (k, Some(va), Some(vb))
+            }
+        };
+        if c.sample.len() < sample {
+            c.sample.push((
+                text(&key),
+                first.as_deref().map(text),
+                second.as_deref().map(text),
+            ));
+        }
+    }
+    c.hashes = (hex(&ha.finalize()), hex(&hb.finalize()));
+    Ok(c)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl StateView for PluginStore {

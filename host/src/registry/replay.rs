@@ -147,20 +147,111 @@ pub struct Changes {
     pub sample: Vec<super::reads::DiffSample>,
 }
 
+/// What verifying a projection found: its live state against a replay of the log from
+/// the start up to the same checkpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verified {
+    /// The checkpoint both states reflect.
+    pub position: u64,
+    /// True when the live state is the replay's, key for key.
+    pub equal: bool,
+    /// SHA-256 of the live state's keys and values, in key order.
+    pub live_hash: String,
+    /// The same of the replayed state.
+    pub replayed_hash: String,
+    /// Keys equal in both.
+    pub same: u64,
+    /// Keys in both with different values.
+    pub differ: u64,
+    /// Keys only the live state has.
+    pub only_live: u64,
+    /// Keys only the replay has.
+    pub only_replayed: u64,
+    /// The first keys that differ, in key order (`old` is the live value, `new` the
+    /// replayed one).
+    pub sample: Vec<super::reads::DiffSample>,
+    /// Milliseconds the replay and comparison took.
+    pub took_ms: u64,
+}
+
 impl Registry {
-    /// Replays `name`'s state up to right after `position`, from the latest snapshot at or
-    /// before `start_by` (the position itself unless an earlier one is wanted on the way).
-    async fn replay_to(
-        &self,
-        name: &str,
-        position: u64,
-    ) -> Result<(Replay, PluginStore, u64), RegistryError> {
+    /// Replays projection `name` from the start of its state into a scratch store up to its
+    /// live checkpoint and compares the two (following the checkpoint while it moves, a
+    /// few times at most).
+    pub async fn verify(&self, name: &str, sample: usize) -> Result<Verified, RegistryError> {
+        let started = std::time::Instant::now();
+        let (replay, store, origin) = self.replay_of(name).await?;
+        let scratch = Arc::new(MemState::default());
+        let mut pos = origin;
+        for _ in 0..20 {
+            let target = store.checkpoint().map_err(store_error)?.unwrap_or(origin);
+            if target > pos {
+                replay.fold(&scratch, pos, target - 1).await?;
+                pos = target;
+            }
+            let (s, m) = (store.clone(), scratch.clone());
+            let (at, c) = blocking(move || s.optimistic(|s| s.compare_with(&m, sample)))
+                .await?
+                .map_err(store_error)?;
+            if at != pos {
+                continue;
+            }
+            let json = |v: String| serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+            return Ok(Verified {
+                position: at,
+                equal: c.differ == 0 && c.only_in_first == 0 && c.only_in_second == 0,
+                live_hash: c.hashes.0,
+                replayed_hash: c.hashes.1,
+                same: c.same,
+                differ: c.differ,
+                only_live: c.only_in_first,
+                only_replayed: c.only_in_second,
+                sample: c
+                    .sample
+                    .into_iter()
+                    .map(|(key, old, new)| super::reads::DiffSample {
+                        key,
+                        old: old.map(json),
+                        new: new.map(json),
+                    })
+                    .collect(),
+                took_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        Err(RegistryError::Conflict(format!(
+            "projection {name:?} kept moving past the replay; verify again when appends pause"
+        )))
+    }
+
+    /// What replaying `name` needs: the plugin and its filter, its live store, its origin.
+    async fn replay_of(&self, name: &str) -> Result<(Replay, PluginStore, u64), RegistryError> {
         let (plugin, manifest, store) = self.with(name, |l| {
             (l.plugin.clone(), l.manifest.clone(), l.store.clone())
         })?;
         let plugin = projection_of(name, plugin)?;
         // Where the state began: 0, or the head when a `start = "now"` plugin was loaded.
         let origin = store.origin().map_err(store_error)?;
+        let replay = Replay {
+            plugin,
+            filter: ReadFilter {
+                types: Some(PatternSet::new(manifest.subscriptions.clone())),
+                ..ReadFilter::default()
+            },
+            page_size: manifest.limits.batch_size.max(4096),
+            log: self.log.clone(),
+            name: name.to_owned(),
+        };
+        Ok((replay, store, origin))
+    }
+
+    /// What replaying `name` up to right after `position` needs, refusing a position
+    /// outside its state (before its origin, or not in the log yet).
+    async fn replay_to(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> Result<(Replay, PluginStore, u64), RegistryError> {
+        let (replay, store, origin) = self.replay_of(name).await?;
         if position < origin {
             return Err(RegistryError::Invalid(format!(
                 "projection {name:?} starts at position {origin} (start = \"now\"); it has no state at {position}"
@@ -172,16 +263,6 @@ impl Registry {
                 "position {position} is not in the log yet (the head is {head})"
             )));
         }
-        let replay = Replay {
-            plugin,
-            filter: ReadFilter {
-                types: Some(PatternSet::new(manifest.subscriptions.clone())),
-                ..ReadFilter::default()
-            },
-            page_size: manifest.limits.batch_size.max(4096),
-            log: self.log.clone(),
-            name: name.to_owned(),
-        };
         Ok((replay, store, origin))
     }
 

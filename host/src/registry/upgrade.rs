@@ -489,6 +489,42 @@ impl Registry {
         }
     }
 
+    /// Rebuilds projection `name` from the start of the log, blue/green: the live
+    /// component builds a new state beside the live one, which it replaces as `switch`
+    /// says.
+    pub async fn reset(
+        self: &Arc<Self>,
+        name: &str,
+        switch: Switch,
+    ) -> Result<PluginInfo, RegistryError> {
+        self.lifecycle(name, move |this, name| async move {
+            let built = {
+                let loaded = this.loaded();
+                let l = loaded
+                    .get(&name)
+                    .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+                if l.manifest.kind != Kind::Projection {
+                    return Err(RegistryError::Invalid(format!(
+                        "reset rebuilds a projection's state; {name:?} is {} {}, which keeps no state to rebuild",
+                        article(l.manifest.kind),
+                        l.manifest.kind.as_str()
+                    )));
+                }
+                Built {
+                    manifest: l.manifest.clone(),
+                    plugin: l.plugin.clone(),
+                    hash: l.hash.clone(),
+                    load: l.load,
+                    cached: l.cached,
+                    source: l.source.clone(),
+                    upload: l.upload.clone(),
+                }
+            };
+            this.stage(built, Role::Candidate(switch)).await
+        })
+        .await
+    }
+
     /// Makes the candidate (or shadow) of `name` live, once it has caught up.
     pub async fn promote(self: &Arc<Self>, name: &str) -> Result<PluginInfo, RegistryError> {
         self.lifecycle(name, |this, name| async move {
