@@ -88,14 +88,7 @@ async fn catch_up(
 }
 
 fn main() {
-    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    let wasm = std::fs::read(plugins.join("assistant-stats.wasm"))
-        .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
-    let manifest_text = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
+    let (n, wasm, manifest_text) = common::assistant_stats();
     let manifest = Manifest::parse(&manifest_text).unwrap();
     let rt = common::tokio();
     println!("evhost projection benchmarks ({n} events)");

@@ -38,14 +38,7 @@ async fn caught_up(registry: &Registry, name: &str) {
 }
 
 fn main() {
-    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
-    let wasm = std::fs::read(plugins.join("assistant-stats.wasm"))
-        .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
-    let manifest = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
+    let (n, wasm, manifest) = common::assistant_stats();
     let rt = common::tokio();
     println!("evhost upgrade and time-travel benchmarks ({n} events)");
     rt.block_on(async {

@@ -161,6 +161,28 @@ pub fn jitter(max: u64) -> u64 {
     x % max.max(1)
 }
 
+/// A plugin's `.wasm`: an installed example (`type-counter`, in `target/plugins/`) or a
+/// test guest from the build (`v0_1_type_counter`).
+pub fn plugin_wasm(name: &str) -> Vec<u8> {
+    let (installed, built) = (
+        env!("EVHOST_TEST_PLUGINS"),
+        env!("EVHOST_TEST_PLUGIN_BUILD"),
+    );
+    std::fs::read(std::path::Path::new(installed).join(format!("{name}.wasm")))
+        .or_else(|_| std::fs::read(std::path::Path::new(built).join(format!("{name}.wasm"))))
+        .unwrap_or_else(|_| panic!("{name}.wasm is neither in {installed} nor in {built}"))
+}
+
+/// `GET url`, expecting a refusal with `status` whose message says `says`; returns the
+/// reply.
+pub async fn get_refused(url: &str, status: u16, says: &str) -> serde_json::Value {
+    let (s, body) = get(url).await;
+    assert_eq!(s, status, "{url}: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{url}: {body}");
+    body
+}
+
 /// `POST url` with a JSON body; returns the status and the JSON reply (`null` if none).
 pub async fn post(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()

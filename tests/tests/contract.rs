@@ -15,18 +15,8 @@ use evhost_tests::{Host, all_events, append, get, upload, upload_granted, upload
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
-const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
 
-/// A plugin's `.wasm`: an installed example (`type-counter`) or a test guest from the
-/// build (`v0_1_type_counter`).
-fn wasm(name: &str) -> Vec<u8> {
-    let installed = Path::new(PLUGINS).join(format!("{name}.wasm"));
-    let built = Path::new(BUILD).join(format!("{name}.wasm"));
-    std::fs::read(&installed)
-        .or_else(|_| std::fs::read(&built))
-        .unwrap_or_else(|_| panic!("{name}.wasm is neither in {PLUGINS} nor in {BUILD}"))
-}
+use evhost_tests::plugin_wasm as wasm;
 
 fn manifest(name: &str, kind: &str) -> String {
     let subs = if kind == "tool" {

@@ -9,20 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, all_events, append, get, post, upload, upload_granted};
+use evhost_tests::{
+    CountingServer, Host, all_events, append, get, get_refused, post, upload, upload_granted,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
 const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-const BUILD: &str = env!("EVHOST_TEST_PLUGIN_BUILD");
 
-fn wasm(name: &str) -> Vec<u8> {
-    let installed = Path::new(PLUGINS).join(format!("{name}.wasm"));
-    let built = Path::new(BUILD).join(format!("{name}.wasm"));
-    std::fs::read(&installed)
-        .or_else(|_| std::fs::read(&built))
-        .unwrap_or_else(|_| panic!("{name}.wasm is neither in {PLUGINS} nor in {BUILD}"))
-}
+use evhost_tests::plugin_wasm as wasm;
 
 /// The same component with a custom section added: a different component (another hash)
 /// that behaves the same, as a rebuilt plugin would.
@@ -463,19 +458,15 @@ async fn reads_say_where_they_stand_and_wait_for_min_position() {
         assert_eq!(body["items"][0]["value"], round, "{body}");
         assert!(body["position"].as_u64().unwrap() > p, "{body}");
     }
-    let (s, body) = get(&format!(
-        "{}/v1/projections/counter/state?key=test.a&min_position=999999",
-        h.url
-    ))
+    get_refused(
+        &format!(
+            "{}/v1/projections/counter/state?key=test.a&min_position=999999",
+            h.url
+        ),
+        400,
+        "not in the log yet",
+    )
     .await;
-    assert_eq!(s, 400, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not in the log yet"),
-        "{body}"
-    );
     let (s, body) = get(&format!(
         "{}/v1/projections/counter/state?key=test.a&at=1&min_position=1",
         h.url
@@ -773,9 +764,18 @@ async fn the_readme_upgrade_walk_runs_as_written() {
         diff.1.contains("\"differ\":0") && diff.1.contains("\"only_in_old\":0"),
         "{diff:?}"
     );
-    let s = status(&h, "type-counter").await;
+    let verified = outputs
+        .iter()
+        .find(|(c, _)| c.starts_with("plugin verify"))
+        .unwrap();
+    assert!(verified.1.contains("\"equal\":true"), "{verified:?}");
+    // The walk ends with a reset, which switches to its rebuild once caught up.
+    let s = until(&h, "type-counter", "switched to its rebuild", |s| {
+        s["candidate"].is_null()
+    })
+    .await;
     assert_eq!(s["wit"], "0.2.0", "rolled back to the bundled build: {s}");
-    assert!(s["candidate"].is_null() && s["previous"].is_null(), "{s}");
+    assert_eq!(s["previous"]["component_hash"], s["component_hash"], "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

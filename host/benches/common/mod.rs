@@ -161,3 +161,17 @@ pub async fn ingest(log: &SledLog, n: u64) {
         log.append(groups).await.unwrap();
     }
 }
+
+/// The log size of a plugin benchmark (`EVHOST_BENCH_EVENTS`, default 1,000,000), and
+/// the bundled assistant-stats: its component and manifest text.
+pub fn assistant_stats() -> (u64, Vec<u8>, String) {
+    let n: u64 = std::env::var("EVHOST_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+    let wasm = std::fs::read(plugins.join("assistant-stats.wasm"))
+        .expect("target/plugins/assistant-stats.wasm: run scripts/build-plugins.sh first");
+    let manifest = std::fs::read_to_string(plugins.join("assistant-stats.toml")).unwrap();
+    (n, wasm, manifest)
+}
