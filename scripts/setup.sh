@@ -9,3 +9,14 @@ if ! command -v rustup >/dev/null; then
 fi
 # Inside the repo, rustup reads rust-toolchain.toml and installs its targets too.
 rustup toolchain install >/dev/null
+# promtool (Debian's package prometheus) checks the host's /metrics in the tests.
+if ! command -v promtool >/dev/null; then
+    if ! command -v apt-get >/dev/null; then
+        echo "error: promtool is required (Debian package prometheus); install it and re-run" >&2
+        exit 1
+    fi
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi

@@ -9,6 +9,7 @@ mod error;
 mod extract;
 mod failures;
 mod flows;
+mod metrics;
 mod plugins;
 mod reads;
 mod serve;
@@ -81,6 +82,7 @@ pub struct AppState {
     config: Arc<ApiConfig>,
     registry: Option<Arc<crate::registry::Registry>>,
     flows: Option<crate::plugin::PluginStore>,
+    alerts: Option<crate::alerts::Alerts>,
     schemas: Option<crate::schemas::Schemas>,
     closing: Closing,
     access: Arc<Access>,
@@ -96,6 +98,7 @@ impl AppState {
             config: Arc::new(config),
             registry: None,
             flows: None,
+            alerts: None,
             schemas: None,
             closing: Closing::default(),
             access: Arc::new(Access::default()),
@@ -112,6 +115,12 @@ impl AppState {
     /// Serves `/v1/flows` and `/v1/metrics` from the flow index's store.
     pub fn with_flows(mut self, store: crate::plugin::PluginStore) -> Self {
         self.flows = Some(store);
+        self
+    }
+
+    /// Serves `/v1/alerts` and the alerts in `/metrics` from the host's alert checks.
+    pub fn with_alerts(mut self, alerts: crate::alerts::Alerts) -> Self {
+        self.alerts = Some(alerts);
         self
     }
 
@@ -192,7 +201,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tools", get(flows::list_tools))
         .route("/v1/flows/{correlation_id}", get(flows::get_flow))
         .route("/v1/metrics", get(flows::get_metrics))
+        .route("/metrics", get(metrics::get_metrics))
+        .route("/v1/alerts", get(metrics::get_alerts))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
+        .route_layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)

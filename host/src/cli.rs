@@ -1,6 +1,7 @@
 //! The `evhost` command line: `serve` runs the host; `events` talks to a running host.
 
 mod streams;
+mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,21 @@ use streams::StreamCommand;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text` for people, `json` (one object per
+    /// line, with the spans of the request or batch it belongs to) for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EVHOST_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`, `span` and
+    /// `spans` (each with its fields: a request's method and route, a batch's plugin,
+    /// positions and correlation id).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,10 +183,24 @@ enum PluginCommand {
         #[arg(long, default_value_t = 10)]
         sample: usize,
     },
-    /// List loaded plugins with their status, position and lag.
+    /// List loaded plugins as a table: kind, version, state, position, lag, counts.
     List {
         #[command(flatten)]
         remote: Remote,
+        /// Print the host's JSON (one plugin per line) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One plugin's status: where it stands, what failed, what it uses, and a candidate's
+    /// progress.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        /// The plugin's name.
+        name: String,
+        /// Print the host's JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Unload a plugin; its state is kept unless --purge.
     Unload {
@@ -263,6 +293,20 @@ struct ServeArgs {
     /// Memory for the bus's history, in MiB: the oldest events leave it past this.
     #[arg(long, default_value_t = 64)]
     history_mb: usize,
+    /// Raise an alert when a plugin is more than this many events behind the head.
+    #[arg(long, value_name = "EVENTS")]
+    alert_lag: Option<u64>,
+    /// Raise an alert when a plugin dead-letters more than this many events in a minute.
+    #[arg(long, value_name = "N")]
+    alert_dead_letters_per_minute: Option<u64>,
+    /// Raise an alert when flows answered in the last minute took longer than this on
+    /// average.
+    #[arg(long, value_name = "MS")]
+    alert_flow_ms: Option<f64>,
+    /// Raise an alert when more than this share (0 to 1) of a tool's invocations in the
+    /// last minute failed (over at least 5).
+    #[arg(long, value_name = "RATE")]
+    alert_tool_failure_rate: Option<f64>,
     /// Load every plugin (`<name>.toml` + `<name>.wasm`) in this directory at start.
     #[arg(long, env = "EVHOST_PLUGINS")]
     plugins: Option<PathBuf>,
@@ -449,13 +493,19 @@ enum EventsCommand {
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -524,6 +574,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
             tracing::warn!(listen = %args.listen, "listening beyond loopback with no tokens (--insecure-no-auth): anyone who can reach this address can do anything");
         }
     }
+    if let Some(rate) = args.alert_tool_failure_rate
+        && !(0.0..=1.0).contains(&rate)
+    {
+        bail!(
+            "--alert-tool-failure-rate {rate} is not a share between 0 and 1 (0.2 is one in five)"
+        );
+    }
     let config = crate::host::HostConfig {
         data: args.data.clone(),
         cache_bytes: args.cache_mb * 1024 * 1024,
@@ -537,6 +594,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         precedence: args.policy.plugin_precedence,
         policy: args.policy.policy().map_err(anyhow::Error::msg)?,
         flow_index: true,
+        alerts: crate::alerts::AlertRules {
+            lag: args.alert_lag,
+            dead_letters_per_minute: args.alert_dead_letters_per_minute,
+            flow_ms: args.alert_flow_ms,
+            tool_failure_rate: args.alert_tool_failure_rate,
+        },
     };
     let host = crate::host::Host::start(config).await?;
     let state = host.api_state();
@@ -857,7 +920,7 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
             println!("{}", json_reply(resp).await?);
         }
-        PluginCommand::List { remote } => {
+        PluginCommand::List { remote, json } => {
             let resp = remote
                 .client()?
                 .get(format!("{}/v1/plugins", remote.url))
@@ -865,8 +928,27 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
             let body = json_reply(resp).await?;
-            for p in body["plugins"].as_array().cloned().unwrap_or_default() {
-                println!("{p}");
+            let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
+            if json {
+                for p in plugins {
+                    println!("{p}");
+                }
+            } else {
+                print!("{}", table::plugins(&plugins));
+            }
+        }
+        PluginCommand::Status { remote, name, json } => {
+            let resp = remote
+                .client()?
+                .get(format!("{}/v1/plugins/{}", remote.url, urlencode(&name)))
+                .send()
+                .await
+                .with_context(|| format!("reaching the host at {}", remote.url))?;
+            let body = json_reply(resp).await?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", table::status(&body));
             }
         }
         PluginCommand::Unload {
@@ -1020,7 +1102,9 @@ async fn dlq(cmd: DlqCommand) -> Result<()> {
         .await
         .context("reaching the host (is `evhost serve` running?)")?;
     if resp.status() == reqwest::StatusCode::NO_CONTENT {
-        println!("deleted");
+        if let DlqCommand::Delete { id, .. } = &cmd {
+            println!("{}", json!({"deleted": id}));
+        }
         return Ok(());
     }
     let body = json_reply(resp).await?;
@@ -1028,6 +1112,15 @@ async fn dlq(cmd: DlqCommand) -> Result<()> {
         DlqCommand::List { .. } => {
             for d in body["dead_letters"].as_array().cloned().unwrap_or_default() {
                 println!("{d}");
+            }
+        }
+        DlqCommand::Retry { id, .. } => {
+            println!("{body}");
+            if body["handled"] != true {
+                bail!(
+                    "the retry of {id} failed again: {}",
+                    body["error"].as_str().unwrap_or("(no reason given)")
+                );
             }
         }
         _ => println!("{body}"),

@@ -218,7 +218,10 @@ impl Handler for FlowIndex {
                     let mut f: ToolFigures = o.get(&key)?.unwrap_or_default();
                     f.outcomes += 1;
                     f.failed += u64::from(t == FAILED);
-                    f.latency.record((micros - pending.micros) as f64 / 1e3);
+                    let ms = (micros - pending.micros) as f64 / 1e3;
+                    f.latency.record(ms);
+                    metrics::histogram!(crate::telemetry::TOOL_LATENCY, "tool" => pending.tool.clone())
+                        .record(ms / 1e3);
                     o.set(key, &f);
                 }
                 QUERY => {
@@ -236,7 +239,9 @@ impl Handler for FlowIndex {
                     };
                     if let Some(began) = o.get::<i64>(&format!("{STARTED_AT}{correlation}"))? {
                         let mut l: Latency = o.get(E2E)?.unwrap_or_default();
-                        l.record((micros - began) as f64 / 1e3);
+                        let ms = (micros - began) as f64 / 1e3;
+                        l.record(ms);
+                        metrics::histogram!(crate::telemetry::FLOW_LATENCY).record(ms / 1e3);
                         o.set(E2E.to_owned(), &l);
                     }
                 }

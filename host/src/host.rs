@@ -43,6 +43,8 @@ pub struct HostConfig {
     /// Whether the flow index runs (on by default; the benchmarks leave it out to measure
     /// one plugin alone).
     pub flow_index: bool,
+    /// Thresholds that raise alerts (none by default).
+    pub alerts: crate::alerts::AlertRules,
 }
 
 impl HostConfig {
@@ -61,6 +63,7 @@ impl HostConfig {
             precedence: Precedence::default(),
             policy: PluginPolicy::default(),
             flow_index: true,
+            alerts: crate::alerts::AlertRules::default(),
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct Host {
     registry: Arc<Registry>,
     /// The flow index's runner and store, when it runs.
     flows: Option<(Runner, PluginStore)>,
+    /// The alert checks, when any threshold is set, and what stops them.
+    alerts: Option<(crate::alerts::Alerts, tokio::sync::watch::Sender<bool>)>,
 }
 
 impl Host {
@@ -108,6 +113,8 @@ impl Host {
     /// `config.plugins` and the uploads kept in the data directory, as `precedence` says;
     /// a plugin that fails to load is logged, not fatal) and the flow index.
     pub async fn start(config: HostConfig) -> Result<Self, HostError> {
+        // Recording starts with the host (once per process; later hosts share it).
+        crate::telemetry::install();
         let hub = Hub::with_history_bytes(config.history, config.history_bytes);
         let mut log_config = SledLogConfig::new(&config.data);
         log_config.cache_bytes = config.cache_bytes;
@@ -173,6 +180,17 @@ impl Host {
         } else {
             None
         };
+        let alerts = (!config.alerts.is_empty()).then(|| {
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let alerts = crate::alerts::start(
+                config.alerts.clone(),
+                registry.clone(),
+                flows.as_ref().map(|(_, store)| store.clone()),
+                log.clone() as Arc<dyn EventLog>,
+                stopped,
+            );
+            (alerts, stop)
+        });
         Ok(Self {
             config,
             log,
@@ -182,6 +200,7 @@ impl Host {
             runtime,
             registry,
             flows,
+            alerts,
         })
     }
 
@@ -201,6 +220,10 @@ impl Host {
         .with_archive_dir(self.config.data.join("archive"))
         .with_registry(self.registry.clone())
         .with_schemas(self.schemas.clone());
+        let state = match &self.alerts {
+            Some((alerts, _)) => state.with_alerts(alerts.clone()),
+            None => state,
+        };
         match &self.flows {
             Some((_, store)) => state.with_flows(store.clone()),
             None => state,
@@ -234,6 +257,9 @@ impl Host {
 
     /// Stops the plugins and the flow index, and flushes the state database.
     pub async fn stop(self) {
+        if let Some((_, stop)) = &self.alerts {
+            let _ = stop.send(true);
+        }
         self.registry.stop_all().await;
         if let Some((runner, _)) = self.flows {
             runner.stop().await;

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod alerts;
 pub mod api;
 pub mod bus;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod runner;
 pub mod schemas;
 pub(crate) mod state_db;
+pub mod telemetry;
 pub(crate) mod tools;
 
 pub use bus::{Bus, BusStats, Hub, Start, Subscription, SubscriptionId};

@@ -95,6 +95,16 @@ fn control_error(e: ControlError) -> RegistryError {
 }
 
 /// Runs blocking `f` off the async threads.
+/// Runs an operation as a task of its own, in the span of whoever asked (a request's), so
+/// its log lines say where they came from.
+fn spawn_here<F>(op: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(op))
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RegistryError> {
@@ -368,7 +378,7 @@ impl Registry {
             Source::Embedded
         };
         let (this, text) = (self.clone(), manifest_text.to_owned());
-        tokio::spawn(async move {
+        spawn_here(async move {
             this.load_task(text, wasm, source, None, options, upgrade)
                 .await
         })
@@ -387,7 +397,7 @@ impl Registry {
         options: LoadOptions,
     ) -> Result<PluginInfo, RegistryError> {
         let (this, text) = (self.clone(), manifest_text.to_owned());
-        tokio::spawn(async move {
+        spawn_here(async move {
             this.load_task(text, wasm, source, note, options, Upgrade::default())
                 .await
         })
@@ -904,7 +914,7 @@ impl Registry {
             return Err(RegistryError::NotFound(name.to_owned()));
         }
         let (this, name) = (self.clone(), name.to_owned());
-        tokio::spawn(async move { this.unload_task(name, purge).await })
+        spawn_here(async move { this.unload_task(name, purge).await })
             .await
             .map_err(storage)?
     }
@@ -998,7 +1008,7 @@ impl Registry {
             return Err(RegistryError::NotFound(name.to_owned()));
         }
         let (this, name) = (self.clone(), name.to_owned());
-        tokio::spawn(async move {
+        spawn_here(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
             runner.resume().await.map_err(control_error)
@@ -1043,7 +1053,7 @@ impl Registry {
     ) -> Result<RetryOutcome, RegistryError> {
         let (this, id) = (self.clone(), id.clone());
         let (name, position) = (id.plugin.clone(), id.position);
-        tokio::spawn(async move {
+        spawn_here(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
             runner.retry(position).await.map_err(|e| match e {
@@ -1062,7 +1072,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let (this, id) = (self.clone(), id.clone());
         let (name, position) = (id.plugin.clone(), id.position);
-        tokio::spawn(async move {
+        spawn_here(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
             if !runner.delete(position).await.map_err(control_error)? {

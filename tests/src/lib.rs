@@ -28,12 +28,28 @@ impl Host {
         Self::start_with_env(bin, data, extra, &[]).await
     }
 
+    /// [`Host::start`] writing its log lines (at `info`) to the file `log`.
+    pub async fn start_logging(bin: &str, data: &Path, extra: &[&str], log: &Path) -> Host {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn(bin, data, extra, &[("RUST_LOG", "info")], Stdio::from(file)).await
+    }
+
     /// [`Host::start`] with extra environment variables (e.g. a fault point).
     pub async fn start_with_env(
         bin: &str,
         data: &Path,
         extra: &[&str],
         env: &[(&str, &str)],
+    ) -> Host {
+        Self::spawn(bin, data, extra, env, Stdio::inherit()).await
+    }
+
+    async fn spawn(
+        bin: &str,
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
     ) -> Host {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
@@ -44,10 +60,10 @@ impl Host {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(extra)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn the host binary");
         let mut host = Host {

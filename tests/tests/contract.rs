@@ -382,7 +382,7 @@ async fn configuration_reaches_the_plugin_and_secrets_stay_out_of_sight() {
             "{url} shows the secret: {v}"
         );
     }
-    let (ok, out, err) = h.cli(&["plugin", "list"]);
+    let (ok, out, err) = h.cli(&["plugin", "list", "--json"]);
     assert!(ok, "{err}");
     assert!(!out.contains(SECRET) && out.contains("(secret)"), "{out}");
 

@@ -298,9 +298,17 @@ async fn a_quarantined_plugin_stops_until_resumed_even_across_restarts() {
     let (ok, _, err) = h.cli(&["plugin", "resume", "nope"]);
     assert!(!ok && err.contains("no plugin named \"nope\""), "{err}");
     let (ok, out, _) = h.cli(&["dlq", "delete", &format!("hostile.{first}")]);
-    assert!(ok && out.contains("deleted"), "{out}");
-    let (ok, out, _) = h.cli(&["dlq", "retry", &format!("hostile.{}", first + 2)]);
-    assert!(ok && out.contains("\"handled\":false"), "{out}");
+    let deleted: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        ok && deleted["deleted"] == format!("hostile.{first}"),
+        "{out}"
+    );
+    // A retry that fails again is a failure of the command.
+    let (ok, out, err) = h.cli(&["dlq", "retry", &format!("hostile.{}", first + 2)]);
+    assert!(
+        !ok && out.contains("\"handled\":false") && err.contains("failed again"),
+        "{out}{err}"
+    );
 }
 
 /// Appends that violate a registered schema are refused with the failing path and write

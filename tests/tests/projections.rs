@@ -277,7 +277,21 @@ async fn plugins_hot_load_replace_and_unload_in_a_running_host() {
         2
     );
     let (ok, out, _) = h.cli(&["plugin", "list"]);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("tools "))
+        .unwrap_or_default();
+    assert!(
+        ok && row.contains("projection") && row.contains("live"),
+        "{out}"
+    );
+    let (ok, out, _) = h.cli(&["plugin", "list", "--json"]);
     assert!(ok && out.contains("\"tools\""), "{out}");
+    let (ok, out, _) = h.cli(&["plugin", "status", "tools"]);
+    assert!(
+        ok && out.starts_with("tools@") && out.contains("lag 0"),
+        "{out}"
+    );
     let (ok, _, err) = h.cli(&["plugin", "unload", "tools", "--purge"]);
     assert!(ok, "{err}");
     let (s, _) = upload(&h, "tools", manifest, wasm("type-counter")).await;

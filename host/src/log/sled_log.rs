@@ -1307,7 +1307,12 @@ impl Writer {
         }
         close(&mut encoded, chunk_first, &mut bytes, true);
         let (segment, base) = self.segment.append(&bytes).map_err(|e| (e, false))?;
+        let synced = std::time::Instant::now();
         self.segment.sync().map_err(|e| (e, false))?;
+        metrics::histogram!(crate::telemetry::FSYNC_SECONDS).record(synced.elapsed());
+        metrics::histogram!(crate::telemetry::GROUP_EVENTS).record(group.events.len() as f64);
+        metrics::counter!(crate::telemetry::APPENDED_EVENTS).increment(group.events.len() as u64);
+        metrics::counter!(crate::telemetry::APPENDED_BYTES).increment(bytes.len() as u64);
         for (first, start, len, count) in chunks {
             let entry = ChunkEntry {
                 location: ChunkLocation {

@@ -571,7 +571,7 @@ impl Registry {
         }
         self.check_hot_load()?;
         let (this, name) = (self.clone(), name.to_owned());
-        tokio::spawn(async move {
+        super::spawn_here(async move {
             let _held = this.names.lock(&name).await;
             op(this.clone(), name).await
         })

@@ -165,6 +165,8 @@ impl Committer {
                 };
             });
             tracing::trace!(plugin = self.plugin, events = job.events, took = ?job.started.elapsed(), "batch committed");
+            metrics::histogram!(crate::telemetry::PLUGIN_BATCH_SECONDS, "plugin" => self.name.clone())
+                .record(job.started.elapsed());
             let _ = self.committed.send(job.resume);
             self.snapshot_past(job.resume);
         }

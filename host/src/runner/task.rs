@@ -139,7 +139,8 @@ impl Task {
                     continue;
                 }
             };
-            match self.batch(events, resume).await {
+            let span = batch_span(self.plugin.id(), &events);
+            match tracing::Instrument::instrument(self.batch(events, resume), span).await {
                 Flow::Continue => {}
                 Flow::Stopped => break,
                 Flow::Quarantined => sub = None,
@@ -273,4 +274,17 @@ impl Task {
         }
         Ok(())
     }
+}
+
+/// The span a batch runs in: the plugin, its first and last positions, and the
+/// correlation id of its first event that has one.
+fn batch_span(plugin: &str, events: &[Arc<Event>]) -> tracing::Span {
+    let (from, to) = (
+        events.first().map(|e| e.position),
+        events.last().map(|e| e.position),
+    );
+    let correlation = events
+        .iter()
+        .find_map(|e| e.metadata.correlation_id.as_deref());
+    tracing::info_span!("batch", plugin, from, to, correlation_id = correlation)
 }
