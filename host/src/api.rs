@@ -5,6 +5,7 @@
 
 mod access;
 mod by_time;
+mod dashboard;
 mod error;
 mod extract;
 mod failures;
@@ -148,6 +149,8 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     let access = state.access.clone();
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/ui/{file}", get(dashboard::file))
         .route("/health", get(health))
         .route("/v1/streams", get(streams::list_streams))
         .route(

@@ -296,7 +296,8 @@ pub(crate) struct Flow {
     pub answered: bool,
     /// Query to answer, ms; `null` until both are in the flow.
     pub latency_ms: Option<f64>,
-    /// Each tool invocation with an outcome: id, tool, outcome, latency, duration.
+    /// Each tool invocation with an outcome: id, tool, outcome, when requested, latency,
+    /// duration.
     pub tools: Vec<Value>,
     /// Invocations requested without an outcome yet.
     pub pending_invocations: Vec<String>,
@@ -359,6 +360,8 @@ pub(crate) async fn flow(
                         "outcome": if t == COMPLETED { "completed" } else { "failed" },
                         "latency_ms": (micros(&e) - at) as f64 / 1e3,
                         "duration_ms": p["duration_ms"],
+                        "requested_at": chrono::DateTime::from_timestamp_micros(at)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
                     }));
                 }
             }

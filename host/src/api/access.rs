@@ -304,7 +304,7 @@ impl Access {
                 return Ok(());
             }
         }
-        if !self.tokens.is_empty() {
+        if !self.tokens.is_empty() && !super::dashboard::is_asset(req.method(), req.uri().path()) {
             let needed = Role::needed_for(req.method(), req.uri().path());
             let role = self.role(headers)?;
             if role < needed {
