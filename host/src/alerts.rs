@@ -42,6 +42,9 @@ pub struct AlertRules {
     pub tool_failure_rate: Option<f64>,
 }
 
+/// A raised alert clears when its value falls to this share of its threshold.
+const CLEAR_AT: f64 = 0.9;
+
 /// Fewest invocations in the window for a tool's failure rate to count.
 pub const MIN_INVOCATIONS: u64 = 5;
 
@@ -129,6 +132,7 @@ pub(crate) fn start(
         log,
         alerts: alerts.clone(),
         windows: HashMap::new(),
+        rounds: 0,
     };
     tokio::spawn(checks.run(stop));
     alerts
@@ -141,6 +145,8 @@ struct Checks {
     log: Arc<dyn EventLog>,
     alerts: Alerts,
     windows: HashMap<(&'static str, String), Window>,
+    /// Checks done so far.
+    rounds: u64,
 }
 
 impl Checks {
@@ -152,6 +158,7 @@ impl Checks {
             }
             let values = self.values().await;
             self.apply(values).await;
+            self.rounds += 1;
         }
     }
 
@@ -159,16 +166,21 @@ impl Checks {
     async fn values(&mut self) -> Vec<((&'static str, String), f64, f64)> {
         let now = Instant::now();
         let mut out = Vec::new();
+        let mut tools = std::collections::HashSet::new();
         for p in self.registry.list().await {
+            if p.tool.is_some() {
+                tools.insert(p.name.clone());
+            }
             if let Some(t) = self.rules.lag {
                 out.push((("lag", p.name.clone()), p.lag as f64, t as f64));
             }
             if let Some(t) = self.rules.dead_letters_per_minute {
                 let key = ("dead_letters_per_minute", p.name.clone());
+                // A runner counts its dead letters from its start: from 0.
                 let grew = self
                     .windows
                     .entry(key.clone())
-                    .or_default()
+                    .or_insert_with(|| Window(VecDeque::from([(now, 0.0)])))
                     .grew(now, p.status.dead_lettered as f64);
                 out.push((key, grew, t as f64));
             }
@@ -195,8 +207,9 @@ impl Checks {
             let mean = if n > 0.0 { ms / n } else { 0.0 };
             out.push((("flow_ms", "flows".into()), mean, t));
         }
-        if let (Some(t), Some(tools)) = (self.rules.tool_failure_rate, m["tools"].as_object()) {
-            for (tool, f) in tools {
+        if let (Some(t), Some(figures)) = (self.rules.tool_failure_rate, m["tools"].as_object()) {
+            // Only loaded tools: a request may name any tool.
+            for (tool, f) in figures.iter().filter(|(name, _)| tools.contains(*name)) {
                 let all = self.grown(
                     ("tool_all", tool.clone()),
                     now,
@@ -218,8 +231,18 @@ impl Checks {
         out
     }
 
+    /// How much a figure of the flow index (kept across restarts) grew in the window. Read
+    /// at the first check, its value is the baseline, so a start does not count history as
+    /// new; a figure that appears later (a tool's first outcome) starts from 0.
     fn grown(&mut self, key: (&'static str, String), now: Instant, value: f64) -> f64 {
-        self.windows.entry(key).or_default().grew(now, value)
+        let first = self.rounds == 0;
+        self.windows
+            .entry(key)
+            .or_insert_with(|| {
+                let base = if first { value } else { 0.0 };
+                Window(VecDeque::from([(now, base)]))
+            })
+            .grew(now, value)
     }
 
     /// Raises what crossed its threshold and clears what no longer does, announcing each
@@ -230,7 +253,14 @@ impl Checks {
             let mut active = self.alerts.active.lock().expect("alerts lock");
             let checked: Vec<_> = values.iter().map(|(k, _, _)| k.clone()).collect();
             for (key, value, threshold) in values {
-                let over = value > threshold;
+                // Raised above the threshold, cleared only below 90% of it, so a value
+                // hovering at the threshold does not raise and clear every second.
+                let raised = active.contains_key(&key);
+                let over = if raised {
+                    value > threshold * CLEAR_AT
+                } else {
+                    value > threshold
+                };
                 match (over, active.get_mut(&key)) {
                     (true, Some(a)) => a.value = value,
                     (true, None) => {

@@ -1,5 +1,6 @@
 //! The `evhost` command line: `serve` runs the host; `events` talks to a running host.
 
+mod ops;
 mod streams;
 mod table;
 
@@ -58,6 +59,27 @@ enum Command {
     /// List, retry and drop the events plugins failed on (the dead-letter store).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Register, list and remove the JSON Schemas event payloads must satisfy.
+    #[command(subcommand)]
+    Schema(ops::SchemaCommand),
+    /// Per tool invocations and latency, and flows' end-to-end latency, as a table.
+    Metrics {
+        #[command(flatten)]
+        remote: Remote,
+        /// Print the host's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A flow's events in order and its tool calls, by correlation id.
+    Flows {
+        #[command(flatten)]
+        remote: Remote,
+        /// The correlation id.
+        id: String,
+        /// Print the host's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work on the stored event log of a stopped host.
     #[command(subcommand)]
     Log(LogCommand),
@@ -132,6 +154,10 @@ enum PluginCommand {
         /// the checkpoint.
         #[arg(long)]
         keep_state: bool,
+        /// Wait, with a progress bar, until the plugin has caught up (or its new version
+        /// has, and switched).
+        #[arg(long)]
+        wait: bool,
     },
     /// Make a projection's candidate (or shadow run) live, once it has caught up.
     Promote {
@@ -490,9 +516,34 @@ enum EventsCommand {
     },
 }
 
+/// `--url` and `--token` given before the subcommand (`evhost --url U plugin list`) moved
+/// after it, where each client command takes them.
+fn client_options_last(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut moved = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy().into_owned();
+        if !a.starts_with("--") {
+            break;
+        }
+        let takes_value = a == "--url" || a == "--token";
+        if takes_value && i + 1 < args.len() {
+            moved.extend(args.drain(i..i + 2));
+        } else if a.starts_with("--url=") || a.starts_with("--token=") {
+            moved.push(args.remove(i));
+        } else if a == "--log-format" {
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    args.extend(moved);
+    args
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(client_options_last(std::env::args_os().collect()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -530,6 +581,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Plugin(cmd) => plugin(cmd).await,
         Command::State(cmd) => state(cmd).await,
         Command::Dlq(cmd) => dlq(cmd).await,
+        Command::Schema(cmd) => ops::schema(cmd).await,
+        Command::Metrics { remote, json } => ops::metrics(&remote, json).await,
+        Command::Flows { remote, id, json } => ops::flow(&remote, &id, json).await,
         Command::Log(LogCommand::Repair { data }) => repair_log(&data),
     }
 }
@@ -854,6 +908,7 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             switch,
             shadow,
             keep_state,
+            wait,
         } => {
             let mut options = crate::registry::LoadOptions::default();
             for kv in &config {
@@ -918,7 +973,12 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
                 .send()
                 .await
                 .with_context(|| format!("reaching the host at {}", remote.url))?;
-            println!("{}", json_reply(resp).await?);
+            let loaded = json_reply(resp).await?;
+            if wait {
+                let target = loaded["head"].as_u64().unwrap_or(0);
+                ops::wait_caught_up(&remote, &parsed.name, target).await?;
+            }
+            println!("{loaded}");
         }
         PluginCommand::List { remote, json } => {
             let resp = remote
@@ -1170,6 +1230,8 @@ async fn state(cmd: StateCommand) -> Result<()> {
             return Ok(());
         }
     };
+    let waiting = matches!(cmd, StateCommand::At { .. })
+        .then(|| ops::spinner("replaying the log to that position"));
     let resp = remote
         .client()?
         .get(url)
@@ -1178,6 +1240,9 @@ async fn state(cmd: StateCommand) -> Result<()> {
         .await
         .context("reaching the host")?;
     let body = json_reply(resp).await?;
+    if let Some(s) = waiting {
+        s.finish_and_clear();
+    }
     match &cmd {
         StateCommand::Get { prefix: true, .. } => {
             for item in body["items"].as_array().cloned().unwrap_or_default() {

@@ -220,8 +220,11 @@ impl Handler for FlowIndex {
                     f.failed += u64::from(t == FAILED);
                     let ms = (micros - pending.micros) as f64 / 1e3;
                     f.latency.record(ms);
-                    metrics::histogram!(crate::telemetry::TOOL_LATENCY, "tool" => pending.tool.clone())
-                        .record(ms / 1e3);
+                    // Not for names no tool answers to: any request may name any tool.
+                    if p["error"]["code"] != "unknown_tool" {
+                        metrics::histogram!(crate::telemetry::TOOL_LATENCY, "tool" => pending.tool.clone())
+                            .record(ms / 1e3);
+                    }
                     o.set(key, &f);
                 }
                 QUERY => {

@@ -270,6 +270,7 @@ fn run_one(plugin: &ToolPlugin, name: &str, input: &str) -> Result<Value, (&'sta
             )
         }),
         Err(e @ PluginError::Refused { .. }) => Err(("refused", e.to_string())),
+        Err(e @ PluginError::Failed { .. }) => Err(("failed", e.to_string())),
         Err(e @ PluginError::TimedOut { .. }) => Err(("timeout", e.to_string())),
         Err(e) => Err(("trapped", e.to_string())),
     }

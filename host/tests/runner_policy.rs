@@ -362,6 +362,34 @@ async fn dead_letters_in_a_row_quarantine_until_resumed() {
     runner.stop().await;
 }
 
+/// A dead letter the operator deleted no longer counts toward a quarantine: with
+/// `quarantine_after = 2`, a dead letter, its deletion, and another dead letter leave the
+/// plugin running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_dead_letter_no_longer_counts_toward_quarantine() {
+    let s = setup();
+    let handler = scripted(0);
+    let (runner, store) = spawn(&s, handler.clone(), quick(0, 2));
+    append(&s.log, &["\"bad\""]).await;
+    until("the first dead letter", || store.dead_letter_count() == 1).await;
+    assert_eq!(runner.status().dead_letters_in_a_row, 1);
+    assert!(runner.controller().delete(0).await.unwrap(), "it was there");
+    assert_eq!(runner.status().dead_letters_in_a_row, 0);
+    append(&s.log, &["\"bad\"", "2"]).await;
+    until("the checkpoint passes the head", || {
+        runner.status().position >= 3
+    })
+    .await;
+    assert_ne!(
+        runner.status().state,
+        RunState::Quarantined,
+        "{:?}",
+        runner.status()
+    );
+    assert_eq!(store.get("count").unwrap().as_deref(), Some("1"));
+    runner.stop().await;
+}
+
 /// A crash between the append of derived events and the commit of the checkpoint (the
 /// checkpoint is put back where it was, as after such a crash): the batch runs again on
 /// restart and each derived event is in the log once.

@@ -367,3 +367,165 @@ async fn a_lagging_plugin_raises_an_alert_that_clears_when_it_catches_up() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_to_people_and_takes_its_url_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // --url before the subcommand, and after it.
+    let (ok, out, err) = run(&["--url", &h.url, "plugin", "list"]);
+    assert!(ok && out.starts_with("NAME"), "{out}{err}");
+    let (ok, out, err) = run(&["plugin", "list", "--url", &h.url, "--json"]);
+    assert!(ok && out.is_empty(), "{out}{err}");
+
+    // A load that waits until caught up, with its progress on stderr.
+    let plugins = env!("EVHOST_TEST_PLUGINS");
+    append(
+        &h,
+        "w",
+        (0..300)
+            .map(|_| json!({"type": "assistant.tick.completed", "payload": {}}))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let manifest = format!("{plugins}/type-counter.toml");
+    let (ok, out, err) = run(&["plugin", "load", &manifest, "--wait", "--url", &h.url]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("type-counter: caught up"), "{err}");
+    let (_, s) = get(&format!("{}/v1/plugins/type-counter", h.url)).await;
+    assert_eq!(
+        s["lag"], 0,
+        "--wait returned before the plugin caught up: {s}"
+    );
+
+    // Schemas.
+    let schema = dir.path().join("order.json");
+    std::fs::write(&schema, r#"{"type": "object", "required": ["id"]}"#).unwrap();
+    let (ok, out, err) = run(&[
+        "schema",
+        "put",
+        "order.*",
+        schema.to_str().unwrap(),
+        "--url",
+        &h.url,
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = run(&["schema", "list", "--url", &h.url]);
+    assert!(ok && out.contains("order.*"), "{out}");
+    let (ok, out, _) = run(&["schema", "delete", "order.*", "--url", &h.url]);
+    assert!(ok && out.contains("\"deleted\":\"order.*\""), "{out}");
+    let (ok, out, _) = run(&["schema", "list", "--url", &h.url]);
+    assert!(ok && out.is_empty(), "{out}");
+
+    // Metrics and a flow, for people.
+    append(&h, "chat", vec![
+        json!({"type": "user.query.received", "payload": {"query": "hi"}, "metadata": {"correlation_id": "c-1"}}),
+        json!({"type": "answer.synthesized", "payload": {"answer": "hello"}, "metadata": {"correlation_id": "c-1"}}),
+    ]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let (ok, out, _) = run(&["flows", "c-1", "--url", &h.url]);
+        if ok && out.contains("answered in") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        out.contains("user.query.received") && out.contains("answer.synthesized"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["metrics", "--url", &h.url]);
+    assert!(
+        ok && out.starts_with("TOOL") && out.contains("flows answered: 1"),
+        "{out}{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_slow_flows_and_failing_tools_raise_their_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(
+        BIN,
+        dir.path(),
+        &[
+            "--alert-dead-letters-per-minute",
+            "2",
+            "--alert-flow-ms",
+            "50",
+            "--alert-tool-failure-rate",
+            "0.5",
+        ],
+    )
+    .await;
+    let probe = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
+                 [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    assert_eq!(
+        upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
+            .await
+            .0,
+        200
+    );
+    let math = "name = \"math\"\nversion = \"1\"\nkind = \"tool\"\n";
+    assert_eq!(upload(&h, "math", math, plugin_wasm("math")).await.0, 200);
+    // The flow index's figures count from the first check after the start (they are kept
+    // across restarts), so the work comes after it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Three dead letters in a minute; five invocations that all fail; one flow of 200 ms.
+    append(
+        &h,
+        "p",
+        (0..3)
+            .map(|_| json!({"type": "probe.trap", "payload": {}}))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    append(&h, "calls", (0..5).map(|i| json!({"type": "tool.invocation.requested",
+        "payload": {"invocation_id": format!("z-{i}"), "tool": "math", "input": {"expression": "1/0"}}})).collect::<Vec<_>>()).await;
+    append(&h, "chat", vec![json!({"type": "user.query.received", "payload": {"query": "slow"}, "metadata": {"correlation_id": "slow-1"}})]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    append(&h, "chat", vec![json!({"type": "answer.synthesized", "payload": {"answer": "late"}, "metadata": {"correlation_id": "slow-1"}})]).await;
+    let want = [
+        ("dead_letters_per_minute", "probe"),
+        ("flow_ms", "flows"),
+        ("tool_failure_rate", "math"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let raised: Vec<(String, String)> = alert_events(&h)
+            .await
+            .into_iter()
+            .filter(|(t, _, _)| t == "evhost.alert.raised")
+            .map(|(_, a, s)| (a, s))
+            .collect();
+        if want
+            .iter()
+            .all(|(a, s)| raised.contains(&(a.to_string(), s.to_string())))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "raised only {raised:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, a) = get(&format!("{}/v1/alerts", h.url)).await;
+    assert_eq!(a["alerts"].as_array().unwrap().len(), 3, "{a}");
+    let data = dir.path().join("refused");
+    let (ok, _, err) = h.cli(&[
+        "serve",
+        "--data",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--alert-tool-failure-rate",
+        "2",
+    ]);
+    assert!(!ok && err.contains("between 0 and 1"), "{err}");
+}

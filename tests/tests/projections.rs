@@ -562,3 +562,42 @@ async fn time_travel_passes_over_what_the_live_run_dead_lettered() {
         assert_eq!(then["value"], want, "at={at}");
     }
 }
+
+/// A plugin unloaded without --purge keeps its state, and that state can still be read by
+/// key or prefix; purged, it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unloaded_plugins_kept_state_can_still_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let manifest =
+        "name = \"kept\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"k.>\"]\n";
+    assert_eq!(
+        upload(&h, "kept", manifest, wasm("type-counter")).await.0,
+        200
+    );
+    append(&h, "k", vec![ev("k.a", json!({})), ev("k.a", json!({}))]).await;
+    caught_up(&h, "kept").await;
+    let (ok, _, err) = h.cli(&["plugin", "unload", "kept"]);
+    assert!(ok, "{err}");
+    let (s, v) = state(&h, "kept", "k.a").await;
+    assert_eq!(
+        (s, &v["value"], &v["version"]),
+        (200, &json!(2), &json!("(unloaded)")),
+        "{v}"
+    );
+    let (s, v) = get(&format!("{}/v1/projections/kept/state?prefix=k.", h.url)).await;
+    assert_eq!((s, &v["items"][0]["value"]), (200, &json!(2)), "{v}");
+    let (ok, _, err) = h.cli(&["plugin", "unload", "kept", "--purge"]);
+    assert!(
+        !ok && err.contains("no plugin named"),
+        "already unloaded: {err}"
+    );
+    assert_eq!(
+        upload(&h, "kept", manifest, wasm("type-counter")).await.0,
+        200
+    );
+    let (ok, _, err) = h.cli(&["plugin", "unload", "kept", "--purge"]);
+    assert!(ok, "{err}");
+    let (s, v) = state(&h, "kept", "k.a").await;
+    assert_eq!(s, 404, "{v}");
+}

@@ -249,6 +249,8 @@ async fn http_reaches_granted_hosts_only() {
     assert_eq!(granted.count("/hello"), 1);
     let no = &by_id["no"][0];
     assert_eq!(no["type"], "tool.invocation.failed", "{no}");
+    // The tool's own failure (Error::Failed), not a refusal of its input.
+    assert_eq!(no["payload"]["error"]["code"], "failed", "{no}");
     let msg = no["payload"]["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("denied") && msg.contains("not granted"),

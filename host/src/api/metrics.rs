@@ -4,6 +4,9 @@
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use metrics::{counter, gauge};
 use serde_json::Value;
 
@@ -31,6 +34,25 @@ pub(super) async fn get_metrics(State(st): State<AppState>) -> Result<Response, 
         .into_response())
 }
 
+/// Counts read off status that start over (a runner's since it started, a state's since it
+/// was built) made monotonic for Prometheus: by (metric, plugin), the last value read and
+/// what came before its last drop.
+static TOTALS: Mutex<Option<HashMap<(&'static str, String), (u64, u64)>>> = Mutex::new(None);
+
+/// `value` of a count that may start over, as a total that never goes back.
+fn total(metric: &'static str, plugin: &str, value: u64) -> u64 {
+    let mut totals = TOTALS.lock().expect("metric totals");
+    let (last, base) = totals
+        .get_or_insert_with(HashMap::new)
+        .entry((metric, plugin.to_owned()))
+        .or_insert((0, 0));
+    if value < *last {
+        *base += *last;
+    }
+    *last = value;
+    *base + value
+}
+
 /// Sets what is read off status, at this scrape.
 async fn refresh(st: &AppState) {
     gauge!(t::HEAD).set(st.log.head() as f64);
@@ -38,14 +60,26 @@ async fn refresh(st: &AppState) {
     gauge!(t::BUS_SUBSCRIBERS).set(bus.subscriptions as f64);
     counter!(t::BUS_PUBLISHED).absolute(bus.published);
     counter!(t::BUS_RESYNCS).absolute(bus.resyncs);
+    let mut tools = HashSet::new();
     if let Some(reg) = &st.registry {
         for p in reg.list().await {
+            if p.tool.is_some() {
+                tools.insert(p.name.clone());
+            }
             let plugin = p.name.clone();
             let l = [("plugin", plugin)];
-            counter!(t::PLUGIN_EVENTS, &l).absolute(p.status.events_processed);
+            counter!(t::PLUGIN_EVENTS, &l).absolute(total(
+                t::PLUGIN_EVENTS,
+                &p.name,
+                p.status.events_processed,
+            ));
             gauge!(t::PLUGIN_LAG, &l).set(p.lag as f64);
             gauge!(t::PLUGIN_POSITION, &l).set(p.status.position as f64);
-            counter!(t::PLUGIN_FAILURES, &l).absolute(p.status.errors);
+            counter!(t::PLUGIN_FAILURES, &l).absolute(total(
+                t::PLUGIN_FAILURES,
+                &p.name,
+                p.status.errors,
+            ));
             gauge!(t::PLUGIN_DEAD_LETTERS, &l).set(p.dead_letters as f64);
             gauge!(t::PLUGIN_QUARANTINED, &l)
                 .set(f64::from(u8::from(p.status.quarantine.is_some())));
@@ -56,9 +90,8 @@ async fn refresh(st: &AppState) {
             if p.usage.fuel_per_event.is_some() {
                 counter!(t::PLUGIN_FUEL, &l).absolute(p.usage.fuel_consumed);
             }
-            if let Some(c) = &p.candidate {
-                gauge!(t::PLUGIN_CANDIDATE_LAG, &l).set(c.lag as f64);
-            }
+            gauge!(t::PLUGIN_CANDIDATE_LAG, &l)
+                .set(p.candidate.as_ref().map_or(0.0, |c| c.lag as f64));
         }
     }
     if let Some(alerts) = &st.alerts {
@@ -71,16 +104,17 @@ async fn refresh(st: &AppState) {
         let store = store.clone();
         let figures = tokio::task::spawn_blocking(move || crate::flows::metrics(&store)).await;
         if let Ok(Ok(m)) = figures {
-            flow_figures(&m);
+            flow_figures(&m, &tools);
         }
     }
 }
 
 /// The flow index's durable figures: per tool invocations by outcome, and flows answered
 /// (their latencies are histograms the index records as it goes).
-fn flow_figures(m: &Value) {
+fn flow_figures(m: &Value, loaded: &HashSet<String>) {
     if let Some(tools) = m["tools"].as_object() {
-        for (tool, f) in tools {
+        // Only loaded tools: a request may name any tool, and each name would be a series.
+        for (tool, f) in tools.iter().filter(|(t, _)| loaded.contains(*t)) {
             for outcome in ["completed", "failed"] {
                 let n = f[outcome].as_u64().unwrap_or(0);
                 counter!(t::TOOL_INVOCATIONS, "tool" => tool.clone(), "outcome" => outcome)
@@ -108,14 +142,38 @@ pub(super) async fn track(
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    // A fixed set, so a client cannot add series by inventing methods.
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
     let started = std::time::Instant::now();
-    let span = tracing::info_span!("request", method = %method, route = %route);
+    let span = tracing::info_span!("request", method, route = %route);
     let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
-    metrics::histogram!(t::HTTP_SECONDS, "route" => route.clone(), "method" => method.clone())
+    metrics::histogram!(t::HTTP_SECONDS, "route" => route.clone(), "method" => method)
         .record(started.elapsed());
     counter!(t::HTTP_REQUESTS, "route" => route, "method" => method, "status" => status)
         .increment(1);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::total;
+
+    #[test]
+    fn a_count_that_starts_over_stays_a_total_that_never_goes_back() {
+        let seen: Vec<u64> = [5, 7, 2, 3, 0, 4]
+            .into_iter()
+            .map(|v| total("test_total", "p", v))
+            .collect();
+        assert_eq!(seen, [5, 7, 9, 10, 10, 14]);
+        assert_eq!(total("test_total", "other", 1), 1, "kept apart by plugin");
+    }
 }

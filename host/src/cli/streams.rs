@@ -83,7 +83,10 @@ pub(super) async fn stream(cmd: StreamCommand) -> Result<()> {
         } => read(&remote, &stream, backward, from, limit).await,
         StreamCommand::Archive { remote, stream } => {
             let url = format!("{}/v1/streams/{}/archive", remote.url, urlencode(&stream));
-            send(&remote, remote.client()?.post(url)).await
+            let waiting = super::ops::spinner(&format!("archiving {stream}"));
+            let sent = send(&remote, remote.client()?.post(url)).await;
+            waiting.finish_and_clear();
+            sent
         }
         StreamCommand::Delete {
             remote,

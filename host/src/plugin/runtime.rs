@@ -85,9 +85,18 @@ pub enum PluginError {
         /// What is wrong.
         message: String,
     },
-    /// The plugin returned an error for its input.
+    /// The plugin said its input is invalid (`error::invalid-input`).
     #[error("plugin {plugin} refused the input: {message}")]
     Refused {
+        /// `name@version`.
+        plugin: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The plugin said it failed for another reason (`error::failed`): a tool whose
+    /// service was unreachable, say; not the input's fault.
+    #[error("plugin {plugin} failed: {message}")]
+    Failed {
         /// `name@version`.
         plugin: String,
         /// The plugin's message.
@@ -1092,13 +1101,13 @@ impl<W: World> Plugin<W> {
     }
 
     pub(super) fn refused(&self, e: GuestError) -> PluginError {
-        let message = match e {
-            GuestError::InvalidInput(m) => format!("invalid input: {m}"),
-            GuestError::Failed(m) => m,
-        };
-        PluginError::Refused {
-            plugin: self.plugin.to_string(),
-            message,
+        let plugin = self.plugin.to_string();
+        match e {
+            GuestError::InvalidInput(m) => PluginError::Refused {
+                plugin,
+                message: format!("invalid input: {m}"),
+            },
+            GuestError::Failed(message) => PluginError::Failed { plugin, message },
         }
     }
 }

@@ -130,11 +130,60 @@ impl Registry {
         }
     }
 
-    /// The live version's store and what a read of it says about where it stands.
+    /// The live version's store and what a read of it says about where it stands; for a
+    /// plugin unloaded with its state kept, that state (version `(unloaded)`).
     fn live_store(&self, name: &str) -> Result<(PluginStore, String, String), RegistryError> {
-        self.with(name, |l| {
+        let live = self.with(name, |l| {
             (l.store.clone(), l.manifest.version.clone(), l.hash.clone())
-        })
+        });
+        match live {
+            Err(RegistryError::NotFound(n)) if valid_name(&n) => Err(RegistryError::NotFound(n)),
+            other => other,
+        }
+    }
+
+    /// [`Registry::live_store`], and for an unloaded plugin its kept state, read while
+    /// holding its name (so no purge or load runs meanwhile).
+    async fn read_store<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&PluginStore) -> crate::plugin::StoreResult<T>,
+    ) -> Result<(u64, T, String, String), RegistryError> {
+        match self.live_store(name) {
+            Ok((store, version, hash)) => {
+                let (p, v) = store.consistent(read).map_err(store_error)?;
+                Ok((p, v, version, hash))
+            }
+            Err(RegistryError::NotFound(n)) if valid_name(&n) => {
+                let _held = self.names.lock(&n).await;
+                if let Ok((store, version, hash)) = self.live_store(&n) {
+                    // Loaded meanwhile.
+                    let (p, v) = store.consistent(read).map_err(store_error)?;
+                    return Ok((p, v, version, hash));
+                }
+                let (store, version, hash) = self.kept_store(&n)?;
+                let (p, v) = store.consistent(read).map_err(store_error)?;
+                Ok((p, v, version, hash))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The state an unloaded plugin left, when there is one (never creating a store). The
+    /// caller holds the name, so no load or purge runs meanwhile.
+    fn kept_store(&self, name: &str) -> Result<(PluginStore, String, String), RegistryError> {
+        let not_found = || RegistryError::NotFound(name.to_owned());
+        let generations = crate::plugin::generations(&self.db, name);
+        let Some(&last) = generations.last() else {
+            return Err(not_found());
+        };
+        let marked = super::upgrade::live_generation(&self.db, name).map_err(store_error)?;
+        let g = marked.filter(|m| generations.contains(m)).unwrap_or(last);
+        let store = PluginStore::open_generation(&self.db, name, g).map_err(store_error)?;
+        match store.component_hash().map_err(store_error)? {
+            Some(hash) => Ok((store, "(unloaded)".to_owned(), hash)),
+            None => Err(not_found()),
+        }
     }
 
     /// The stored state under `key`, without calling the plugin, once the state reflects
@@ -146,9 +195,11 @@ impl Registry {
         min_position: Option<u64>,
         wait: Duration,
     ) -> Result<(Option<String>, ReadAt), RegistryError> {
-        self.reached(name, min_position, wait).await?;
-        let (store, version, component_hash) = self.live_store(name)?;
-        let (position, value) = store.consistent(|s| s.get(key)).map_err(store_error)?;
+        if min_position.is_some() {
+            self.reached(name, min_position, wait).await?;
+        }
+        let (position, value, version, component_hash) =
+            self.read_store(name, |s| s.get(key)).await?;
         Ok((
             value,
             ReadAt {
@@ -169,11 +220,11 @@ impl Registry {
         min_position: Option<u64>,
         wait: Duration,
     ) -> Result<(Vec<(String, String)>, ReadAt), RegistryError> {
-        self.reached(name, min_position, wait).await?;
-        let (store, version, component_hash) = self.live_store(name)?;
-        let (position, items) = store
-            .consistent(|s| s.scan(prefix, limit))
-            .map_err(store_error)?;
+        if min_position.is_some() {
+            self.reached(name, min_position, wait).await?;
+        }
+        let (position, items, version, component_hash) =
+            self.read_store(name, |s| s.scan(prefix, limit)).await?;
         Ok((
             items,
             ReadAt {

@@ -826,7 +826,10 @@ fn article(kind: Kind) -> &'static str {
 }
 
 /// The generation last made live for `name`, if recorded.
-fn live_generation(db: &sled::Db, name: &str) -> Result<Option<u32>, crate::plugin::StoreError> {
+pub(super) fn live_generation(
+    db: &sled::Db,
+    name: &str,
+) -> Result<Option<u32>, crate::plugin::StoreError> {
     Ok(db
         .open_tree(LIVE_TREE)?
         .get(name)?

@@ -69,12 +69,44 @@ impl Task {
                 let _ = reply.send(r);
             }
             Control::Delete(position, reply) => {
+                let streak = self.in_streak(position);
                 let r = self.store.remove_dead_letter(position).map_err(|e| {
                     ControlError::Unavailable(format!("removing the dead letter failed: {e}"))
                 });
+                if streak && let Ok(true) = r {
+                    self.forgive_one();
+                }
                 let _ = reply.send(r);
             }
         }
+    }
+
+    /// True when the dead letter at `position` is one of the latest dead letters in a row
+    /// (those that count toward a quarantine: a handled event ends a streak, so the
+    /// streak's are the newest).
+    fn in_streak(&self, position: u64) -> bool {
+        let in_a_row = self.status.read(|s| s.dead_letters_in_a_row) as usize;
+        if in_a_row == 0 {
+            return false;
+        }
+        match self.store.dead_letters() {
+            Ok(letters) => letters
+                .iter()
+                .rev()
+                .take(in_a_row)
+                .any(|d| d.position == position),
+            Err(_) => false,
+        }
+    }
+
+    /// A dead letter of the current streak that the operator deleted (or that a retry
+    /// handled) no longer counts toward a quarantine.
+    fn forgive_one(&self) {
+        self.status.update(|s| {
+            if s.quarantine.is_none() {
+                s.dead_letters_in_a_row = s.dead_letters_in_a_row.saturating_sub(1);
+            }
+        });
     }
 
     async fn resume(&mut self) -> Result<bool, ControlError> {
@@ -116,6 +148,7 @@ impl Task {
             plugin: self.name.clone(),
             position,
         };
+        let streak = self.in_streak(position);
         let mut entry = self
             .store
             .dead_letter(position)
@@ -154,6 +187,9 @@ impl Task {
                 self.store
                     .commit_retried(&output.writes, position)
                     .map_err(|e| unavailable(e.to_string()))?;
+                if streak {
+                    self.forgive_one();
+                }
                 RetryOutcome {
                     handled: true,
                     error: None,

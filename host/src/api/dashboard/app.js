@@ -6,6 +6,8 @@ const view = document.getElementById("view");
 const errorBox = document.getElementById("error");
 let timers = [];
 let stopTail = null;
+// Bumped at each navigation: work a page started before it is dropped, errors and all.
+let routeGen = 0;
 
 function esc(v) {
   return String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -34,7 +36,8 @@ async function api(path, opts) {
   const text = await r.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
-  if (!r.ok) {
+  // /health answers 503 with its body when the log is read-only: that is what to show.
+  if (!r.ok && !(o.accept || []).includes(r.status)) {
     const msg = body && body.error ? body.error.message : r.status + " " + r.statusText;
     throw new Error(msg);
   }
@@ -47,8 +50,14 @@ function showError(e) {
 }
 
 function every(ms, fn) {
+  const gen = routeGen;
   const tick = async () => {
-    try { await fn(); showError(null); } catch (e) { showError(e); }
+    try {
+      await fn();
+      if (gen === routeGen) showError(null);
+    } catch (e) {
+      if (gen === routeGen) showError(e);
+    }
   };
   tick();
   timers.push(setInterval(tick, ms));
@@ -118,13 +127,13 @@ async function overview() {
       <th class="num">position</th><th class="num">lag</th><th class="num">events</th><th class="num">dead letters</th><th>upgrade</th></tr></thead><tbody></tbody></table>
     <div id="alerts"></div>`;
   every(1000, async () => {
-    const [health, list, alerts] = await Promise.all([api("/health"), api("/v1/plugins"), api("/v1/alerts")]);
+    const [health, list, alerts] = await Promise.all([api("/health", { accept: [503] }), api("/v1/plugins"), api("/v1/alerts")]);
     const now = Date.now();
     const last = rate.samples[rate.samples.length - 1];
     rate.samples.push({ at: now, head: health.head });
     if (rate.samples.length > 121) rate.samples.shift();
     const rates = rate.samples.slice(1).map((s, i) => Math.max(0, ((s.head - rate.samples[i].head) * 1000) / Math.max(1, s.at - rate.samples[i].at)));
-    document.getElementById("head").textContent = num(health.head);
+    document.getElementById("head").textContent = num(health.head) + (health.status === "ok" ? "" : " (" + health.status + ")");
     document.getElementById("rate").textContent = last ? num(Math.round(rates[rates.length - 1] || 0)) : "-";
     document.getElementById("chart").innerHTML = chart(rates);
     render(document.querySelector("#plugins tbody"), list.plugins.map(pluginRow).join("") ||
@@ -147,10 +156,15 @@ async function plugin(name) {
     <h2>Dead letters</h2><div id="dlq"></div>
     <h2>Logs</h2><pre id="logs" class="muted">(none)</pre>`;
   const path = "/v1/plugins/" + encodeURIComponent(name);
+  const kept = [];
+  let after = 0;
   every(1000, async () => {
     const [p, dlq, logs] = await Promise.all([
-      api(path), api("/v1/dlq?plugin=" + encodeURIComponent(name)), api(path + "/logs?limit=200"),
+      api(path), api("/v1/dlq?plugin=" + encodeURIComponent(name)), api(path + "/logs?limit=500&after=" + after),
     ]);
+    after = logs.next ?? after;
+    for (const l of logs.lines || []) kept.push(`${l.seq} ${l.source} ${l.line}`);
+    kept.splice(0, Math.max(0, kept.length - 500));
     const u = p.usage || {};
     const c = p.candidate;
     const quarantined = p.quarantine
@@ -186,8 +200,7 @@ async function plugin(name) {
       : `<p class="muted">none</p>`;
     document.querySelectorAll("[data-retry]").forEach((b) => (b.onclick = () => act("/v1/dlq/" + encodeURIComponent(b.dataset.retry) + "/retry", "POST")));
     document.querySelectorAll("[data-delete]").forEach((b) => (b.onclick = () => act("/v1/dlq/" + encodeURIComponent(b.dataset.delete), "DELETE")));
-    const lines = (logs.lines || []).map((l) => `${l.seq} ${l.source} ${l.line}`);
-    document.getElementById("logs").textContent = lines.length ? lines.join("\n") : "(none)";
+    document.getElementById("logs").textContent = kept.length ? kept.join("\n") : "(none)";
   });
 }
 
@@ -261,9 +274,16 @@ async function follow(pattern) {
       while ((cut = buf.indexOf("\n\n")) >= 0) {
         const frame = buf.slice(0, cut);
         buf = buf.slice(cut + 2);
-        const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        const lines = frame.split("\n");
+        const kind = (lines.find((l) => l.startsWith("event:")) || "event: message").slice(6).trim();
+        const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
         if (!data) continue;
-        const ev = JSON.parse(data);
+        if (kind !== "message") {
+          status.textContent = kind + ": " + data;
+          continue;
+        }
+        let ev;
+        try { ev = JSON.parse(data); } catch (_) { continue; }
         const body = document.querySelector("#tail tbody");
         if (!body) return;
         body.insertAdjacentHTML("afterbegin", `<tr data-event-type="${esc(ev.type)}"><td class="num">${esc(ev.position)}</td><td>${esc(ev.type)}</td><td>${esc(ev.stream)}</td><td><code>${esc(JSON.stringify(ev.payload))}</code></td></tr>`);
@@ -320,14 +340,17 @@ async function schemas() {
 }
 
 function route() {
+  routeGen += 1;
   timers.forEach(clearInterval);
   timers = [];
   if (stopTail) { stopTail(); stopTail = null; }
   showError(null);
   const parts = location.hash.replace(/^#\/?/, "").split("/");
-  const arg = parts[1] ? decodeURIComponent(parts[1]) : "";
+  let arg = "";
+  try { arg = parts[1] ? decodeURIComponent(parts[1]) : ""; } catch (_) { arg = parts[1]; }
   const page = { "": overview, plugin: () => plugin(arg), state, tail, flow: () => flow(arg), schemas }[parts[0]] || overview;
-  Promise.resolve(page()).catch(showError);
+  const gen = routeGen;
+  Promise.resolve(page()).catch((e) => { if (gen === routeGen) showError(e); });
 }
 
 document.getElementById("token").value = token();
