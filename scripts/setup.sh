@@ -10,30 +10,23 @@ if ! command -v rustup >/dev/null; then
 fi
 # Inside the repo, rustup reads rust-toolchain.toml and installs its targets too.
 rustup toolchain install >/dev/null
-# promtool (Debian's package prometheus) checks the host's /metrics in the tests.
-if ! command -v promtool >/dev/null; then
+# need COMMAND PACKAGE WHY: installs Debian's PACKAGE when COMMAND is missing.
+need() {
+    command -v "$1" >/dev/null && return
     if ! command -v apt-get >/dev/null; then
-        echo "error: promtool is required (Debian package prometheus); install it and re-run" >&2
+        echo "error: $1 is required ($3; Debian package $2); install it and re-run" >&2
         exit 1
     fi
-    sudo=""
+    local sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
-# The dashboard's browser test: Debian's chromium, driven by playwright-core from npm.
-if ! command -v chromium >/dev/null; then
-    if ! command -v apt-get >/dev/null; then
-        echo "error: chromium is required for the dashboard's browser test (Debian package chromium)" >&2
-        exit 1
-    fi
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
+need promtool prometheus "it checks the host's /metrics in the tests"
+need chromium chromium "the dashboard's browser test drives it"
 if ! command -v npm >/dev/null; then
     echo "error: node and npm are required for the dashboard's browser test" >&2
     exit 1
 fi
+# The browser test's driver, playwright-core, from npm (versions pinned by its lock file).
 (cd tests/browser && npm ci --no-audit --no-fund --silent)

@@ -189,6 +189,16 @@ pub fn plugin_wasm(name: &str) -> Vec<u8> {
         .unwrap_or_else(|_| panic!("{name}.wasm is neither in {installed} nor in {built}"))
 }
 
+/// The manifest of the `sandbox_probe` test guest as projection `probe` over `probe.>`:
+/// an event of type `probe.trap` makes it trap, and is dead-lettered at once (no retries);
+/// `quarantine_after` dead letters in a row quarantine it (0: never).
+pub fn probe_manifest(quarantine_after: u32) -> String {
+    format!(
+        "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
+         [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = {quarantine_after}\n"
+    )
+}
+
 /// `GET url`, expecting a refusal with `status` whose message says `says`; returns the
 /// reply.
 pub async fn get_refused(url: &str, status: u16, says: &str) -> serde_json::Value {

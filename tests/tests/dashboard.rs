@@ -23,8 +23,7 @@ async fn the_dashboard_works_in_a_real_browser() {
             .0,
         200
     );
-    let probe = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
-                 [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    let probe = &evhost_tests::probe_manifest(0);
     assert_eq!(
         upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
             .await

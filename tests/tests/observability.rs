@@ -200,8 +200,7 @@ async fn json_logs_carry_the_request_and_the_batch_they_belong_to() {
         &log,
     )
     .await;
-    let probe = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
-                 [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    let probe = &evhost_tests::probe_manifest(0);
     assert_eq!(
         upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
             .await
@@ -231,37 +230,28 @@ async fn json_logs_carry_the_request_and_the_batch_they_belong_to() {
             && l["fields"].is_object()),
         "{text}"
     );
-    let message = |l: &serde_json::Value| {
-        l["fields"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+    // The line with `message`, and its span called `span`.
+    let find = |message: &str, span: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no line {message:?}"));
+        let found = line["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == span)
+            .unwrap_or_else(|| panic!("{message:?} is not in a {span} span: {line}"))
+            .clone();
+        (line.clone(), found)
     };
-    let loaded = lines
-        .iter()
-        .find(|l| message(l) == "plugin loaded")
-        .expect("a load line");
-    let request = loaded["spans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "request")
-        .expect("in a request span");
+    let (loaded, request) = find("plugin loaded", "request");
     assert_eq!(
         (&request["method"], &request["route"]),
         (&json!("PUT"), &json!("/v1/plugins/{name}")),
         "{loaded}"
     );
-    let lettered = lines
-        .iter()
-        .find(|l| message(l) == "event dead-lettered")
-        .expect("a dead-letter line");
-    let batch = lettered["spans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "batch")
-        .expect("in a batch span");
+    let (lettered, batch) = find("event dead-lettered", "batch");
     assert_eq!(batch["plugin"], "probe@1", "{lettered}");
     assert_eq!(batch["correlation_id"], "c-9", "{lettered}");
     let (from, to) = (
@@ -293,8 +283,7 @@ async fn a_lagging_plugin_raises_an_alert_that_clears_when_it_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &["--alert-lag", "50"]).await;
     // Quarantined by its first dead letter, the probe falls behind what comes after it.
-    let probe = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
-                 [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 1\n";
+    let probe = &evhost_tests::probe_manifest(1);
     assert_eq!(
         upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
             .await
@@ -466,8 +455,7 @@ async fn dead_letters_slow_flows_and_failing_tools_raise_their_alerts() {
         ],
     )
     .await;
-    let probe = "name = \"probe\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"probe.>\"]\n\
-                 [on_failure]\nretries = 0\nbackoff_ms = 1\nmax_backoff_ms = 1\nquarantine_after = 0\n";
+    let probe = &evhost_tests::probe_manifest(0);
     assert_eq!(
         upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
             .await
