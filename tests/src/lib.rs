@@ -267,6 +267,23 @@ pub async fn upload(
     upload_with(h, name, manifest, wasm, serde_json::json!({}), &[]).await
 }
 
+/// [`upload`], expecting the load to succeed; returns the plugin's status.
+pub async fn load_ok(h: &Host, name: &str, manifest: &str, wasm: Vec<u8>) -> serde_json::Value {
+    let (s, info) = upload(h, name, manifest, wasm).await;
+    assert_eq!(s, 200, "loading {name}: {info}");
+    info
+}
+
+/// The positions an append answered.
+pub fn positions(reply: &serde_json::Value) -> Vec<u64> {
+    reply["positions"]
+        .as_array()
+        .expect("an append's reply has positions")
+        .iter()
+        .map(|p| p.as_u64().expect("a position"))
+        .collect()
+}
+
 /// [`upload`] granting the load `grants` (`http:HOST:PORT`, `clock`, `random`).
 pub async fn upload_granted(
     h: &Host,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, plugin_wasm, upload};
+use evhost_tests::{Host, append, get, load_ok, plugin_wasm};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -17,19 +17,9 @@ async fn the_dashboard_works_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
     let counter = "name = \"counter\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"test.>\"]\n";
-    assert_eq!(
-        upload(&h, "counter", counter, plugin_wasm("type-counter"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "counter", counter, plugin_wasm("type-counter")).await;
     let probe = &evhost_tests::probe_manifest(0);
-    assert_eq!(
-        upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "probe", probe, plugin_wasm("sandbox_probe")).await;
     append(&h, "p", vec![json!({"type": "probe.trap", "payload": {}})]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

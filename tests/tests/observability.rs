@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, plugin_wasm, upload};
+use evhost_tests::{Host, append, get, load_ok, plugin_wasm};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -95,14 +95,9 @@ async fn metrics_pass_promtool_and_move_with_the_work_done() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
     let counter = "name = \"counter\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"test.>\"]\n";
-    assert_eq!(
-        upload(&h, "counter", counter, plugin_wasm("type-counter"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "counter", counter, plugin_wasm("type-counter")).await;
     let math = "name = \"math\"\nversion = \"1\"\nkind = \"tool\"\n";
-    assert_eq!(upload(&h, "math", math, plugin_wasm("math")).await.0, 200);
+    load_ok(&h, "math", math, plugin_wasm("math")).await;
     append(
         &h,
         "m",
@@ -201,12 +196,7 @@ async fn json_logs_carry_the_request_and_the_batch_they_belong_to() {
     )
     .await;
     let probe = &evhost_tests::probe_manifest(0);
-    assert_eq!(
-        upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "probe", probe, plugin_wasm("sandbox_probe")).await;
     let reply = append(
         &h,
         "p",
@@ -284,12 +274,7 @@ async fn a_lagging_plugin_raises_an_alert_that_clears_when_it_catches_up() {
     let h = Host::start(BIN, dir.path(), &["--alert-lag", "50"]).await;
     // Quarantined by its first dead letter, the probe falls behind what comes after it.
     let probe = &evhost_tests::probe_manifest(1);
-    assert_eq!(
-        upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "probe", probe, plugin_wasm("sandbox_probe")).await;
     append(&h, "p", vec![json!({"type": "probe.trap", "payload": {}})]).await;
     append(
         &h,
@@ -456,14 +441,9 @@ async fn dead_letters_slow_flows_and_failing_tools_raise_their_alerts() {
     )
     .await;
     let probe = &evhost_tests::probe_manifest(0);
-    assert_eq!(
-        upload(&h, "probe", probe, plugin_wasm("sandbox_probe"))
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "probe", probe, plugin_wasm("sandbox_probe")).await;
     let math = "name = \"math\"\nversion = \"1\"\nkind = \"tool\"\n";
-    assert_eq!(upload(&h, "math", math, plugin_wasm("math")).await.0, 200);
+    load_ok(&h, "math", math, plugin_wasm("math")).await;
     // The flow index's figures count from the first check after the start (they are kept
     // across restarts), so the work comes after it.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, jitter, post, upload};
+use evhost_tests::{Host, append, get, jitter, load_ok, positions, post, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -528,12 +528,7 @@ async fn time_travel_passes_over_what_the_live_run_dead_lettered() {
     let types = ["probe.a", "probe.a", "probe.trap", "probe.a", "probe.b"];
     let events: Vec<Value> = types.iter().map(|t| ev(t, json!({}))).collect();
     let reply = append(&h, "p", events).await;
-    let positions: Vec<u64> = reply["positions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
+    let positions: Vec<u64> = positions(&reply);
     caught_up(&h, "probe").await;
     let (_, letters) = get(&format!("{}/v1/dlq?plugin=probe", h.url)).await;
     assert_eq!(
@@ -571,10 +566,7 @@ async fn an_unloaded_plugins_kept_state_can_still_be_read() {
     let h = Host::start(BIN, dir.path(), &[]).await;
     let manifest =
         "name = \"kept\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\"k.>\"]\n";
-    assert_eq!(
-        upload(&h, "kept", manifest, wasm("type-counter")).await.0,
-        200
-    );
+    load_ok(&h, "kept", manifest, wasm("type-counter")).await;
     append(&h, "k", vec![ev("k.a", json!({})), ev("k.a", json!({}))]).await;
     caught_up(&h, "kept").await;
     let (ok, _, err) = h.cli(&["plugin", "unload", "kept"]);
@@ -592,10 +584,7 @@ async fn an_unloaded_plugins_kept_state_can_still_be_read() {
         !ok && err.contains("no plugin named"),
         "already unloaded: {err}"
     );
-    assert_eq!(
-        upload(&h, "kept", manifest, wasm("type-counter")).await.0,
-        200
-    );
+    load_ok(&h, "kept", manifest, wasm("type-counter")).await;
     let (ok, _, err) = h.cli(&["plugin", "unload", "kept", "--purge"]);
     assert!(ok, "{err}");
     let (s, v) = state(&h, "kept", "k.a").await;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, get_refused, upload};
+use evhost_tests::{Host, append, get, get_refused, positions, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -76,12 +76,7 @@ async fn past_states_replay_from_snapshots_by_position_or_version_and_compare() 
             .collect::<Vec<_>>(),
     )
     .await;
-    let positions: Vec<u64> = reply["positions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
+    let positions: Vec<u64> = positions(&reply);
     caught_up(&h).await;
     let body = at(&h, "key=test.c&version=2&stream=acct").await;
     assert_eq!(

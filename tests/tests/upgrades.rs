@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use evhost_tests::{
-    CountingServer, Host, all_events, append, get, get_refused, post, upload, upload_granted,
+    CountingServer, Host, all_events, append, get, get_refused, load_ok, post, upload,
+    upload_granted,
 };
 use serde_json::{Value, json};
 
@@ -487,7 +488,7 @@ async fn an_upgraded_extractor_derives_nothing_twice_and_a_tool_finishes_on_the_
                      subscriptions = [\"memory.created\"]\n";
     let memory = |i: u64| json!({"type": "memory.created", "payload": {"content": format!("Ada Lovelace met Person{i} in London")}});
     let ee = wasm("entity-extractor");
-    assert_eq!(upload(&h, "entities", extractor, ee.clone()).await.0, 200);
+    load_ok(&h, "entities", extractor, ee.clone()).await;
     append(&h, "memories", (0..50).map(memory).collect::<Vec<_>>()).await;
     until(&h, "entities", "caught up", |s| s["lag"] == 0).await;
     let (s, info) = upload(
@@ -784,7 +785,7 @@ async fn verify_finds_a_state_that_is_not_a_replay_and_reset_rebuilds_it_blue_gr
     let h = Host::start(BIN, dir.path(), &[]).await;
     let v1 = wasm("type-counter");
     let only_a = counter("1.0.0", "").replace("[\"test.>\"]", "[\"test.a\"]");
-    assert_eq!(upload(&h, "counter", &only_a, v1.clone()).await.0, 200);
+    load_ok(&h, "counter", &only_a, v1.clone()).await;
     fill(&h, 2_000).await;
     until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
     let (ok, out, err) = h.cli(&["plugin", "verify", "counter"]);
@@ -799,12 +800,7 @@ async fn verify_finds_a_state_that_is_not_a_replay_and_reset_rebuilds_it_blue_gr
 
     // The same component with wider subscriptions keeps its state as it is: test.b was
     // never counted before, and verify says so.
-    assert_eq!(
-        upload(&h, "counter", &counter("1.0.0", ""), v1.clone())
-            .await
-            .0,
-        200
-    );
+    load_ok(&h, "counter", &counter("1.0.0", ""), v1.clone()).await;
     fill(&h, 10).await;
     until(&h, "counter", "caught up", |s| s["lag"] == 0).await;
     let (code, verified) = post(&format!("{}/v1/plugins/counter/verify", h.url), json!({})).await;

@@ -130,16 +130,11 @@ impl Registry {
         }
     }
 
-    /// The live version's store and what a read of it says about where it stands; for a
-    /// plugin unloaded with its state kept, that state (version `(unloaded)`).
+    /// The live version's store and what a read of it says about where it stands.
     fn live_store(&self, name: &str) -> Result<(PluginStore, String, String), RegistryError> {
-        let live = self.with(name, |l| {
+        self.with(name, |l| {
             (l.store.clone(), l.manifest.version.clone(), l.hash.clone())
-        });
-        match live {
-            Err(RegistryError::NotFound(n)) if valid_name(&n) => Err(RegistryError::NotFound(n)),
-            other => other,
-        }
+        })
     }
 
     /// [`Registry::live_store`], and for an unloaded plugin its kept state, read while
