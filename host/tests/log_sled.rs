@@ -507,13 +507,16 @@ async fn a_torn_write_at_the_end_of_a_segment_is_truncated_and_appends_continue(
 async fn a_multi_chunk_append_cut_short_by_a_crash_is_dropped_whole() {
     let dir = tempfile::tempdir().unwrap();
     let segment = dir.path().join("events").join("00000000.seg");
-    let first_group_end;
     {
         let log = open(dir.path());
         log.append(one("s", ExpectedVersion::NoStream, vec![ev("a.b", "0")]))
             .await
             .unwrap();
-        first_group_end = std::fs::metadata(&segment).unwrap().len();
+    }
+    // Closed, the segment holds its data and nothing after it.
+    let first_group_end = std::fs::metadata(&segment).unwrap().len();
+    {
+        let log = open(dir.path());
         // Many chunks in one group.
         let big: Vec<NewEvent> = (0..1000)
             .map(|i| {
@@ -951,4 +954,104 @@ async fn a_lost_index_over_many_events_is_rebuilt_in_bounded_batches() {
         );
     }
     assert_eq!(log.head(), 250_000);
+}
+
+/// A copy of a log directory taken while the log is open: what a `kill -9` leaves on disk
+/// (every acknowledged write is in the files).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_crash_leaves_preallocated_zeros_that_the_next_start_keeps_writing_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    fill(&log, 5, 10).await;
+    let segment = |d: &std::path::Path| d.join("events").join("00000000.seg");
+    copy_dir(dir.path(), crashed.path());
+    drop(log);
+    let data_len = std::fs::metadata(segment(dir.path())).unwrap().len();
+    let crashed_len = std::fs::metadata(segment(crashed.path())).unwrap().len();
+    assert!(
+        crashed_len > data_len,
+        "the open segment is preallocated past its data ({crashed_len} vs {data_len} bytes)"
+    );
+
+    let log = open(crashed.path());
+    assert_eq!(log.head(), 50);
+    assert_eq!(
+        std::fs::metadata(segment(crashed.path())).unwrap().len(),
+        crashed_len,
+        "zeros past the data are kept, not taken for a torn write"
+    );
+    log.append(one("s", ExpectedVersion::Exact(50), vec![ev("a.b", "51")]))
+        .await
+        .unwrap();
+    assert_eq!(all(&log).await.len(), 51);
+    drop(log);
+    assert!(std::fs::metadata(segment(crashed.path())).unwrap().len() < crashed_len);
+    let log = open(crashed.path());
+    assert_eq!(all(&log).await.len(), 51);
+}
+
+#[tokio::test]
+async fn a_torn_write_into_preallocated_space_is_cut_and_writing_goes_on_after_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    fill(&log, 3, 10).await;
+    copy_dir(dir.path(), crashed.path());
+    drop(log);
+    let data_len = std::fs::metadata(dir.path().join("events").join("00000000.seg"))
+        .unwrap()
+        .len();
+    // Half a chunk written over the zeros past the data, then the crash.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(crashed.path().join("events").join("00000000.seg"))
+            .unwrap();
+        f.write_all_at(&[7u8; 37], data_len + 4096).unwrap();
+    }
+    let log = open(crashed.path());
+    assert_eq!(log.head(), 30);
+    log.append(one("s", ExpectedVersion::Exact(30), vec![ev("a.b", "31")]))
+        .await
+        .unwrap();
+    drop(log);
+    let log = open(crashed.path());
+    let events = all(&log).await;
+    assert_eq!(events.len(), 31);
+    assert_eq!(events[30].payload.as_str(), "31");
+}
+
+#[tokio::test]
+async fn a_next_segment_preallocated_but_never_written_is_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path());
+        fill(&log, 2, 10).await;
+    }
+    let next = dir.path().join("events").join("00000001.seg");
+    std::fs::File::create(&next)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let log = open(dir.path());
+    assert_eq!(log.head(), 20);
+    log.append(one("s", ExpectedVersion::Exact(20), vec![ev("a.b", "21")]))
+        .await
+        .unwrap();
+    assert_eq!(all(&log).await.len(), 21);
 }

@@ -108,6 +108,11 @@ impl Host {
         None
     }
 
+    /// The process id, to read its CPU time and memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL, as a crash would, and waits for it to be gone.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -8,6 +8,12 @@
 //! follows them to the end of the last segment (a write cut short by a crash, never
 //! acknowledged); bad bytes with valid chunks after them are [`Damage`], which the log
 //! refuses to open over (see `repair`).
+//!
+//! The segment being written is preallocated ahead of the writes, [`PREALLOCATE_BYTES`] at
+//! a time, so that an append's `fdatasync` has data to write and no file size: the space
+//! past the last chunk reads as zeros, which recovery tells from a torn write (a torn
+//! write leaves bytes that are not all zeros). A segment is cut to its data when the next
+//! one starts.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -20,6 +26,58 @@ use super::codec::{CHUNK_HEADER, ChunkHeader, ChunkLocation, chunk_header};
 
 /// A segment is closed and a new one started past this size, unless configured otherwise.
 pub(super) const SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How far ahead of the writes the current segment is allocated: the file's size changes
+/// (and an `fdatasync` must write it) once per this many bytes instead of at every append.
+pub(super) const PREALLOCATE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// True when every byte of `file` from `from` to `len` is zero: preallocated space, not a
+/// write.
+pub(super) fn zeros_from(file: &File, from: u64, len: u64) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
+/// True when segment `n` of `dir`, `len` bytes long, holds anything but zeros (a file
+/// preallocated by a writer that stopped before writing to it holds nothing).
+fn has_data(dir: &Path, n: u32, len: u64) -> Result<bool, LogError> {
+    if len == 0 {
+        return Ok(false);
+    }
+    let path = segment_path(dir, n);
+    let file = File::open(&path).map_err(io("cannot open segment", &path))?;
+    Ok(!zeros_from(&file, 0, len).map_err(io("cannot read segment", &path))?)
+}
+
+/// Allocates `file` up to `len` bytes (zeros past its data). `Ok(false)` when the file
+/// system cannot preallocate: the writes then grow the file.
+fn preallocate(file: &File, from: u64, len: u64) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(offset), Ok(size)) = (
+        libc::off_t::try_from(from),
+        libc::off_t::try_from(len - from),
+    ) else {
+        return Ok(false);
+    };
+    // SAFETY: a valid open descriptor and a non-negative range.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, size) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(false),
+        _ => Err(e),
+    }
+}
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
     let msg = format!("{what} {}", path.display());
@@ -131,6 +189,10 @@ pub(super) struct SegmentWriter {
     segment: u32,
     file: File,
     offset: u64,
+    /// The current segment's size on disk: its data up to `offset`, zeros after.
+    allocated: u64,
+    /// False once the file system said it cannot preallocate.
+    preallocating: bool,
     /// Size past which the next append starts a new segment.
     max_bytes: u64,
     /// The next segment's file, created ahead of time so that starting it never needs a
@@ -157,10 +219,12 @@ impl SegmentWriter {
             .filter(|(n, _)| *n > segment)
             .collect();
         // Everything is checked before anything is removed.
-        if let Some((n, len)) = later.iter().find(|(n, len)| *len > 0 && Some(*n) != torn) {
-            return Err(LogError::Corrupt(format!(
-                "segment {n:08}.seg holds {len} bytes after the log's end (segment {segment:08}.seg, byte {offset}); restore the segments from a backup, or run `evhost log repair`"
-            )));
+        for &(n, len) in &later {
+            if Some(n) != torn && has_data(dir, n, len)? {
+                return Err(LogError::Corrupt(format!(
+                    "segment {n:08}.seg holds {len} bytes after the log's end (segment {segment:08}.seg, byte {offset}); restore the segments from a backup, or run `evhost log repair`"
+                )));
+            }
         }
         let file = OpenOptions::new()
             .create(true)
@@ -180,8 +244,9 @@ impl SegmentWriter {
         }
         for (n, len) in later {
             let p = segment_path(dir, n);
+            let written = Some(n) == torn || has_data(dir, n, len)?;
             fs::remove_file(&p).map_err(io("cannot remove uncommitted segment", &p))?;
-            if len > 0 {
+            if written {
                 tracing::warn!(
                     segment = n,
                     bytes = len,
@@ -189,7 +254,12 @@ impl SegmentWriter {
                 );
             }
         }
-        if len > offset {
+        let mut allocated = len;
+        // Zeros past the data are the space preallocated for it; anything else is a write
+        // cut short.
+        let preallocated =
+            zeros_from(&file, offset, len).map_err(io("cannot read segment", &path))?;
+        if len > offset && !preallocated {
             tracing::warn!(
                 segment,
                 discarded = len - offset,
@@ -198,6 +268,7 @@ impl SegmentWriter {
             file.set_len(offset)
                 .map_err(io("cannot truncate segment", &path))?;
             file.sync_all().map_err(io("cannot sync segment", &path))?;
+            allocated = offset;
         }
         sync_dir(dir)?;
         let mut w = Self {
@@ -205,6 +276,8 @@ impl SegmentWriter {
             segment,
             file,
             offset,
+            allocated,
+            preallocating: true,
             max_bytes,
             next: None,
         };
@@ -252,6 +325,22 @@ impl SegmentWriter {
             self.roll()?;
         }
         let at = self.offset;
+        let end = at + bytes.len() as u64;
+        if self.preallocating && end > self.allocated {
+            let to = (self.allocated + PREALLOCATE_BYTES)
+                .min(self.max_bytes)
+                .max(end);
+            match preallocate(&self.file, self.allocated, to) {
+                Ok(true) => self.allocated = to,
+                Ok(false) => self.preallocating = false,
+                Err(e) => {
+                    return Err(io(
+                        "cannot allocate space in segment",
+                        &segment_path(&self.dir, self.segment),
+                    )(e));
+                }
+            }
+        }
         self.file.write_all_at(bytes, at).map_err(io(
             "cannot write segment",
             &segment_path(&self.dir, self.segment),
@@ -271,6 +360,7 @@ impl SegmentWriter {
             .and_then(|_| self.file.sync_all())
             .map_err(io("cannot truncate segment", &path))?;
         self.offset = offset;
+        self.allocated = offset;
         Ok(())
     }
 
@@ -282,8 +372,23 @@ impl SegmentWriter {
         ))
     }
 
+    /// Cuts the segment to its data, durably: a finished segment, and the current one when
+    /// the log closes, hold nothing after their last chunk.
+    pub(super) fn cut_to_data(&mut self) -> Result<(), LogError> {
+        if self.allocated > self.offset {
+            let path = segment_path(&self.dir, self.segment);
+            self.file
+                .set_len(self.offset)
+                .and_then(|_| self.file.sync_all())
+                .map_err(io("cannot cut segment to its data", &path))?;
+            self.allocated = self.offset;
+        }
+        Ok(())
+    }
+
     fn roll(&mut self) -> Result<(), LogError> {
         self.sync()?;
+        self.cut_to_data()?;
         self.prepare_next();
         let next = self.segment + 1;
         let Some(file) = self.next.take() else {
@@ -295,6 +400,7 @@ impl SegmentWriter {
         self.file = file;
         self.segment = next;
         self.offset = 0;
+        self.allocated = 0;
         self.prepare_next();
         Ok(())
     }
@@ -404,7 +510,16 @@ pub(super) fn scan(
 ) -> Result<ScanEnd, LogError> {
     let segments = list(dir)?;
     // Empty files past the data (a segment opened ahead of time) hold nothing.
-    let last_nonempty = segments.iter().rev().find(|(_, len)| *len > 0).map(|s| s.0);
+    let mut last_nonempty = None;
+    for &(n, len) in segments.iter().rev() {
+        if n < from.0 {
+            break;
+        }
+        if has_data(dir, n, len)? {
+            last_nonempty = Some(n);
+            break;
+        }
+    }
     let mut offset = from.1;
     if offset > 0 && !segments.iter().any(|(n, _)| *n == from.0) {
         return Err(LogError::Corrupt(format!(
@@ -427,6 +542,11 @@ pub(super) fn scan(
         while offset < len {
             let chunk = read_chunk(&file, offset, len)?;
             let Some((h, bytes)) = chunk.filter(|(h, _)| h.first_position == expected) else {
+                // Preallocated space after the segment's data: the next chunk, if any, is
+                // in the next segment (and must carry the next position).
+                if zeros_from(&file, offset, len).map_err(io("cannot read segment", &path))? {
+                    break;
+                }
                 return classify(dir, &segments, last_nonempty, segment, offset, expected);
             };
             let loc = ChunkLocation {

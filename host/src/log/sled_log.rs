@@ -5,12 +5,16 @@
 //!
 //! 1. the group's chunks are written to the current segment and `fdatasync`ed: one sync
 //!    for every append in the group, which is what makes the group durable;
-//! 2. their index entries, stream runs and client ids are applied as one sled `Batch`.
+//! 2. their stream runs and client ids, then their chunk entries, are inserted into sled's
+//!    index, in memory: nothing else waits for the disk before the acknowledgement.
 //!
-//! Then the appenders are acknowledged and the events published to the bus. sled flushes
-//! its index in the background; at start-up, chunks in the segments past sled's last index
-//! entry are verified and indexed again, so an index lost in a crash is rebuilt and bytes
-//! of a group cut short are truncated. Readers never see past the durable head.
+//! Then the events are published to the bus and the appenders acknowledged (in that order:
+//! a subscriber from the head that an appender starts after its acknowledgement never sees
+//! its event). sled flushes
+//! its index in the background (every 500 ms); at start-up, chunks in the segments past
+//! sled's last index entry are verified and indexed again, so an index lost in a crash is
+//! rebuilt and bytes of a group cut short are truncated. Readers never see past the
+//! durable head.
 //!
 //! The writer gives each append the later of the wall clock and the previous timestamp, so
 //! timestamps never decrease along the log and `by_time` finds a time by binary search.
@@ -417,17 +421,64 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
     Ok((head, end, torn))
 }
 
+/// Where index entries go: a sled batch when recovery rebuilds the index, the writer's
+/// [`OrderedWrites`] on the acknowledgement path.
+trait IndexSink {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: &[u8]);
+    fn remove(&mut self, key: impl AsRef<[u8]>);
+}
+
+impl IndexSink for sled::Batch {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: &[u8]) {
+        sled::Batch::insert(self, key.as_ref(), value);
+    }
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        sled::Batch::remove(self, key.as_ref());
+    }
+}
+
+/// A group's index entries, applied one at a time in the order they were added.
+///
+/// Not a sled `Batch`: sled writes out and `sync_file_range`s its IO buffers around every
+/// batch, which put two to four synchronous disk waits on each acknowledgement. Single
+/// inserts only fill the buffer, which sled's flusher writes in the background. Atomicity
+/// is not needed: sled recovers a prefix of its writes, the writer adds each group's chunk
+/// entries last, and recovery re-indexes every group after the last chunk entry found.
+#[derive(Default)]
+struct OrderedWrites(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl IndexSink for OrderedWrites {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: &[u8]) {
+        self.0.push((key.as_ref().to_vec(), Some(value.to_vec())));
+    }
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.0.push((key.as_ref().to_vec(), None));
+    }
+}
+
+impl OrderedWrites {
+    fn apply(self, db: &sled::Db) -> sled::Result<()> {
+        for (key, value) in self.0 {
+            match value {
+                Some(v) => db.insert(key, v)?,
+                None => db.remove(key)?,
+            };
+        }
+        Ok(())
+    }
+}
+
 /// Adds stream runs and client ids of `events` (consecutive positions) to `batch`.
-fn index_events<'a>(batch: &mut sled::Batch, events: impl Iterator<Item = (&'a Event, bool)>) {
+fn index_events<'a>(batch: &mut impl IndexSink, events: impl Iterator<Item = (&'a Event, bool)>) {
     // Consecutive versions at consecutive positions share one run entry.
     let mut open: HashMap<&str, (u64, u64, u32)> = HashMap::new(); // first version, first position, count
-    let put = |batch: &mut sled::Batch, stream: &str, (v, p, n): (u64, u64, u32)| {
+    fn put(batch: &mut impl IndexSink, stream: &str, (v, p, n): (u64, u64, u32)) {
         let run = Run {
             first_position: p,
             count: n,
         };
         batch.insert(codec::stream_key(stream, v), &run.encode()[..]);
-    };
+    }
     for (e, keyed) in events {
         match e.event_type.as_str() {
             // An erased event belongs to no stream and has no id.
@@ -547,7 +598,9 @@ impl EventLog for SledLog {
     }
 
     async fn find(&self, id: &str) -> Result<Option<u64>, LogError> {
-        indexed_position(&self.shared.db, id)
+        // The writer indexes a group before it is durable: not found until it is.
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        Ok(indexed_position(&self.shared.db, id)?.filter(|p| *p < durable))
     }
 
     async fn deletion(&self, stream: &str) -> Result<Option<u64>, LogError> {
@@ -965,6 +1018,9 @@ impl Writer {
         if let Err(e) = self.sync() {
             tracing::warn!(error = %e, "could not flush the index at shutdown; it will be rebuilt at the next start");
         }
+        if let Err(e) = self.segment.cut_to_data() {
+            tracing::warn!(error = %e, "could not cut the last segment to its data at shutdown; the next start keeps the space");
+        }
         tracing::debug!("event log writer stopped");
     }
 
@@ -1278,7 +1334,6 @@ impl Writer {
     /// Makes the group durable and applies its index as one batch. An error says whether
     /// the group's bytes were already synced (only the index failed).
     fn write(&mut self, group: &Group) -> Result<(), (LogError, bool)> {
-        let mut batch = sled::Batch::default();
         // Every chunk of the group, back to back: one write, one fdatasync.
         let mut bytes: Vec<u8> = Vec::new();
         let mut chunks: Vec<(u64, usize, usize, u32)> = Vec::new(); // first, start, len, count
@@ -1313,6 +1368,7 @@ impl Writer {
         metrics::histogram!(crate::telemetry::GROUP_EVENTS).record(group.events.len() as f64);
         metrics::counter!(crate::telemetry::APPENDED_EVENTS).increment(group.events.len() as u64);
         metrics::counter!(crate::telemetry::APPENDED_BYTES).increment(bytes.len() as u64);
+        let mut entries = Vec::with_capacity(chunks.len());
         for (first, start, len, count) in chunks {
             let entry = ChunkEntry {
                 location: ChunkLocation {
@@ -1327,22 +1383,34 @@ impl Writer {
                 },
                 count,
             };
-            batch.insert(&codec::event_key(first), &entry.encode()[..]);
+            entries.push((codec::event_key(first), entry.encode()));
         }
-
+        // Durable already (the segment sync): the index is sled's to flush in the
+        // background, and is rebuilt from the segments if a crash loses it. The stream runs
+        // and ids go first and the chunk entries last, so an index recovered up to some
+        // write never holds a chunk entry whose runs and ids are missing; a group's chunk
+        // entries are written at once (one insert, or one batch over several chunks), so
+        // recovery finds either all of them or none.
+        let mut index = OrderedWrites::default();
         index_events(
-            &mut batch,
+            &mut index,
             group
                 .events
                 .iter()
                 .map(|e| (e, group.ids.contains_key(e.id.as_str()))),
         );
-        // Durable already (the segment sync); sled's index is rebuilt from the segments if
-        // a crash loses it, so it is flushed in the background, not here.
-        self.shared
-            .db
-            .apply_batch(batch)
-            .map_err(|e| (storage(e), true))
+        let db = &self.shared.db;
+        index.apply(db).map_err(|e| (storage(e), true))?;
+        let applied = if let [(key, value)] = &entries[..] {
+            db.insert(key, &value[..]).map(|_| ())
+        } else {
+            let mut batch = sled::Batch::default();
+            for (key, value) in &entries {
+                batch.insert(&key[..], &value[..]);
+            }
+            db.apply_batch(batch)
+        };
+        applied.map_err(|e| (storage(e), true))
     }
 
     /// Makes sled's index durable, so the next start has nothing to index again.
