@@ -177,7 +177,8 @@ pub fn check_payload_text(text: &str) -> Result<(), PayloadError> {
                 i += 1;
                 while i < b.len() && b[i] != b'"' {
                     if b[i] != b'\\' {
-                        i += 1;
+                        // The rest of the string up to its end or its next escape.
+                        i += memchr::memchr2(b'"', b'\\', &b[i..]).unwrap_or(b.len() - i);
                         continue;
                     }
                     if b.get(i + 1) != Some(&b'u') {

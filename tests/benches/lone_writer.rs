@@ -84,6 +84,34 @@ fn disk(dir: &Path, n: u64, preallocate: bool) -> f64 {
     us
 }
 
+/// Microseconds per round trip of 300 bytes over loopback TCP between two threads (no
+/// delay): what any request and its answer cost on this machine before HTTP and the disk.
+fn tcp_round_trip(n: u64) -> f64 {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 300];
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&buf).unwrap();
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut buf = [7u8; 300];
+    let start = Instant::now();
+    for _ in 0..n {
+        c.write_all(&buf).unwrap();
+        c.read_exact(&mut buf).unwrap();
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    drop(c);
+    echo.join().unwrap();
+    us
+}
+
 /// User + system CPU time of process `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -135,6 +163,17 @@ impl Client {
         let r = self.http.post(&self.url).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
         r.bytes().await.unwrap();
+    }
+
+    /// Microseconds per `GET /health` on this client's connection: HTTP's own round trip.
+    async fn health(&self, host: &Host, count: u64) -> f64 {
+        let url = format!("{}/health", host.url);
+        let start = Instant::now();
+        for _ in 0..count {
+            let r = self.http.get(&url).send().await.unwrap();
+            r.bytes().await.unwrap();
+        }
+        start.elapsed().as_secs_f64() * 1e6 / count as f64
     }
 
     /// `count` appends of `size` events, one at a time: mean and p99 microseconds per
@@ -339,12 +378,19 @@ async fn main() {
         let after = disk(scratch.path(), appends / 2, true);
         let limit = (before + after) / 2.0;
         let (hundred, hundred_p99, hundred_cpu) = client.serial(&host, appends / 4, 100).await;
+        let tcp = tcp_round_trip(appends);
+        let http = client.health(&host, appends).await;
         print(format!(
             "lone writer, {label}: disk write+fdatasync {limit:.0} us preallocated ({before:.0}, {after:.0}), {growing:.0} us growing"
         ));
         print(format!(
-            "  1 event per append:    {one:>7.0} us mean, p99 {one_p99:.0} us = {:.2}x the disk; host CPU {one_cpu:.3} ms per append",
-            one / limit
+            "  round trips: loopback TCP {tcp:.0} us, HTTP GET /health {http:.0} us; disk + TCP = {:.0} us",
+            limit + tcp
+        ));
+        print(format!(
+            "  1 event per append:    {one:>7.0} us mean, p99 {one_p99:.0} us = {:.2}x the disk, {:.2}x disk + TCP; host CPU {one_cpu:.3} ms per append",
+            one / limit,
+            one / (limit + tcp)
         ));
         print(format!(
             "  100 events per append: {hundred:>7.0} us mean, p99 {hundred_p99:.0} us = {:.2}x the disk; host CPU {hundred_cpu:.3} ms per append",
