@@ -1055,3 +1055,37 @@ async fn a_next_segment_preallocated_but_never_written_is_removed_at_start() {
         .unwrap();
     assert_eq!(all(&log).await.len(), 21);
 }
+
+#[tokio::test]
+async fn damage_before_the_last_chunk_of_a_preallocated_segment_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let log = open(dir.path());
+    fill(&log, 1, 10).await;
+    let first_end = {
+        // The first group's bytes end where the second group's begin.
+        let mut copy = tempfile::tempdir().unwrap().keep();
+        copy.push("c");
+        copy_dir(dir.path(), &copy);
+        let f = std::fs::read(copy.join("events").join("00000000.seg")).unwrap();
+        f.iter().rposition(|b| *b != 0).unwrap() as u64
+    };
+    log.append(one("t", ExpectedVersion::Any, vec![ev("a.b", "2")]))
+        .await
+        .unwrap();
+    copy_dir(dir.path(), crashed.path());
+    drop(log);
+    // The index is lost with the crash, and a bit of the first group is flipped: the second
+    // group, acknowledged, is valid after it, followed only by preallocated zeros.
+    std::fs::remove_dir_all(crashed.path().join("index")).unwrap();
+    let segment = crashed.path().join("events").join("00000000.seg");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    flip_bit(&segment, first_end / 2);
+    let err = open_err(crashed.path()).to_string();
+    assert!(err.contains("00000000.seg"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        len,
+        "nothing is cut while damage is reported"
+    );
+}

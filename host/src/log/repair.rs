@@ -284,7 +284,9 @@ fn drop_index_from(db: &sled::Db, cut: u64, report: &mut RepairReport) -> Result
         .map_err(|e| LogError::Storage(e.to_string()))
 }
 
-fn drop_entries_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
+/// Removes every index entry at or past position `cut`: chunk entries, the parts of stream
+/// runs, client ids.
+pub(super) fn drop_entries_from(db: &sled::Db, cut: u64) -> Result<(), LogError> {
     let st = |e: sled::Error| LogError::Storage(e.to_string());
     let mut batch = sled::Batch::default();
     for item in db.range(codec::event_key(cut)..=codec::event_key(u64::MAX)) {

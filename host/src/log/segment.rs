@@ -334,10 +334,11 @@ impl SegmentWriter {
                 Ok(true) => self.allocated = to,
                 Ok(false) => self.preallocating = false,
                 Err(e) => {
-                    return Err(io(
-                        "cannot allocate space in segment",
-                        &segment_path(&self.dir, self.segment),
-                    )(e));
+                    // Short of space for the step ahead (a nearly full disk or a quota):
+                    // this segment grows with its writes instead, and the write itself
+                    // says whether there is room for the group.
+                    tracing::warn!(error = %e, segment = self.segment, "cannot allocate segment space ahead of the writes; writing without it");
+                    self.preallocating = false;
                 }
             }
         }
@@ -401,6 +402,7 @@ impl SegmentWriter {
         self.segment = next;
         self.offset = 0;
         self.allocated = 0;
+        self.preallocating = true;
         self.prepare_next();
         Ok(())
     }
@@ -710,7 +712,8 @@ fn find_valid(
                 run = e;
                 followers += 1;
             }
-            let at_data_end = run == bytes.len();
+            // The data ends where only the zeros of preallocated space follow.
+            let at_data_end = bytes[run..].iter().all(|b| *b == 0);
             let confirmed = followers > 0 || (at_data_end && (o > 0 || seg != segment));
             if !confirmed {
                 continue;

@@ -408,6 +408,12 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
         index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
         db.apply_batch(batch).map_err(storage)?;
     }
+    if torn.is_some() {
+        // Nothing past the head survives in the index: entries of what was cut off (a
+        // damaged last chunk is indistinguishable from a torn write) would otherwise point
+        // at positions the next appends reuse.
+        super::repair::drop_entries_from(db, head)?;
+    }
     if recovered > 0 {
         tracing::info!(
             events = recovered,

@@ -175,7 +175,9 @@ impl PluginStore {
     }
 
     /// Opens (or creates) the store of one version of `plugin`: each version an upgrade
-    /// builds beside the live one has its own generation. Call it off the async threads.
+    /// builds beside the live one has its own generation. Call it off the async threads,
+    /// and never for a generation a live handle commits to: opening finishes a commit a
+    /// crash interrupted, outside that handle's commit lock.
     pub fn open_generation(db: &sled::Db, plugin: &str, generation: u32) -> StoreResult<Self> {
         let tree = db.open_tree(generation_tree(plugin, generation))?;
         if CommitWrites::finish_pending(&tree)? {
@@ -734,7 +736,10 @@ impl CommitWrites {
     fn apply(self, tree: &sled::Tree) -> sled::Result<()> {
         let record = postcard::to_allocvec(&self).expect("a commit record serializes");
         if record.len() > SMALL_COMMIT_BYTES {
-            return tree.apply_batch(self.into_batch());
+            // A record a failed small commit left must not outlive a later commit.
+            let mut b = self.into_batch();
+            b.remove(PENDING);
+            return tree.apply_batch(b);
         }
         tree.insert(PENDING, record)?;
         for (k, v) in self.0 {

@@ -20,6 +20,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
@@ -192,8 +193,12 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
     let _one = ERASING.lock().unwrap_or_else(|e| e.into_inner());
     // An intent a failed apply left behind is finished first, never overwritten.
     finish_pending(&shared.config.path, &shared.db, &shared.segments)?;
-    let tombstone =
-        deletion_of(&shared.db, stream)?.ok_or_else(|| LogError::NotDeleted(stream.to_owned()))?;
+    // A tombstone the writer has indexed but not yet made durable is not a deletion yet
+    // (its runs and chunk entries may still be on their way into the index).
+    let durable = shared.durable.load(Ordering::Acquire);
+    let tombstone = deletion_of(&shared.db, stream)?
+        .filter(|t| *t < durable)
+        .ok_or_else(|| LogError::NotDeleted(stream.to_owned()))?;
     // Every position of the stream, by its runs (they only grow below the tombstone: a
     // deleted stream takes no appends).
     let mut positions = Vec::new();
