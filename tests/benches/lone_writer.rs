@@ -28,7 +28,7 @@ use evhost::{
     EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, SledLog, SledLogConfig,
     StreamAppend,
 };
-use evhost_tests::{Host, load_ok};
+use evhost_tests::{Host, caught_up, load_ok};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -309,26 +309,6 @@ async fn http_batches(client: &mut Client, batches: u64) -> f64 {
         r.bytes().await.unwrap();
     }
     (batches * 1000) as f64 / start.elapsed().as_secs_f64()
-}
-
-async fn caught_up(host: &Host, plugin: &str) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let info: Value = reqwest::get(format!("{}/v1/plugins/{plugin}", host.url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if info["lag"] == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{plugin} did not catch up: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn print(line: String) {

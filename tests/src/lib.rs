@@ -246,6 +246,37 @@ pub async fn append(
     reply
 }
 
+/// Waits (up to 60 s) until plugin `name` has handled everything up to the log's head;
+/// returns its status.
+pub async fn caught_up(h: &Host, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, info) = get(&format!("{}/v1/plugins/{name}", h.url)).await;
+        if s == 200 && info["lag"] == 0 && info["position"] == info["head"] {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "{name} did not catch up: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to 30 s) until plugin `name`'s checkpoint reaches `at_least`; returns its
+/// status.
+pub async fn position_reaches(h: &Host, name: &str, at_least: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, info) = get(&format!("{}/v1/plugins/{name}", h.url)).await;
+        if info["position"].as_u64().unwrap_or(0) >= at_least {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not reach {at_least}: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every event in the log, in position order.
 pub async fn all_events(h: &Host) -> Vec<serde_json::Value> {
     let mut out = Vec::new();

@@ -4,9 +4,9 @@
 //! committed before that.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use evhost_tests::{Host, append, get, upload};
+use evhost_tests::{Host, append, get, position_reaches, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -18,21 +18,6 @@ async fn printed(h: &Host) -> usize {
     let (s, page) = get(&format!("{}/v1/plugins/probe/logs?after=0", h.url)).await;
     assert_eq!(s, 200, "{page}");
     page["lines"].to_string().matches("hello on stdout").count()
-}
-
-async fn until_position(h: &Host, at_least: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, info) = get(&format!("{}/v1/plugins/probe", h.url)).await;
-        if info["position"].as_u64().unwrap_or(0) >= at_least {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the probe did not reach {at_least}: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn prints(h: &Host, n: usize) -> u64 {
@@ -60,12 +45,12 @@ async fn a_kill_9_reruns_at_most_the_last_flush_interval_of_a_projections_commit
 
     // Committed, then three flush intervals pass: a crash re-runs none of it.
     let head = prints(&h, 20).await;
-    until_position(&h, head).await;
+    position_reaches(&h, "probe", head).await;
     assert_eq!(printed(&h).await, 20);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     h.kill9();
     let mut h = Host::start(BIN, dir.path(), &[]).await;
-    let info = until_position(&h, head).await;
+    let info = position_reaches(&h, "probe", head).await;
     assert_eq!(info["position"], head, "{info}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -77,10 +62,10 @@ async fn a_kill_9_reruns_at_most_the_last_flush_interval_of_a_projections_commit
     // Committed just before the crash: at most those run again, once, and the checkpoint
     // ends at the head.
     let head = prints(&h, 10).await;
-    until_position(&h, head).await;
+    position_reaches(&h, "probe", head).await;
     h.kill9();
     let h = Host::start(BIN, dir.path(), &[]).await;
-    let info = until_position(&h, head).await;
+    let info = position_reaches(&h, "probe", head).await;
     assert_eq!(info["position"], head, "{info}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let again = printed(&h).await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use evhost::plugin::{
     ExtractorPlugin, Kind, Manifest, PluginError, ProjectionPlugin, Runtime, ToolPlugin, WitVersion,
 };
-use evhost_tests::{Host, all_events, append, get, upload, upload_granted, upload_with};
+use evhost_tests::{Host, all_events, append, caught_up, get, upload, upload_granted, upload_with};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -185,22 +185,6 @@ fn refused(s: u16, v: &Value, status: u16, parts: &[&str]) -> String {
         assert!(msg.contains(part), "{part:?} not in: {msg}");
     }
     msg
-}
-
-/// Waits until `plugin`'s checkpoint reaches the head; returns its status.
-async fn caught_up(h: &Host, plugin: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, info) = get(&format!("{}/v1/plugins/{plugin}", h.url)).await;
-        if s == 200 && info["lag"] == 0 && info["position"] == info["head"] {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{plugin} did not catch up: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn state(h: &Host, plugin: &str, key: &str) -> Value {

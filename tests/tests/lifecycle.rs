@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload, upload_granted};
+use evhost_tests::{
+    CountingServer, Host, all_events, append, caught_up, get, jitter, upload, upload_granted,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -72,19 +74,6 @@ async fn counted(h: &Host) -> Option<u64> {
     ))
     .await;
     (s == 200).then(|| body["value"].as_u64().unwrap())
-}
-
-/// Waits until `name` has handled everything up to the head.
-async fn caught_up(h: &Host, name: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, info) = get(&format!("{}/v1/plugins/{name}", h.url)).await;
-        if s == 200 && info["lag"] == 0 {
-            return info;
-        }
-        assert!(Instant::now() < deadline, "{name} did not catch up: {info}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Four clients load and unload (no purge) type-counter and http-get over and over while

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, load_ok, plugin_wasm};
+use evhost_tests::{Host, append, caught_up, get, load_ok, plugin_wasm};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -76,18 +76,6 @@ fn value(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
             samples.keys().collect::<Vec<_>>()
         )
     })
-}
-
-async fn caught_up(h: &Host, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, s) = get(&format!("{}/v1/plugins/{name}", h.url)).await;
-        if s["lag"] == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,8 @@
 //! and becomes the dead letter's reason.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, upload};
+use evhost_tests::{Host, append, get, position_reaches, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -26,22 +25,7 @@ async fn logs(h: &Host, after: u64) -> Value {
 /// Appends one event of `ty` and waits until the probe's checkpoint passes it.
 async fn handle(h: &Host, ty: &str) {
     let reply = append(h, "p", json!([{"type": ty, "payload": {}}])).await;
-    until_position(h, reply["positions"][0].as_u64().unwrap() + 1).await;
-}
-
-async fn until_position(h: &Host, at_least: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, info) = get(&format!("{}/v1/plugins/probe", h.url)).await;
-        if info["position"].as_u64().unwrap_or(0) >= at_least {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the probe did not reach {at_least}: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    position_reaches(h, "probe", reply["positions"][0].as_u64().unwrap() + 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,28 +4,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, jitter, load_ok, positions, post, upload};
+use evhost_tests::{Host, append, caught_up, get, jitter, load_ok, positions, post, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
 const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-
-/// Waits until `plugin`'s checkpoint reaches the head.
-async fn caught_up(h: &Host, plugin: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, info) = get(&format!("{}/v1/plugins/{plugin}", h.url)).await;
-        assert_eq!(s, 200, "{info}");
-        if info["lag"] == 0 && info["head"].as_u64() > Some(0) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{plugin} did not catch up: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn state(h: &Host, plugin: &str, key: &str) -> (u16, Value) {
     get(&format!(

@@ -3,9 +3,8 @@
 //! query, and compared between two positions.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use evhost_tests::{Host, append, get, get_refused, positions, upload};
+use evhost_tests::{Host, append, caught_up, get, get_refused, positions, upload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -13,18 +12,6 @@ const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
 
 const COUNTER: &str = "name = \"counter\"\nversion = \"1.0.0\"\nkind = \"projection\"\n\
                        subscriptions = [\"test.>\"]\n[snapshots]\nevery = 1000\nkeep = 3\n";
-
-async fn caught_up(h: &Host) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, s) = get(&format!("{}/v1/plugins/counter", h.url)).await;
-        if s["lag"] == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn at(h: &Host, query: &str) -> Value {
     let (s, body) = get(&format!("{}/v1/projections/counter/state?{query}", h.url)).await;
@@ -48,7 +35,7 @@ async fn past_states_replay_from_snapshots_by_position_or_version_and_compare() 
             .collect();
         let reply = append(&h, "fill", events).await;
         base.get_or_insert(reply["positions"][0].as_u64().unwrap());
-        caught_up(&h).await;
+        caught_up(&h, "counter").await;
     }
     let base = base.unwrap();
     let a_at = |p: u64| (p - base) / 2 + 1;
@@ -77,7 +64,7 @@ async fn past_states_replay_from_snapshots_by_position_or_version_and_compare() 
     )
     .await;
     let positions: Vec<u64> = positions(&reply);
-    caught_up(&h).await;
+    caught_up(&h, "counter").await;
     let body = at(&h, "key=test.c&version=2&stream=acct").await;
     assert_eq!(
         (&body["value"], &body["at"]),
