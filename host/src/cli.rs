@@ -748,6 +748,18 @@ impl Remote {
             .build()
             .context("building the HTTP client")
     }
+
+    /// `GET` of `path` (from `/v1/...`) on the host: the JSON of a successful reply, or the
+    /// server's error message.
+    async fn get_json(&self, path: &str) -> Result<Value> {
+        let resp = self
+            .client()?
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .with_context(|| format!("reaching the host at {}", self.url))?;
+        json_reply(resp).await
+    }
 }
 
 /// Returns the JSON body of a successful reply, or the server's error message.
@@ -981,13 +993,7 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             println!("{loaded}");
         }
         PluginCommand::List { remote, json } => {
-            let resp = remote
-                .client()?
-                .get(format!("{}/v1/plugins", remote.url))
-                .send()
-                .await
-                .with_context(|| format!("reaching the host at {}", remote.url))?;
-            let body = json_reply(resp).await?;
+            let body = remote.get_json("/v1/plugins").await?;
             let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
             if json {
                 for p in plugins {
@@ -998,13 +1004,9 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             }
         }
         PluginCommand::Status { remote, name, json } => {
-            let resp = remote
-                .client()?
-                .get(format!("{}/v1/plugins/{}", remote.url, urlencode(&name)))
-                .send()
-                .await
-                .with_context(|| format!("reaching the host at {}", remote.url))?;
-            let body = json_reply(resp).await?;
+            let body = remote
+                .get_json(&format!("/v1/plugins/{}", urlencode(&name)))
+                .await?;
             if json {
                 println!("{body}");
             } else {

@@ -55,13 +55,7 @@ pub(super) async fn schema(cmd: SchemaCommand) -> Result<()> {
             println!("{}", json_reply(resp).await?);
         }
         SchemaCommand::List { remote } => {
-            let resp = remote
-                .client()?
-                .get(format!("{}/v1/schemas", remote.url))
-                .send()
-                .await
-                .with_context(|| format!("reaching the host at {}", remote.url))?;
-            for s in json_reply(resp).await?["schemas"]
+            for s in remote.get_json("/v1/schemas").await?["schemas"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default()
@@ -87,13 +81,7 @@ pub(super) async fn schema(cmd: SchemaCommand) -> Result<()> {
 
 /// `evhost metrics`: per tool invocations and latency, and flows, as a table.
 pub(super) async fn metrics(remote: &Remote, json: bool) -> Result<()> {
-    let resp = remote
-        .client()?
-        .get(format!("{}/v1/metrics", remote.url))
-        .send()
-        .await
-        .with_context(|| format!("reaching the host at {}", remote.url))?;
-    let m = json_reply(resp).await?;
+    let m = remote.get_json("/v1/metrics").await?;
     if json {
         println!("{m}");
         return Ok(());
@@ -132,13 +120,9 @@ pub(super) async fn metrics(remote: &Remote, json: bool) -> Result<()> {
 
 /// `evhost flows CID`: a flow's events in order and its tool calls.
 pub(super) async fn flow(remote: &Remote, id: &str, json: bool) -> Result<()> {
-    let resp = remote
-        .client()?
-        .get(format!("{}/v1/flows/{}", remote.url, urlencode(id)))
-        .send()
-        .await
-        .with_context(|| format!("reaching the host at {}", remote.url))?;
-    let f = json_reply(resp).await?;
+    let f = remote
+        .get_json(&format!("/v1/flows/{}", urlencode(id)))
+        .await?;
     if json {
         println!("{f}");
         return Ok(());

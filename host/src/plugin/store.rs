@@ -447,6 +447,12 @@ impl PluginStore {
         b.insert(PROCESSED, processed.to_be_bytes());
         self.apply(b)?;
         self.dead_letters.fetch_add(new, Ordering::Relaxed);
+        // Dead letters and quarantines are the operator's to see and act on, and rare:
+        // durable at once, so a crash never runs the failing events (and their
+        // announcements) again.
+        if !dead_letters.is_empty() || quarantine.is_some() {
+            self.tree.flush()?;
+        }
         Ok(())
     }
 
@@ -459,6 +465,8 @@ impl PluginStore {
         let existed = self.tree.contains_key(key)?;
         b.remove(key);
         self.apply(b)?;
+        // An operator's retry: durable at once, like the dead letter it settles.
+        self.tree.flush()?;
         if existed {
             self.dead_letters.fetch_sub(1, Ordering::Relaxed);
         }
@@ -682,8 +690,8 @@ impl StateView for PluginStore {
     }
 }
 
-/// Commits up to this size (encoded) are applied through a commit record; larger ones, a
-/// catch-up's, as one sled batch.
+/// Commits up to about this size (keys and values) are applied through a commit record;
+/// larger ones, a catch-up's, as one sled batch.
 const SMALL_COMMIT_BYTES: usize = 64 * 1024;
 
 /// One commit's writes to a store, in order, applied so that a crash keeps all or none.
@@ -696,9 +704,9 @@ const SMALL_COMMIT_BYTES: usize = 64 * 1024;
 /// store opened after a crash holds either no record (the commit is whole or absent) or
 /// the record of the last commit, which opening applies again (the writes are values, not
 /// increments, so applying twice is applying once). Durability comes from sled's flush
-/// schedule (`flush_every_ms`, 500 ms) and the explicit flushes of the host: a crash loses
-/// at most the commits of the last interval, and the plugin runs those batches again from
-/// its durable checkpoint.
+/// schedule (`flush_every_ms`, 500 ms) and the explicit flushes of the host (a commit with
+/// dead letters or a quarantine is flushed at once): a crash loses at most the commits of
+/// the last interval, and the plugin runs those batches again from its durable checkpoint.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct CommitWrites(Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
@@ -734,13 +742,19 @@ impl CommitWrites {
 
     /// Applies the writes to `tree` (see the type's documentation).
     fn apply(self, tree: &sled::Tree) -> sled::Result<()> {
-        let record = postcard::to_allocvec(&self).expect("a commit record serializes");
-        if record.len() > SMALL_COMMIT_BYTES {
+        // The record's size, near enough, without encoding a catch-up's whole batch.
+        let size: usize = self
+            .0
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
+            .sum();
+        if size > SMALL_COMMIT_BYTES {
             // A record a failed small commit left must not outlive a later commit.
             let mut b = self.into_batch();
             b.remove(PENDING);
             return tree.apply_batch(b);
         }
+        let record = postcard::to_allocvec(&self).expect("a commit record serializes");
         tree.insert(PENDING, record)?;
         for (k, v) in self.0 {
             match v {
