@@ -1,5 +1,6 @@
 //! The `evhost` command line: `serve` runs the host; `events` talks to a running host.
 
+mod author;
 mod ops;
 mod streams;
 mod table;
@@ -133,31 +134,30 @@ enum PluginCommand {
         /// The component, if not beside the manifest.
         #[arg(long)]
         wasm: Option<PathBuf>,
-        /// A value over the manifest's `[config]` (KEY=VALUE, or KEY=@FILE to read it from
-        /// a file, which keeps a secret out of the shell's history); repeat for more. Secret
-        /// values are never shown or logged.
-        #[arg(long = "config", value_name = "KEY=VALUE")]
-        config: Vec<String>,
-        /// Grant this load a capability its manifest asks for: `http:HOST:PORT`, `clock` or
-        /// `random`; repeat for more.
-        #[arg(long = "grant", value_name = "CAP")]
-        grant: Vec<String>,
-        /// For a different component of a loaded projection, built beside the live one:
-        /// switch when it has caught up (`auto`) or when promoted (`manual`).
-        #[arg(long, value_enum, default_value_t = crate::registry::Switch::Auto)]
-        switch: crate::registry::Switch,
-        /// Build beside the live projection and never switch by itself: compare with
-        /// `plugin diff`, then `plugin promote` or `plugin discard`.
-        #[arg(long)]
-        shadow: bool,
-        /// Keep the state as it stands (a compatible fix): the new component goes on from
-        /// the checkpoint.
-        #[arg(long)]
-        keep_state: bool,
-        /// Wait, with a progress bar, until the plugin has caught up (or its new version
-        /// has, and switched).
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        flags: LoadFlags,
+    },
+    /// Start a plugin project (outside this repository): manifest, source with a worked
+    /// example, fixtures, a native test (Rust) and a README, ready to build.
+    New(author::NewArgs),
+    /// Build a plugin project into `<name>.wasm` beside its manifest.
+    Build {
+        /// The project's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Run a project's built `.wasm` in the host's runtime over its fixtures, with the
+    /// manifest's limits: shows a diff where a result differs, and the cost per event.
+    Test(author::TestArgs),
+    /// Build a plugin project and load it into a running host.
+    Deploy {
+        #[command(flatten)]
+        remote: Remote,
+        /// The project's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[command(flatten)]
+        flags: LoadFlags,
     },
     /// Make a projection's candidate (or shadow run) live, once it has caught up.
     Promote {
@@ -258,6 +258,37 @@ enum PluginCommand {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
+}
+
+/// How a plugin is loaded: the operator's config and grants for this load, and how a new
+/// version of a loaded projection switches over.
+#[derive(Debug, Clone, clap::Args)]
+struct LoadFlags {
+    /// A value over the manifest's `[config]` (KEY=VALUE, or KEY=@FILE to read it from
+    /// a file, which keeps a secret out of the shell's history); repeat for more. Secret
+    /// values are never shown or logged.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// Grant this load a capability its manifest asks for: `http:HOST:PORT`, `clock` or
+    /// `random`; repeat for more.
+    #[arg(long = "grant", value_name = "CAP")]
+    grant: Vec<String>,
+    /// For a different component of a loaded projection, built beside the live one:
+    /// switch when it has caught up (`auto`) or when promoted (`manual`).
+    #[arg(long, value_enum, default_value_t = crate::registry::Switch::Auto)]
+    switch: crate::registry::Switch,
+    /// Build beside the live projection and never switch by itself: compare with
+    /// `plugin diff`, then `plugin promote` or `plugin discard`.
+    #[arg(long)]
+    shadow: bool,
+    /// Keep the state as it stands (a compatible fix): the new component goes on from
+    /// the checkpoint.
+    #[arg(long)]
+    keep_state: bool,
+    /// Wait, with a progress bar, until the plugin has caught up (or its new version
+    /// has, and switched).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -915,82 +946,19 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             remote,
             manifest,
             wasm,
-            config,
-            grant,
-            switch,
-            shadow,
-            keep_state,
-            wait,
+            flags,
         } => {
-            let mut options = crate::registry::LoadOptions::default();
-            for kv in &config {
-                // Named by its key only: the value may be a secret.
-                let (k, v) = kv
-                    .split_once('=')
-                    .with_context(|| format!("--config {kv:.0}...: give KEY=VALUE or KEY=@FILE"))?;
-                let v = match v.strip_prefix('@') {
-                    Some(file) => std::fs::read_to_string(file)
-                        .with_context(|| format!("--config {k}=@{file}: reading the value"))?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_owned(),
-                    None => v.to_owned(),
-                };
-                options.config.insert(k.to_owned(), v);
-            }
-            for cap in &grant {
-                options
-                    .grants
-                    .add(cap)
-                    .map_err(|e| anyhow::anyhow!("--grant {cap}: {e}"))?;
-            }
             let wasm = wasm.unwrap_or_else(|| manifest.with_extension("wasm"));
-            let text = std::fs::read_to_string(&manifest)
-                .with_context(|| format!("reading the manifest {}", manifest.display()))?;
-            let bytes = std::fs::read(&wasm)
-                .with_context(|| format!("reading the component {}", wasm.display()))?;
-            let parsed = crate::plugin::Manifest::parse(&text)?;
-            let mut form = reqwest::multipart::Form::new()
-                .part("manifest", reqwest::multipart::Part::text(text))
-                .part("wasm", reqwest::multipart::Part::bytes(bytes));
-            if !options.config.is_empty() {
-                form = form.part(
-                    "config",
-                    reqwest::multipart::Part::text(serde_json::to_string(&options.config)?),
-                );
-            }
-            if options.grants != Default::default() {
-                form = form.part(
-                    "grants",
-                    reqwest::multipart::Part::text(serde_json::to_string(
-                        &options.grants.to_caps(),
-                    )?),
-                );
-            }
-            let resp = remote
-                .client()?
-                .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
-                .query(&[
-                    (
-                        "switch",
-                        if switch == crate::registry::Switch::Manual {
-                            "manual"
-                        } else {
-                            "auto"
-                        },
-                    ),
-                    ("shadow", if shadow { "true" } else { "false" }),
-                    ("keep_state", if keep_state { "true" } else { "false" }),
-                ])
-                .multipart(form)
-                .send()
-                .await
-                .with_context(|| format!("reaching the host at {}", remote.url))?;
-            let loaded = json_reply(resp).await?;
-            if wait {
-                let target = loaded["head"].as_u64().unwrap_or(0);
-                ops::wait_caught_up(&remote, &parsed.name, target).await?;
-            }
-            println!("{loaded}");
+            load_plugin(&remote, &manifest, &wasm, &flags).await?;
+        }
+        PluginCommand::New(args) => author::new(args)?,
+        PluginCommand::Build { dir } => {
+            author::build(&dir)?;
+        }
+        PluginCommand::Test(args) => author::test(args).await?,
+        PluginCommand::Deploy { remote, dir, flags } => {
+            let project = author::build(&dir)?;
+            load_plugin(&remote, &project.manifest_path, &project.wasm_path(), &flags).await?;
         }
         PluginCommand::List { remote, json } => {
             let body = remote.get_json("/v1/plugins").await?;
@@ -1093,6 +1061,87 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
             println!("{}", json_reply(resp).await?);
         }
     }
+    Ok(())
+}
+
+/// The config overrides and grants given on the command line, checked.
+fn load_options(config: &[String], grant: &[String]) -> Result<crate::registry::LoadOptions> {
+    let mut options = crate::registry::LoadOptions::default();
+    for kv in config {
+        // Named by its key only: the value may be a secret.
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--config {kv:.0}...: give KEY=VALUE or KEY=@FILE"))?;
+        let v = match v.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("--config {k}=@{file}: reading the value"))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            None => v.to_owned(),
+        };
+        options.config.insert(k.to_owned(), v);
+    }
+    for cap in grant {
+        options
+            .grants
+            .add(cap)
+            .map_err(|e| anyhow::anyhow!("--grant {cap}: {e}"))?;
+    }
+    Ok(options)
+}
+
+/// Uploads `manifest` and `wasm` to the host (`PUT /v1/plugins/{name}`) and prints what it
+/// answered; with `--wait`, first shows a progress bar until the plugin has caught up.
+async fn load_plugin(
+    remote: &Remote,
+    manifest: &std::path::Path,
+    wasm: &std::path::Path,
+    flags: &LoadFlags,
+) -> Result<()> {
+    let options = load_options(&flags.config, &flags.grant)?;
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("reading the manifest {}", manifest.display()))?;
+    let bytes =
+        std::fs::read(wasm).with_context(|| format!("reading the component {}", wasm.display()))?;
+    let parsed = crate::plugin::Manifest::parse(&text)?;
+    let mut form = reqwest::multipart::Form::new()
+        .part("manifest", reqwest::multipart::Part::text(text))
+        .part("wasm", reqwest::multipart::Part::bytes(bytes));
+    if !options.config.is_empty() {
+        form = form.part(
+            "config",
+            reqwest::multipart::Part::text(serde_json::to_string(&options.config)?),
+        );
+    }
+    if options.grants != Default::default() {
+        form = form.part(
+            "grants",
+            reqwest::multipart::Part::text(serde_json::to_string(&options.grants.to_caps())?),
+        );
+    }
+    let switch = if flags.switch == crate::registry::Switch::Manual {
+        "manual"
+    } else {
+        "auto"
+    };
+    let resp = remote
+        .client()?
+        .put(format!("{}/v1/plugins/{}", remote.url, parsed.name))
+        .query(&[
+            ("switch", switch),
+            ("shadow", if flags.shadow { "true" } else { "false" }),
+            ("keep_state", if flags.keep_state { "true" } else { "false" }),
+        ])
+        .multipart(form)
+        .send()
+        .await
+        .with_context(|| format!("reaching the host at {}", remote.url))?;
+    let loaded = json_reply(resp).await?;
+    if flags.wait {
+        let target = loaded["head"].as_u64().unwrap_or(0);
+        ops::wait_caught_up(remote, &parsed.name, target).await?;
+    }
+    println!("{loaded}");
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod author;
 pub mod bus;
 pub mod cli;
 pub mod dead_letter;

@@ -1,0 +1,194 @@
+//! A plugin project on disk: its manifest, its language, and how it is built into the
+//! component named after the manifest (`<name>.wasm` beside `<name>.toml`, as
+//! `evhost plugin load` and `--plugins` expect).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::plugin::Manifest;
+
+/// A guest language `plugin new` writes and `plugin build` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// Rust, through the evhost-sdk crate, built by cargo for wasm32-wasip2.
+    Rust,
+    /// JavaScript, built by jco (componentize-js).
+    Js,
+    /// Python, built by componentize-py.
+    Python,
+}
+
+impl Lang {
+    /// The language's name as `--lang` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lang::Rust => "rust",
+            Lang::Js => "js",
+            Lang::Python => "python",
+        }
+    }
+}
+
+/// A plugin project: a directory with one manifest and the sources of one language.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The project's directory.
+    pub dir: PathBuf,
+    /// Its manifest file, `<name>.toml`.
+    pub manifest_path: PathBuf,
+    /// The manifest, parsed.
+    pub manifest: Manifest,
+    /// What it is written in.
+    pub lang: Lang,
+}
+
+/// Files ending `.toml` in a project that are not its manifest.
+const NOT_MANIFESTS: &[&str] = &["Cargo.toml", "pyproject.toml", "rust-toolchain.toml"];
+
+impl Project {
+    /// The project in `dir`: the one `*.toml` there that is a plugin manifest, and the
+    /// language its files say (Cargo.toml, package.json, or a Python module).
+    pub fn open(dir: &Path) -> Result<Project> {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("reading the plugin project {}", dir.display()))?;
+        let mut candidates: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "toml")
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| NOT_MANIFESTS.iter().any(|m| n == *m))
+            })
+            .collect();
+        candidates.sort();
+        let manifest_path = match candidates.as_slice() {
+            [one] => one.clone(),
+            [] => bail!(
+                "{} has no plugin manifest (<name>.toml): run `evhost plugin new` to start a \
+                 project, or give the project's directory",
+                dir.display()
+            ),
+            many => bail!(
+                "{} has several .toml files that could be the manifest ({}): keep one",
+                dir.display(),
+                many.iter()
+                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest = Manifest::parse(&text)
+            .with_context(|| format!("in {}", manifest_path.display()))?;
+        let stem = manifest_path.file_stem().unwrap_or_default().to_string_lossy();
+        if stem != manifest.name {
+            bail!(
+                "{} names the plugin {:?}: name the file {}.toml, so that the host finds \
+                 {}.wasm beside it",
+                manifest_path.display(),
+                manifest.name,
+                manifest.name,
+                manifest.name
+            );
+        }
+        let lang = if dir.join("Cargo.toml").is_file() {
+            Lang::Rust
+        } else if dir.join("package.json").is_file() {
+            Lang::Js
+        } else if dir.join("app.py").is_file() {
+            Lang::Python
+        } else {
+            bail!(
+                "{} has no Cargo.toml, package.json or app.py: cannot tell how to build it",
+                dir.display()
+            );
+        };
+        Ok(Project {
+            dir: dir.to_owned(),
+            manifest_path,
+            manifest,
+            lang,
+        })
+    }
+
+    /// Where the built component goes: `<name>.wasm` beside the manifest.
+    pub fn wasm_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.wasm", self.manifest.name))
+    }
+
+    /// Builds the component and puts it at [`Project::wasm_path`]; the build tool's output
+    /// goes to stderr as it runs.
+    pub fn build(&self) -> Result<PathBuf> {
+        let out = self.wasm_path();
+        match self.lang {
+            Lang::Rust => self.build_rust(&out)?,
+            Lang::Js | Lang::Python => bail!(
+                "building {} plugins is not supported yet",
+                self.lang.as_str()
+            ),
+        }
+        Ok(out)
+    }
+
+    /// `cargo build --release --target wasm32-wasip2`, then the cdylib's `.wasm` copied to
+    /// `out` (cargo names it after the crate, with `_` for `-`).
+    fn build_rust(&self, out: &Path) -> Result<()> {
+        let child = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--message-format=json-render-diagnostics",
+            ])
+            .current_dir(&self.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("running cargo (is Rust installed? https://rustup.rs)")?;
+        let output = child.wait_with_output().context("waiting for cargo")?;
+        let built = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact")
+            .filter(|m| {
+                m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "cdylib"))
+            })
+            .flat_map(|m| {
+                m["filenames"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|f| f.as_str().map(PathBuf::from))
+            })
+            .find(|f| f.extension().is_some_and(|x| x == "wasm"));
+        if !output.status.success() {
+            bail!(
+                "cargo build failed ({}); if it says the target wasm32-wasip2 is not \
+                 installed, run `rustup target add wasm32-wasip2`",
+                output.status
+            );
+        }
+        let built = built.context(
+            "cargo built no .wasm: the crate needs crate-type = [\"cdylib\", \"rlib\"] \
+             under [lib]",
+        )?;
+        copy_into_place(&built, out)
+    }
+}
+
+/// Copies `from` to `to` through a temporary file, so that a host reading `to` never
+/// sees half a component.
+fn copy_into_place(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("wasm.tmp");
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("writing {}", to.display()))?;
+    Ok(())
+}
