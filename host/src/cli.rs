@@ -958,7 +958,13 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         PluginCommand::Test(args) => author::test(args).await?,
         PluginCommand::Deploy { remote, dir, flags } => {
             let project = author::build(&dir)?;
-            load_plugin(&remote, &project.manifest_path, &project.wasm_path(), &flags).await?;
+            load_plugin(
+                &remote,
+                &project.manifest_path,
+                &project.wasm_path(),
+                &flags,
+            )
+            .await?;
         }
         PluginCommand::List { remote, json } => {
             let body = remote.get_json("/v1/plugins").await?;
@@ -1130,7 +1136,10 @@ async fn load_plugin(
         .query(&[
             ("switch", switch),
             ("shadow", if flags.shadow { "true" } else { "false" }),
-            ("keep_state", if flags.keep_state { "true" } else { "false" }),
+            (
+                "keep_state",
+                if flags.keep_state { "true" } else { "false" },
+            ),
         ])
         .multipart(form)
         .send()

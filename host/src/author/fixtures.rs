@@ -294,18 +294,21 @@ fn fixture_events(events: &[FixtureEvent]) -> Result<Vec<Arc<Event>>> {
             let version = versions.entry(stream.clone()).or_default();
             let this_version = *version;
             *version += 1;
-            let id = e
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("00000000-0000-7000-8000-{position:012x}"));
+            let id =
+                e.id.clone()
+                    .unwrap_or_else(|| format!("00000000-0000-7000-8000-{position:012x}"));
             let timestamp = e
                 .timestamp
                 .unwrap_or(base + chrono::Duration::seconds(position as i64))
                 .max(last);
             last = timestamp;
-            let payload = e.payload.clone().unwrap_or_else(|| Value::Object(Default::default()));
+            let payload = e
+                .payload
+                .clone()
+                .unwrap_or_else(|| Value::Object(Default::default()));
             Ok(Arc::new(Event {
-                id: EventId::new(&id).map_err(|err| anyhow::anyhow!("event {i}: id {id:?}: {err}"))?,
+                id: EventId::new(&id)
+                    .map_err(|err| anyhow::anyhow!("event {i}: id {id:?}: {err}"))?,
                 event_type: EventType::new(&e.event_type)
                     .map_err(|err| anyhow::anyhow!("event {i}: {err}"))?,
                 stream: crate::event::StreamName::new(&stream)
@@ -472,7 +475,9 @@ fn check_tool(p: &ToolPlugin, fixture: &Fixture) -> Result<(), String> {
                     }
                 }
             }
-            (None, Err(e)) => problems.push(format!("  invocation {i} ({}) failed: {e}", inv.input)),
+            (None, Err(e)) => {
+                problems.push(format!("  invocation {i} ({}) failed: {e}", inv.input))
+            }
         }
     }
     if problems.is_empty() {

@@ -81,9 +81,12 @@ impl Project {
         };
         let text = std::fs::read_to_string(&manifest_path)
             .with_context(|| format!("reading {}", manifest_path.display()))?;
-        let manifest = Manifest::parse(&text)
-            .with_context(|| format!("in {}", manifest_path.display()))?;
-        let stem = manifest_path.file_stem().unwrap_or_default().to_string_lossy();
+        let manifest =
+            Manifest::parse(&text).with_context(|| format!("in {}", manifest_path.display()))?;
+        let stem = manifest_path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
         if stem != manifest.name {
             bail!(
                 "{} names the plugin {:?}: name the file {}.toml, so that the host finds \
@@ -125,10 +128,8 @@ impl Project {
         let out = self.wasm_path();
         match self.lang {
             Lang::Rust => self.build_rust(&out)?,
-            Lang::Js | Lang::Python => bail!(
-                "building {} plugins is not supported yet",
-                self.lang.as_str()
-            ),
+            Lang::Js => self.build_js(&out)?,
+            Lang::Python => self.build_python(&out)?,
         }
         Ok(out)
     }
@@ -181,6 +182,99 @@ impl Project {
         )?;
         copy_into_place(&built, out)
     }
+}
+
+impl Project {
+    /// The project's world, as the WIT names it (`projection`, `extractor`, `tool`).
+    fn world(&self) -> &'static str {
+        self.manifest.kind.as_str()
+    }
+
+    /// componentize-js over `<name>.js`: the project's own (node_modules), else one on
+    /// PATH, else `npm install` first.
+    fn build_js(&self, out: &Path) -> Result<()> {
+        let source = format!("{}.js", self.manifest.name);
+        if !self.dir.join(&source).is_file() {
+            bail!(
+                "{} has no {source}: the plugin's source is named after its manifest",
+                self.dir.display()
+            );
+        }
+        let local = self.dir.join("node_modules/.bin/componentize-js");
+        let tool = if local.is_file() {
+            local
+        } else if let Some(found) = on_path("componentize-js") {
+            found
+        } else {
+            eprintln!("componentize-js is not installed here: npm install");
+            run(
+                Command::new("npm")
+                    .args(["install", "--no-audit", "--no-fund"])
+                    .current_dir(&self.dir),
+                "npm install (is Node.js installed?)",
+            )?;
+            local
+        };
+        let tmp = out.with_extension("wasm.building");
+        run(
+            Command::new(&tool)
+                .args([
+                    "--wit",
+                    super::scaffold::WIT_PATH,
+                    "--world-name",
+                    self.world(),
+                    "-o",
+                ])
+                .arg(&tmp)
+                .arg(&source)
+                .current_dir(&self.dir),
+            "componentize-js",
+        )?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
+    }
+
+    /// componentize-py over the module `app`.
+    fn build_python(&self, out: &Path) -> Result<()> {
+        let tool = on_path("componentize-py")
+            .context("componentize-py is not installed: pip install componentize-py==0.25.1")?;
+        let tmp = out.with_extension("wasm.building");
+        run(
+            Command::new(tool)
+                .args([
+                    "-d",
+                    super::scaffold::WIT_PATH,
+                    "-w",
+                    self.world(),
+                    "componentize",
+                    "app",
+                    "-o",
+                ])
+                .arg(&tmp)
+                .current_dir(&self.dir),
+            "componentize-py",
+        )?;
+        std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
+    }
+}
+
+/// Runs `cmd` with its output on stderr; fails naming `what` if it does.
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit())
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `program` on PATH, if it is there.
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// Copies `from` to `to` through a temporary file, so that a host reading `to` never

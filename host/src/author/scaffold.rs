@@ -51,6 +51,12 @@ pub struct NewProject {
     pub sdk: Option<SdkSource>,
 }
 
+/// The contract a JavaScript or Python project builds against, copied into it.
+const WIT: &str = include_str!("../../../wit/v0.2.0/plugin.wit");
+
+/// Where that copy goes.
+pub(super) const WIT_PATH: &str = "wit/plugin.wit";
+
 /// One file of a template, with `{{name}}`-style placeholders.
 struct File {
     path: String,
@@ -140,11 +146,38 @@ impl NewProject {
                 files.push(self.file(".gitignore", "/target\n/*.wasm\n/.evhost-cache\n"));
                 extra = "\n`cargo test` runs the plugin natively, without wasm.\n";
             }
-            Lang::Js | Lang::Python => {
-                bail!(
-                    "{} plugins are not yet written by `plugin new`: use --lang rust",
-                    self.lang.as_str()
-                )
+            Lang::Js => {
+                let source = match self.kind {
+                    Kind::Projection => include_str!("../../templates/js/projection.js"),
+                    Kind::Extractor => include_str!("../../templates/js/extractor.js"),
+                    Kind::Tool => include_str!("../../templates/js/tool.js"),
+                };
+                files.push(self.file(&format!("{}.js", self.name), source));
+                files.push(self.file("evhost.js", include_str!("../../templates/js/evhost.js")));
+                files.push(self.file(
+                    "package.json",
+                    include_str!("../../templates/js/package.json.in"),
+                ));
+                files.push(self.file(WIT_PATH, WIT));
+                files.push(self.file(".gitignore", "/node_modules\n/*.wasm\n/.evhost-cache\n"));
+                extra = "\n`plugin build` runs componentize-js (`npm install` fetches the version \
+                         package.json pins, the first time).\n";
+            }
+            Lang::Python => {
+                let source = match self.kind {
+                    Kind::Projection => include_str!("../../templates/python/projection.py"),
+                    Kind::Extractor => include_str!("../../templates/python/extractor.py"),
+                    Kind::Tool => include_str!("../../templates/python/tool.py"),
+                };
+                files.push(self.file("app.py", source));
+                files.push(self.file(
+                    "evhost_guest.py",
+                    include_str!("../../templates/python/evhost_guest.py"),
+                ));
+                files.push(self.file(WIT_PATH, WIT));
+                files.push(self.file(".gitignore", "/*.wasm\n/.evhost-cache\n__pycache__/\n"));
+                extra = "\n`plugin build` runs componentize-py (`pip install \
+                         componentize-py==0.25.1`).\n";
             }
         }
         files.push(File {

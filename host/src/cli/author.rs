@@ -67,7 +67,10 @@ pub(super) fn new(args: NewArgs) -> Result<()> {
     let sdk = match (args.sdk, args.sdk_git) {
         (Some(p), _) => {
             if !p.join("Cargo.toml").is_file() {
-                bail!("--sdk {}: no Cargo.toml there (give plugin-sdk/ of evhost's repository)", p.display());
+                bail!(
+                    "--sdk {}: no Cargo.toml there (give plugin-sdk/ of evhost's repository)",
+                    p.display()
+                );
             }
             Some(SdkSource::Path(p.canonicalize().unwrap_or(p)))
         }
@@ -121,7 +124,9 @@ pub(super) async fn test(args: TestArgs) -> Result<()> {
             wasm_path.display()
         )
     })?;
-    let fixtures = args.fixtures.unwrap_or_else(|| project.dir.join("fixtures"));
+    let fixtures = args
+        .fixtures
+        .unwrap_or_else(|| project.dir.join("fixtures"));
     let files = if fixtures.is_file() {
         vec![fixtures]
     } else {
@@ -165,8 +170,14 @@ pub(super) async fn test(args: TestArgs) -> Result<()> {
         u.peak_memory_bytes.div_ceil(1024),
         u.memory_limit_bytes >> 20
     ));
-    cost.push(format!("{} calls, slowest {:.2} ms", u.calls, u.max_call_ms));
-    cost.push(format!("compile {:.0} ms", report.compile.as_secs_f64() * 1e3));
+    cost.push(format!(
+        "{} calls, slowest {:.2} ms",
+        u.calls, u.max_call_ms
+    ));
+    cost.push(format!(
+        "compile {:.0} ms",
+        report.compile.as_secs_f64() * 1e3
+    ));
     println!("cost: {}", cost.join(", "));
     let total = report.passed + report.failed.len();
     if report.failed.is_empty() {

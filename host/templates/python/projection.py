@@ -1,0 +1,33 @@
+"""{{name}}: an evhost projection. Per customer, it keeps how many orders they placed and
+what they spent, from `order.placed` events such as {"customer": "c-1", "total": 12.5}.
+
+Build with `evhost plugin build`, run it over fixtures/ with `evhost plugin test`, and load
+it into a running host with `evhost plugin deploy --wait`."""
+
+import json
+
+from wit_world import exports
+from wit_world.imports import state
+
+from evhost_guest import events, invalid_input
+
+
+class ProjectionHandler(exports.ProjectionHandler):
+    def handle(self, batch: bytes) -> None:
+        """A batch is all or nothing: raise, and none of its writes are kept."""
+        changed = {}
+        for event in events(batch):
+            customer = event["payload"].get("customer")
+            if not isinstance(customer, str):
+                raise invalid_input(f"event {event['id']} has no customer in its payload")
+            if customer not in changed:
+                stored = state.get(customer)
+                changed[customer] = json.loads(stored) if stored else {"orders": 0, "spent": 0}
+            s = changed[customer]
+            s["orders"] += 1
+            s["spent"] += event["payload"].get("total", 0)
+        state.set_many([(k, json.dumps(v)) for k, v in changed.items()])
+
+    def query(self, request: str) -> str:
+        """POST /v1/projections/{{name}}/query: the request is a customer's id."""
+        return state.get(request) or "null"
