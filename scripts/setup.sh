@@ -30,3 +30,19 @@ if ! command -v npm >/dev/null; then
 fi
 # The browser test's driver, playwright-core, from npm (versions pinned by its lock file).
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
+# The component tools of the JavaScript and Python guests (plugins/guests/, and projects
+# `evhost plugin new --lang js|python` writes): componentize-js pinned by
+# plugins/guests/package-lock.json, componentize-py pinned here.
+(cd plugins/guests && npm ci --no-audit --no-fund --silent)
+if ! command -v python3 >/dev/null; then
+    echo "error: python3 with pip is required for the Python guests (componentize-py)" >&2
+    exit 1
+fi
+if ! componentize-py --version 2>/dev/null | grep -q '^componentize-py 0\.25\.1'; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        componentize-py==0.25.1
+fi
+if ! command -v componentize-py >/dev/null; then
+    echo "error: componentize-py was installed but is not on PATH; add $(python3 -m site --user-base)/bin to PATH" >&2
+    exit 1
+fi

@@ -30,6 +30,12 @@ fn main() {
         "building the plugins failed (see the output above)"
     );
     println!("cargo:rustc-env=EVHOST_TEST_PLUGINS={}", out.display());
+    // The JavaScript and Python guests, built by scripts/build-guests.sh (scripts/test.sh
+    // runs it; it needs the component tools scripts/setup.sh installs).
+    println!(
+        "cargo:rustc-env=EVHOST_TEST_GUESTS={}",
+        root.join("target/plugins-guests").display()
+    );
     // Plugins built only for tests (no manifest) are used straight from the build.
     let built = root.join("target/plugins-build/wasm32-wasip2/release");
     println!(

@@ -200,6 +200,7 @@ pub fn run(
     };
     let mut measured: Vec<Arc<Event>> = Vec::new();
     for file in files {
+        let shown = file.strip_prefix(".").unwrap_or(file).display();
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let fixture: Fixture = serde_json::from_str(&text)
@@ -216,7 +217,7 @@ pub fn run(
         };
         match outcome {
             Ok(()) => {
-                println!("ok    {}", file.display());
+                println!("ok    {shown}");
                 report.passed += 1;
             }
             Err(why) => {
@@ -225,7 +226,7 @@ pub fn run(
                     .as_deref()
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default();
-                println!("FAIL  {}{about}\n{why}", file.display());
+                println!("FAIL  {shown}{about}\n{why}");
                 report.failed.push((file.clone(), why));
             }
         }

@@ -215,7 +215,9 @@ impl Project {
             )?;
             local
         };
-        let tmp = out.with_extension("wasm.building");
+        // Absolute: the tool runs in the project's directory.
+        let tmp = std::path::absolute(out.with_extension("wasm.building"))
+            .context("resolving the output path")?;
         run(
             Command::new(&tool)
                 .args([
@@ -237,7 +239,9 @@ impl Project {
     fn build_python(&self, out: &Path) -> Result<()> {
         let tool = on_path("componentize-py")
             .context("componentize-py is not installed: pip install componentize-py==0.25.1")?;
-        let tmp = out.with_extension("wasm.building");
+        // Absolute: the tool runs in the project's directory.
+        let tmp = std::path::absolute(out.with_extension("wasm.building"))
+            .context("resolving the output path")?;
         run(
             Command::new(tool)
                 .args([

@@ -1,0 +1,1 @@
+../../../host/templates/js/evhost.js
