@@ -187,6 +187,49 @@ fn main() {
         "boundary  batch-count      wasm {:>6} ns/event  (decode and count only, target <= 500 ns, batches of {BATCH})",
         b.as_nanos()
     );
+    // The same projection written in JavaScript and Python (plugins/guests/), beside the
+    // Rust build: the time to compile each (the load of a component not yet cached) and
+    // its cost per event. Skipped, with a note, until scripts/build-guests.sh has run.
+    let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins-guests");
+    let compile_dir = tempfile::tempdir().unwrap();
+    let fresh = Runtime::new(compile_dir.path()).unwrap();
+    let rust_load = {
+        let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
+        let wasm = std::fs::read(plugins.join("type-counter.wasm")).unwrap();
+        let manifest =
+            Manifest::parse(&std::fs::read_to_string(plugins.join("type-counter.toml")).unwrap())
+                .unwrap();
+        fresh.compile_for(&manifest, &wasm).unwrap().took
+    };
+    let guest_events = &events[..n.min(50_000)];
+    let rust_guest = run(&wasm(&counter), guest_events, BATCH);
+    println!(
+        "language  type-counter     rust   {:>6} ns/event  compile {:>7.0} ms  (batches of {BATCH})",
+        rust_guest.as_nanos(),
+        rust_load.as_secs_f64() * 1e3
+    );
+    for name in ["type-counter-js", "type-counter-py"] {
+        let Ok(wasm_bytes) = std::fs::read(guests.join(format!("{name}.wasm"))) else {
+            println!("language  {name}: not built (scripts/build-guests.sh)");
+            continue;
+        };
+        let manifest =
+            Manifest::parse(&std::fs::read_to_string(guests.join(format!("{name}.toml"))).unwrap())
+                .unwrap();
+        let compiled = fresh.compile_for(&manifest, &wasm_bytes).unwrap();
+        let plugin: ProjectionPlugin = fresh.plugin(&compiled, &manifest).unwrap();
+        let fold = wasm(&plugin);
+        run(&fold, &guest_events[..BATCH.min(guest_events.len())], BATCH);
+        let per = run(&fold, guest_events, BATCH);
+        println!(
+            "language  {name:<16} {:<6} {:>6} ns/event  compile {:>7.0} ms  ({:.1} MB of wasm; {:.1}x Rust's time per event)",
+            if name.ends_with("js") { "js" } else { "python" },
+            per.as_nanos(),
+            compiled.took.as_secs_f64() * 1e3,
+            wasm_bytes.len() as f64 / 1e6,
+            per.as_secs_f64() / rust_guest.as_secs_f64()
+        );
+    }
     // One call of one event: the fixed cost of a call (instance, store, epoch deadline).
     let few = &events[..n.min(20_000)];
     for (name, wasm, _) in &sides[..2] {

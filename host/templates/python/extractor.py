@@ -21,13 +21,13 @@ class ExtractorHandler(exports.ExtractorHandler):
         with causation_id set to the input event's id."""
         out = []
         for event in events(batch):
-            customer = event["payload"].get("customer")
-            total = event["payload"].get("total")
+            customer = event.payload.get("customer")
+            total = event.payload.get("total")
             if not isinstance(customer, str) or not isinstance(total, (int, float)):
-                raise invalid_input(f"event {event['id']} needs a customer and a total")
+                raise invalid_input(f"event {event.id} needs a customer and a total")
             derived = []
             if total >= LARGE:
-                payload = {"order_stream": event["stream"], "customer": customer, "total": total}
+                payload = {"order_stream": event.stream, "customer": customer, "total": total}
                 derived.append(NewEvent("order.flagged", "flagged-orders", json.dumps(payload), []))
             out.append(derived)
         return out

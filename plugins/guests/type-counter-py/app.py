@@ -11,7 +11,7 @@ class ProjectionHandler(exports.ProjectionHandler):
     def handle(self, batch: bytes) -> None:
         counts = {}
         for event in events(batch):
-            t = event["type"]
+            t = event.type
             if t not in counts:
                 counts[t] = int(state.get(t) or 0)
             counts[t] += 1
