@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing evhost needs on a fresh machine: the pinned Rust
 # toolchain with the wasm32-wasip2 target (from rust-toolchain.toml), promtool, and Chromium
-# with playwright-core for the dashboard's browser test. Safe to re-run.
+# with playwright-core for the dashboard's browser test; with --guests, the JavaScript and
+# Python component tools. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v rustup >/dev/null; then
@@ -30,19 +31,21 @@ if ! command -v npm >/dev/null; then
 fi
 # The browser test's driver, playwright-core, from npm (versions pinned by its lock file).
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
-# The component tools of the JavaScript and Python guests (plugins/guests/, and projects
-# `evhost plugin new --lang js|python` writes): componentize-js pinned by
-# plugins/guests/package-lock.json, componentize-py pinned here.
-(cd plugins/guests && npm ci --no-audit --no-fund --silent)
-if ! command -v python3 >/dev/null; then
-    echo "error: python3 with pip is required for the Python guests (componentize-py)" >&2
-    exit 1
-fi
-if ! componentize-py --version 2>/dev/null | grep -q '^componentize-py 0\.25\.1'; then
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-        componentize-py==0.25.1
-fi
-if ! command -v componentize-py >/dev/null; then
-    echo "error: componentize-py was installed but is not on PATH; add $(python3 -m site --user-base)/bin to PATH" >&2
-    exit 1
+# With --guests (scripts/test.sh): the component tools of the JavaScript and Python guests
+# (plugins/guests/, and projects `evhost plugin new --lang js|python` writes):
+# componentize-js pinned by plugins/guests/package-lock.json, componentize-py pinned here.
+if [ "${1:-}" = "--guests" ]; then
+    (cd plugins/guests && npm ci --no-audit --no-fund --silent)
+    if ! command -v python3 >/dev/null; then
+        echo "error: python3 with pip is required for the Python guests (componentize-py)" >&2
+        exit 1
+    fi
+    if ! componentize-py --version 2>/dev/null | grep -q '^componentize-py 0\.25\.1'; then
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+            componentize-py==0.25.1
+    fi
+    if ! command -v componentize-py >/dev/null; then
+        echo "error: componentize-py was installed but is not on PATH; add $(python3 -m site --user-base)/bin to PATH" >&2
+        exit 1
+    fi
 fi

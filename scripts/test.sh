@@ -5,7 +5,7 @@
 # need first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --guests
 scripts/build-plugins.sh
 scripts/build-guests.sh
 cargo build --workspace --all-targets --locked

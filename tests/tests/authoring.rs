@@ -40,29 +40,41 @@ fn shown_output(script: &str) -> Vec<String> {
     out
 }
 
-/// A PATH with `evhost` (this build of the binary) and the component tools first.
-fn author_path(dir: &Path) -> String {
+/// A PATH with `evhost` (this build of the binary) first, then (`js_tools`) the
+/// componentize-js scripts/setup.sh installed.
+fn author_path(dir: &Path, js_tools: bool) -> String {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let link = bin.join("evhost");
     if !link.exists() {
         std::os::unix::fs::symlink(BIN, &link).unwrap();
     }
-    let js_tools = Path::new(ROOT).join("plugins/guests/node_modules/.bin");
-    format!(
-        "{}:{}:{}",
-        bin.display(),
-        js_tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
+    let mut path = vec![bin];
+    if js_tools {
+        path.push(Path::new(ROOT).join("plugins/guests/node_modules/.bin"));
+    }
+    let inherited = std::env::var_os("PATH").unwrap_or_default();
+    // The test's own PATH may hold a componentize-js too; leave that out as well.
+    path.extend(
+        std::env::split_paths(&inherited)
+            .filter(|p| js_tools || !p.join("componentize-js").exists()),
+    );
+    std::env::join_paths(path).unwrap().into_string().unwrap()
 }
 
-/// Runs `script` with bash in `dir` as an author's shell would, against `h`.
+/// Runs `script` with bash in `dir` as an author's shell would, against `h`, for at most
+/// ten minutes.
 fn run_script(h: &Host, dir: &Path, script: &str) -> (bool, String, String) {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
+    run_script_with(h, dir, script, true)
+}
+
+/// [`run_script`]; without `js_tools`, no componentize-js is on PATH, so `plugin build`
+/// installs the one the project pins, as on an author's fresh machine.
+fn run_script_with(h: &Host, dir: &Path, script: &str, js_tools: bool) -> (bool, String, String) {
+    let out = Command::new("timeout")
+        .args(["600", "bash", "-euo", "pipefail", "-c", script])
         .current_dir(dir)
-        .env("PATH", author_path(dir))
+        .env("PATH", author_path(dir, js_tools))
         .env("EVHOST_URL", &h.url)
         // The Rust template's dependencies, built once for every run (the SDK's standalone
         // check shares them).
@@ -91,7 +103,8 @@ async fn walk(lang: &str) {
         assert!(script.contains(new), "the walk starts with {new}");
         script = script.replace(new, &format!("{new} --lang {lang}"));
     }
-    let (ok, stdout, stderr) = run_script(&h, authors.path(), &script);
+    // JavaScript from scratch: the first build runs npm install in the project.
+    let (ok, stdout, stderr) = run_script_with(&h, authors.path(), &script, lang != "js");
     assert!(ok, "the {lang} walk failed:\n{stdout}\n{stderr}");
     for shown in shown_output(&script) {
         assert!(
@@ -101,6 +114,12 @@ async fn walk(lang: &str) {
     }
     let project = authors.path().join("order-totals");
     assert!(project.join("order-totals.wasm").is_file());
+    if lang == "js" {
+        assert!(
+            project.join("node_modules/.bin/componentize-js").is_file(),
+            "plugin build installed componentize-js: {stderr}"
+        );
+    }
     let status = caught_up(&h, "order-totals").await;
     assert_eq!(status["dead_letters"], 0, "{status}");
     // A third order, from another customer, folds live.
