@@ -154,6 +154,17 @@ async fn readme_walk_in_python() {
     walk("python").await;
 }
 
+/// `plugin new NAME ARGS` and `plugin build` in `dir`; the project's directory.
+fn new_and_built(h: &Host, dir: &Path, name: &str, args: &str) -> PathBuf {
+    let (ok, out, err) = run_script(
+        h,
+        dir,
+        &format!("evhost plugin new {name} {args} && evhost plugin build {name}"),
+    );
+    assert!(ok, "{out}\n{err}");
+    dir.join(name)
+}
+
 fn guest(name: &str) -> (String, Vec<u8>) {
     let dir = Path::new(GUESTS);
     let wasm = std::fs::read(dir.join(format!("{name}.wasm"))).unwrap_or_else(|_| {
@@ -260,13 +271,7 @@ async fn a_python_extractor_derives_what_the_rust_one_does() {
     let authors = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, data.path(), &[]).await;
-    let (ok, out, err) = run_script(
-        &h,
-        authors.path(),
-        "evhost plugin new big-orders --kind extractor && evhost plugin build big-orders",
-    );
-    assert!(ok, "{out}\n{err}");
-    let project = authors.path().join("big-orders");
+    let project = new_and_built(&h, authors.path(), "big-orders", "--kind extractor");
     let rust_manifest = std::fs::read_to_string(project.join("big-orders.toml")).unwrap();
     let rust_wasm = std::fs::read(project.join("big-orders.wasm")).unwrap();
     load_ok(&h, "big-orders", &rust_manifest, rust_wasm).await;
@@ -308,13 +313,12 @@ async fn plugin_test_shows_what_differs_and_refuses_what_is_not_granted() {
     let authors = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, data.path(), &[]).await;
-    let (ok, out, err) = run_script(
+    let project = new_and_built(
         &h,
         authors.path(),
-        "evhost plugin new totals --kind projection --lang python && evhost plugin build totals",
+        "totals",
+        "--kind projection --lang python",
     );
-    assert!(ok, "{out}\n{err}");
-    let project = authors.path().join("totals");
     let fixture = project.join("fixtures/projection.json");
     let text = std::fs::read_to_string(&fixture).unwrap();
     std::fs::write(&fixture, text.replace("\"orders\": 1", "\"orders\": 5")).unwrap();
