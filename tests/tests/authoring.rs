@@ -407,3 +407,55 @@ fn plugin_new_and_build_refuse_clearly() {
     assert!(!ok);
     assert!(err.contains("build it first"), "{err}");
 }
+
+/// `plugin test` runs a tool's real HTTP calls only to the hosts the manifest asks for and
+/// the run grants, in a directory holding nothing but a manifest, its `.wasm` and fixtures.
+// Two threads: the server answers while the test waits for the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_test_runs_a_granted_tool_with_real_http() {
+    let server = evhost_tests::CountingServer::start(std::time::Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = format!(
+        "name = \"http-get\"\nversion = \"0.1.0\"\nkind = \"tool\"\n[capabilities]\nhttp = [\"{}\"]\n",
+        server.authority
+    );
+    std::fs::write(dir.path().join("http-get.toml"), manifest).unwrap();
+    std::fs::copy(
+        Path::new(PLUGINS).join("http-get.wasm"),
+        dir.path().join("http-get.wasm"),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("fixtures")).unwrap();
+    let url = format!("http://{}/checked", server.authority);
+    let fixture = json!({"invocations": [
+        {"input": {"url": url}, "output": {"url": url, "status": 200, "bytes": 11, "body": "ok /checked"}},
+        {"input": {"url": "http://127.0.0.1:9/"}, "error": "denied"},
+    ]});
+    std::fs::write(dir.path().join("fixtures/get.json"), fixture.to_string()).unwrap();
+    let test = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["plugin", "test"])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = test(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("asks for http:{}", server.authority)),
+        "{err}"
+    );
+    assert_eq!(server.total(), 0, "nothing ran before the grant");
+    let grant = format!("http:{}", server.authority);
+    let (ok, out, err) = test(&["--grant", &grant]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("ok    fixtures/get.json"), "{out}");
+    assert!(out.contains("µs/invocation"), "{out}");
+    assert_eq!(server.count("/checked"), 1, "one real request");
+}

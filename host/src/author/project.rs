@@ -40,8 +40,9 @@ pub struct Project {
     pub manifest_path: PathBuf,
     /// The manifest, parsed.
     pub manifest: Manifest,
-    /// What it is written in.
-    pub lang: Lang,
+    /// What it is written in; `None` for a directory holding only a manifest and its
+    /// built `.wasm` (which `plugin test` runs, and `plugin build` cannot build).
+    pub lang: Option<Lang>,
 }
 
 /// Files ending `.toml` in a project that are not its manifest.
@@ -98,16 +99,13 @@ impl Project {
             );
         }
         let lang = if dir.join("Cargo.toml").is_file() {
-            Lang::Rust
+            Some(Lang::Rust)
         } else if dir.join("package.json").is_file() {
-            Lang::Js
+            Some(Lang::Js)
         } else if dir.join("app.py").is_file() {
-            Lang::Python
+            Some(Lang::Python)
         } else {
-            bail!(
-                "{} has no Cargo.toml, package.json or app.py: cannot tell how to build it",
-                dir.display()
-            );
+            None
         };
         Ok(Project {
             dir: dir.to_owned(),
@@ -127,9 +125,13 @@ impl Project {
     pub fn build(&self) -> Result<PathBuf> {
         let out = self.wasm_path();
         match self.lang {
-            Lang::Rust => self.build_rust(&out)?,
-            Lang::Js => self.build_js(&out)?,
-            Lang::Python => self.build_python(&out)?,
+            Some(Lang::Rust) => self.build_rust(&out)?,
+            Some(Lang::Js) => self.build_js(&out)?,
+            Some(Lang::Python) => self.build_python(&out)?,
+            None => bail!(
+                "{} has no Cargo.toml, package.json or app.py: cannot tell how to build it",
+                self.dir.display()
+            ),
         }
         Ok(out)
     }
