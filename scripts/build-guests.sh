@@ -8,6 +8,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 guests="$root/plugins/guests"
 out="${1:-$root/target/plugins-guests}"
 mkdir -p "$out"
+# Absolute: the tools run in a scratch copy of each guest.
+out="$(cd "$out" && pwd)"
 js="$guests/node_modules/.bin/componentize-js"
 for dir in "$guests"/*/; do
     name="$(basename "$dir")"

@@ -957,7 +957,7 @@ async fn plugin(cmd: PluginCommand) -> Result<()> {
         }
         PluginCommand::Test(args) => author::test(args).await?,
         PluginCommand::Deploy { remote, dir, flags } => {
-            let project = author::build(&dir)?;
+            let project = author::build_for_deploy(&dir)?;
             load_plugin(
                 &remote,
                 &project.manifest_path,

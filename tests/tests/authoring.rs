@@ -336,6 +336,35 @@ async fn plugin_test_shows_what_differs_and_refuses_what_is_not_granted() {
     assert!(out.contains("ok    fixtures/refused.json"), "{out}");
     std::fs::write(&fixture, text).unwrap();
 
+    // Only subscribed events reach the plugin, as on the host; a check that does not apply
+    // to a projection is refused rather than passed.
+    let extra = project.join("fixtures/other.json");
+    std::fs::write(
+        &extra,
+        json!({"events": [{"type": "other.thing", "payload": {"no": "customer"}}], "state": {}})
+            .to_string(),
+    )
+    .unwrap();
+    let (ok, out, err) = run_script(&h, &project, "evhost plugin test");
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("1 of its events match no subscription"),
+        "{out}"
+    );
+    std::fs::write(
+        &extra,
+        json!({"events": [{"type": "order.placed", "payload": {"customer": "c"}}], "derived": []})
+            .to_string(),
+    )
+    .unwrap();
+    let (ok, out, err) = run_script(&h, &project, "evhost plugin test");
+    assert!(!ok);
+    assert!(
+        err.contains("`derived` does not apply to a projection"),
+        "{out}{err}"
+    );
+    std::fs::remove_file(&extra).unwrap();
+
     // The manifest asks for randomness: refused until granted.
     let manifest = project.join("totals.toml");
     let m = std::fs::read_to_string(&manifest).unwrap();

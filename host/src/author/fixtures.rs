@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::event::{Event, EventId, EventType, Metadata, Payload};
 use crate::plugin::{
     ExtractorPlugin, Kind, Manifest, MemState, PluginConfig, PluginError, ProjectionPlugin,
-    Runtime, ToolPlugin, UsageReport,
+    Runtime, ToolInfo, ToolPlugin, UsageReport,
 };
 use crate::registry::LoadOptions;
 
@@ -55,6 +55,66 @@ pub struct Fixture {
     pub error: Option<String>,
 }
 
+impl Fixture {
+    /// Refuses a fixture that checks nothing, or gives what does not apply to `kind` (it
+    /// would pass without the check its author meant).
+    fn check_fits(&self, kind: Kind) -> Result<(), String> {
+        let mut given = Vec::new();
+        for (field, present) in [
+            ("events", !self.events.is_empty()),
+            ("state", self.state.is_some()),
+            ("queries", !self.queries.is_empty()),
+            ("derived", self.derived.is_some()),
+            ("invocations", !self.invocations.is_empty()),
+            ("error", self.error.is_some()),
+        ] {
+            if present {
+                given.push(field);
+            }
+        }
+        let (fits, checks): (&[&str], &[&str]) = match kind {
+            Kind::Projection => (
+                &["events", "state", "queries", "error"],
+                &["state", "queries", "error"],
+            ),
+            Kind::Extractor => (
+                &["events", "state", "derived", "error"],
+                &["state", "derived", "error"],
+            ),
+            Kind::Tool => (&["invocations"], &["invocations"]),
+        };
+        if let Some(wrong) = given.iter().find(|f| !fits.contains(f)) {
+            return Err(format!(
+                "`{wrong}` does not apply to a {}: its fixtures give {}",
+                kind.as_str(),
+                fits.join(", ")
+            ));
+        }
+        if !given.iter().any(|f| checks.contains(f)) {
+            return Err(format!(
+                "it checks nothing: a {}'s fixture gives {}",
+                kind.as_str(),
+                checks.join(", ")
+            ));
+        }
+        if self.error.is_some()
+            && (self.state.is_some() || !self.queries.is_empty() || self.derived.is_some())
+        {
+            return Err("`error` expects the events refused, so `state`, `queries` and `derived` cannot be checked with it".into());
+        }
+        if let Some(i) = self
+            .invocations
+            .iter()
+            .position(|inv| inv.output.is_some() == inv.error.is_some())
+        {
+            return Err(format!(
+                "invocation {i} must give one of `output` and `error`"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An event of a fixture; what it leaves out is filled in as the log would.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,8 +143,9 @@ pub struct FixtureEvent {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Query {
-    /// The request, as `POST /v1/projections/{name}/query` sends it.
-    pub request: String,
+    /// The request, as `POST /v1/projections/{name}/query` takes it: a string is passed as
+    /// its text, any other value as its JSON text.
+    pub request: Value,
     /// The answer, as JSON.
     pub answer: Value,
 }
@@ -149,6 +210,14 @@ enum Loaded {
 }
 
 impl Loaded {
+    fn logs(&self) -> &crate::plugin::PluginLogs {
+        match self {
+            Loaded::Projection(p) => p.logs(),
+            Loaded::Extractor(p) => p.logs(),
+            Loaded::Tool(p) => p.logs(),
+        }
+    }
+
     fn usage(&self) -> UsageReport {
         match self {
             Loaded::Projection(p) => p.usage(),
@@ -199,22 +268,69 @@ pub fn run(
         compile: compiled.took,
     };
     let mut measured: Vec<Arc<Event>> = Vec::new();
+    let batch_size = manifest.limits.batch_size.max(1);
+    let subscribed = crate::pattern::PatternSet::new(manifest.subscriptions.clone());
+    let tool = match &loaded {
+        Loaded::Tool(p) => Some(ToolCheck::new(p, manifest)?),
+        _ => None,
+    };
     for file in files {
         let shown = file.strip_prefix(".").unwrap_or(file).display();
         let text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let fixture: Fixture = serde_json::from_str(&text)
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        if !value.is_object() {
+            bail!(
+                "{} is not a fixture: it must be a JSON object",
+                file.display()
+            );
+        }
+        let fixture: Fixture = serde_json::from_value(value)
             .with_context(|| format!("{} is not a fixture", file.display()))?;
+        fixture
+            .check_fits(manifest.kind)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let events = fixture_events(&fixture.events)
             .with_context(|| format!("in the events of {}", file.display()))?;
+        // As the host does: only the events the manifest subscribes to reach the plugin.
+        let (events, passed_over): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .partition(|e| subscribed.matches(e.event_type.as_str()));
+        if !passed_over.is_empty() && manifest.kind != Kind::Tool {
+            println!(
+                "note  {shown}: {} of its events match no subscription of the manifest and are \
+                 not handed to the plugin (as on the host)",
+                passed_over.len()
+            );
+        }
         if fixture.error.is_none() {
             measured.extend(events.iter().cloned());
         }
-        let outcome = match &loaded {
-            Loaded::Projection(p) => check_projection(p, &fixture, &events),
-            Loaded::Extractor(p) => check_extractor(p, &fixture, &events),
-            Loaded::Tool(p) => check_tool(p, &fixture),
+        let seen_logs = loaded.logs().read(0, 0).next;
+        let outcome = match (&loaded, &tool) {
+            (Loaded::Projection(p), _) => check_projection(p, &fixture, &events, batch_size),
+            (Loaded::Extractor(p), _) => check_extractor(p, &fixture, &events, batch_size),
+            (Loaded::Tool(_), Some(t)) => t.check(&fixture),
+            (Loaded::Tool(_), None) => unreachable!("a tool has its check"),
         };
+        // What the plugin printed or logged meanwhile: a JavaScript or Python exception's
+        // message and traceback go there.
+        let outcome = outcome.map_err(|why| {
+            let page = loaded.logs().read(seen_logs, 20);
+            if page.lines.is_empty() {
+                return why;
+            }
+            let lines: Vec<String> = page
+                .lines
+                .iter()
+                .map(|l| format!("    | {} {}", l.source, l.line))
+                .collect();
+            format!(
+                "{why}\n  what the plugin printed and logged:\n{}",
+                lines.join("\n")
+            )
+        });
         match outcome {
             Ok(()) => {
                 println!("ok    {shown}");
@@ -231,7 +347,7 @@ pub fn run(
             }
         }
     }
-    report.ns_per_event = cost_per_event(&loaded, &measured);
+    report.ns_per_event = cost_per_event(&loaded, &measured, COST_BATCH.min(batch_size));
     report.usage = loaded.usage();
     Ok(report)
 }
@@ -241,16 +357,17 @@ pub fn run(
 const COST_BATCH: usize = 1024;
 
 /// Time per event of folding the fixtures' events warm, repeated into batches of
-/// [`COST_BATCH`] (positions renumbered), for about a tenth of a second: a fixture's few
-/// events in one cold call would mostly measure the call.
-fn cost_per_event(loaded: &Loaded, events: &[Arc<Event>]) -> Option<f64> {
+/// [`COST_BATCH`] (or the manifest's `batch_size`, if smaller; positions renumbered), for
+/// about a tenth of a second: a fixture's few events in one cold call would mostly measure
+/// the call.
+fn cost_per_event(loaded: &Loaded, events: &[Arc<Event>], size: usize) -> Option<f64> {
     if events.is_empty() {
         return None;
     }
     let batch: Vec<Arc<Event>> = events
         .iter()
         .cycle()
-        .take(COST_BATCH)
+        .take(size)
         .enumerate()
         .map(|(i, e)| {
             let mut e = Event::clone(e);
@@ -329,13 +446,24 @@ fn check_projection(
     p: &ProjectionPlugin,
     fixture: &Fixture,
     events: &[Arc<Event>],
+    batch_size: usize,
 ) -> Result<(), String> {
+    // In batches as large as the manifest lets the host make them.
     let whole = Arc::new(MemState::default());
-    let folded = p.fold(whole.clone(), events);
-    if let Some(want) = &fixture.error {
-        return expect_refusal(folded.map(|_| ()), want);
+    let mut folded = Ok(());
+    for chunk in events.chunks(batch_size) {
+        match p.fold(whole.clone(), chunk) {
+            Ok(writes) => whole.apply(writes),
+            Err(e) => {
+                folded = Err(e);
+                break;
+            }
+        }
     }
-    whole.apply(folded.map_err(|e| failed("the batch", &e))?);
+    if let Some(want) = &fixture.error {
+        return expect_refusal(folded, want);
+    }
+    folded.map_err(|e| failed("the batch", &e))?;
     let one_by_one = Arc::new(MemState::default());
     for e in events {
         let writes = p
@@ -363,7 +491,11 @@ fn check_projection(
         }
     }
     for q in &fixture.queries {
-        match p.query(whole.clone(), &q.request) {
+        let request = match &q.request {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        match p.query(whole.clone(), &request) {
             Ok(answer) => {
                 let got = parse_or_text(&answer);
                 if !same(&q.answer, &got) {
@@ -387,15 +519,28 @@ fn check_extractor(
     p: &ExtractorPlugin,
     fixture: &Fixture,
     events: &[Arc<Event>],
+    batch_size: usize,
 ) -> Result<(), String> {
+    // In batches as large as the manifest lets the host make them.
     let whole = Arc::new(MemState::default());
-    let out = p.extract(whole.clone(), events);
-    if let Some(want) = &fixture.error {
-        return expect_refusal(out.map(|_| ()), want);
+    let mut derived: Vec<Value> = Vec::new();
+    let mut extracted = Ok(());
+    for chunk in events.chunks(batch_size) {
+        match p.extract(whole.clone(), chunk) {
+            Ok(out) => {
+                whole.apply(out.writes);
+                derived.extend(out.derived.iter().flatten().map(derived_json));
+            }
+            Err(e) => {
+                extracted = Err(e);
+                break;
+            }
+        }
     }
-    let out = out.map_err(|e| failed("the batch", &e))?;
-    whole.apply(out.writes);
-    let derived: Vec<Value> = out.derived.iter().flatten().map(derived_json).collect();
+    if let Some(want) = &fixture.error {
+        return expect_refusal(extracted, want);
+    }
+    extracted.map_err(|e| failed("the batch", &e))?;
     let one_by_one = Arc::new(MemState::default());
     let mut alone = Vec::new();
     for e in events {
@@ -420,9 +565,16 @@ fn check_extractor(
             .zip(want.iter().chain(std::iter::repeat(&Value::Null)))
             .map(|(g, w)| {
                 let mut g = g.clone();
-                if w.get("metadata").is_none() {
-                    if let Some(o) = g.as_object_mut() {
-                        o.remove("metadata");
+                if let Some(o) = g.as_object_mut() {
+                    match w.get("metadata") {
+                        None => {
+                            o.remove("metadata");
+                        }
+                        // No metadata is `{}`.
+                        Some(_) if !o.contains_key("metadata") => {
+                            o.insert("metadata".into(), Value::Object(Default::default()));
+                        }
+                        Some(_) => {}
                     }
                 }
                 g
@@ -451,40 +603,91 @@ fn check_extractor(
     }
 }
 
-fn check_tool(p: &ToolPlugin, fixture: &Fixture) -> Result<(), String> {
-    if !fixture.events.is_empty() {
-        return Err("  a tool's fixture gives `invocations`, not `events`".into());
+/// A tool as the host loads it: its description checked against its manifest, its input
+/// schema compiled, so that an invocation the host would refuse unrun is refused here too.
+struct ToolCheck<'a> {
+    plugin: &'a ToolPlugin,
+    info: ToolInfo,
+    schema: jsonschema::Validator,
+}
+
+impl<'a> ToolCheck<'a> {
+    fn new(plugin: &'a ToolPlugin, manifest: &Manifest) -> Result<Self> {
+        let info = plugin.describe()?;
+        if info.name != manifest.name {
+            bail!(
+                "the tool describes itself as {:?} but its manifest names it {:?}; the host \
+                 refuses that at load (requests name tools by the manifest's name)",
+                info.name,
+                manifest.name
+            );
+        }
+        let schema = jsonschema::validator_for(&info.input_schema).map_err(|e| {
+            anyhow::anyhow!(
+                "the tool's input schema (from describe()) is not a valid JSON Schema: {e}"
+            )
+        })?;
+        Ok(Self {
+            plugin,
+            info,
+            schema,
+        })
     }
-    let info = p.describe().map_err(|e| failed("describe", &e))?;
-    let mut problems = Vec::new();
-    for (i, inv) in fixture.invocations.iter().enumerate() {
-        let got = p.invoke(&inv.input.to_string());
-        match (&inv.error, got) {
-            (Some(want), got) => {
-                if let Err(e) = expect_refusal(got.map(|_| ()), want) {
-                    problems.push(format!("  invocation {i} ({}): {}", inv.input, e.trim()));
-                }
-            }
-            (None, Ok(out)) => {
-                let got = parse_or_text(&out);
-                if let Some(want) = &inv.output {
-                    if !same(want, &got) {
+
+    fn check(&self, fixture: &Fixture) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (i, inv) in fixture.invocations.iter().enumerate() {
+            // The host answers `invalid_input` without running the tool.
+            let invalid: Vec<String> = self
+                .schema
+                .iter_errors(&inv.input)
+                .take(3)
+                .map(|e| format!("{e} at {}", e.instance_path()))
+                .collect();
+            let got = if invalid.is_empty() {
+                self.plugin
+                    .invoke(&inv.input.to_string())
+                    .map_err(|e| e.to_string())
+            } else {
+                Err(format!(
+                    "invalid_input: the input breaks the tool's schema: {}",
+                    invalid.join("; ")
+                ))
+            };
+            match (&inv.error, got) {
+                (Some(want), Ok(out)) => problems.push(format!(
+                    "  invocation {i} ({}): expected a refusal containing {want:?}, got {out}",
+                    inv.input
+                )),
+                (Some(want), Err(e)) => {
+                    if !e.contains(want.as_str()) {
                         problems.push(format!(
-                            "  invocation {i} of {} with {}:\n    - {want}\n    + {got}",
-                            info.name, inv.input
+                            "  invocation {i} ({}): expected a refusal containing {want:?}, got: {e}",
+                            inv.input
                         ));
                     }
                 }
-            }
-            (None, Err(e)) => {
-                problems.push(format!("  invocation {i} ({}) failed: {e}", inv.input))
+                (None, Ok(out)) => {
+                    let got = parse_or_text(&out);
+                    if let Some(want) = &inv.output
+                        && !same(want, &got)
+                    {
+                        problems.push(format!(
+                            "  invocation {i} of {} with {}:\n    - {want}\n    + {got}",
+                            self.info.name, inv.input
+                        ));
+                    }
+                }
+                (None, Err(e)) => {
+                    problems.push(format!("  invocation {i} ({}) failed: {e}", inv.input))
+                }
             }
         }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n"))
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 }
 
@@ -498,6 +701,7 @@ fn expect_refusal(got: Result<(), PluginError>, want: &str) -> Result<(), String
         Ok(()) => Err(format!(
             "  expected a refusal containing {want:?}, but the plugin accepted the events"
         )),
+        // (tools' refusals are checked in ToolCheck::check)
         Err(e) if e.to_string().contains(want) => Ok(()),
         Err(e) => Err(format!(
             "  expected a refusal containing {want:?}, got: {e}"
@@ -533,13 +737,18 @@ fn parse_or_text(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_owned()))
 }
 
-/// JSON equality where numbers compare by value (`20` is `20.0`).
+/// JSON equality where numbers compare by value (`20` is `20.0`; integers exactly).
 pub fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => x == y,
-            _ => x == y,
-        },
+        // Integers exactly; a float on either side by value (`20` is `20.0`).
+        (Value::Number(x), Value::Number(y)) => {
+            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ if x.is_f64() || y.is_f64() => x.as_f64() == y.as_f64(),
+                _ => false,
+            }
+        }
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
         }
@@ -591,4 +800,54 @@ fn list_diff(a: &[Value], b: &[Value]) -> String {
         }
     }
     out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fixture(v: Value) -> Fixture {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn numbers_compare_by_value_and_integers_exactly() {
+        assert!(same(&json!(20), &json!(20.0)));
+        assert!(same(&json!({"a": [1, 2.5]}), &json!({"a": [1.0, 2.5]})));
+        assert!(!same(
+            &json!(9007199254740993u64),
+            &json!(9007199254740992u64)
+        ));
+        assert!(!same(&json!(-1), &json!(18446744073709551615u64)));
+        assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+    }
+
+    #[test]
+    fn a_fixture_must_check_something_that_applies_to_its_kind() {
+        let events = json!([{"type": "a.b"}]);
+        assert!(
+            fixture(json!({"events": events, "state": {}}))
+                .check_fits(Kind::Projection)
+                .is_ok()
+        );
+        let nothing = fixture(json!({"events": events})).check_fits(Kind::Projection);
+        assert!(nothing.unwrap_err().contains("checks nothing"));
+        let wrong = fixture(json!({"events": events, "derived": []})).check_fits(Kind::Projection);
+        assert!(
+            wrong
+                .unwrap_err()
+                .contains("`derived` does not apply to a projection")
+        );
+        let tool_state = fixture(json!({"state": {}})).check_fits(Kind::Tool);
+        assert!(
+            tool_state
+                .unwrap_err()
+                .contains("`state` does not apply to a tool")
+        );
+        let both = fixture(json!({"events": events, "error": "x", "state": {}}));
+        assert!(both.check_fits(Kind::Extractor).is_err());
+        let neither = fixture(json!({"invocations": [{"input": {}}]})).check_fits(Kind::Tool);
+        assert!(neither.unwrap_err().contains("one of `output` and `error`"));
+    }
 }

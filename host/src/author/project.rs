@@ -45,7 +45,7 @@ pub struct Project {
     pub lang: Option<Lang>,
 }
 
-/// Files ending `.toml` in a project that are not its manifest.
+/// Files ending `.toml` in a project that are never its manifest.
 const NOT_MANIFESTS: &[&str] = &["Cargo.toml", "pyproject.toml", "rust-toolchain.toml"];
 
 impl Project {
@@ -64,26 +64,46 @@ impl Project {
             })
             .collect();
         candidates.sort();
-        let manifest_path = match candidates.as_slice() {
-            [one] => one.clone(),
-            [] => bail!(
-                "{} has no plugin manifest (<name>.toml): run `evhost plugin new` to start a \
-                 project, or give the project's directory",
-                dir.display()
-            ),
-            many => bail!(
-                "{} has several .toml files that could be the manifest ({}): keep one",
+        // The manifest is the .toml that parses as one and is named after its plugin; other
+        // .toml files (rustfmt.toml, clippy.toml, ...) are left alone.
+        let mut manifests = Vec::new();
+        let mut refused = Vec::new();
+        for path in &candidates {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            match Manifest::parse(&text) {
+                Ok(m) => manifests.push((path.clone(), m)),
+                Err(e) => refused.push((path.clone(), e)),
+            }
+        }
+        let (manifest_path, manifest) = match manifests.len() {
+            1 => manifests.pop().expect("one manifest"),
+            0 => match refused.as_slice() {
+                [] => bail!(
+                    "{} has no plugin manifest (<name>.toml): run `evhost plugin new` to start \
+                     a project, or give the project's directory",
+                    dir.display()
+                ),
+                [(path, e)] => bail!("{}: {e}", path.display()),
+                many => bail!(
+                    "{} has no plugin manifest among its .toml files ({})",
+                    dir.display(),
+                    many.iter()
+                        .map(|(p, e)| format!("{}: {e}", p.display()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            },
+            _ => bail!(
+                "{} has several plugin manifests ({}): keep one per project",
                 dir.display(),
-                many.iter()
-                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy())
+                manifests
+                    .iter()
+                    .map(|(p, _)| p.file_name().unwrap_or_default().to_string_lossy())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         };
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("reading {}", manifest_path.display()))?;
-        let manifest =
-            Manifest::parse(&text).with_context(|| format!("in {}", manifest_path.display()))?;
         let stem = manifest_path
             .file_stem()
             .unwrap_or_default()
@@ -202,7 +222,9 @@ impl Project {
                 self.dir.display()
             );
         }
-        let local = self.dir.join("node_modules/.bin/componentize-js");
+        // Absolute: the tool runs in the project's directory.
+        let local = std::path::absolute(self.dir.join("node_modules/.bin/componentize-js"))
+            .context("resolving the project's node_modules")?;
         let tool = if local.is_file() {
             local
         } else if let Some(found) = on_path("componentize-js") {

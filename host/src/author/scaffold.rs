@@ -74,6 +74,19 @@ impl NewProject {
                 self.name
             );
         }
+        if self.lang == Lang::Rust && self.name.starts_with(|c: char| c.is_ascii_digit()) {
+            bail!(
+                "{:?} cannot name a Rust plugin: cargo refuses package names that start with a \
+                 digit; start it with a letter",
+                self.name
+            );
+        }
+        if self.lang != Lang::Rust && self.sdk.is_some() {
+            bail!(
+                "--sdk and --sdk-git are for Rust projects; a {} project needs no SDK",
+                self.lang.as_str()
+            );
+        }
         let dir = self.parent.join(&self.name);
         if dir.exists()
             && std::fs::read_dir(&dir)

@@ -110,6 +110,21 @@ pub(super) fn build(dir: &std::path::Path) -> Result<Project> {
     Ok(project)
 }
 
+/// What `plugin deploy` loads: the project built, or, in a directory holding only a
+/// manifest and its `.wasm` (nothing to build), that `.wasm` as it is.
+pub(super) fn build_for_deploy(dir: &std::path::Path) -> Result<Project> {
+    let project = Project::open(dir)?;
+    if project.lang.is_none() && project.wasm_path().is_file() {
+        eprintln!(
+            "no sources to build in {}: deploying {} as it is",
+            dir.display(),
+            project.wasm_path().display()
+        );
+        return Ok(project);
+    }
+    build(dir)
+}
+
 /// `plugin test`: fails (non-zero exit) when any fixture does not match.
 pub(super) async fn test(args: TestArgs) -> Result<()> {
     let project = if args.build {

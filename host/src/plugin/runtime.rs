@@ -1083,7 +1083,11 @@ impl<W: World> Plugin<W> {
                     Some(panic) => {
                         format!("trapped: wasm `unreachable` executed: the plugin {panic}")
                     }
-                    None => "trapped: wasm `unreachable` executed (a Rust plugin panicked?)".into(),
+                    None => {
+                        "trapped: wasm `unreachable` executed (a panic in Rust, or an uncaught \
+                             exception in JavaScript or Python: see the plugin's logs)"
+                            .into()
+                    }
                 },
                 Some(wasmtime::Trap::MemoryOutOfBounds) => {
                     "trapped: out-of-bounds memory access (deep recursion overflowing the \

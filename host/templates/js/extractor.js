@@ -14,7 +14,7 @@ export const extractorHandler = {
   handle(batch) {
     const out = [];
     for (const event of events(batch)) {
-      const { customer, total } = event.payload;
+      const { customer, total } = event.payload ?? {};
       if (typeof customer !== 'string' || typeof total !== 'number') {
         throw invalidInput(`event ${event.id} needs a customer and a total`);
       }

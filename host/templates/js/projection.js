@@ -11,9 +11,12 @@ export const projectionHandler = {
   handle(batch) {
     const changed = new Map();
     for (const event of events(batch)) {
-      const { customer, total } = event.payload;
+      const { customer, total = 0 } = event.payload ?? {};
       if (typeof customer !== 'string') {
         throw invalidInput(`event ${event.id} has no customer in its payload`);
+      }
+      if (typeof total !== 'number') {
+        throw invalidInput(`event ${event.id} has a total that is not a number`);
       }
       if (!changed.has(customer)) {
         const stored = get(customer);
@@ -21,7 +24,7 @@ export const projectionHandler = {
       }
       const state = changed.get(customer);
       state.orders += 1;
-      state.spent += Number(total ?? 0);
+      state.spent += total;
     }
     setMany([...changed].map(([key, state]) => [key, JSON.stringify(state)]));
   },

@@ -21,7 +21,7 @@ export const toolHandler = {
     };
   },
   invoke(input) {
-    const { text } = JSON.parse(input);
+    const { text } = JSON.parse(input) ?? {};
     if (typeof text !== 'string') throw invalidInput('the input needs a text');
     const words = text.split(/\s+/).filter((w) => w.length > 0).length;
     return JSON.stringify({ words, characters: [...text].length });

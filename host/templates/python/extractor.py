@@ -21,9 +21,10 @@ class ExtractorHandler(exports.ExtractorHandler):
         with causation_id set to the input event's id."""
         out = []
         for event in events(batch):
-            customer = event.payload.get("customer")
-            total = event.payload.get("total")
-            if not isinstance(customer, str) or not isinstance(total, (int, float)):
+            payload = event.payload if isinstance(event.payload, dict) else {}
+            customer, total = payload.get("customer"), payload.get("total")
+            if (not isinstance(customer, str) or isinstance(total, bool)
+                    or not isinstance(total, (int, float))):
                 raise invalid_input(f"event {event.id} needs a customer and a total")
             derived = []
             if total >= LARGE:

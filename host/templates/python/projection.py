@@ -17,15 +17,18 @@ class ProjectionHandler(exports.ProjectionHandler):
         """A batch is all or nothing: raise, and none of its writes are kept."""
         changed = {}
         for event in events(batch):
-            customer = event.payload.get("customer")
+            payload = event.payload if isinstance(event.payload, dict) else {}
+            customer, total = payload.get("customer"), payload.get("total", 0)
             if not isinstance(customer, str):
                 raise invalid_input(f"event {event.id} has no customer in its payload")
+            if isinstance(total, bool) or not isinstance(total, (int, float)):
+                raise invalid_input(f"event {event.id} has a total that is not a number")
             if customer not in changed:
                 stored = state.get(customer)
                 changed[customer] = json.loads(stored) if stored else {"orders": 0, "spent": 0}
             s = changed[customer]
             s["orders"] += 1
-            s["spent"] += event.payload.get("total", 0)
+            s["spent"] += total
         state.set_many([(k, json.dumps(v)) for k, v in changed.items()])
 
     def query(self, request: str) -> str:

@@ -26,7 +26,8 @@ class ToolHandler(exports.ToolHandler):
         return ToolInfo("{{name}}", "Counts the words and characters of a text.", json.dumps(SCHEMA))
 
     def invoke(self, input: str) -> str:
-        text = json.loads(input).get("text")
+        parsed = json.loads(input)
+        text = parsed.get("text") if isinstance(parsed, dict) else None
         if not isinstance(text, str):
             raise invalid_input("the input needs a text")
         return json.dumps({"words": len(text.split()), "characters": len(text)})
