@@ -4,10 +4,13 @@
 //! limits and the grants given. Calls `plugin` (runtime, manifest) and `registry` (grants);
 //! never the log, bus or runner: nothing here needs a running host.
 
+mod compare;
+pub mod fixture;
 pub mod fixtures;
 pub mod project;
 pub mod scaffold;
 
-pub use fixtures::{Fixture, TestOptions, TestReport};
+pub use fixture::{Fixture, fixture_files};
+pub use fixtures::{TestOptions, TestReport};
 pub use project::{Lang, Project};
 pub use scaffold::{NewProject, SdkSource};

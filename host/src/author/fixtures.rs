@@ -1,168 +1,25 @@
 //! `evhost plugin test`: runs a built component in the host's runtime, with its manifest's
-//! limits and the grants given, over fixture files, and says where the result differs from
-//! what each fixture expects.
-//!
-//! A fixture is a JSON object: `events` in (`type`, and optionally `stream`, `payload`,
-//! `metadata`, `id`, `timestamp`), and what they must give out: `state` (every key a
-//! projection holds afterwards, with its JSON value) and `queries` (`request` and
-//! `answer`) for a projection, `derived` (the events an extractor derives, in order: `type`,
-//! `stream`, `payload`, and `metadata` when given) for an extractor, `invocations` (`input`,
-//! and `output` or `error`) for a tool, or `error` (a text the failure's message contains)
-//! for events the plugin must refuse. A projection's or extractor's events are handled as
-//! one batch and again one event per call: a plugin whose result depends on how the host
-//! batches events fails.
+//! limits and the grants given, over fixture files (`fixture.rs`), and says where the result
+//! differs from what each fixture expects (`compare.rs`). As on the host, only subscribed
+//! events reach the plugin, in batches of at most its `batch_size`; a projection's or
+//! extractor's events are also handed over one per call, and a plugin whose result depends
+//! on how the host batches events fails.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 use serde_json::Value;
 
-use crate::event::{Event, EventId, EventType, Metadata, Payload};
+use super::compare::{list_diff, map_diff, parse_or_text, same, same_map, snapshot};
+use super::fixture::{Fixture, fixture_events};
+use crate::event::Event;
 use crate::plugin::{
     ExtractorPlugin, Kind, Manifest, MemState, PluginConfig, PluginError, ProjectionPlugin,
     Runtime, ToolInfo, ToolPlugin, UsageReport,
 };
 use crate::registry::LoadOptions;
-
-/// One fixture file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fixture {
-    /// What it checks, shown when it fails.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// The events handed to the plugin, in log order.
-    #[serde(default)]
-    pub events: Vec<FixtureEvent>,
-    /// A projection's whole state afterwards (or an extractor's, when it keeps one).
-    #[serde(default)]
-    pub state: Option<BTreeMap<String, Value>>,
-    /// A projection's answers to queries over that state.
-    #[serde(default)]
-    pub queries: Vec<Query>,
-    /// An extractor's derived events, in order.
-    #[serde(default)]
-    pub derived: Option<Vec<Value>>,
-    /// A tool's invocations.
-    #[serde(default)]
-    pub invocations: Vec<Invocation>,
-    /// The events must be refused with a message that contains this.
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-impl Fixture {
-    /// Refuses a fixture that checks nothing, or gives what does not apply to `kind` (it
-    /// would pass without the check its author meant).
-    fn check_fits(&self, kind: Kind) -> Result<(), String> {
-        let mut given = Vec::new();
-        for (field, present) in [
-            ("events", !self.events.is_empty()),
-            ("state", self.state.is_some()),
-            ("queries", !self.queries.is_empty()),
-            ("derived", self.derived.is_some()),
-            ("invocations", !self.invocations.is_empty()),
-            ("error", self.error.is_some()),
-        ] {
-            if present {
-                given.push(field);
-            }
-        }
-        let (fits, checks): (&[&str], &[&str]) = match kind {
-            Kind::Projection => (
-                &["events", "state", "queries", "error"],
-                &["state", "queries", "error"],
-            ),
-            Kind::Extractor => (
-                &["events", "state", "derived", "error"],
-                &["state", "derived", "error"],
-            ),
-            Kind::Tool => (&["invocations"], &["invocations"]),
-        };
-        if let Some(wrong) = given.iter().find(|f| !fits.contains(f)) {
-            return Err(format!(
-                "`{wrong}` does not apply to a {}: its fixtures give {}",
-                kind.as_str(),
-                fits.join(", ")
-            ));
-        }
-        if !given.iter().any(|f| checks.contains(f)) {
-            return Err(format!(
-                "it checks nothing: a {}'s fixture gives {}",
-                kind.as_str(),
-                checks.join(", ")
-            ));
-        }
-        if self.error.is_some()
-            && (self.state.is_some() || !self.queries.is_empty() || self.derived.is_some())
-        {
-            return Err("`error` expects the events refused, so `state`, `queries` and `derived` cannot be checked with it".into());
-        }
-        if let Some(i) = self
-            .invocations
-            .iter()
-            .position(|inv| inv.output.is_some() == inv.error.is_some())
-        {
-            return Err(format!(
-                "invocation {i} must give one of `output` and `error`"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// An event of a fixture; what it leaves out is filled in as the log would.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FixtureEvent {
-    /// The event type.
-    #[serde(rename = "type")]
-    pub event_type: String,
-    /// Its stream (default `fixture`).
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// Its payload (default `{}`).
-    #[serde(default)]
-    pub payload: Option<Value>,
-    /// Its metadata.
-    #[serde(default)]
-    pub metadata: Option<Metadata>,
-    /// Its id (default one made from its position).
-    #[serde(default)]
-    pub id: Option<String>,
-    /// When it was appended (default 2026-01-01T00:00:00Z plus its position in seconds).
-    #[serde(default)]
-    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// A query and the answer it must get.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Query {
-    /// The request, as `POST /v1/projections/{name}/query` takes it: a string is passed as
-    /// its text, any other value as its JSON text.
-    pub request: Value,
-    /// The answer, as JSON.
-    pub answer: Value,
-}
-
-/// A tool invocation and what it must give.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Invocation {
-    /// The invocation's `input`.
-    pub input: Value,
-    /// Its output.
-    #[serde(default)]
-    pub output: Option<Value>,
-    /// Or: it must fail with a message that contains this.
-    #[serde(default)]
-    pub error: Option<String>,
-}
 
 /// How `plugin test` runs.
 #[derive(Debug, Default)]
@@ -186,20 +43,6 @@ pub struct TestReport {
     pub usage: UsageReport,
     /// Time to compile the component (or load it from the cache).
     pub compile: Duration,
-}
-
-/// The fixtures in `dir`: every `*.json`, in name order.
-pub fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading the fixtures in {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("{} has no fixtures (*.json)", dir.display());
-    }
-    Ok(files)
 }
 
 /// The plugin, linked as its manifest's kind.
@@ -395,53 +238,6 @@ fn cost_per_event(loaded: &Loaded, events: &[Arc<Event>], size: usize) -> Option
     Some(started.elapsed().as_nanos() as f64 / n as f64)
 }
 
-/// The fixture's events as the log would hand them out: positions from 0, versions per
-/// stream, ids and timestamps made up where not given.
-fn fixture_events(events: &[FixtureEvent]) -> Result<Vec<Arc<Event>>> {
-    let base = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-        .expect("a valid timestamp")
-        .to_utc();
-    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
-    let mut last = base;
-    events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let position = i as u64;
-            let stream = e.stream.clone().unwrap_or_else(|| "fixture".to_owned());
-            let version = versions.entry(stream.clone()).or_default();
-            let this_version = *version;
-            *version += 1;
-            let id =
-                e.id.clone()
-                    .unwrap_or_else(|| format!("00000000-0000-7000-8000-{position:012x}"));
-            let timestamp = e
-                .timestamp
-                .unwrap_or(base + chrono::Duration::seconds(position as i64))
-                .max(last);
-            last = timestamp;
-            let payload = e
-                .payload
-                .clone()
-                .unwrap_or_else(|| Value::Object(Default::default()));
-            Ok(Arc::new(Event {
-                id: EventId::new(&id)
-                    .map_err(|err| anyhow::anyhow!("event {i}: id {id:?}: {err}"))?,
-                event_type: EventType::new(&e.event_type)
-                    .map_err(|err| anyhow::anyhow!("event {i}: {err}"))?,
-                stream: crate::event::StreamName::new(&stream)
-                    .map_err(|err| anyhow::anyhow!("event {i}: stream {stream:?}: {err}"))?,
-                position,
-                version: this_version,
-                timestamp,
-                source: "fixture".to_owned(),
-                payload: Payload::from_value(&payload),
-                metadata: e.metadata.clone().unwrap_or_default(),
-            }))
-        })
-        .collect()
-}
-
 fn check_projection(
     p: &ProjectionPlugin,
     fixture: &Fixture,
@@ -482,7 +278,6 @@ fn check_projection(
     }
     let mut problems = Vec::new();
     if let Some(want) = &fixture.state {
-        let want: BTreeMap<String, Value> = want.clone();
         if !same_map(&want, &state) {
             problems.push(format!(
                 "  the state differs (- expected, + got):\n{}",
@@ -720,134 +515,4 @@ fn derived_json(d: &crate::plugin::Derived) -> Value {
         v["metadata"] = serde_json::to_value(&d.event.metadata).unwrap_or(Value::Null);
     }
     v
-}
-
-/// The state as key to JSON value (a value that is not JSON kept as a string).
-fn snapshot(state: &MemState) -> BTreeMap<String, Value> {
-    state
-        .0
-        .read()
-        .expect("fixture state lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), parse_or_text(v)))
-        .collect()
-}
-
-fn parse_or_text(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_owned()))
-}
-
-/// JSON equality where numbers compare by value (`20` is `20.0`; integers exactly).
-pub fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        // Integers exactly; a float on either side by value (`20` is `20.0`).
-        (Value::Number(x), Value::Number(y)) => {
-            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
-                (Some(x), Some(y), _, _) => x == y,
-                (_, _, Some(x), Some(y)) => x == y,
-                _ if x.is_f64() || y.is_f64() => x.as_f64() == y.as_f64(),
-                _ => false,
-            }
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
-        }
-        _ => a == b,
-    }
-}
-
-fn same_map(a: &BTreeMap<String, Value>, b: &BTreeMap<String, Value>) -> bool {
-    a.len() == b.len() && a.iter().all(|(k, v)| b.get(k).is_some_and(|w| same(v, w)))
-}
-
-/// The keys where `a` and `b` differ, `-` for `a`'s value and `+` for `b`'s.
-fn map_diff(a: &BTreeMap<String, Value>, b: &BTreeMap<String, Value>) -> String {
-    let mut out = Vec::new();
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    for k in keys {
-        match (a.get(k), b.get(k)) {
-            (Some(x), Some(y)) if same(x, y) => {}
-            (x, y) => {
-                if let Some(x) = x {
-                    out.push(format!("    - {k:?}: {x}"));
-                }
-                if let Some(y) = y {
-                    out.push(format!("    + {k:?}: {y}"));
-                }
-            }
-        }
-    }
-    out.join("\n")
-}
-
-/// Item by item, where `a` and `b` differ.
-fn list_diff(a: &[Value], b: &[Value]) -> String {
-    let mut out = Vec::new();
-    for i in 0..a.len().max(b.len()) {
-        match (a.get(i), b.get(i)) {
-            (Some(x), Some(y)) if same(x, y) => {}
-            (x, y) => {
-                if let Some(x) = x {
-                    out.push(format!("    - [{i}] {x}"));
-                }
-                if let Some(y) = y {
-                    out.push(format!("    + [{i}] {y}"));
-                }
-            }
-        }
-    }
-    out.join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn fixture(v: Value) -> Fixture {
-        serde_json::from_value(v).unwrap()
-    }
-
-    #[test]
-    fn numbers_compare_by_value_and_integers_exactly() {
-        assert!(same(&json!(20), &json!(20.0)));
-        assert!(same(&json!({"a": [1, 2.5]}), &json!({"a": [1.0, 2.5]})));
-        assert!(!same(
-            &json!(9007199254740993u64),
-            &json!(9007199254740992u64)
-        ));
-        assert!(!same(&json!(-1), &json!(18446744073709551615u64)));
-        assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
-    }
-
-    #[test]
-    fn a_fixture_must_check_something_that_applies_to_its_kind() {
-        let events = json!([{"type": "a.b"}]);
-        assert!(
-            fixture(json!({"events": events, "state": {}}))
-                .check_fits(Kind::Projection)
-                .is_ok()
-        );
-        let nothing = fixture(json!({"events": events})).check_fits(Kind::Projection);
-        assert!(nothing.unwrap_err().contains("checks nothing"));
-        let wrong = fixture(json!({"events": events, "derived": []})).check_fits(Kind::Projection);
-        assert!(
-            wrong
-                .unwrap_err()
-                .contains("`derived` does not apply to a projection")
-        );
-        let tool_state = fixture(json!({"state": {}})).check_fits(Kind::Tool);
-        assert!(
-            tool_state
-                .unwrap_err()
-                .contains("`state` does not apply to a tool")
-        );
-        let both = fixture(json!({"events": events, "error": "x", "state": {}}));
-        assert!(both.check_fits(Kind::Extractor).is_err());
-        let neither = fixture(json!({"invocations": [{"input": {}}]})).check_fits(Kind::Tool);
-        assert!(neither.unwrap_err().contains("one of `output` and `error`"));
-    }
 }

@@ -145,7 +145,7 @@ pub(super) async fn test(args: TestArgs) -> Result<()> {
     let files = if fixtures.is_file() {
         vec![fixtures]
     } else {
-        crate::author::fixtures::fixture_files(&fixtures)?
+        crate::author::fixture_files(&fixtures)?
     };
     let options = TestOptions {
         load: super::load_options(&args.config, &args.grant)?,
