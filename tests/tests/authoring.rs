@@ -272,6 +272,9 @@ async fn a_python_extractor_derives_what_the_rust_one_does() {
     let data = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, data.path(), &[]).await;
     let project = new_and_built(&h, authors.path(), "big-orders", "--kind extractor");
+    let (ok, out, err) = run_script(&h, &project, "evhost plugin test");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("ok    fixtures/extractor.json"), "{out}");
     let rust_manifest = std::fs::read_to_string(project.join("big-orders.toml")).unwrap();
     let rust_wasm = std::fs::read(project.join("big-orders.wasm")).unwrap();
     load_ok(&h, "big-orders", &rust_manifest, rust_wasm).await;

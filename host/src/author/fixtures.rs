@@ -16,7 +16,7 @@ use super::compare::{list_diff, map_diff, parse_or_text, same, same_map, snapsho
 use super::fixture::{Fixture, fixture_events};
 use crate::event::Event;
 use crate::plugin::{
-    ExtractorPlugin, Kind, Manifest, MemState, PluginConfig, PluginError, ProjectionPlugin,
+    ExtractorPlugin, Kind, Manifest, MemState, Output, PluginConfig, PluginError, ProjectionPlugin,
     Runtime, ToolInfo, ToolPlugin, UsageReport,
 };
 use crate::registry::LoadOptions;
@@ -37,7 +37,7 @@ pub struct TestReport {
     pub passed: usize,
     /// Fixtures that did not, each with what differed.
     pub failed: Vec<(PathBuf, String)>,
-    /// Time per event of the passing fixtures' events folded warm as one batch.
+    /// Time per event of the fixtures' events (those not expected to be refused), folded warm.
     pub ns_per_event: Option<f64>,
     /// What the plugin used, from the runtime's own accounting.
     pub usage: UsageReport,
@@ -238,59 +238,152 @@ fn cost_per_event(loaded: &Loaded, events: &[Arc<Event>], size: usize) -> Option
     Some(started.elapsed().as_nanos() as f64 / n as f64)
 }
 
+/// What handing a fixture's events to a plugin gave: the state, the derived events (as a
+/// fixture writes them), and the failure that ended it, if one did.
+struct Folded {
+    state: Arc<MemState>,
+    derived: Vec<Value>,
+    result: Result<(), PluginError>,
+}
+
+/// Hands `events` to `call` in batches of at most `size` over one state, as the host would,
+/// stopping at the first failure.
+fn fold_in(
+    events: &[Arc<Event>],
+    size: usize,
+    call: &dyn Fn(Arc<MemState>, &[Arc<Event>]) -> Result<Output, PluginError>,
+) -> Folded {
+    let state = Arc::new(MemState::default());
+    let mut derived = Vec::new();
+    for chunk in events.chunks(size) {
+        match call(state.clone(), chunk) {
+            Ok(out) => {
+                state.apply(out.writes);
+                derived.extend(out.derived.iter().flatten().map(derived_json));
+            }
+            Err(e) => {
+                return Folded {
+                    state,
+                    derived,
+                    result: Err(e),
+                };
+            }
+        }
+    }
+    Folded {
+        state,
+        derived,
+        result: Ok(()),
+    }
+}
+
+/// Checks a projection or an extractor (`call` folds a batch) against `fixture`: handed
+/// its events in batches of at most `batch_size`, and again one event per call.
+fn check_fold(
+    fixture: &Fixture,
+    events: &[Arc<Event>],
+    batch_size: usize,
+    call: &dyn Fn(Arc<MemState>, &[Arc<Event>]) -> Result<Output, PluginError>,
+) -> Result<Folded, String> {
+    let batched = fold_in(events, batch_size, call);
+    if let Some(want) = &fixture.error {
+        expect_refusal(batched.result, want)?;
+        return Ok(Folded {
+            result: Ok(()),
+            ..batched
+        });
+    }
+    if let Err(e) = &batched.result {
+        return Err(failed("the batch", e));
+    }
+    let alone = fold_in(events, 1, call);
+    if let Err(e) = &alone.result {
+        return Err(failed("an event alone", e));
+    }
+    let (state, state_alone) = (snapshot(&batched.state), snapshot(&alone.state));
+    if state != state_alone {
+        return Err(format!(
+            "  the state depends on how events are batched: in batches (-) and one event per \
+             call (+) it differs:\n{}",
+            map_diff(&state, &state_alone)
+        ));
+    }
+    if batched.derived != alone.derived {
+        return Err(format!(
+            "  what is derived depends on how events are batched: in batches (-) and one \
+             event per call (+):\n{}",
+            list_diff(&batched.derived, &alone.derived)
+        ));
+    }
+    let mut problems = Vec::new();
+    if let Some(want) = &fixture.state
+        && !same_map(want, &state)
+    {
+        problems.push(format!(
+            "  the state differs (- expected, + got):\n{}",
+            map_diff(want, &state)
+        ));
+    }
+    if let Some(want) = &fixture.derived {
+        let got = as_expected(&batched.derived, want);
+        if want.len() != got.len() || want.iter().zip(&got).any(|(w, g)| !same(w, g)) {
+            problems.push(format!(
+                "  the derived events differ (- expected, + got):\n{}",
+                list_diff(want, &got)
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(batched)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// `derived` with each event's metadata left out where the expected one gives none, and
+/// an absent metadata written `{}` where it does.
+fn as_expected(derived: &[Value], want: &[Value]) -> Vec<Value> {
+    derived
+        .iter()
+        .zip(want.iter().chain(std::iter::repeat(&Value::Null)))
+        .map(|(g, w)| {
+            let mut g = g.clone();
+            if let Some(o) = g.as_object_mut() {
+                match w.get("metadata") {
+                    None => {
+                        o.remove("metadata");
+                    }
+                    Some(_) if !o.contains_key("metadata") => {
+                        o.insert("metadata".into(), Value::Object(Default::default()));
+                    }
+                    Some(_) => {}
+                }
+            }
+            g
+        })
+        .collect()
+}
+
 fn check_projection(
     p: &ProjectionPlugin,
     fixture: &Fixture,
     events: &[Arc<Event>],
     batch_size: usize,
 ) -> Result<(), String> {
-    // In batches as large as the manifest lets the host make them.
-    let whole = Arc::new(MemState::default());
-    let mut folded = Ok(());
-    for chunk in events.chunks(batch_size) {
-        match p.fold(whole.clone(), chunk) {
-            Ok(writes) => whole.apply(writes),
-            Err(e) => {
-                folded = Err(e);
-                break;
-            }
-        }
-    }
-    if let Some(want) = &fixture.error {
-        return expect_refusal(folded, want);
-    }
-    folded.map_err(|e| failed("the batch", &e))?;
-    let one_by_one = Arc::new(MemState::default());
-    for e in events {
-        let writes = p
-            .fold(one_by_one.clone(), std::slice::from_ref(e))
-            .map_err(|err| failed(&format!("event {} alone", e.position), &err))?;
-        one_by_one.apply(writes);
-    }
-    let state = snapshot(&whole);
-    let alone = snapshot(&one_by_one);
-    if state != alone {
-        return Err(format!(
-            "  the state depends on how events are batched: as one batch (-) and one event per \
-             call (+) it differs:\n{}",
-            map_diff(&state, &alone)
-        ));
-    }
+    let fold = |state: Arc<MemState>, batch: &[Arc<Event>]| {
+        p.fold(state, batch).map(|writes| Output {
+            writes,
+            derived: Vec::new(),
+        })
+    };
+    let folded = check_fold(fixture, events, batch_size, &fold)?;
     let mut problems = Vec::new();
-    if let Some(want) = &fixture.state {
-        if !same_map(&want, &state) {
-            problems.push(format!(
-                "  the state differs (- expected, + got):\n{}",
-                map_diff(&want, &state)
-            ));
-        }
-    }
     for q in &fixture.queries {
         let request = match &q.request {
             Value::String(text) => text.clone(),
             other => other.to_string(),
         };
-        match p.query(whole.clone(), &request) {
+        match p.query(folded.state.clone(), &request) {
             Ok(answer) => {
                 let got = parse_or_text(&answer);
                 if !same(&q.answer, &got) {
@@ -316,86 +409,8 @@ fn check_extractor(
     events: &[Arc<Event>],
     batch_size: usize,
 ) -> Result<(), String> {
-    // In batches as large as the manifest lets the host make them.
-    let whole = Arc::new(MemState::default());
-    let mut derived: Vec<Value> = Vec::new();
-    let mut extracted = Ok(());
-    for chunk in events.chunks(batch_size) {
-        match p.extract(whole.clone(), chunk) {
-            Ok(out) => {
-                whole.apply(out.writes);
-                derived.extend(out.derived.iter().flatten().map(derived_json));
-            }
-            Err(e) => {
-                extracted = Err(e);
-                break;
-            }
-        }
-    }
-    if let Some(want) = &fixture.error {
-        return expect_refusal(extracted, want);
-    }
-    extracted.map_err(|e| failed("the batch", &e))?;
-    let one_by_one = Arc::new(MemState::default());
-    let mut alone = Vec::new();
-    for e in events {
-        let o = p
-            .extract(one_by_one.clone(), std::slice::from_ref(e))
-            .map_err(|err| failed(&format!("event {} alone", e.position), &err))?;
-        one_by_one.apply(o.writes);
-        alone.extend(o.derived.iter().flatten().map(derived_json));
-    }
-    if derived != alone {
-        return Err(format!(
-            "  what is derived depends on how events are batched: as one batch (-) and one \
-             event per call (+):\n{}",
-            list_diff(&derived, &alone)
-        ));
-    }
-    let mut problems = Vec::new();
-    if let Some(want) = &fixture.derived {
-        // Metadata is compared only where the fixture gives it.
-        let got: Vec<Value> = derived
-            .iter()
-            .zip(want.iter().chain(std::iter::repeat(&Value::Null)))
-            .map(|(g, w)| {
-                let mut g = g.clone();
-                if let Some(o) = g.as_object_mut() {
-                    match w.get("metadata") {
-                        None => {
-                            o.remove("metadata");
-                        }
-                        // No metadata is `{}`.
-                        Some(_) if !o.contains_key("metadata") => {
-                            o.insert("metadata".into(), Value::Object(Default::default()));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                g
-            })
-            .collect();
-        if want.len() != got.len() || want.iter().zip(&got).any(|(w, g)| !same(w, g)) {
-            problems.push(format!(
-                "  the derived events differ (- expected, + got):\n{}",
-                list_diff(want, &got)
-            ));
-        }
-    }
-    if let Some(want) = &fixture.state {
-        let state = snapshot(&whole);
-        if !same_map(want, &state) {
-            problems.push(format!(
-                "  the state differs (- expected, + got):\n{}",
-                map_diff(want, &state)
-            ));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n"))
-    }
+    let extract = |state: Arc<MemState>, batch: &[Arc<Event>]| p.extract(state, batch);
+    check_fold(fixture, events, batch_size, &extract).map(|_| ())
 }
 
 /// A tool as the host loads it: its description checked against its manifest, its input
