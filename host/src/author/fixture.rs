@@ -46,9 +46,30 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// Reads the fixture in `file`, refusing one that is not a JSON object, checks nothing,
+    /// or gives what does not apply to a plugin of `kind`.
+    pub fn read(file: &Path, kind: Kind) -> Result<Fixture> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        if !value.is_object() {
+            bail!(
+                "{} is not a fixture: it must be a JSON object",
+                file.display()
+            );
+        }
+        let fixture: Fixture = serde_json::from_value(value)
+            .with_context(|| format!("{} is not a fixture", file.display()))?;
+        fixture
+            .check_fits(kind)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        Ok(fixture)
+    }
+
     /// Refuses a fixture that checks nothing, or gives what does not apply to `kind` (it
     /// would pass without the check its author meant).
-    pub(super) fn check_fits(&self, kind: Kind) -> Result<(), String> {
+    fn check_fits(&self, kind: Kind) -> Result<(), String> {
         let mut given = Vec::new();
         for (field, present) in [
             ("events", !self.events.is_empty()),

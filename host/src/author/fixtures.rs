@@ -37,8 +37,12 @@ pub struct TestReport {
     pub passed: usize,
     /// Fixtures that did not, each with what differed.
     pub failed: Vec<(PathBuf, String)>,
-    /// Time per event of the fixtures' events (those not expected to be refused), folded warm.
+    /// Time per event of the fixtures' events (those not expected to be refused), folded
+    /// warm in batches of `cost_batch`.
     pub ns_per_event: Option<f64>,
+    /// The batch size that time was measured at: 1,024, or the manifest's `batch_size` if
+    /// smaller.
+    pub cost_batch: usize,
     /// What the plugin used, from the runtime's own accounting.
     pub usage: UsageReport,
     /// Time to compile the component (or load it from the cache).
@@ -49,7 +53,7 @@ pub struct TestReport {
 enum Loaded {
     Projection(ProjectionPlugin),
     Extractor(ExtractorPlugin),
-    Tool(ToolPlugin),
+    Tool(ToolCheck),
 }
 
 impl Loaded {
@@ -57,7 +61,7 @@ impl Loaded {
         match self {
             Loaded::Projection(p) => p.logs(),
             Loaded::Extractor(p) => p.logs(),
-            Loaded::Tool(p) => p.logs(),
+            Loaded::Tool(t) => t.plugin.logs(),
         }
     }
 
@@ -65,7 +69,7 @@ impl Loaded {
         match self {
             Loaded::Projection(p) => p.usage(),
             Loaded::Extractor(p) => p.usage(),
-            Loaded::Tool(p) => p.usage(),
+            Loaded::Tool(t) => t.plugin.usage(),
         }
     }
 }
@@ -101,39 +105,18 @@ pub fn run(
         Kind::Extractor => {
             Loaded::Extractor(runtime.plugin_configured(&compiled, manifest, config)?)
         }
-        Kind::Tool => Loaded::Tool(runtime.plugin_configured(&compiled, manifest, config)?),
+        Kind::Tool => Loaded::Tool(ToolCheck::new(
+            runtime.plugin_configured(&compiled, manifest, config)?,
+            manifest,
+        )?),
     };
-    let mut report = TestReport {
-        passed: 0,
-        failed: Vec::new(),
-        ns_per_event: None,
-        usage: loaded.usage(),
-        compile: compiled.took,
-    };
+    let (mut passed, mut failed) = (0, Vec::new());
     let mut measured: Vec<Arc<Event>> = Vec::new();
     let batch_size = manifest.limits.batch_size.max(1);
     let subscribed = crate::pattern::PatternSet::new(manifest.subscriptions.clone());
-    let tool = match &loaded {
-        Loaded::Tool(p) => Some(ToolCheck::new(p, manifest)?),
-        _ => None,
-    };
     for file in files {
         let shown = file.strip_prefix(".").unwrap_or(file).display();
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", file.display()))?;
-        if !value.is_object() {
-            bail!(
-                "{} is not a fixture: it must be a JSON object",
-                file.display()
-            );
-        }
-        let fixture: Fixture = serde_json::from_value(value)
-            .with_context(|| format!("{} is not a fixture", file.display()))?;
-        fixture
-            .check_fits(manifest.kind)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let fixture = Fixture::read(file, manifest.kind)?;
         let events = fixture_events(&fixture.events)
             .with_context(|| format!("in the events of {}", file.display()))?;
         // As the host does: only the events the manifest subscribes to reach the plugin.
@@ -151,11 +134,10 @@ pub fn run(
             measured.extend(events.iter().cloned());
         }
         let seen_logs = loaded.logs().read(0, 0).next;
-        let outcome = match (&loaded, &tool) {
-            (Loaded::Projection(p), _) => check_projection(p, &fixture, &events, batch_size),
-            (Loaded::Extractor(p), _) => check_extractor(p, &fixture, &events, batch_size),
-            (Loaded::Tool(_), Some(t)) => t.check(&fixture),
-            (Loaded::Tool(_), None) => unreachable!("a tool has its check"),
+        let outcome = match &loaded {
+            Loaded::Projection(p) => check_projection(p, &fixture, &events, batch_size),
+            Loaded::Extractor(p) => check_extractor(p, &fixture, &events, batch_size),
+            Loaded::Tool(t) => t.check(&fixture),
         };
         // What the plugin printed or logged meanwhile: a JavaScript or Python exception's
         // message and traceback go there.
@@ -177,7 +159,7 @@ pub fn run(
         match outcome {
             Ok(()) => {
                 println!("ok    {shown}");
-                report.passed += 1;
+                passed += 1;
             }
             Err(why) => {
                 let about = fixture
@@ -186,13 +168,19 @@ pub fn run(
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default();
                 println!("FAIL  {shown}{about}\n{why}");
-                report.failed.push((file.clone(), why));
+                failed.push((file.clone(), why));
             }
         }
     }
-    report.ns_per_event = cost_per_event(&loaded, &measured, COST_BATCH.min(batch_size));
-    report.usage = loaded.usage();
-    Ok(report)
+    let cost_batch = COST_BATCH.min(batch_size);
+    Ok(TestReport {
+        passed,
+        failed,
+        ns_per_event: cost_per_event(&loaded, &measured, cost_batch),
+        cost_batch,
+        usage: loaded.usage(),
+        compile: compiled.took,
+    })
 }
 
 /// Events in the batch [`cost_per_event`] folds: about what the host hands a caught-up
@@ -415,14 +403,14 @@ fn check_extractor(
 
 /// A tool as the host loads it: its description checked against its manifest, its input
 /// schema compiled, so that an invocation the host would refuse unrun is refused here too.
-struct ToolCheck<'a> {
-    plugin: &'a ToolPlugin,
+struct ToolCheck {
+    plugin: ToolPlugin,
     info: ToolInfo,
     schema: jsonschema::Validator,
 }
 
-impl<'a> ToolCheck<'a> {
-    fn new(plugin: &'a ToolPlugin, manifest: &Manifest) -> Result<Self> {
+impl ToolCheck {
+    fn new(plugin: ToolPlugin, manifest: &Manifest) -> Result<Self> {
         let info = plugin.describe()?;
         if info.name != manifest.name {
             bail!(

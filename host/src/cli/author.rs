@@ -98,7 +98,10 @@ pub(super) fn new(args: NewArgs) -> Result<()> {
 
 /// `plugin build`: builds the project in `dir` and says where the component is.
 pub(super) fn build(dir: &std::path::Path) -> Result<Project> {
-    let project = Project::open(dir)?;
+    build_opened(Project::open(dir)?)
+}
+
+fn build_opened(project: Project) -> Result<Project> {
     let wasm = project.build()?;
     let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     eprintln!(
@@ -122,7 +125,7 @@ pub(super) fn build_for_deploy(dir: &std::path::Path) -> Result<Project> {
         );
         return Ok(project);
     }
-    build(dir)
+    build_opened(project)
 }
 
 /// `plugin test`: fails (non-zero exit) when any fixture does not match.
@@ -161,7 +164,10 @@ pub(super) async fn test(args: TestArgs) -> Result<()> {
     let u = &report.usage;
     let mut cost = Vec::new();
     if let Some(ns) = report.ns_per_event {
-        cost.push(format!("{ns:.0} ns/event (warm, batches of 1024)"));
+        cost.push(format!(
+            "{ns:.0} ns/event (warm, batches of {})",
+            report.cost_batch
+        ));
     }
     if report.ns_per_event.is_none()
         && project.manifest.kind == Kind::Tool
@@ -185,10 +191,7 @@ pub(super) async fn test(args: TestArgs) -> Result<()> {
         u.peak_memory_bytes.div_ceil(1024),
         u.memory_limit_bytes >> 20
     ));
-    cost.push(format!(
-        "{} calls, slowest {:.2} ms",
-        u.calls, u.max_call_ms
-    ));
+    cost.push(format!("slowest call {:.2} ms", u.max_call_ms));
     cost.push(format!(
         "compile {:.0} ms",
         report.compile.as_secs_f64() * 1e3
