@@ -335,6 +335,11 @@ struct ServeArgs {
     /// Address of the HTTP API. Keep it on loopback unless a proxy guards it.
     #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Keep the event log in NATS JetStream instead of the data directory:
+    /// `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS]`.
+    /// Plugin state stays in the data directory. Appends then hold at most 1,000 events.
+    #[arg(long, env = "EVHOST_LOG", value_name = "nats://HOST:PORT")]
+    log: Option<String>,
     /// Largest event accepted, in bytes: payload, metadata, source, id and type together.
     #[arg(long, default_value_t = crate::event::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
@@ -685,6 +690,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             flow_ms: args.alert_flow_ms,
             tool_failure_rate: args.alert_tool_failure_rate,
         },
+        log_url: args.log.clone(),
     };
     let host = crate::host::Host::start(config).await?;
     let state = host.api_state();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::api::{ApiConfig, AppState};
 use crate::bus::{Bus, Hub};
-use crate::log::{EventLog, SledLog, SledLogConfig};
+use crate::log::{EventLog, NatsLog, NatsLogConfig, SledLog, SledLogConfig};
 use crate::plugin::{PluginStore, Runtime};
 use crate::registry::{PluginPolicy, Precedence, Registry};
 use crate::runner::Runner;
@@ -45,6 +45,8 @@ pub struct HostConfig {
     pub flow_index: bool,
     /// Thresholds that raise alerts (none by default).
     pub alerts: crate::alerts::AlertRules,
+    /// The log in NATS JetStream (`nats://HOST:PORT...`) instead of the embedded one.
+    pub log_url: Option<String>,
 }
 
 impl HostConfig {
@@ -64,6 +66,7 @@ impl HostConfig {
             policy: PluginPolicy::default(),
             flow_index: true,
             alerts: crate::alerts::AlertRules::default(),
+            log_url: None,
         }
     }
 }
@@ -96,7 +99,9 @@ fn part(what: &'static str) -> impl FnOnce(String) -> HostError {
 /// A running host's parts; stop it with [`Host::stop`].
 pub struct Host {
     config: HostConfig,
-    log: Arc<SledLog>,
+    log: Arc<dyn EventLog>,
+    /// The embedded log, when the host runs on it.
+    sled_log: Option<Arc<SledLog>>,
     bus: Bus,
     state_db: sled::Db,
     schemas: Schemas,
@@ -116,30 +121,56 @@ impl Host {
         // Recording starts with the host (once per process; later hosts share it).
         crate::telemetry::install();
         let hub = Hub::with_history_bytes(config.history, config.history_bytes);
-        let mut log_config = SledLogConfig::new(&config.data);
-        log_config.cache_bytes = config.cache_bytes;
-        log_config.max_event_bytes = config.max_event_bytes;
-        log_config.max_batch_events = config.max_batch_events;
-        if let Some(b) = config.segment_bytes {
-            log_config.segment_bytes = b;
-        }
-        if let Some(b) = config.erase_round_bytes {
-            log_config.erase_round_bytes = b;
-        }
-        let log =
-            Arc::new(
-                SledLog::open(log_config, hub.clone()).map_err(|source| HostError::Log {
-                    dir: config.data.display().to_string(),
-                    source,
-                })?,
-            );
-        let dyn_log: Arc<dyn EventLog> = log.clone();
+        let mut config = config;
+        let (dyn_log, sled_log): (Arc<dyn EventLog>, _) = match &config.log_url {
+            Some(url) => {
+                let mut nats = NatsLogConfig::parse(url, &config.data).map_err(part("--log"))?;
+                // One append is one JetStream atomic batch, which holds at most 1,000.
+                config.max_batch_events = config.max_batch_events.min(crate::log::MAX_ATOMIC_BATCH);
+                nats.max_batch_events = config.max_batch_events;
+                nats.max_event_bytes = config.max_event_bytes;
+                std::fs::create_dir_all(&config.data).map_err(|e| {
+                    part("creating the data directory")(format!("{}: {e}", config.data.display()))
+                })?;
+                let log =
+                    NatsLog::open(nats, hub.clone())
+                        .await
+                        .map_err(|source| HostError::Log {
+                            dir: url.clone(),
+                            source,
+                        })?;
+                (Arc::new(log), None)
+            }
+            None => {
+                let mut log_config = SledLogConfig::new(&config.data);
+                log_config.cache_bytes = config.cache_bytes;
+                log_config.max_event_bytes = config.max_event_bytes;
+                log_config.max_batch_events = config.max_batch_events;
+                if let Some(b) = config.segment_bytes {
+                    log_config.segment_bytes = b;
+                }
+                if let Some(b) = config.erase_round_bytes {
+                    log_config.erase_round_bytes = b;
+                }
+                let log = Arc::new(SledLog::open(log_config, hub.clone()).map_err(|source| {
+                    HostError::Log {
+                        dir: config.data.display().to_string(),
+                        source,
+                    }
+                })?);
+                (log.clone() as Arc<dyn EventLog>, Some(log))
+            }
+        };
         let bus = Bus::new(dyn_log.clone(), hub);
         let runtime = Runtime::new(&config.data.join("compiled"))
             .map_err(|e| part("starting the WebAssembly runtime")(e.to_string()))?;
         // Operational state lives apart from the log's disposable index (see state_db).
-        let state_db = crate::state_db::open(&config.data, config.cache_bytes, log.db())
-            .map_err(|e| part("opening the state database")(e.to_string()))?;
+        let state_db = crate::state_db::open(
+            &config.data,
+            config.cache_bytes,
+            sled_log.as_ref().map(|l| l.db()),
+        )
+        .map_err(|e| part("opening the state database")(e.to_string()))?;
         let schemas = Schemas::open(&state_db)
             .map_err(|e| part("opening the schema registry")(e.to_string()))?;
         let registry = Registry::new(
@@ -174,7 +205,7 @@ impl Host {
         })?;
         let flows = if config.flow_index {
             Some(
-                crate::flows::start(&state_db, bus.clone(), dyn_log)
+                crate::flows::start(&state_db, bus.clone(), dyn_log.clone())
                     .map_err(|e| part("starting the flow index")(e.to_string()))?,
             )
         } else {
@@ -186,14 +217,15 @@ impl Host {
                 config.alerts.clone(),
                 registry.clone(),
                 flows.as_ref().map(|(_, store)| store.clone()),
-                log.clone() as Arc<dyn EventLog>,
+                dyn_log.clone(),
                 stopped,
             );
             (alerts, stop)
         });
         Ok(Self {
             config,
-            log,
+            log: dyn_log,
+            sled_log,
             bus,
             state_db,
             schemas,
@@ -207,9 +239,8 @@ impl Host {
     /// The API's state over this host, with its limits and the archive directory; the
     /// caller adds the access policy of its listener.
     pub fn api_state(&self) -> AppState {
-        let log: Arc<dyn EventLog> = self.log.clone();
         let state = AppState::new(
-            log,
+            self.log.clone(),
             self.bus.clone(),
             ApiConfig {
                 max_event_bytes: self.config.max_event_bytes,
@@ -231,8 +262,13 @@ impl Host {
     }
 
     /// The event log.
-    pub fn log(&self) -> &Arc<SledLog> {
+    pub fn log(&self) -> &Arc<dyn EventLog> {
         &self.log
+    }
+
+    /// The embedded log, when the host runs on it (not on NATS).
+    pub fn sled_log(&self) -> Option<&Arc<SledLog>> {
+        self.sled_log.as_ref()
     }
 
     /// The bus.

@@ -6,6 +6,7 @@
 //! a stream.
 
 mod codec;
+mod nats_log;
 mod repair;
 mod segment;
 mod sled_log;
@@ -17,9 +18,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::event::{Event, NewEvent, StreamName};
+use crate::event::{Event, NewEvent, StreamName, validate_id, validate_stream};
 use crate::pattern::PatternSet;
 
+pub use nats_log::{MAX_ATOMIC_BATCH, NatsLog, NatsLogConfig};
 pub use repair::{DAMAGED_TYPE, RepairReport, repair};
 pub use segment::Damage;
 pub use sled_log::{LogHealth, SledLog, SledLogConfig};
@@ -384,6 +386,49 @@ pub trait EventLog: Send + Sync + 'static {
     fn health(&self) -> LogHealth {
         LogHealth::default()
     }
+}
+
+/// Checks what can be checked without the log's state (counts, names, sizes), so that bad
+/// input never reaches a backend's writer.
+pub(crate) fn validate(
+    groups: &[StreamAppend],
+    max_batch_events: usize,
+    max_event_bytes: usize,
+) -> Result<(), AppendError> {
+    let total: usize = groups.iter().map(|g| g.events.len()).sum();
+    if total == 0 {
+        return Err(AppendError::Invalid(
+            "the append has no events; send at least one".into(),
+        ));
+    }
+    if total > max_batch_events {
+        return Err(AppendError::Invalid(format!(
+            "the append has {total} events, more than the limit of {}; split it",
+            max_batch_events
+        )));
+    }
+    for g in groups {
+        validate_stream(&g.stream).map_err(|e| AppendError::Invalid(e.to_string()))?;
+        for e in &g.events {
+            if let Some(id) = &e.id {
+                validate_id(id).map_err(|e| AppendError::Invalid(e.to_string()))?;
+            }
+            // The whole event counts: a limit on the payload alone let metadata and source
+            // carry any amount.
+            let size = e.text_len();
+            if size > max_event_bytes {
+                return Err(AppendError::Invalid(format!(
+                    "a {} event is {size} bytes (payload {}, metadata {}, source {}), more than the limit of {} bytes per event",
+                    e.event_type,
+                    e.payload.len(),
+                    e.metadata.text_len(),
+                    e.source.len(),
+                    max_event_bytes
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -33,11 +33,12 @@ const MIGRATED: &[u8] = b"migrated-from-index";
 const COPY_BATCH: usize = 10_000;
 
 /// Opens (or creates) `DATA/state` with `cache_bytes` of cache, first moving the
-/// operational trees that an older layout kept in the log's index database `index`.
+/// operational trees that an older layout kept in the log's index database `index` (the
+/// embedded log's; a host on NATS has none).
 pub(crate) fn open(
     data: &Path,
     cache_bytes: u64,
-    index: &sled::Db,
+    index: Option<&sled::Db>,
 ) -> Result<sled::Db, StateDbError> {
     let path = data.join("state");
     let err = |source| StateDbError {
@@ -46,7 +47,9 @@ pub(crate) fn open(
     };
     let db = crate::log::open_sled(&sled::Config::new().path(&path).cache_capacity(cache_bytes))
         .map_err(err)?;
-    migrate(index, &db).map_err(err)?;
+    if let Some(index) = index {
+        migrate(index, &db).map_err(err)?;
+    }
     Ok(db)
 }
 

@@ -47,8 +47,8 @@ pub async fn host() -> BenchHost {
     };
     let host = Host::start(config).await.unwrap();
     BenchHost {
-        log: host.log().clone(),
-        dyn_log: host.log().clone() as Arc<dyn EventLog>,
+        log: host.sled_log().expect("the embedded log").clone(),
+        dyn_log: host.log().clone(),
         bus: host.bus().clone(),
         db: host.state_db().clone(),
         runtime: host.runtime().clone(),

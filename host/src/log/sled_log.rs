@@ -43,7 +43,7 @@ use super::{
     AppendError, Appended, EventLog, LogError, ReadFilter, ReadPage, StreamAppend, StreamList,
     StreamListQuery,
 };
-use crate::event::{Event, validate_id, validate_stream};
+use crate::event::Event;
 
 /// Most appends combined into one durable group.
 const MAX_GROUP_OPS: usize = 1024;
@@ -171,7 +171,11 @@ impl SledLog {
         groups: Vec<StreamAppend>,
         index_ids: bool,
     ) -> Result<Vec<Appended>, AppendError> {
-        validate(&groups, &self.shared.config)?;
+        super::validate(
+            &groups,
+            self.shared.config.max_batch_events,
+            self.shared.config.max_event_bytes,
+        )?;
         let tx = self.tx.as_ref().ok_or(LogError::Closed)?;
         let (reply, rx) = oneshot::channel();
         tx.send(AppendOp {
@@ -650,44 +654,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(read)
         .await
         .map_err(|e| LogError::Storage(format!("read task failed: {e}")))?
-}
-
-/// Checks what can be checked without the log's state, so bad input never reaches the writer.
-fn validate(groups: &[StreamAppend], config: &SledLogConfig) -> Result<(), AppendError> {
-    let total: usize = groups.iter().map(|g| g.events.len()).sum();
-    if total == 0 {
-        return Err(AppendError::Invalid(
-            "the append has no events; send at least one".into(),
-        ));
-    }
-    if total > config.max_batch_events {
-        return Err(AppendError::Invalid(format!(
-            "the append has {total} events, more than the limit of {}; split it",
-            config.max_batch_events
-        )));
-    }
-    for g in groups {
-        validate_stream(&g.stream).map_err(|e| AppendError::Invalid(e.to_string()))?;
-        for e in &g.events {
-            if let Some(id) = &e.id {
-                validate_id(id).map_err(|e| AppendError::Invalid(e.to_string()))?;
-            }
-            // The whole event counts: a limit on the payload alone let metadata and source
-            // carry any amount.
-            let size = e.text_len();
-            if size > config.max_event_bytes {
-                return Err(AppendError::Invalid(format!(
-                    "a {} event is {size} bytes (payload {}, metadata {}, source {}), more than the limit of {} bytes per event",
-                    e.event_type,
-                    e.payload.len(),
-                    e.metadata.text_len(),
-                    e.source.len(),
-                    config.max_event_bytes
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The index entry of the chunk holding `position`, with the chunk's first position.
