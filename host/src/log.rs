@@ -230,6 +230,11 @@ pub enum LogError {
     /// The log has been closed.
     #[error("the event log is shut down")]
     Closed,
+    /// The NATS servers holding the log failed or could not be reached.
+    #[error(
+        "the NATS JetStream log: {0}; check that the servers given to --log are up and reachable from this host"
+    )]
+    Nats(String),
     /// An erasure was asked of a stream that is not deleted.
     #[error(
         "stream {0:?} is not deleted: delete it first; only a deleted stream's events can be erased"

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod nats;
+
 /// A running host process.
 pub struct Host {
     child: Child,
@@ -59,6 +61,11 @@ impl Host {
             .arg(data)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .args(if extra.contains(&"--log") {
+                Vec::new()
+            } else {
+                nats::log_args(data)
+            })
             .args(extra)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())

@@ -171,7 +171,7 @@ impl Drop for NatsLog {
 }
 
 fn storage(what: &str, e: impl std::fmt::Display) -> LogError {
-    LogError::Storage(format!("{what}: {e}"))
+    LogError::Nats(format!("{what}: {e}"))
 }
 
 /// An error the JetStream API answered with.
@@ -231,7 +231,7 @@ async fn ensure_stream(client: &Client, config: &NatsLogConfig) -> Result<Value,
             updated["allow_direct"] = json!(true);
             let answer = api(client, format!("$JS.API.STREAM.UPDATE.{name}"), updated).await?;
             if let Some(e) = api_error(&answer) {
-                return Err(LogError::Storage(format!(
+                return Err(LogError::Nats(format!(
                     "JetStream stream {name} does not allow atomic batches and direct gets, and enabling them failed: {}",
                     e.description
                 )));
@@ -253,13 +253,13 @@ async fn ensure_stream(client: &Client, config: &NatsLogConfig) -> Result<Value,
             let answer = api(client, format!("$JS.API.STREAM.CREATE.{name}"), create).await?;
             match api_error(&answer) {
                 None => Ok(answer),
-                Some(e) => Err(LogError::Storage(format!(
+                Some(e) => Err(LogError::Nats(format!(
                     "creating JetStream stream {name} failed: {} (atomic batches need nats-server 2.12 or later with JetStream enabled)",
                     e.description
                 ))),
             }
         }
-        Some(e) => Err(LogError::Storage(format!(
+        Some(e) => Err(LogError::Nats(format!(
             "JetStream stream {name}: {} (is JetStream enabled on the server?)",
             e.description
         ))),
@@ -271,29 +271,45 @@ impl NatsLog {
     /// stream's end and starts the tail from there.
     pub async fn open(config: NatsLogConfig, sink: Arc<dyn CommitSink>) -> Result<Self, LogError> {
         if config.max_batch_events > MAX_ATOMIC_BATCH {
-            return Err(LogError::Storage(format!(
+            return Err(LogError::Nats(format!(
                 "the NATS log appends at most {MAX_ATOMIC_BATCH} events at once (one JetStream atomic batch), not {}; lower --max-batch-events",
                 config.max_batch_events
             )));
         }
+        let servers = config
+            .servers
+            .split(',')
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| storage(&format!("--log {}", config.servers), e))?;
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
-            .connect(config.servers.as_str())
+            .connect(servers)
             .await
             .map_err(|e| storage(&format!("connecting to {}", config.servers), e))?;
         // The first connection is retried in the background: wait for it, bounded.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
-                return Err(LogError::Storage(format!(
+                return Err(LogError::Nats(format!(
                     "cannot reach the NATS server at {} within 10 s; is it running?",
                     config.servers
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let info = ensure_stream(&client, &config).await?;
+        // A cluster that has just started answers once it has elected its leader.
+        let info = loop {
+            match ensure_stream(&client, &config).await {
+                Ok(info) => break info,
+                Err(e) if tokio::time::Instant::now() < deadline + Duration::from_secs(20) => {
+                    tracing::info!(error = %e, "JetStream is not ready yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let created = info["created"].as_str().unwrap_or_default().to_owned();
         let last_seq = info["state"]["last_seq"].as_u64().unwrap_or(0);
         let index = super::open_sled(&sled::Config::new().path(&config.index_dir))
@@ -611,7 +627,7 @@ impl NatsLog {
                 }
             }
         }
-        Err(AppendError::Storage(LogError::Storage(format!(
+        Err(AppendError::Storage(LogError::Nats(format!(
             "the append lost the race for its streams to other writers {RETRIES} times in a row; retry it"
         ))))
     }
@@ -803,7 +819,7 @@ impl NatsLog {
         let client = &self.inner.client;
         let count = messages.len();
         let unknown = |e: &dyn std::fmt::Display| {
-            AppendError::Storage(LogError::Storage(format!(
+            AppendError::Storage(LogError::Nats(format!(
                 "publishing to JetStream failed: {e}; the append's outcome is unknown, so retry it with the same event ids (retries within the duplicate window are not appended twice)"
             )))
         };
@@ -836,7 +852,7 @@ impl NatsLog {
             return match e.err_code {
                 WRONG_LAST_SEQUENCE => Ok(Err(Attempt::Stale)),
                 BATCH_DUPLICATE_ID => Ok(Err(Attempt::Duplicate)),
-                _ => Err(AppendError::Storage(LogError::Storage(format!(
+                _ => Err(AppendError::Storage(LogError::Nats(format!(
                     "JetStream refused the append: {} (error {}); nothing was appended",
                     e.description, e.err_code
                 )))),
@@ -1083,7 +1099,7 @@ impl EventLog for NatsLog {
         )
         .await?;
         if let Some(e) = api_error(&answer) {
-            return Err(LogError::Storage(format!(
+            return Err(LogError::Nats(format!(
                 "JetStream refused to purge stream {stream:?}: {}",
                 e.description
             )));

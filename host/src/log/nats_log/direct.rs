@@ -30,7 +30,7 @@ pub(super) struct Batch {
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> LogError {
-    LogError::Storage(format!("JetStream {what} failed: {e}"))
+    LogError::Nats(format!("JetStream {what} failed: {e}"))
 }
 
 /// The direct get API of one JetStream stream.

@@ -1,0 +1,299 @@
+//! The NATS JetStream log end to end: the real binary on real nats-server processes (one
+//! node, and a three-node cluster with R3) on loopback, with `sync_interval: always`.
+//! Several hosts share one log; acknowledged appends survive `kill -9` of a server.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use evhost_tests::nats::Nats;
+use evhost_tests::{
+    Host, all_events, append, caught_up, get, load_ok, plugin_wasm, positions, post,
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
+
+async fn host_on(data: &std::path::Path, log: &str, extra: &[&str]) -> Host {
+    let mut args = vec!["--log", log];
+    args.extend_from_slice(extra);
+    Host::start(BIN, data, &args).await
+}
+
+fn ev(ty: &str, id: Option<&str>) -> Value {
+    match id {
+        Some(id) => json!({"id": id, "type": ty, "payload": {"n": 1}}),
+        None => json!({"type": ty, "payload": {"n": 1}}),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_one_log_with_versions_ids_and_live_reads_across_them() {
+    let nats = Nats::single();
+    let log = format!("{}?stream=SHARED", nats.urls());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = host_on(da.path(), &log, &[]).await;
+    let b = host_on(db.path(), &log, &[]).await;
+
+    // B follows live what A appends.
+    let sse = reqwest::get(format!("{}/v1/subscribe?pattern=order.%3E&from=0", b.url))
+        .await
+        .unwrap();
+    let r = append(
+        &a,
+        "order-1",
+        vec![ev("order.placed", None), ev("order.paid", None)],
+    )
+    .await;
+    assert_eq!(positions(&r), vec![0, 1]);
+    let mut body = sse.bytes_stream();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    use futures::StreamExt;
+    while !seen.contains("order.paid") {
+        let chunk = tokio::time::timeout_at(deadline.into(), body.next())
+            .await
+            .expect("B's subscription gets A's events within 10 s")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("order.placed"), "{seen}");
+
+    // Both see one log, and one version per stream.
+    assert_eq!(all_events(&a).await, all_events(&b).await);
+    let (s, page) = get(&format!("{}/v1/streams/order-1", b.url)).await;
+    assert_eq!((s, page["version"].as_u64()), (200, Some(2)), "{page}");
+
+    // Two hosts appending at the same expected version: exactly one wins.
+    let body = |ty: &str| json!({"expected_version": 2, "events": [ev(ty, None)]});
+    let (ua, ub) = (
+        format!("{}/v1/streams/order-1", a.url),
+        format!("{}/v1/streams/order-1", b.url),
+    );
+    let (ra, rb) = tokio::join!(
+        post(&ua, body("order.shipped")),
+        post(&ub, body("order.cancelled")),
+    );
+    let mut codes = [ra.0, rb.0];
+    codes.sort();
+    assert_eq!(codes, [200, 409], "{ra:?} {rb:?}");
+    let loser = if ra.0 == 409 { &ra.1 } else { &rb.1 };
+    assert_eq!(loser["error"]["current_version"], 3, "{loser}");
+
+    // A client id appended through A is a retry through B, and taken elsewhere.
+    let first = append(&a, "pay-1", vec![ev("pay.made", Some("pay-abc"))]).await;
+    let again = append(&b, "pay-1", vec![ev("pay.made", Some("pay-abc"))]).await;
+    assert_eq!(positions(&first), positions(&again));
+    assert_eq!(again["next_version"], 1);
+    let (s, clash) = post(
+        &format!("{}/v1/streams/pay-2", b.url),
+        json!({"events": [ev("pay.made", Some("pay-abc"))]}),
+    )
+    .await;
+    assert_eq!(s, 409, "{clash}");
+    assert_eq!(clash["error"]["code"], "id_conflict", "{clash}");
+    let (_, streams) = get(&format!("{}/v1/streams", b.url)).await;
+    let names: Vec<&str> = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["order-1", "pay-1"], "{streams}");
+
+    // Stream names that are not subject tokens, and a type filter on the server.
+    append(&a, "odd name.with*chars", vec![ev("order.noted", None)]).await;
+    let (_, page) = get(&format!("{}/v1/streams/odd%20name.with*chars", b.url)).await;
+    assert_eq!(page["events"][0]["stream"], "odd name.with*chars", "{page}");
+    let (_, typed) = get(&format!("{}/v1/events?from=0&type=pay.*", b.url)).await;
+    let types: Vec<&str> = typed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["pay.made"], "{typed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_is_one_atomic_batch_stored_whole_or_not_at_all() {
+    let nats = Nats::single();
+    let dir = tempfile::tempdir().unwrap();
+    let h = host_on(dir.path(), &nats.urls(), &[]).await;
+    append(&h, "b", vec![ev("x.one", None)]).await;
+
+    // The second stream's expectation fails: the first stream's events are not stored.
+    let (s, r) = post(
+        &format!("{}/v1/events", h.url),
+        json!({"events": [
+            {"stream": "a", "type": "x.one", "payload": {}},
+            {"stream": "a", "type": "x.two", "payload": {}},
+            {"stream": "b", "type": "x.two", "payload": {}, "expected_version": 0},
+        ]}),
+    )
+    .await;
+    assert_eq!(s, 409, "{r}");
+    let (s, a) = get(&format!("{}/v1/streams/a", h.url)).await;
+    assert_eq!(s, 404, "stream a was not created: {a}");
+    assert_eq!(all_events(&h).await.len(), 1);
+
+    // At the batch limit it is stored; past it, refused whole with the limit named.
+    let full: Vec<Value> = (0..1000).map(|_| ev("x.many", None)).collect();
+    let r = append(&h, "full", full).await;
+    assert_eq!(positions(&r), (1..1001).collect::<Vec<u64>>());
+    let over: Vec<Value> = (0..1001).map(|_| ev("x.many", None)).collect();
+    let (s, r) = post(
+        &format!("{}/v1/streams/over", h.url),
+        json!({"events": over}),
+    )
+    .await;
+    assert_eq!(s, 413, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("1000"),
+        "{r}"
+    );
+    let (s, o) = get(&format!("{}/v1/streams/over", h.url)).await;
+    assert_eq!(s, 404, "{o}");
+}
+
+/// A writer that appends `total` events one per request with client ids, retrying each
+/// failed append with the same id, and records every acknowledged position.
+fn writer(
+    url: String,
+    total: usize,
+    prefix: &'static str,
+) -> (
+    tokio::task::JoinHandle<HashMap<String, u64>>,
+    Arc<AtomicBool>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s, a) = (stop.clone(), acked.clone());
+    let task = tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .unwrap();
+        let mut out = HashMap::new();
+        for i in 0..total {
+            let id = format!("{prefix}-{i}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                assert!(!s.load(Ordering::Relaxed), "stopped");
+                let r = client
+                    .post(format!("{url}/v1/streams/{prefix}-{}", i % 7))
+                    .json(&json!({"events": [ev("load.tick", Some(&id))]}))
+                    .send()
+                    .await;
+                if let Ok(r) = r
+                    && r.status() == 200
+                {
+                    let v: Value = r.json().await.unwrap();
+                    out.insert(id.clone(), v["positions"][0].as_u64().unwrap());
+                    a.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{id} was never acknowledged");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        out
+    });
+    (task, stop, acked)
+}
+
+async fn wait_acked(acked: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "the writer stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every acknowledged id is in the log exactly once, at the position acknowledged.
+fn check_log(events: &[Value], acked: &HashMap<String, u64>) {
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in events {
+        *count.entry(e["id"].as_str().unwrap()).or_default() += 1;
+    }
+    for (id, position) in acked {
+        assert_eq!(
+            count.get(id.as_str()),
+            Some(&1),
+            "{id} is not in the log exactly once"
+        );
+        let stored = events.iter().find(|e| e["id"] == *id).unwrap();
+        assert_eq!(stored["position"], *position, "{id}");
+    }
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["position"], i as u64, "positions are gap-free");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_kill9_of_the_server() {
+    let mut nats = Nats::single();
+    let dir = tempfile::tempdir().unwrap();
+    let h = host_on(dir.path(), &nats.urls(), &[]).await;
+    let (task, _stop, acked) = writer(h.url.clone(), 240, "crash");
+    for round in 1..=2 {
+        wait_acked(&acked, 80 * round).await;
+        nats.nodes[0].kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nats.nodes[0].restart();
+    }
+    let acks = task.await.unwrap();
+    assert_eq!(acks.len(), 240);
+    // The host reconnected by itself; its log holds each acknowledged event once.
+    check_log(&all_events(&h).await, &acks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_and_duplicates_nothing_when_a_node_dies() {
+    let mut nats = Nats::cluster(3);
+    let dir = tempfile::tempdir().unwrap();
+    let log = format!("{}?replicas=3", nats.urls());
+    // The host waits for the cluster to elect a leader before it creates its stream.
+    let h = host_on(dir.path(), &log, &[]).await;
+    let (task, _stop, acked) = writer(h.url.clone(), 200, "r3");
+    wait_acked(&acked, 60).await;
+    nats.nodes[0].kill9();
+    wait_acked(&acked, 140).await;
+    nats.nodes[0].restart();
+    let acks = task.await.unwrap();
+    check_log(&all_events(&h).await, &acks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_on_nats_folds_every_host_s_appends_and_keeps_its_state_across_restarts() {
+    let nats = Nats::single();
+    let log = format!("{}?stream=PROJ", nats.urls());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = host_on(da.path(), &log, &[]).await;
+    let mut b = host_on(db.path(), &log, &[]).await;
+    let manifest = "name = \"type-counter\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n";
+    load_ok(&b, "type-counter", manifest, plugin_wasm("type-counter")).await;
+    for i in 0..30 {
+        let h = if i % 2 == 0 { &a } else { &b };
+        append(
+            h,
+            &format!("s-{}", i % 3),
+            vec![ev("item.added", None), ev("item.removed", None)],
+        )
+        .await;
+    }
+    caught_up(&b, "type-counter").await;
+    let url = |h: &Host| format!("{}/v1/projections/type-counter/state?key=item.added", h.url);
+    let (s, state) = get(&url(&b)).await;
+    assert_eq!(s, 200, "{state}");
+    assert_eq!(state["value"], 30, "{state}");
+    b.stop();
+    append(&a, "s-0", vec![ev("item.added", None)]).await;
+    let b = host_on(db.path(), &log, &[]).await;
+    caught_up(&b, "type-counter").await;
+    let (_, state) = get(&url(&b)).await;
+    assert_eq!(state["value"], 31, "{state}");
+}
