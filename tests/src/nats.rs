@@ -37,7 +37,8 @@ impl Node {
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // The server dies with the test process, however that ends.
+        // The server dies with the thread that started it, or the test process, however
+        // that ends.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
@@ -167,10 +168,22 @@ pub(crate) fn log_args(data: &Path) -> Vec<String> {
     if !on_nats() {
         return Vec::new();
     }
-    static SERVER: OnceLock<Nats> = OnceLock::new();
-    let server = SERVER.get_or_init(Nats::single);
+    static SERVER: OnceLock<String> = OnceLock::new();
+    let urls = SERVER.get_or_init(|| {
+        // Started from a thread that lives as long as the process: the server is bound
+        // to die with the thread that started it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let nats = Nats::single();
+            tx.send(nats.urls()).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the shared nats-server started")
+    });
     use sha2::Digest;
     let digest = sha2::Sha256::digest(data.to_string_lossy().as_bytes());
     let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    vec!["--log".into(), format!("{}?stream=T{name}", server.urls())]
+    vec!["--log".into(), format!("{urls}?stream=T{name}")]
 }

@@ -297,3 +297,72 @@ async fn a_projection_on_nats_folds_every_host_s_appends_and_keeps_its_state_acr
     let (_, state) = get(&url(&b)).await;
     assert_eq!(state["value"], 31, "{state}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_delete_purges_the_stream_but_its_tombstone_and_frees_its_ids() {
+    let nats = Nats::single();
+    let dir = tempfile::tempdir().unwrap();
+    // The server forgets message ids after one second.
+    let log = format!("{}?duplicate_window=1", nats.urls());
+    let h = host_on(dir.path(), &log, &[]).await;
+    append(&h, "keep", vec![ev("x.kept", None)]).await;
+    append(
+        &h,
+        "user-ada",
+        vec![ev("x.secret", Some("ada-1")), ev("x.secret", None)],
+    )
+    .await;
+    append(&h, "keep", vec![ev("x.kept", None)]).await;
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/streams/user-ada?hard=true", h.url))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let events = all_events(&h).await;
+    let shown: Vec<(u64, &str)> = events
+        .iter()
+        .map(|e| (e["position"].as_u64().unwrap(), e["type"].as_str().unwrap()))
+        .collect();
+    // The secrets are gone; every other event keeps its position; the tombstone stays.
+    assert_eq!(
+        shown,
+        [(0, "x.kept"), (3, "x.kept"), (4, "evhost.stream.deleted")],
+        "{events:?}"
+    );
+    let (s, _) = get(&format!("{}/v1/streams/user-ada", h.url)).await;
+    assert_eq!(s, 410);
+    let (s, r) = post(
+        &format!("{}/v1/streams/user-ada", h.url),
+        json!({"events": [ev("x.again", None)]}),
+    )
+    .await;
+    assert_eq!(s, 410, "{r}");
+    // After a restore the stream takes appends again; its erased events stay gone.
+    let (s, r) = post(&format!("{}/v1/streams/user-ada/restore", h.url), json!({})).await;
+    assert_eq!(s, 200, "{r}");
+    // Within the server's duplicate window the id is still refused; after it, free.
+    let (s, r) = post(
+        &format!("{}/v1/streams/other", h.url),
+        json!({"events": [ev("x.reused", Some("ada-1"))]}),
+    )
+    .await;
+    if s != 200 {
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("duplicate window"),
+            "{r}"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let r = append(&h, "other", vec![ev("x.reused", Some("ada-1"))]).await;
+        assert_eq!(
+            positions(&r),
+            [6],
+            "the erased event's id is free again: {r}"
+        );
+    }
+}

@@ -67,12 +67,15 @@ async fn streams_are_listed_in_name_order_paged_and_clamped() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &[]).await;
     let url = format!("{}/v1/streams", h.url);
-    // 1,005 streams in one append, then two more in appends of their own.
+    // 1,005 streams in two appends (the NATS log takes at most 1,000 events in one), then
+    // two more in appends of their own.
     let bulk: Vec<Value> = (0..1005)
         .map(|i| json!({"stream": format!("bulk-{i:04}"), "type": "bulk.made", "payload": i}))
         .collect();
-    let (s, reply) = post(&format!("{}/v1/events", h.url), json!({"events": bulk})).await;
-    assert_eq!(s, 200, "{reply}");
+    for part in bulk.chunks(1000) {
+        let (s, reply) = post(&format!("{}/v1/events", h.url), json!({"events": part})).await;
+        assert_eq!(s, 200, "{reply}");
+    }
     let alpha = append(&h, "alpha", events(2, "a.one")).await;
     append(&h, "beta", events(1, "b.one")).await;
     let alpha_last = append(&h, "alpha", events(1, "a.two")).await;

@@ -619,7 +619,7 @@ impl NatsLog {
                     duplicates += 1;
                     if duplicates > 2 {
                         return Err(AppendError::Invalid(
-                            "JetStream holds one of the append's event ids already (within its duplicate window) although the log does not know it; give the events new ids".into(),
+                            "JetStream still remembers one of the append's event ids from within its duplicate window, though no stored event has it (an erased event's id is free again only once the window has passed); retry after the window or give the events new ids".into(),
                         ));
                     }
                     self.inner.catch_up().await?;
@@ -657,7 +657,15 @@ impl NatsLog {
                         continue;
                     }
                     if let Some(p) = self.find_local(id)? {
-                        let on = inner.stream_at(p).await?.unwrap_or_default();
+                        let Some(on) = inner.stream_at(p).await? else {
+                            // Erased since: the id is free again.
+                            self.forget_id(id)?;
+                            let n = messages.len() + new.len();
+                            pending.insert(id, n);
+                            group_slots.push(Slot::New(n));
+                            new.push(i);
+                            continue;
+                        };
                         if on != stream {
                             return Err(AppendError::IdInUse {
                                 id: id.to_owned(),
@@ -868,6 +876,14 @@ impl NatsLog {
             )));
         }
         Ok(Ok(ack.seq + 1 - count as u64))
+    }
+
+    fn forget_id(&self, id: &str) -> Result<(), LogError> {
+        self.inner
+            .ids
+            .remove(id.as_bytes())
+            .map_err(|e| storage("the NATS log's id index", e))?;
+        Ok(())
     }
 
     fn find_local(&self, id: &str) -> Result<Option<u64>, LogError> {
@@ -1091,6 +1107,24 @@ impl EventLog for NatsLog {
         let Some(tombstone) = tip.deleted else {
             return Err(LogError::NotDeleted(stream.to_owned()));
         };
+        // The erased events' ids are free again: the index forgets them first.
+        let mut seq = 1;
+        loop {
+            let batch = inner
+                .direct
+                .batch(seq, 1000, &inner.subjects.stream(stream))
+                .await?;
+            for m in batch.messages.iter().filter(|m| m.seq <= tombstone) {
+                let d = inner.decode(m)?;
+                if d.client_id {
+                    self.forget_id(&d.event.id)?;
+                }
+            }
+            match batch.messages.last() {
+                Some(m) if batch.more && m.seq < tombstone => seq = m.seq + 1,
+                _ => break,
+            }
+        }
         // Everything of the stream before its tombstone; the tombstone stays.
         let answer = api(
             &inner.client,
