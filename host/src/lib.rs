@@ -32,7 +32,8 @@ pub use event::{Event, EventId, EventType, InvalidName, Metadata, NewEvent, Payl
 pub use host::{Host, HostConfig, HostError};
 pub use log::{
     AppendError, Appended, CommitSink, ERASED_TYPE, Erased, EventLog, ExpectedVersion, LogError,
-    MAX_STREAM_LIST, ReadFilter, ReadPage, STREAM_DELETED_TYPE, STREAM_RESTORED_TYPE, SledLog,
-    SledLogConfig, StreamAppend, StreamInfo, StreamList, StreamListQuery,
+    MAX_STREAM_LIST, NatsLog, NatsLogConfig, ReadFilter, ReadPage, STREAM_DELETED_TYPE,
+    STREAM_RESTORED_TYPE, SledLog, SledLogConfig, StreamAppend, StreamInfo, StreamList,
+    StreamListQuery,
 };
 pub use pattern::{InvalidPattern, Pattern, PatternSet, Router};

@@ -242,13 +242,28 @@ async fn acknowledged_appends_survive_kill9_of_the_server() {
     for round in 1..=2 {
         wait_acked(&acked, 80 * round).await;
         nats.nodes[0].kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // /health says the log is unreachable while it is.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, health) = get(&format!("{}/health", h.url)).await;
+            if health["status"] == "degraded" {
+                let why = health["log"]["last_write_error"]
+                    .as_str()
+                    .unwrap_or_default();
+                assert!(why.contains("NATS"), "{health}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{health}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         nats.nodes[0].restart();
     }
     let acks = task.await.unwrap();
     assert_eq!(acks.len(), 240);
     // The host reconnected by itself; its log holds each acknowledged event once.
     check_log(&all_events(&h).await, &acks);
+    let (_, health) = get(&format!("{}/health", h.url)).await;
+    assert_eq!(health["status"], "ok", "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,6 +155,11 @@ struct Inner {
     ids: sled::Tree,
     sink: Arc<dyn CommitSink>,
     max_payload: usize,
+    /// The last sequence an append from this host was acknowledged at.
+    acked: std::sync::atomic::AtomicU64,
+    /// Why the last append failed on the servers, while none has succeeded since.
+    last_error: Mutex<Option<String>>,
+    write_errors: std::sync::atomic::AtomicU64,
 }
 
 /// The event log in a JetStream stream. See the module's documentation for what it
@@ -330,6 +335,9 @@ impl NatsLog {
             index,
             ids,
             sink,
+            last_error: Mutex::new(None),
+            write_errors: Default::default(),
+            acked: Default::default(),
         });
         inner.catch_up_index(&created, last_seq).await?;
         inner.sink.opened(last_seq);
@@ -417,7 +425,7 @@ impl Inner {
                 }
             }
             next = self.head() + 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -443,10 +451,29 @@ impl Inner {
             .await
             .map_err(|e| storage("opening the tail", e))?;
         let mut events: Vec<Arc<Event>> = Vec::new();
+        let mut idle = 0u32;
         loop {
-            let Some(first) = messages.next().await else {
-                return Ok(());
+            // A consumer whose node died stalls silently until its heartbeats time out
+            // (tens of seconds): when idle, check that nothing stored is waiting, and make
+            // the consumer again when something is.
+            let first = match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    idle += 1;
+                    let behind = self.acked.load(std::sync::atomic::Ordering::Acquire)
+                        > self.head()
+                        || (idle % 5 == 0 && self.stored_end().await? > self.head());
+                    if behind {
+                        return Err(LogError::Nats(format!(
+                            "the tail's consumer stopped delivering at position {}; making it again",
+                            self.head()
+                        )));
+                    }
+                    continue;
+                }
             };
+            idle = 0;
             let mut batch = vec![first];
             while batch.len() < 512 {
                 match messages.next().now_or_never() {
@@ -536,15 +563,18 @@ impl Inner {
         }
     }
 
+    /// The sequence of the last message stored.
+    async fn stored_end(&self) -> Result<u64, LogError> {
+        Ok(self
+            .direct
+            .last(&self.subjects.all())
+            .await?
+            .map_or(0, |m| m.seq))
+    }
+
     /// Lets the tail reach the stream's current end, so the id index knows every id stored.
     async fn catch_up(&self) -> Result<(), LogError> {
-        let info = api(
-            &self.client,
-            format!("$JS.API.STREAM.INFO.{}", self.config.stream),
-            json!({}),
-        )
-        .await?;
-        let last = info["state"]["last_seq"].as_u64().unwrap_or(0);
+        let last = self.stored_end().await?;
         self.reach(last).await;
         Ok(())
     }
@@ -813,6 +843,9 @@ impl NatsLog {
                 }
             }
             let last = last_seq_of.values().copied().max().unwrap_or(first);
+            inner
+                .acked
+                .fetch_max(last, std::sync::atomic::Ordering::Release);
             inner.reach(last).await;
         }
         Ok(Attempt::Done(out))
@@ -878,6 +911,25 @@ impl NatsLog {
         Ok(Ok(ack.seq + 1 - count as u64))
     }
 
+    /// Keeps the last failure of the servers for `/health`, until an append succeeds.
+    fn noted(
+        &self,
+        result: Result<Vec<Appended>, AppendError>,
+    ) -> Result<Vec<Appended>, AppendError> {
+        let mut last = self.inner.last_error.lock().unwrap();
+        match &result {
+            Ok(_) => *last = None,
+            Err(AppendError::Storage(e)) => {
+                self.inner
+                    .write_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *last = Some(e.to_string());
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
     fn forget_id(&self, id: &str) -> Result<(), LogError> {
         self.inner
             .ids
@@ -930,14 +982,34 @@ impl NatsLog {
 #[async_trait]
 impl EventLog for NatsLog {
     async fn append(&self, groups: Vec<StreamAppend>) -> Result<Vec<Appended>, AppendError> {
-        self.append_with(groups, true).await
+        self.noted(self.append_with(groups, true).await)
     }
 
     async fn append_unindexed(
         &self,
         groups: Vec<StreamAppend>,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.append_with(groups, false).await
+        self.noted(self.append_with(groups, false).await)
+    }
+
+    fn health(&self) -> super::LogHealth {
+        let inner = &self.inner;
+        let connected = inner.client.connection_state() == async_nats::connection::State::Connected;
+        let last_write_error = if connected {
+            inner.last_error.lock().unwrap().clone()
+        } else {
+            Some(format!(
+                "not connected to the NATS servers at {} (reconnecting)",
+                inner.config.servers
+            ))
+        };
+        super::LogHealth {
+            last_write_error,
+            write_errors: inner
+                .write_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        }
     }
 
     async fn read(
