@@ -4,9 +4,10 @@
 //!
 //! - batched appends: `NatsLog::append` of 1,000 events per call (one atomic batch, with
 //!   its expected-version check and message ids) against a plain async-nats publisher
-//!   sending the same bodies as atomic batches of 1,000 with message ids;
+//!   sending the same bodies as atomic batches of 1,000 with message ids, alone and with
+//!   an ordered consumer following the stream live (what evhost's tail does for its bus);
 //! - lone appends: one event per append, each waiting for its acknowledgement;
-//! - catch-up: reading every event back, through `EventLog::read` pages (what a projection's
+//! - catch-up: reading every event back, through `EventLog::read` pages of 4,096 (what a projection's
 //!   subscription does) against an ordered consumer of the raw stream.
 //!
 //! Run: `cargo bench -p evhost-tests --bench nats_log`. `EVHOST_BENCH_EVENTS` sets the
@@ -144,6 +145,27 @@ impl Raw {
         }
     }
 
+    /// Follows the stream live, as evhost's tail does for its bus, until aborted.
+    fn follow(&self) -> tokio::task::JoinHandle<()> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        let js = async_nats::jetstream::new(self.client.clone());
+        tokio::spawn(async move {
+            let stream = js.get_stream_no_info("RAW").await.unwrap();
+            let consumer = stream
+                .create_consumer(OrderedConfig {
+                    filter_subject: "RAW.>".into(),
+                    deliver_policy: DeliverPolicy::New,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut messages = consumer.messages().await.unwrap();
+            while let Some(m) = messages.next().await {
+                std::hint::black_box(m.unwrap().payload.len());
+            }
+        })
+    }
+
     /// Reads every message back through an ordered consumer; returns how many.
     async fn consume(&self, total: u64) -> u64 {
         use async_nats::jetstream::consumer::pull::OrderedConfig;
@@ -183,9 +205,11 @@ async fn run(label: &str, nodes: usize) {
     let log = evhost_log(&urls, nodes, dir.path()).await;
     let raw = Raw::new(&urls, nodes).await;
 
-    // Batched appends: alternate the two, half the events each time, best of two.
-    let (mut ev_best, mut raw_best) = (0f64, 0f64);
-    let half = total / 2;
+    // Batched appends: alternate them, a third of the events each time, best of two. Raw
+    // alone, and raw with a consumer following live, the work evhost's tail does so that
+    // its bus sees every append.
+    let (mut ev_best, mut raw_best, mut followed_best) = (0f64, 0f64, 0f64);
+    let half = total / 3;
     let mut next_raw = 1;
     let mut next_ev = 0;
     for _ in 0..2 {
@@ -194,6 +218,15 @@ async fn run(label: &str, nodes: usize) {
             raw.batch(next_raw + k, 1000.min(half - k)).await;
         }
         raw_best = raw_best.max(rate(half, t.elapsed()));
+        next_raw += half;
+        let follower = raw.follow();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        for k in (0..half).step_by(1000) {
+            raw.batch(next_raw + k, 1000.min(half - k)).await;
+        }
+        followed_best = followed_best.max(rate(half, t.elapsed()));
+        follower.abort();
         next_raw += half;
         let t = Instant::now();
         for k in (0..half).step_by(1000) {
@@ -205,8 +238,9 @@ async fn run(label: &str, nodes: usize) {
         next_ev += half;
     }
     println!(
-        "{label} batched appends of 1000: raw JetStream {raw_best:.0}/s, evhost {ev_best:.0}/s, ratio {:.2}x",
-        ev_best / raw_best
+        "{label} batched appends of 1000: raw JetStream {raw_best:.0}/s, raw with a live follower {followed_best:.0}/s, evhost {ev_best:.0}/s; ratio {:.2}x to raw, {:.2}x to raw with a follower",
+        ev_best / raw_best,
+        ev_best / followed_best
     );
 
     // Lone appends, each waiting for its acknowledgement.
@@ -234,7 +268,7 @@ async fn run(label: &str, nodes: usize) {
     let t = Instant::now();
     let (mut from, mut n, filter) = (0, 0u64, ReadFilter::default());
     while from < log.head() {
-        let page = log.read(from, 1000, &filter).await.unwrap();
+        let page = log.read(from, 4096, &filter).await.unwrap();
         n += page.events.len() as u64;
         from = page.next;
     }

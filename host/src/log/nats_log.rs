@@ -21,6 +21,7 @@
 //!   got, and an append returns once the tail has passed it.
 
 mod direct;
+mod reader;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap};
@@ -50,6 +51,9 @@ pub const MAX_ATOMIC_BATCH: usize = 1000;
 
 /// How many times an append is tried again after another writer moved a stream on.
 const RETRIES: usize = 8;
+
+/// Memory for the cache of the local id index.
+const INDEX_CACHE_BYTES: u64 = 16 << 20;
 
 /// Streams whose version this host remembers before it forgets them all.
 const MAX_TIPS: usize = 100_000;
@@ -146,6 +150,8 @@ struct Inner {
     config: NatsLogConfig,
     subjects: Subjects,
     direct: Direct,
+    js: async_nats::jetstream::Context,
+    readers: reader::Readers,
     /// One past the last position the tail handed to the sink.
     head: watch::Sender<u64>,
     tips: Mutex<HashMap<String, Tip>>,
@@ -317,8 +323,13 @@ impl NatsLog {
         };
         let created = info["created"].as_str().unwrap_or_default().to_owned();
         let last_seq = info["state"]["last_seq"].as_u64().unwrap_or(0);
-        let index = super::open_sled(&sled::Config::new().path(&config.index_dir))
-            .map_err(|e| storage("opening the NATS log's id index", e))?;
+        // The index holds ids only: a small cache (sled's default is 1 GiB).
+        let index = super::open_sled(
+            &sled::Config::new()
+                .path(&config.index_dir)
+                .cache_capacity(INDEX_CACHE_BYTES),
+        )
+        .map_err(|e| storage("opening the NATS log's id index", e))?;
         let ids = index
             .open_tree("ids")
             .map_err(|e| storage("opening the NATS log's id index", e))?;
@@ -327,6 +338,8 @@ impl NatsLog {
             max_payload: client.server_info().max_payload,
             subjects: Subjects::new(&config.stream),
             direct: Direct::new(client.clone(), &config.stream),
+            js: async_nats::jetstream::new(client.clone()),
+            readers: Default::default(),
             client,
             config,
             head,
@@ -1035,6 +1048,42 @@ impl EventLog for NatsLog {
             .subjects
             .filter(filter.stream.as_deref(), pattern);
         let limit = limit.clamp(1, 10_000);
+        if limit >= reader::MIN_PAGE {
+            let inner = &self.inner;
+            match inner
+                .readers
+                .page(
+                    &inner.js,
+                    &inner.config.stream,
+                    &subject,
+                    from + 1,
+                    head,
+                    limit,
+                )
+                .await
+            {
+                Ok(page) => {
+                    let mut events = Vec::with_capacity(page.messages.len());
+                    for m in &page.messages {
+                        let e = inner.decode(m)?.event;
+                        if filter.admits(&e) {
+                            events.push(e);
+                        }
+                    }
+                    let next = match (page.at_head, page.messages.last()) {
+                        (false, Some(last)) => last.seq,
+                        _ => head,
+                    };
+                    return Ok(ReadPage {
+                        events,
+                        next: next.max(from),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a consumer read failed; reading by direct gets");
+                }
+            }
+        }
         let batch = self.inner.direct.batch(from + 1, limit, &subject).await?;
         let mut events = Vec::with_capacity(batch.messages.len());
         let mut next = head;
