@@ -767,7 +767,7 @@ impl NatsLog {
                         Some(id) => id.to_string(),
                         None => uuid::Uuid::now_v7().to_string(),
                     };
-                    let body = serde_json::to_vec(&Body {
+                    let body = Body {
                         id: &id,
                         stream,
                         version: tip.version,
@@ -775,8 +775,8 @@ impl NatsLog {
                         metadata: &e.metadata,
                         client_id: e.id.is_some() && index_ids,
                         payload: &e.payload,
-                    })
-                    .map_err(|e| AppendError::Invalid(e.to_string()))?;
+                    }
+                    .encode();
                     let subject = inner.subjects.event(stream, e.event_type.as_str());
                     if body.len() + subject.len() + 512 > inner.max_payload {
                         return Err(AppendError::Invalid(format!(

@@ -3,7 +3,7 @@
 //! any NATS client can read).
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::event::{Event, EventId, EventType, Metadata, Payload, StreamName};
 use crate::log::LogError;
@@ -84,19 +84,46 @@ fn untoken(token: &str) -> Option<String> {
 
 /// The message body: everything of an event but what the subject and the stream's sequence
 /// and timestamp already say.
-#[derive(Serialize)]
 pub(super) struct Body<'a> {
     pub id: &'a str,
     pub stream: &'a str,
     pub version: u64,
-    #[serde(skip_serializing_if = "str::is_empty")]
     pub source: &'a str,
-    #[serde(skip_serializing_if = "Metadata::is_empty")]
     pub metadata: &'a Metadata,
     /// True when the appender chose the id (an idempotency key the log looks up).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub client_id: bool,
     pub payload: &'a Payload,
+}
+
+impl Body<'_> {
+    /// The body as JSON. The payload's text was validated at append and goes in as it is
+    /// (serializing it through serde would parse it again).
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + 160);
+        let string = |out: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *out, s).expect("a string serializes");
+        };
+        out.extend_from_slice(b"{\"id\":");
+        string(&mut out, self.id);
+        out.extend_from_slice(b",\"stream\":");
+        string(&mut out, self.stream);
+        out.extend_from_slice(format!(",\"version\":{}", self.version).as_bytes());
+        if !self.source.is_empty() {
+            out.extend_from_slice(b",\"source\":");
+            string(&mut out, self.source);
+        }
+        if !self.metadata.is_empty() {
+            out.extend_from_slice(b",\"metadata\":");
+            serde_json::to_writer(&mut out, self.metadata).expect("metadata serializes");
+        }
+        if self.client_id {
+            out.extend_from_slice(b",\"client_id\":true");
+        }
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(self.payload.as_str().as_bytes());
+        out.push(b'}');
+        out
+    }
 }
 
 #[derive(Deserialize)]
@@ -169,6 +196,29 @@ mod tests {
             );
         }
         assert_ne!(token("~61"), token("a"));
+        let metadata = Metadata {
+            correlation_id: Some("c\"1".into()),
+            ..Metadata::default()
+        };
+        let payload = Payload::from_json(r#"{"a": [1, "\u00e9"]}"#).unwrap();
+        let body = Body {
+            id: "id\n",
+            stream: "a.b",
+            version: 7,
+            source: "src",
+            metadata: &metadata,
+            client_id: true,
+            payload: &payload,
+        }
+        .encode();
+        let at = chrono::Utc::now();
+        let d = decode(&s, &s.event("a.b", "x.y"), 9, at, &body).unwrap();
+        assert!(d.client_id);
+        assert_eq!(d.event.id.as_str(), "id\n");
+        assert_eq!((d.event.stream.as_str(), d.event.version, d.event.position), ("a.b", 7, 8));
+        assert_eq!(d.event.payload.as_str(), payload.as_str());
+        assert_eq!(d.event.metadata, metadata);
+        assert_eq!(d.event.source, "src");
         assert_eq!(s.filter(None, Some("order.>")), "EVHOST.*.order.>");
         assert_eq!(s.filter(Some("a.b"), None), "EVHOST.~612e62.>");
     }
