@@ -151,9 +151,17 @@ impl Readers {
             }
             reader.next_seq = m.seq + 1;
             reader.pending = pending;
+            let last = m.seq;
             out.push(m);
-            if pending == 0 {
+            if last >= head {
                 at_head = true;
+                break;
+            }
+            if pending == 0 {
+                // The count is as of when the server sent the message, which may have
+                // waited in the client's buffer while more were stored: not proof that
+                // nothing matches up to the head. The page ends here; the next goes on
+                // from this message (by direct gets, this reader having nothing pending).
                 break;
             }
         }

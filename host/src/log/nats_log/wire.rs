@@ -215,7 +215,10 @@ mod tests {
         let d = decode(&s, &s.event("a.b", "x.y"), 9, at, &body).unwrap();
         assert!(d.client_id);
         assert_eq!(d.event.id.as_str(), "id\n");
-        assert_eq!((d.event.stream.as_str(), d.event.version, d.event.position), ("a.b", 7, 8));
+        assert_eq!(
+            (d.event.stream.as_str(), d.event.version, d.event.position),
+            ("a.b", 7, 8)
+        );
         assert_eq!(d.event.payload.as_str(), payload.as_str());
         assert_eq!(d.event.metadata, metadata);
         assert_eq!(d.event.source, "src");
