@@ -393,6 +393,30 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
+/// The deletion rules every backend applies, event by event, to what an append adds to
+/// `stream`: a deleted stream (its tombstone at `tombstone`) takes nothing but a
+/// [`STREAM_RESTORED_TYPE`] first, a stream that is not deleted cannot be restored, and a
+/// [`STREAM_DELETED_TYPE`] at `position` deletes it. Answers the tombstone after the event.
+pub(crate) fn deletion_after(
+    stream: &str,
+    event_type: &str,
+    tombstone: Option<u64>,
+    position: u64,
+) -> Result<Option<u64>, AppendError> {
+    match (event_type, tombstone) {
+        (STREAM_RESTORED_TYPE, Some(_)) => Ok(None),
+        (STREAM_RESTORED_TYPE, None) => Err(AppendError::Invalid(format!(
+            "stream {stream:?} is not deleted, so it cannot be restored"
+        ))),
+        (_, Some(position)) => Err(AppendError::StreamDeleted {
+            stream: stream.to_owned(),
+            position,
+        }),
+        (STREAM_DELETED_TYPE, None) => Ok(Some(position)),
+        (_, None) => Ok(None),
+    }
+}
+
 /// Checks what can be checked without the log's state (counts, names, sizes), so that bad
 /// input never reaches a backend's writer.
 pub(crate) fn validate(

@@ -1233,23 +1233,12 @@ impl Writer {
             let was = tombstone;
             for (n, &i) in fresh.iter().enumerate() {
                 let position = base + (staged.len() + n) as u64;
-                match (append.events[i].event_type.as_str(), tombstone) {
-                    (super::STREAM_RESTORED_TYPE, Some(_)) => tombstone = None,
-                    (super::STREAM_RESTORED_TYPE, None) => {
-                        return Err(AppendError::Invalid(format!(
-                            "stream {:?} is not deleted, so it cannot be restored",
-                            append.stream
-                        )));
-                    }
-                    (_, Some(position)) => {
-                        return Err(AppendError::StreamDeleted {
-                            stream: append.stream.clone().into(),
-                            position,
-                        });
-                    }
-                    (super::STREAM_DELETED_TYPE, None) => tombstone = Some(position),
-                    _ => {}
-                }
+                tombstone = super::deletion_after(
+                    &append.stream,
+                    append.events[i].event_type.as_str(),
+                    tombstone,
+                    position,
+                )?;
             }
             if tombstone != was {
                 deleted.insert(append.stream.clone().into(), tombstone);
