@@ -28,23 +28,11 @@ use evhost::{
     EventLog, EventType, ExpectedVersion, Hub, NewEvent, Payload, SledLog, SledLogConfig,
     StreamAppend,
 };
-use evhost_tests::{Host, caught_up, load_ok};
+use evhost_tests::{Host, caught_up, load_ok, sample_payload as payload};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
 const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
-
-/// About 200 bytes of payload, as in the log bench.
-fn payload(i: u64) -> Value {
-    json!({
-        "tool_name": "inspect_location",
-        "parameters": {"target": format!("room-{i}")},
-        "reasoning": "checking surroundings before acting",
-        "success": true,
-        "execution_time_ms": 150.0,
-        "seq": i,
-    })
-}
 
 fn events(from: u64, n: u64) -> Value {
     Value::Array(

@@ -26,15 +26,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 fn payload(i: u64) -> String {
-    json!({
-        "tool_name": "inspect_location",
-        "parameters": {"target": format!("room-{i}")},
-        "reasoning": "checking surroundings before acting",
-        "success": true,
-        "execution_time_ms": 150.0,
-        "seq": i,
-    })
-    .to_string()
+    evhost_tests::sample_payload(i).to_string()
 }
 
 fn env(name: &str, default: u64) -> u64 {

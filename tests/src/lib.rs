@@ -176,6 +176,18 @@ impl Drop for Host {
     }
 }
 
+/// The benchmarks' event payload: about 200 bytes, an assistant's tool call numbered `i`.
+pub fn sample_payload(i: u64) -> serde_json::Value {
+    serde_json::json!({
+        "tool_name": "inspect_location",
+        "parameters": {"target": format!("room-{i}")},
+        "reasoning": "checking surroundings before acting",
+        "success": true,
+        "execution_time_ms": 150.0,
+        "seq": i,
+    })
+}
+
 /// A cheap pseudo-random number (no crate needed for picking kill moments).
 pub fn jitter(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now()

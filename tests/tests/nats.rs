@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use evhost_tests::nats::Nats;
@@ -139,10 +139,32 @@ async fn an_append_is_one_atomic_batch_stored_whole_or_not_at_all() {
     assert_eq!(s, 404, "stream a was not created: {a}");
     assert_eq!(all_events(&h).await.len(), 1);
 
+    // Several events on one stream, each with its own expectation: each is checked
+    // against the stream as the events before it in the append leave it.
+    let url = format!("{}/v1/events", h.url);
+    let two = |first: u64, second: u64| {
+        json!({"events": [
+            {"stream": "c", "type": "x.one", "payload": {}, "expected_version": first},
+            {"stream": "c", "type": "x.two", "payload": {}, "expected_version": second},
+        ]})
+    };
+    let (s, r) = post(&url, two(0, 1)).await;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = post(&url, two(2, 2)).await;
+    assert_eq!(
+        s, 409,
+        "the second event expects 2 but follows the first: {r}"
+    );
+    let (_, c) = get(&format!("{}/v1/streams/c", h.url)).await;
+    assert_eq!(
+        c["version"], 2,
+        "nothing of the refused append is stored: {c}"
+    );
+
     // At the batch limit it is stored; past it, refused whole with the limit named.
     let full: Vec<Value> = (0..1000).map(|_| ev("x.many", None)).collect();
     let r = append(&h, "full", full).await;
-    assert_eq!(positions(&r), (1..1001).collect::<Vec<u64>>());
+    assert_eq!(positions(&r), (3..1003).collect::<Vec<u64>>());
     let over: Vec<Value> = (0..1001).map(|_| ev("x.many", None)).collect();
     let (s, r) = post(
         &format!("{}/v1/streams/over", h.url),
@@ -166,12 +188,10 @@ fn writer(
     prefix: &'static str,
 ) -> (
     tokio::task::JoinHandle<HashMap<String, u64>>,
-    Arc<AtomicBool>,
-    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<AtomicUsize>,
 ) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (s, a) = (stop.clone(), acked.clone());
+    let acked = Arc::new(AtomicUsize::new(0));
+    let a = acked.clone();
     let task = tokio::spawn(async move {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(15))
@@ -182,7 +202,6 @@ fn writer(
             let id = format!("{prefix}-{i}");
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                assert!(!s.load(Ordering::Relaxed), "stopped");
                 let r = client
                     .post(format!("{url}/v1/streams/{prefix}-{}", i % 7))
                     .json(&json!({"events": [ev("load.tick", Some(&id))]}))
@@ -202,10 +221,10 @@ fn writer(
         }
         out
     });
-    (task, stop, acked)
+    (task, acked)
 }
 
-async fn wait_acked(acked: &std::sync::atomic::AtomicUsize, n: usize) {
+async fn wait_acked(acked: &AtomicUsize, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked.load(Ordering::Relaxed) < n {
         assert!(Instant::now() < deadline, "the writer stalled");
@@ -238,7 +257,7 @@ async fn acknowledged_appends_survive_kill9_of_the_server() {
     let mut nats = Nats::single();
     let dir = tempfile::tempdir().unwrap();
     let h = host_on(dir.path(), &nats.urls(), &[]).await;
-    let (task, _stop, acked) = writer(h.url.clone(), 240, "crash");
+    let (task, acked) = writer(h.url.clone(), 240, "crash");
     for round in 1..=2 {
         wait_acked(&acked, 80 * round).await;
         nats.nodes[0].kill9();
@@ -273,7 +292,7 @@ async fn a_three_node_cluster_loses_and_duplicates_nothing_when_a_node_dies() {
     let log = format!("{}?replicas=3", nats.urls());
     // The host waits for the cluster to elect a leader before it creates its stream.
     let h = host_on(dir.path(), &log, &[]).await;
-    let (task, _stop, acked) = writer(h.url.clone(), 200, "r3");
+    let (task, acked) = writer(h.url.clone(), 200, "r3");
     wait_acked(&acked, 60).await;
     nats.nodes[0].kill9();
     wait_acked(&acked, 140).await;
