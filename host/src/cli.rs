@@ -336,10 +336,15 @@ struct ServeArgs {
     #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
     /// Keep the event log in NATS JetStream instead of the data directory:
-    /// `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS]`.
+    /// `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS&lease_ttl=SECS]`.
     /// Plugin state stays in the data directory. Appends then hold at most 1,000 events.
+    /// Hosts on one log form a cluster: each plugin runs on the one host holding its lease.
     #[arg(long, env = "EVHOST_LOG", value_name = "nats://HOST:PORT")]
     log: Option<String>,
+    /// This host's id in a cluster (default: made up once and kept in DATA/host-id). Give
+    /// each host its own.
+    #[arg(long, env = "EVHOST_HOST_ID")]
+    host_id: Option<String>,
     /// Largest event accepted, in bytes: payload, metadata, source, id and type together.
     #[arg(long, default_value_t = crate::event::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
@@ -691,6 +696,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             tool_failure_rate: args.alert_tool_failure_rate,
         },
         log_url: args.log.clone(),
+        host_id: args.host_id.clone(),
+        advertise: Some(format!("http://{}", args.listen)),
     };
     let host = crate::host::Host::start(config).await?;
     let state = host.api_state();

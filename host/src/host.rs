@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::api::{ApiConfig, AppState};
 use crate::bus::{Bus, Hub};
+use crate::lease::{Holder, Leases};
 use crate::log::{EventLog, NatsLog, NatsLogConfig, SledLog, SledLogConfig};
 use crate::plugin::{PluginStore, Runtime};
 use crate::registry::{PluginPolicy, Precedence, Registry};
@@ -47,6 +48,11 @@ pub struct HostConfig {
     pub alerts: crate::alerts::AlertRules,
     /// The log in NATS JetStream (`nats://HOST:PORT...`) instead of the embedded one.
     pub log_url: Option<String>,
+    /// This host's id in a cluster (the plugin leases it holds name it); by default one
+    /// made up once and kept in `DATA/host-id`.
+    pub host_id: Option<String>,
+    /// Where other hosts' operators reach this host's API, shown in their plugin status.
+    pub advertise: Option<String>,
 }
 
 impl HostConfig {
@@ -67,6 +73,8 @@ impl HostConfig {
             flow_index: true,
             alerts: crate::alerts::AlertRules::default(),
             log_url: None,
+            host_id: None,
+            advertise: None,
         }
     }
 }
@@ -111,6 +119,8 @@ pub struct Host {
     flows: Option<(Runner, PluginStore)>,
     /// The alert checks, when any threshold is set, and what stops them.
     alerts: Option<(crate::alerts::Alerts, tokio::sync::watch::Sender<bool>)>,
+    /// On a cluster (the NATS log): the plugin leases this host holds or waits for.
+    leases: Option<Leases>,
 }
 
 impl Host {
@@ -122,6 +132,7 @@ impl Host {
         crate::telemetry::install();
         let hub = Hub::with_history_bytes(config.history, config.history_bytes);
         let mut config = config;
+        let mut leases = None;
         let (dyn_log, sled_log): (Arc<dyn EventLog>, _) = match &config.log_url {
             Some(url) => {
                 let mut nats = NatsLogConfig::parse(url, &config.data).map_err(part("--log"))?;
@@ -139,6 +150,22 @@ impl Host {
                             dir: url.clone(),
                             source,
                         })?;
+                let me = Holder {
+                    host: host_id(&config).map_err(part("choosing the host id"))?,
+                    api: config.advertise.clone(),
+                };
+                let nats = log.config();
+                leases = Some(
+                    Leases::open(
+                        log.jetstream(),
+                        &nats.stream,
+                        nats.replicas,
+                        nats.lease_ttl,
+                        me,
+                    )
+                    .await
+                    .map_err(|e| part("opening the plugin leases")(e.to_string()))?,
+                );
                 (Arc::new(log), None)
             }
             None => {
@@ -186,6 +213,9 @@ impl Host {
             max_batch_events: config.max_batch_events,
         });
         registry.set_policy(config.policy.clone());
+        if let Some(l) = &leases {
+            registry.set_leases(l.clone());
+        }
         if let Some(dir) = &config.plugins
             && !dir.is_dir()
         {
@@ -233,6 +263,7 @@ impl Host {
             registry,
             flows,
             alerts,
+            leases,
         })
     }
 
@@ -297,6 +328,9 @@ impl Host {
             let _ = stop.send(true);
         }
         self.registry.stop_all().await;
+        if let Some(l) = &self.leases {
+            l.release_all().await;
+        }
         if let Some((runner, _)) = self.flows {
             runner.stop().await;
         }
@@ -304,4 +338,30 @@ impl Host {
             tracing::warn!(error = %e, "flushing the state database at shutdown failed");
         }
     }
+}
+
+/// This host's id: the configured one, else the one kept in `DATA/host-id` (made up at the
+/// first start from the machine's name and a random part, so restarts keep it and take
+/// their own leases back at once).
+fn host_id(config: &HostConfig) -> Result<String, String> {
+    if let Some(id) = &config.host_id {
+        return Ok(id.clone());
+    }
+    let path = config.data.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
+    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    let id = format!("{machine}-{}", &random[random.len() - 8..]);
+    std::fs::write(&path, format!("{id}\n"))
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(id)
 }

@@ -16,6 +16,7 @@ pub mod dead_letter;
 pub mod event;
 pub(crate) mod flows;
 pub mod host;
+pub mod lease;
 pub mod limits;
 pub mod log;
 pub mod pattern;

@@ -114,6 +114,10 @@ pub struct Appended {
     /// The position of each event, in request order; an event whose id was already in the
     /// log reports its original position.
     pub positions: Vec<u64>,
+    /// For each event, in request order: true when this append stored it, false when its
+    /// id was in the log already (or earlier in the request). What a tool worker asks
+    /// before it runs an invocation: only the host whose start event was stored runs it.
+    pub written: Vec<bool>,
     /// The stream's version after the append (the version its next event will get).
     pub next_version: u64,
 }

@@ -78,6 +78,9 @@ pub enum RegistryError {
     /// A read waited for a position the state did not reach in time.
     #[error("{0}")]
     NotReached(String),
+    /// Another host of the cluster runs the plugin (it holds the plugin's lease): ask it.
+    #[error("plugin {0:?}: {1}")]
+    NotHere(String, String),
 }
 
 fn storage(e: impl std::fmt::Display) -> RegistryError {
@@ -90,8 +93,11 @@ fn store_error(e: StoreError) -> RegistryError {
 
 /// A runner's refusal of an operator's request: the host's failure (a stopped runner is
 /// being replaced; storage failed), not the request's.
-fn control_error(e: ControlError) -> RegistryError {
-    RegistryError::Storage(e.to_string())
+fn control_error(name: &str, e: ControlError) -> RegistryError {
+    match e {
+        e @ ControlError::NotHere(_) => RegistryError::NotHere(name.to_owned(), e.to_string()),
+        e => RegistryError::Storage(e.to_string()),
+    }
 }
 
 /// Runs blocking `f` off the async threads.
@@ -259,6 +265,8 @@ pub struct Registry {
     policy: std::sync::OnceLock<PluginPolicy>,
     /// Plugins found in `--plugins` at start (name -> manifest path), and which copy wins.
     operator: Mutex<(BTreeMap<String, PathBuf>, Precedence)>,
+    /// On a cluster of hosts: the leases under which plugins run (each on one host).
+    leases: std::sync::OnceLock<crate::lease::Leases>,
 }
 
 impl Registry {
@@ -287,7 +295,14 @@ impl Registry {
             limits: std::sync::OnceLock::new(),
             policy: std::sync::OnceLock::new(),
             operator: Mutex::new((BTreeMap::new(), Precedence::default())),
+            leases: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Runs each plugin started from now on under its lease in `leases`, so one host of
+    /// the cluster runs it at a time; call before loading plugins.
+    pub fn set_leases(&self, leases: crate::lease::Leases) {
+        let _ = self.leases.set(leases);
     }
 
     fn loaded(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Loaded>> {
@@ -683,6 +698,7 @@ impl Registry {
                 Component::Projection(_) => (manifest.snapshots.every, manifest.snapshots.keep),
                 _ => (0, 0),
             },
+            lease: self.leases.get().map(|l| l.claim(&manifest.name)),
         };
         Runner::spawn(
             &manifest.name,
@@ -1011,7 +1027,7 @@ impl Registry {
         spawn_here(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
-            runner.resume().await.map_err(control_error)
+            runner.resume().await.map_err(|e| control_error(&name, e))
         })
         .await
         .map_err(storage)?
@@ -1058,7 +1074,7 @@ impl Registry {
             let runner = this.controller(&name)?;
             runner.retry(position).await.map_err(|e| match e {
                 ControlError::NotFound { .. } => RegistryError::DeadLetterNotFound(id.to_string()),
-                e => control_error(e),
+                e => control_error(&name, e),
             })
         })
         .await
@@ -1075,7 +1091,11 @@ impl Registry {
         spawn_here(async move {
             let _held = this.names.lock(&name).await;
             let runner = this.controller(&name)?;
-            if !runner.delete(position).await.map_err(control_error)? {
+            if !runner
+                .delete(position)
+                .await
+                .map_err(|e| control_error(&name, e))?
+            {
                 return Err(RegistryError::DeadLetterNotFound(id.to_string()));
             }
             this.announce(audit(

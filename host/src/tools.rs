@@ -351,8 +351,15 @@ impl Handler for ToolHandler {
             stamp(&self.name, from, 0, &mut d);
             push_grouped(&mut starts, d);
         }
+        // The starts this append stored: an id the log held already is another host's
+        // start (a lease handed over under it), and that host runs the invocation.
+        let mut stored: HashSet<EventId> = HashSet::new();
         for chunk in split_appends(starts, self.limits.max_batch_events) {
-            self.log.append(chunk).await.map_err(|e| match e {
+            let ids: Vec<Vec<Option<EventId>>> = chunk
+                .iter()
+                .map(|a| a.events.iter().map(|e| e.id.clone()).collect())
+                .collect();
+            let done = self.log.append(chunk).await.map_err(|e| match e {
                 AppendError::Storage(_) => {
                     HandlerError::Host(format!("recording invocation starts failed: {e}"))
                 }
@@ -360,7 +367,26 @@ impl Handler for ToolHandler {
                 // failure policy finds the request and dead-letters it.
                 _ => HandlerError::Plugin(format!("the log refused an invocation start: {e}")),
             })?;
+            for (a, ids) in done.iter().zip(ids) {
+                stored.extend(
+                    a.written
+                        .iter()
+                        .zip(ids)
+                        .filter_map(|(w, id)| id.filter(|_| *w)),
+                );
+            }
         }
+        to_run.retain(|(_, p)| {
+            let ours = stored.contains(&started_id(&p.invocation_id));
+            if !ours {
+                tracing::warn!(
+                    tool = self.name,
+                    invocation = p.invocation_id,
+                    "another host started this invocation first: it runs there, not here"
+                );
+            }
+            ours
+        });
         let results = self
             .run_all(to_run.iter().map(|(_, p)| p.input.to_string()).collect())
             .await;

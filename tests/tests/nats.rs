@@ -451,3 +451,303 @@ async fn long_reads_page_through_the_log_exactly() {
     let (_, page) = get(&format!("{}/v1/events?from=4321&limit=600", h.url)).await;
     assert_eq!(page["events"][0]["position"], 4321, "{}", page["events"][0]);
 }
+
+const PLUGINS: &str = env!("EVHOST_TEST_PLUGINS");
+
+/// Each loaded plugin's placement on `h`, by name.
+async fn placements(h: &Host) -> HashMap<String, Value> {
+    let (s, list) = get(&format!("{}/v1/plugins", h.url)).await;
+    assert_eq!(s, 200, "{list}");
+    list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let mut placement = p["placement"].clone();
+            placement["state"] = p["state"].clone();
+            (p["name"].as_str().unwrap().to_owned(), placement)
+        })
+        .collect()
+}
+
+/// Waits until every plugin on `h` runs there; returns how long it took.
+async fn all_run_on(h: &Host, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let p = placements(h).await;
+        if !p.is_empty() && p.values().all(|p| p["here"] == true) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not taken over in {limit:?}: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(h: &Host, sig: libc::c_int) {
+    // SAFETY: kill(2) on the host's own child process.
+    assert_eq!(unsafe { libc::kill(h.pid() as libc::pid_t, sig) }, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_runs_twice() {
+    let server = evhost_tests::CountingServer::start(Duration::from_millis(40)).await;
+    let nats = Nats::single();
+    // Leases lapse after 2 s: a dead host's plugins move within 2.5 s.
+    let log = format!("{}?stream=LEASES&lease_ttl=2", nats.urls());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |id: &'static str| {
+        vec![
+            "--plugins",
+            PLUGINS,
+            "--plugin-precedence",
+            "uploaded",
+            "--host-id",
+            id,
+        ]
+    };
+    let manifest = format!(
+        "name = \"http-get\"\nversion = \"0.1.0\"\nkind = \"tool\"\n[limits]\nbatch_timeout_ms = 5000\n\
+         [capabilities]\nhttp = [\"{}\"]\n",
+        server.authority
+    );
+    let grant = format!("http:{}", server.authority);
+    let a = host_on(da.path(), &log, &args("a")).await;
+    let (s, body) = evhost_tests::upload_granted(
+        &a,
+        "http-get",
+        &manifest,
+        plugin_wasm("http-get"),
+        &[&grant],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    all_run_on(&a, Duration::from_secs(10)).await;
+    let mut b = host_on(db.path(), &log, &args("b")).await;
+    let (s, body) = evhost_tests::upload_granted(
+        &b,
+        "http-get",
+        &manifest,
+        plugin_wasm("http-get"),
+        &[&grant],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    // B has every plugin loaded and standing by; its status says A runs them, and where.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let on_b = loop {
+        let p = placements(&b).await;
+        if p.values().all(|p| p["host"] == "a") || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(on_b.len() >= 5, "{on_b:?}");
+    for (name, p) in &on_b {
+        assert_eq!(p["state"], "standby", "{name}: {p}");
+        assert_eq!(p["host"], "a", "{name}: {p}");
+        assert_eq!(p["here"], false, "{name}: {p}");
+        assert_eq!(p["api"], json!(a.url), "{name}: {p}");
+    }
+    let on_a = placements(&a).await;
+    assert!(
+        on_a.values().all(|p| p["token"].as_u64().is_some()),
+        "{on_a:?}"
+    );
+    // A standby's state is stale: reads are sent to the host that runs the plugin.
+    let (s, refused) = get(&format!(
+        "{}/v1/projections/type-counter/state?key=x",
+        b.url
+    ))
+    .await;
+    assert_eq!(s, 421, "{refused}");
+    assert_eq!(refused["error"]["code"], "runs_elsewhere", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"a\""),
+        "{refused}"
+    );
+
+    // A writer appends memories and queries (whose plans call tools) to both hosts.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (urls, authority, halt) = (
+        [a.url.clone(), b.url.clone()],
+        server.authority.clone(),
+        stop.clone(),
+    );
+    let writer = tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let mut acked: Vec<String> = Vec::new();
+        for i in 0u64.. {
+            if halt.load(Ordering::Relaxed) {
+                break;
+            }
+            let cid = format!("q{i}");
+            let events = json!({"events": [
+                {"stream": "mem", "type": "memory.created",
+                 "payload": {"content": format!("Ada Lovelace met Charles Babbage at step {i}")}},
+                {"stream": format!("chat-{cid}"), "type": "user.query.received",
+                 "payload": {"query": format!("what is {i}+2*3 and fetch http://{authority}/{cid}")},
+                 "metadata": {"correlation_id": cid}},
+            ]});
+            let r = client
+                .post(format!("{}/v1/events", urls[(i % 2) as usize]))
+                .json(&events)
+                .send()
+                .await;
+            if matches!(r, Ok(r) if r.status().is_success()) {
+                acked.push(cid);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // A stalls (SIGSTOP): its leases lapse and B takes its plugins over.
+    signal(&a, libc::SIGSTOP);
+    let took = all_run_on(&b, Duration::from_secs(8)).await;
+    eprintln!("B took the plugins over {took:?} after A stalled (lease ttl 2 s)");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A wakes: it finds its leases gone, commits nothing more and stands by.
+    signal(&a, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let p = placements(&a).await;
+        if p.values()
+            .all(|p| p["state"] == "standby" && p["host"] == "b")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A did not stand by: {p:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // B dies (kill -9): A takes the plugins back.
+    b.kill9();
+    let took = all_run_on(&a, Duration::from_secs(8)).await;
+    eprintln!("A took the plugins back {took:?} after B was killed");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+
+    // Every query in the log is answered once; memories extracted once; each invocation
+    // has one outcome, and the tool ran at most once (once when it completed).
+    let events = all_events(&a).await;
+    let flows: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"] == "user.query.received")
+        .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        acked.iter().all(|c| flows.contains(c)),
+        "an acknowledged query was lost"
+    );
+    assert!(flows.len() > 20, "{} flows", flows.len());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for cid in &flows {
+        loop {
+            let (s, flow) = get(&format!("{}/v1/flows/{cid}", a.url)).await;
+            if s == 200 && flow["answered"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flow {cid} was not answered: {flow}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = all_events(&a).await;
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    for e in &events {
+        *ids.entry(e["id"].as_str().unwrap()).or_default() += 1;
+    }
+    assert!(ids.values().all(|n| *n == 1), "an event id is stored twice");
+    let mut per_cause: HashMap<String, usize> = HashMap::new();
+    for e in events.iter().filter(|e| {
+        [
+            "memory.entity.extracted",
+            "plan.generated",
+            "answer.synthesized",
+        ]
+        .contains(&e["type"].as_str().unwrap())
+    }) {
+        let key = match e["type"].as_str().unwrap() {
+            "memory.entity.extracted" => format!("x:{}", e["metadata"]["causation_id"]),
+            t => format!("{t}:{}", e["metadata"]["correlation_id"]),
+        };
+        *per_cause.entry(key).or_default() += 1;
+    }
+    for e in events.iter().filter(|e| e["type"] == "memory.created") {
+        assert_eq!(
+            per_cause.get(&format!("x:{}", e["id"])),
+            Some(&1),
+            "memory {}",
+            e["id"]
+        );
+    }
+    assert!(per_cause.values().all(|n| *n == 1), "{per_cause:?}");
+    let mut outcomes: HashMap<String, Vec<&Value>> = HashMap::new();
+    for e in events.iter().filter(|e| {
+        e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
+    }) {
+        outcomes
+            .entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e);
+    }
+    let (mut completed, mut interrupted) = (0, 0);
+    for cid in &flows {
+        for step in ["1", "2"] {
+            let id = format!("{cid}/{step}");
+            let list = outcomes
+                .get(&id)
+                .unwrap_or_else(|| panic!("no outcome for {id}"));
+            assert_eq!(list.len(), 1, "{id}: {list:?}");
+            let o = list[0];
+            if o["payload"]["tool"] == "http-get" {
+                let seen = server.count(&format!("/{cid}"));
+                if o["type"] == "tool.invocation.completed" {
+                    assert_eq!(seen, 1, "{id} completed after {seen} requests");
+                    completed += 1;
+                } else {
+                    assert_eq!(o["payload"]["error"]["code"], "interrupted", "{o}");
+                    assert!(seen <= 1, "{id} was sent {seen} times");
+                    interrupted += 1;
+                }
+            }
+        }
+    }
+    assert!(completed > 0);
+    // The projection's state on A, which ran, stood by and ran again, equals a replay.
+    caught_up(&a, "type-counter").await;
+    let events = all_events(&a).await;
+    let mut by_type: HashMap<&str, u64> = HashMap::new();
+    for e in &events {
+        *by_type.entry(e["type"].as_str().unwrap()).or_default() += 1;
+    }
+    for (ty, n) in &by_type {
+        let (s, state) = get(&format!(
+            "{}/v1/projections/type-counter/state?key={ty}",
+            a.url
+        ))
+        .await;
+        assert_eq!(s, 200, "{state}");
+        assert_eq!(state["value"], *n, "{ty}: {state}");
+    }
+    eprintln!(
+        "{} flows, {} events; http-get completed {completed}, interrupted {interrupted}",
+        flows.len(),
+        events.len()
+    );
+}

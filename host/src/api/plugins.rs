@@ -46,6 +46,11 @@ impl From<RegistryError> for ApiError {
                 p.to_string(),
             ),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            e @ RegistryError::NotHere(..) => ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "runs_elsewhere",
+                e.to_string(),
+            ),
             RegistryError::NotReached(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "position_not_reached", m)
             }

@@ -108,6 +108,18 @@ pub struct NatsLog {
     tail: tokio::task::JoinHandle<()>,
 }
 
+impl NatsLog {
+    /// The JetStream context the log uses, for what shares its servers (the leases).
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        self.inner.js.clone()
+    }
+
+    /// The log's configuration.
+    pub fn config(&self) -> &NatsLogConfig {
+        &self.inner.config
+    }
+}
+
 impl Drop for NatsLog {
     fn drop(&mut self) {
         self.tail.abort();

@@ -1276,9 +1276,14 @@ impl Writer {
                 .collect::<Option<Vec<u64>>>()
                 .expect("every event has a position");
             versions.insert(append.stream.clone().into(), version);
+            let mut written = vec![false; append.events.len()];
+            for &i in &fresh {
+                written[i] = true;
+            }
             results.push(Appended {
                 stream: append.stream.clone(),
                 positions,
+                written,
                 next_version: version,
             });
         }

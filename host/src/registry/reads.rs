@@ -181,6 +181,24 @@ impl Registry {
         }
     }
 
+    /// Refuses a read of `name`'s state on a host of a cluster that does not run it: its
+    /// state here is as old as the last time it ran here.
+    fn runs_here(&self, name: &str) -> Result<(), RegistryError> {
+        let placement = self
+            .with(name, |l| {
+                l.runner.as_ref().and_then(|r| r.status().placement)
+            })
+            .ok()
+            .flatten();
+        match placement {
+            Some(p) if !p.here && p.host.is_some() => Err(RegistryError::NotHere(
+                name.to_owned(),
+                crate::runner::ControlError::NotHere(p).to_string(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The stored state under `key`, without calling the plugin, once the state reflects
     /// `min_position` (waiting up to `wait`).
     pub async fn state(
@@ -190,6 +208,7 @@ impl Registry {
         min_position: Option<u64>,
         wait: Duration,
     ) -> Result<(Option<String>, ReadAt), RegistryError> {
+        self.runs_here(name)?;
         if min_position.is_some() {
             self.reached(name, min_position, wait).await?;
         }
@@ -215,6 +234,7 @@ impl Registry {
         min_position: Option<u64>,
         wait: Duration,
     ) -> Result<(Vec<(String, String)>, ReadAt), RegistryError> {
+        self.runs_here(name)?;
         if min_position.is_some() {
             self.reached(name, min_position, wait).await?;
         }
@@ -239,6 +259,7 @@ impl Registry {
         min_position: Option<u64>,
         wait: Duration,
     ) -> Result<(String, ReadAt), RegistryError> {
+        self.runs_here(name)?;
         self.reached(name, min_position, wait).await?;
         let (plugin, store, version, component_hash) = self.with(name, |l| {
             (

@@ -97,6 +97,8 @@ pub(super) struct Committer {
     pub(super) snapshots: (u64, usize),
     /// The checkpoint of the latest snapshot.
     pub(super) snapshotted: u64,
+    /// On a cluster: the plugin's lease, without which nothing is appended or committed.
+    pub(super) lease: Option<crate::lease::Lease>,
 }
 
 /// An append still to make, with whether its ids are indexed.
@@ -108,6 +110,9 @@ impl Committer {
     pub(super) async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
         let mut marked = self.store.has_derived().unwrap_or(false);
         while let Some(mut job) = queue.recv().await {
+            if self.fenced() {
+                return;
+            }
             let mut backoff = Backoff::new(HOST_BACKOFF);
             let mut chunks: VecDeque<Chunk> = split_appends(
                 std::mem::take(&mut job.appends),
@@ -148,6 +153,9 @@ impl Committer {
                     _ = self.stopped.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
+                if self.fenced() {
+                    return;
+                }
             }
             let live = job.resume >= self.bus.head();
             self.status.update(|s| {
@@ -170,6 +178,19 @@ impl Committer {
             let _ = self.committed.send(job.resume);
             self.snapshot_past(job.resume);
         }
+    }
+
+    /// True when the plugin's lease is lost: another host may run it now, so this one
+    /// appends and commits nothing more (the next holder re-runs from the checkpoint).
+    fn fenced(&self) -> bool {
+        let fenced = self.lease.as_ref().is_some_and(|l| !l.holds());
+        if fenced {
+            tracing::warn!(
+                plugin = self.plugin,
+                "lease lost: the batches not yet committed are left to the next holder"
+            );
+        }
+        fenced
     }
 
     /// Keeps a copy of the state when `checkpoint` has passed the next snapshot interval;
@@ -201,6 +222,10 @@ impl Committer {
         refused: &mut u64,
     ) -> Result<(), String> {
         while let Some((chunk, indexed)) = chunks.pop_front() {
+            if self.fenced() {
+                chunks.push_front((chunk, indexed));
+                return Err("the plugin's lease was lost".into());
+            }
             // Durable before the first derived event of this plugin name, so a later start
             // knows to look for what it appended (see `Recovery`).
             if !*marked {

@@ -36,6 +36,22 @@ pub enum ControlError {
     /// Storage failed, or the event cannot be read.
     #[error("{0}")]
     Unavailable(String),
+    /// Another host of the cluster runs the plugin (it holds the plugin's lease): its dead
+    /// letters and quarantine are that host's to handle.
+    #[error("{}", not_here(.0))]
+    NotHere(crate::lease::Placement),
+}
+
+fn not_here(p: &crate::lease::Placement) -> String {
+    match (&p.host, &p.api) {
+        (Some(host), Some(api)) => {
+            format!("the plugin runs on host {host:?} ({api}), which holds its lease: ask there")
+        }
+        (Some(host), None) => {
+            format!("the plugin runs on host {host:?}, which holds its lease: ask there")
+        }
+        _ => "no host of the cluster holds the plugin's lease yet; try again shortly".into(),
+    }
 }
 
 /// An operator's request, as the runner's loop receives it between batches.
@@ -43,4 +59,18 @@ pub(super) enum Control {
     Resume(oneshot::Sender<Result<bool, ControlError>>),
     Retry(u64, oneshot::Sender<Result<RetryOutcome, ControlError>>),
     Delete(u64, oneshot::Sender<Result<bool, ControlError>>),
+}
+
+impl Control {
+    /// Answers the request with `error`, without carrying it out.
+    pub(super) fn refuse(self, error: ControlError) {
+        match self {
+            Control::Resume(reply) | Control::Delete(_, reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Control::Retry(_, reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }

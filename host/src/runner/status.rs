@@ -24,6 +24,9 @@ pub enum RunState {
     Quarantined,
     /// Stopped (unloaded or shutting down).
     Stopped,
+    /// Loaded, but another host of the cluster runs it (it holds the plugin's lease); this
+    /// host takes over when that lease lapses.
+    Standby,
 }
 
 /// What a runner reports about itself.
@@ -53,6 +56,9 @@ pub struct RunnerStatus {
     pub dead_letters_in_a_row: u32,
     /// Why the plugin is quarantined, while it is.
     pub quarantine: Option<Quarantine>,
+    /// On a cluster of hosts: which host runs it, under which fencing token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::lease::Placement>,
 }
 
 /// How a runner reads and what it does on failure.
@@ -70,6 +76,9 @@ pub struct RunnerOptions {
     /// Projections: log positions between copies of the state kept for time travel (0:
     /// none), and how many copies are kept.
     pub snapshots: (u64, usize),
+    /// On a cluster of hosts: the plugin's lease. The runner runs only while this host
+    /// holds it, and appends and commits nothing once it is lost.
+    pub lease: Option<crate::lease::Lease>,
 }
 
 impl RunnerOptions {
@@ -85,6 +94,7 @@ impl RunnerOptions {
             schemas: None,
             limits: OutputLimits::default(),
             snapshots: (0, 0),
+            lease: None,
         }
     }
 }

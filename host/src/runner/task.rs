@@ -79,7 +79,7 @@ impl Task {
         mut self,
         mut control: mpsc::Receiver<Control>,
         committer: tokio::task::JoinHandle<()>,
-    ) {
+    ) -> mpsc::Receiver<Control> {
         let mut stopped = self.stopped.clone();
         let mut sub: Option<Subscription> = None;
         loop {
@@ -139,6 +139,10 @@ impl Task {
                     continue;
                 }
             };
+            if self.options.lease.as_ref().is_some_and(|l| !l.holds()) {
+                // Fenced: another host may have the plugin now.
+                break;
+            }
             let span = batch_span(self.plugin.id(), &events);
             match tracing::Instrument::instrument(self.batch(events, resume), span).await {
                 Flow::Continue => {}
@@ -149,6 +153,7 @@ impl Task {
         drop(self.jobs);
         let _ = committer.await;
         self.status.update(|s| s.state = RunState::Stopped);
+        control
     }
 
     /// Moves an idle checkpoint to `cursor`.

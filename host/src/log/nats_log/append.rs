@@ -240,6 +240,10 @@ impl NatsLog {
                         Slot::New(n) => position(*n),
                     })
                     .collect(),
+                written: group_slots
+                    .iter()
+                    .map(|s| matches!(s, Slot::New(_)))
+                    .collect(),
                 next_version,
             })
             .collect();

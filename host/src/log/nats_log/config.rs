@@ -28,10 +28,13 @@ pub struct NatsLogConfig {
     pub max_batch_events: usize,
     /// Where the local index of client ids lives (`DATA/nats-index`).
     pub index_dir: PathBuf,
+    /// Time to live of the plugin leases a cluster of hosts shares (`lease_ttl=SECS`): a
+    /// dead host's plugins are taken over within 1.25 times it.
+    pub lease_ttl: Duration,
 }
 
 impl NatsLogConfig {
-    /// Reads `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS]`,
+    /// Reads `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS&lease_ttl=SECS]`,
     /// keeping the local index under `data`.
     pub fn parse(url: &str, data: &Path) -> Result<Self, String> {
         let (servers, query) = url.split_once('?').unwrap_or((url, ""));
@@ -52,6 +55,7 @@ impl NatsLogConfig {
             max_event_bytes: crate::event::DEFAULT_MAX_EVENT_BYTES,
             max_batch_events: MAX_ATOMIC_BATCH,
             index_dir: data.join("nats-index"),
+            lease_ttl: crate::lease::DEFAULT_LEASE_TTL,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -78,9 +82,17 @@ impl NatsLogConfig {
                     r => return Err(format!("--log: replicas={r}: JetStream keeps 1 to 5")),
                 },
                 "duplicate_window" => config.duplicate_window = Duration::from_secs(number()?),
+                "lease_ttl" => match number()? {
+                    t @ 1..=3600 => config.lease_ttl = Duration::from_secs(t),
+                    t => {
+                        return Err(format!(
+                            "--log: lease_ttl={t}: give 1 to 3600 seconds (a dead host's plugins wait that long for another host)"
+                        ));
+                    }
+                },
                 other => {
                     return Err(format!(
-                        "--log: unknown option {other:?}; the options are stream, replicas and duplicate_window"
+                        "--log: unknown option {other:?}; the options are stream, replicas, duplicate_window and lease_ttl"
                     ));
                 }
             }
