@@ -551,6 +551,29 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
         assert_eq!(p["here"], false, "{name}: {p}");
         assert_eq!(p["api"], json!(a.url), "{name}: {p}");
     }
+    // `evhost plugin list` names the host that runs each plugin; `plugin status` adds its API.
+    let (ok, out, err) = b.cli(&["plugin", "list"]);
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("type-counter"))
+        .unwrap_or_default();
+    assert!(
+        out.starts_with("NAME") && out.lines().next().unwrap().ends_with("HOST"),
+        "{out}"
+    );
+    assert!(row.contains("standby") && row.ends_with(" a"), "{out}");
+    let (ok, out, err) = b.cli(&["plugin", "status", "type-counter"]);
+    assert!(
+        ok && out.contains(&format!("runs on    a, API {}", a.url)),
+        "{out}{err}"
+    );
+    let (_, out, _) = a.cli(&["plugin", "list"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("type-counter") && l.ends_with("a (here)")),
+        "{out}"
+    );
     let on_a = placements(&a).await;
     assert!(
         on_a.values().all(|p| p["token"].as_u64().is_some()),

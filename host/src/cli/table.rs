@@ -16,12 +16,28 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// Which host of a cluster runs a plugin: its id, and `(here)` when it is this one.
+fn host_of(p: &Value) -> String {
+    let placement = &p["placement"];
+    match (&placement["host"], placement["here"] == true) {
+        (Value::String(h), true) => format!("{h} (here)"),
+        (Value::String(h), false) => h.clone(),
+        _ => "(none yet)".into(),
+    }
+}
+
 /// The loaded plugins, one row each, with a candidate's or shadow's progress after its
-/// row.
+/// row; on a cluster, with the host that runs each.
 pub(super) fn plugins(plugins: &[Value]) -> String {
-    let mut rows: Vec<Vec<String>> = vec![COLUMNS.iter().map(|c| c.to_string()).collect()];
+    let cluster = plugins.iter().any(|p| p["placement"].is_object());
+    let mut header: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
+    if cluster {
+        header.push("HOST".into());
+    }
+    let columns = header.len();
+    let mut rows: Vec<Vec<String>> = vec![header];
     for p in plugins {
-        rows.push(vec![
+        let mut row = vec![
             text(&p["name"]),
             text(&p["kind"]),
             text(&p["version"]),
@@ -32,7 +48,11 @@ pub(super) fn plugins(plugins: &[Value]) -> String {
             text(&p["events_processed"]),
             text(&p["errors"]),
             text(&p["dead_letters"]),
-        ]);
+        ];
+        if cluster {
+            row.push(host_of(p));
+        }
+        rows.push(row);
         for role in ["candidate", "previous"] {
             let c = &p[role];
             if c.is_object() {
@@ -48,10 +68,13 @@ pub(super) fn plugins(plugins: &[Value]) -> String {
                     String::new(),
                     String::new(),
                 ]);
+                if cluster {
+                    rows.last_mut().expect("just pushed").push(String::new());
+                }
             }
         }
     }
-    let widths: Vec<usize> = (0..COLUMNS.len())
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -90,6 +113,18 @@ pub(super) fn status(p: &Value) -> String {
         text(&p["errors"]),
         text(&p["dead_letters"])
     ));
+    if p["placement"].is_object() {
+        let placement = &p["placement"];
+        let api = match &placement["api"] {
+            Value::String(a) if placement["here"] != true => format!(", API {a}"),
+            _ => String::new(),
+        };
+        let token = match placement["token"].as_u64() {
+            Some(t) => format!(", fencing token {t}"),
+            None => String::new(),
+        };
+        out.push_str(&format!("  runs on    {}{api}{token}\n", host_of(p)));
+    }
     if !p["last_error"].is_null() {
         out.push_str(&format!("  last error {}\n", text(&p["last_error"])));
     }
