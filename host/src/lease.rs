@@ -480,14 +480,24 @@ async fn keep(inner: std::sync::Weak<Inner>) {
         }
         for (name, revision) in wanted {
             let (state, revision) = inner.round(&name, revision).await;
-            let mut claims = inner.claims.lock().expect("lease claims lock");
-            if let Some(c) = claims.get_mut(&name) {
-                c.revision = revision;
-                c.state.send_if_modified(|s| {
-                    let changed = *s != state;
-                    *s = state;
-                    changed
-                });
+            let orphan = {
+                let mut claims = inner.claims.lock().expect("lease claims lock");
+                match claims.get_mut(&name) {
+                    Some(c) => {
+                        c.revision = revision;
+                        c.state.send_if_modified(|s| {
+                            let changed = *s != state;
+                            *s = state;
+                            changed
+                        });
+                        None
+                    }
+                    // Given up while this round took it (the host is stopping).
+                    None => revision,
+                }
+            };
+            if let Some(r) = orphan {
+                inner.release(&name, r).await;
             }
         }
         let tick = inner.ttl / 4;
