@@ -117,6 +117,8 @@ pub struct Appended {
     /// For each event, in request order: true when this append stored it, false when its
     /// id was in the log already (or earlier in the request). What a tool worker asks
     /// before it runs an invocation: only the host whose start event was stored runs it.
+    /// Not part of the API's answer, which stays the same for a retry.
+    #[serde(skip)]
     pub written: Vec<bool>,
     /// The stream's version after the append (the version its next event will get).
     pub next_version: u64,
