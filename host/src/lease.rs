@@ -202,7 +202,11 @@ impl Leases {
             let mut claims = self.inner.claims.lock().expect("lease claims lock");
             claims
                 .drain()
-                .filter_map(|(name, c)| c.revision.map(|r| (name, r)))
+                .filter_map(|(name, c)| {
+                    // A runner still holding on sees the lease gone, not held to its deadline.
+                    c.state.send_replace(LeaseState::Unknown);
+                    c.revision.map(|r| (name, r))
+                })
                 .collect()
         };
         for (name, revision) in held {
@@ -240,11 +244,17 @@ impl Clone for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut claims = self.inner.claims.lock().expect("lease claims lock");
-        if let Some(c) = claims.get_mut(&self.name) {
-            c.wanted = c.wanted.saturating_sub(1);
-        }
+        let unwanted = match claims.get_mut(&self.name) {
+            Some(c) => {
+                c.wanted = c.wanted.saturating_sub(1);
+                c.wanted == 0
+            }
+            None => false,
+        };
         drop(claims);
-        self.inner.wake.notify_one();
+        if unwanted {
+            self.inner.wake.notify_one();
+        }
     }
 }
 
@@ -456,30 +466,44 @@ async fn keep(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let (wanted, unwanted): (Vec<_>, Vec<_>) = {
-            let mut claims = inner.claims.lock().expect("lease claims lock");
-            let unwanted: Vec<(String, Option<u64>)> = claims
+            let claims = inner.claims.lock().expect("lease claims lock");
+            claims
                 .iter()
-                .filter(|(_, c)| c.wanted == 0)
-                .map(|(n, c)| (n.clone(), c.revision))
-                .collect();
-            for (n, _) in &unwanted {
-                claims.remove(n);
-            }
-            (
-                claims
-                    .iter()
-                    .map(|(n, c)| (n.clone(), c.revision))
-                    .collect(),
-                unwanted,
-            )
+                .map(|(n, c)| (n.clone(), c.revision, c.wanted))
+                .partition(|(_, _, wanted)| *wanted > 0)
         };
-        for (name, revision) in unwanted {
+        // Given up first, and only then forgotten, so `release_all` finds what is still
+        // held (and a second delete of one revision is refused harmlessly).
+        for (name, revision, _) in unwanted {
             if let Some(r) = revision {
                 inner.release(&name, r).await;
             }
+            let mut claims = inner.claims.lock().expect("lease claims lock");
+            if claims.get(&name).is_some_and(|c| c.wanted == 0) {
+                claims.remove(&name);
+            }
         }
-        for (name, revision) in wanted {
-            let (state, revision) = inner.round(&name, revision).await;
+        // All at once, each within a quarter of the time to live, so one slow request
+        // cannot make the others miss their deadlines.
+        let rounds = wanted.into_iter().map(|(name, revision, _)| {
+            let inner = inner.clone();
+            async move {
+                let limit = inner.ttl / 4;
+                let outcome = match tokio::time::timeout(limit, inner.round(&name, revision)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            plugin = name,
+                            "a lease request took longer than a quarter of the lease's time to live"
+                        );
+                        (inner.current(&name), revision)
+                    }
+                };
+                (name, outcome)
+            }
+        });
+        for (name, (state, revision)) in futures::future::join_all(rounds).await {
             let orphan = {
                 let mut claims = inner.claims.lock().expect("lease claims lock");
                 match claims.get_mut(&name) {

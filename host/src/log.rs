@@ -115,7 +115,8 @@ pub struct Appended {
     /// log reports its original position.
     pub positions: Vec<u64>,
     /// For each event, in request order: true when this append stored it, false when its
-    /// id was in the log already (or earlier in the request). What a tool worker asks
+    /// id was in the log already (an id repeated within one request: not specified). What
+    /// a tool worker asks
     /// before it runs an invocation: only the host whose start event was stored runs it.
     /// Not part of the API's answer, which stays the same for a retry.
     #[serde(skip)]

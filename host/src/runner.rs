@@ -301,7 +301,17 @@ impl Parts {
             };
             requests = match ended {
                 Ok(r) => r,
-                Err(_) => return,
+                Err(e) => {
+                    // The run panicked and took the operator's channel with it: run again
+                    // (requests answer that the runner stopped), so the lease is neither
+                    // held by nothing nor kept from other hosts.
+                    tracing::error!(plugin = self.plugin.id(), error = %e, "the runner failed; starting it again");
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    mpsc::channel(1).1
+                }
             };
             if *stopped.borrow() {
                 return;

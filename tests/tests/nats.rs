@@ -696,6 +696,18 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
         *ids.entry(e["id"].as_str().unwrap()).or_default() += 1;
     }
     assert!(ids.values().all(|n| *n == 1), "an event id is stored twice");
+    // No handled event was taken for a refused one after the moves.
+    let letters: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "evhost.plugin.dead_lettered")
+        .collect();
+    assert!(letters.is_empty(), "{letters:?}");
+    let (_, dlq) = get(&format!("{}/v1/dlq", a.url)).await;
+    assert_eq!(
+        dlq["dead_letters"].as_array().map(Vec::len),
+        Some(0),
+        "{dlq}"
+    );
     let mut per_cause: HashMap<String, usize> = HashMap::new();
     for e in events.iter().filter(|e| {
         [

@@ -312,11 +312,16 @@ impl EventLog for NatsLog {
         self.noted(self.append_with(groups, true).await)
     }
 
+    /// Indexed all the same: hosts share this log, and a runner's own check of what it
+    /// derived before does not see what another host appended for the same plugin just
+    /// before a lease moved (a stalled host's append in flight). Indexed, a repeated derived
+    /// id is answered as already stored (`written` false), inside the server's duplicate
+    /// window and after it.
     async fn append_unindexed(
         &self,
         groups: Vec<StreamAppend>,
     ) -> Result<Vec<Appended>, AppendError> {
-        self.noted(self.append_with(groups, false).await)
+        self.noted(self.append_with(groups, true).await)
     }
 
     fn health(&self) -> super::LogHealth {
