@@ -452,3 +452,47 @@ impl Drop for CountingServer {
         self.task.abort();
     }
 }
+
+/// Checks that each of the two tool invocations of every flow in `flows` (`<flow>/1` and
+/// `<flow>/2`, as the orchestrator plans them) has exactly one outcome in `events`, and
+/// that http-get's side effect on `server` happened once for each completed invocation and
+/// at most once for each `interrupted` one; returns (completed, interrupted) http-gets.
+pub fn check_tool_outcomes(
+    events: &[serde_json::Value],
+    flows: &[String],
+    server: &CountingServer,
+) -> (usize, usize) {
+    let mut outcomes: std::collections::BTreeMap<String, Vec<&serde_json::Value>> =
+        std::collections::BTreeMap::new();
+    for e in events.iter().filter(|e| {
+        e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
+    }) {
+        outcomes
+            .entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e);
+    }
+    let (mut completed, mut interrupted) = (0, 0);
+    for cid in flows {
+        for step in ["1", "2"] {
+            let id = format!("{cid}/{step}");
+            let list = outcomes
+                .get(&id)
+                .unwrap_or_else(|| panic!("no outcome for {id}"));
+            assert_eq!(list.len(), 1, "{id}: {list:?}");
+            let o = list[0];
+            if o["payload"]["tool"] == "http-get" {
+                let seen = server.count(&format!("/{cid}"));
+                if o["type"] == "tool.invocation.completed" {
+                    assert_eq!(seen, 1, "{id} completed after {seen} requests");
+                    completed += 1;
+                } else {
+                    assert_eq!(o["payload"]["error"]["code"], "interrupted", "{o}");
+                    assert!(seen <= 1, "{id} was sent {seen} times");
+                    interrupted += 1;
+                }
+            }
+        }
+    }
+    (completed, interrupted)
+}

@@ -470,6 +470,14 @@ async fn placements(h: &Host) -> HashMap<String, Value> {
         .collect()
 }
 
+/// Uploads http-get with `manifest`, granted `grant`.
+async fn upload_http_get(h: &Host, manifest: &str, grant: &str) {
+    let (s, body) =
+        evhost_tests::upload_granted(h, "http-get", manifest, plugin_wasm("http-get"), &[grant])
+            .await;
+    assert_eq!(s, 200, "{body}");
+}
+
 /// Waits until every plugin on `h` runs there; returns how long it took.
 async fn all_run_on(h: &Host, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -515,26 +523,10 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
     );
     let grant = format!("http:{}", server.authority);
     let a = host_on(da.path(), &log, &args("a")).await;
-    let (s, body) = evhost_tests::upload_granted(
-        &a,
-        "http-get",
-        &manifest,
-        plugin_wasm("http-get"),
-        &[&grant],
-    )
-    .await;
-    assert_eq!(s, 200, "{body}");
+    upload_http_get(&a, &manifest, &grant).await;
     all_run_on(&a, Duration::from_secs(10)).await;
     let mut b = host_on(db.path(), &log, &args("b")).await;
-    let (s, body) = evhost_tests::upload_granted(
-        &b,
-        "http-get",
-        &manifest,
-        plugin_wasm("http-get"),
-        &[&grant],
-    )
-    .await;
-    assert_eq!(s, 200, "{body}");
+    upload_http_get(&b, &manifest, &grant).await;
     // B has every plugin loaded and standing by; its status says A runs them, and where.
     let deadline = Instant::now() + Duration::from_secs(5);
     let on_b = loop {
@@ -732,37 +724,7 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
         );
     }
     assert!(per_cause.values().all(|n| *n == 1), "{per_cause:?}");
-    let mut outcomes: HashMap<String, Vec<&Value>> = HashMap::new();
-    for e in events.iter().filter(|e| {
-        e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
-    }) {
-        outcomes
-            .entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(e);
-    }
-    let (mut completed, mut interrupted) = (0, 0);
-    for cid in &flows {
-        for step in ["1", "2"] {
-            let id = format!("{cid}/{step}");
-            let list = outcomes
-                .get(&id)
-                .unwrap_or_else(|| panic!("no outcome for {id}"));
-            assert_eq!(list.len(), 1, "{id}: {list:?}");
-            let o = list[0];
-            if o["payload"]["tool"] == "http-get" {
-                let seen = server.count(&format!("/{cid}"));
-                if o["type"] == "tool.invocation.completed" {
-                    assert_eq!(seen, 1, "{id} completed after {seen} requests");
-                    completed += 1;
-                } else {
-                    assert_eq!(o["payload"]["error"]["code"], "interrupted", "{o}");
-                    assert!(seen <= 1, "{id} was sent {seen} times");
-                    interrupted += 1;
-                }
-            }
-        }
-    }
+    let (completed, interrupted) = evhost_tests::check_tool_outcomes(&events, &flows, &server);
     assert!(completed > 0);
     // The projection's state on A, which ran, stood by and ran again, equals a replay.
     caught_up(&a, "type-counter").await;

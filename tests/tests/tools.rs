@@ -406,37 +406,7 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
     }
     assert!(answers.values().all(|n| *n == 1), "{answers:?}");
     assert_eq!(answers.len(), 2 * flows.len());
-    let mut outcomes: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for e in events.iter().filter(|e| {
-        e["type"] == "tool.invocation.completed" || e["type"] == "tool.invocation.failed"
-    }) {
-        outcomes
-            .entry(e["payload"]["invocation_id"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(e);
-    }
-    let (mut completed, mut interrupted) = (0, 0);
-    for cid in &flows {
-        for step in ["1", "2"] {
-            let id = format!("{cid}/{step}");
-            let list = outcomes
-                .get(&id)
-                .unwrap_or_else(|| panic!("no outcome for {id}"));
-            assert_eq!(list.len(), 1, "{id}: {list:?}");
-            let o = list[0];
-            if o["payload"]["tool"] == "http-get" {
-                let seen = server.count(&format!("/{cid}"));
-                if o["type"] == "tool.invocation.completed" {
-                    assert_eq!(seen, 1, "{id} completed after {seen} requests");
-                    completed += 1;
-                } else {
-                    assert_eq!(o["payload"]["error"]["code"], "interrupted", "{o}");
-                    assert!(seen <= 1, "{id} was sent {seen} times");
-                    interrupted += 1;
-                }
-            }
-        }
-    }
+    let (completed, interrupted) = evhost_tests::check_tool_outcomes(&events, &flows, &server);
     eprintln!(
         "{rounds} rounds: {} flows, {memories} memories, http-get completed {completed}, interrupted by a kill {interrupted}",
         flows.len()
