@@ -105,7 +105,6 @@ struct Claim {
     state: watch::Sender<LeaseState>,
     /// The revision of the entry this host last wrote, while it holds the lease.
     revision: Option<u64>,
-    token: u64,
 }
 
 impl Leases {
@@ -182,7 +181,6 @@ impl Leases {
                 wanted: 0,
                 state: watch::channel(LeaseState::Unknown).0,
                 revision: None,
-                token: 0,
             });
             claim.wanted += 1;
             claim.state.subscribe()
@@ -357,14 +355,12 @@ impl Inner {
         if let Some(r) = revision {
             match self.kv.update(key(name), self.value(), r).await {
                 Ok(r) => {
-                    let token = self.token_of(name);
-                    return (
-                        LeaseState::Held {
-                            token,
-                            until: self.deadline(sent),
-                        },
-                        Some(r),
-                    );
+                    // Renewed: the token stays the revision the lease was taken at.
+                    let token = match self.current(name) {
+                        LeaseState::Held { token, .. } => token,
+                        _ => r,
+                    };
+                    return self.held(token, r, sent);
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(
@@ -386,14 +382,7 @@ impl Inner {
                     token = r,
                     "took the plugin's lease: it runs here"
                 );
-                self.set_token(name, r);
-                return (
-                    LeaseState::Held {
-                        token: r,
-                        until: self.deadline(sent),
-                    },
-                    Some(r),
-                );
+                return self.held(r, r, sent);
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => {
@@ -416,14 +405,7 @@ impl Inner {
                                 token = r,
                                 "took back the plugin's lease from this host's last run"
                             );
-                            self.set_token(name, r);
-                            (
-                                LeaseState::Held {
-                                    token: r,
-                                    until: self.deadline(sent),
-                                },
-                                Some(r),
-                            )
+                            self.held(r, r, sent)
                         }
                         Err(_) => (LeaseState::Unknown, None),
                     }
@@ -448,15 +430,10 @@ impl Inner {
             .map_or(LeaseState::Unknown, |c| c.state.borrow().clone())
     }
 
-    fn token_of(&self, name: &str) -> u64 {
-        let claims = self.claims.lock().expect("lease claims lock");
-        claims.get(name).map_or(0, |c| c.token)
-    }
-
-    fn set_token(&self, name: &str, token: u64) {
-        if let Some(c) = self.claims.lock().expect("lease claims lock").get_mut(name) {
-            c.token = token;
-        }
+    /// The outcome of a write of the lease sent at `sent` that stored `revision`.
+    fn held(&self, token: u64, revision: u64, sent: Instant) -> (LeaseState, Option<u64>) {
+        let until = self.deadline(sent);
+        (LeaseState::Held { token, until }, Some(revision))
     }
 }
 

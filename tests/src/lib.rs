@@ -496,3 +496,28 @@ pub fn check_tool_outcomes(
     }
     (completed, interrupted)
 }
+
+/// Waits up to 60 s until the flow `correlation` is answered; returns the flow.
+pub async fn answered(h: &Host, correlation: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, flow) = get(&format!("{}/v1/flows/{correlation}", h.url)).await;
+        if s == 200 && flow["answered"] == true {
+            return flow;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flow {correlation} was not answered: {flow}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The correlation ids of every user query in `events`.
+pub fn logged_flows(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "user.query.received")
+        .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
+        .collect()
+}

@@ -657,29 +657,14 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
     // Every query in the log is answered once; memories extracted once; each invocation
     // has one outcome, and the tool ran at most once (once when it completed).
     let events = all_events(&a).await;
-    let flows: Vec<String> = events
-        .iter()
-        .filter(|e| e["type"] == "user.query.received")
-        .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
-        .collect();
+    let flows = evhost_tests::logged_flows(&events);
     assert!(
         acked.iter().all(|c| flows.contains(c)),
         "an acknowledged query was lost"
     );
     assert!(flows.len() > 20, "{} flows", flows.len());
-    let deadline = Instant::now() + Duration::from_secs(60);
     for cid in &flows {
-        loop {
-            let (s, flow) = get(&format!("{}/v1/flows/{cid}", a.url)).await;
-            if s == 200 && flow["answered"] == true {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "flow {cid} was not answered: {flow}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        evhost_tests::answered(&a, cid).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = all_events(&a).await;

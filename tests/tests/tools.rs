@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use evhost_tests::{CountingServer, Host, all_events, append, get, jitter, upload, upload_granted};
+use evhost_tests::{
+    CountingServer, Host, all_events, answered, append, get, jitter, logged_flows, upload,
+    upload_granted,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evhost-e2e");
@@ -36,22 +39,6 @@ fn query(text: &str, correlation: &str) -> Value {
 fn request(invocation: &str, tool: &str, input: Value) -> Value {
     json!({"type": "tool.invocation.requested",
            "payload": {"invocation_id": invocation, "tool": tool, "input": input}})
-}
-
-/// Waits until the flow `correlation` is answered; returns the flow.
-async fn answered(h: &Host, correlation: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (s, flow) = get(&format!("{}/v1/flows/{correlation}", h.url)).await;
-        if s == 200 && flow["answered"] == true {
-            return flow;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "flow {correlation} was not answered: {flow}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until every invocation in `ids` has an outcome; returns outcomes by id.
@@ -356,12 +343,7 @@ async fn after_kill_9_rounds_derived_events_and_tool_calls_happen_exactly_once()
     .await;
     // A query the kill left unanswered may still be in the log: check every flow it holds.
     let acked = flows;
-    let flows: Vec<String> = all_events(&h)
-        .await
-        .iter()
-        .filter(|e| e["type"] == "user.query.received")
-        .map(|e| e["metadata"]["correlation_id"].as_str().unwrap().to_owned())
-        .collect();
+    let flows = logged_flows(&all_events(&h).await);
     assert!(
         acked.iter().all(|c| flows.contains(c)),
         "an acknowledged query was lost"
