@@ -164,6 +164,9 @@ async fn an_existing_id_returns_its_original_position_and_is_not_appended_again(
         .await
         .unwrap();
     assert_eq!(retry[0].positions, first[0].positions);
+    // Which events the append stored: what a tool worker asks before it runs one.
+    assert_eq!(first[0].written, vec![true, true]);
+    assert_eq!(retry[0].written, vec![false, false]);
     assert_eq!(log.head(), 2);
     // A repeat inside one append points at the first occurrence; only new ids are written.
     let mixed = log
@@ -179,6 +182,8 @@ async fn an_existing_id_returns_its_original_position_and_is_not_appended_again(
         .await
         .unwrap();
     assert_eq!(mixed[0].positions, vec![2, 2, 0]);
+    assert!(mixed[0].written[0]);
+    assert!(!mixed[0].written[2]);
     assert_eq!(mixed[0].next_version, 3);
     assert_eq!(log.head(), 3);
 }

@@ -733,3 +733,51 @@ async fn plugins_move_to_another_host_when_theirs_stalls_or_dies_and_nothing_run
         events.len()
     );
 }
+
+/// Two hosts' logs on one stream: an event id that one appended first is reported as not
+/// written to the other, which is how two hosts never both run one tool invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_host_to_append_an_id_is_told_it_wrote_it() {
+    use evhost::{EventLog, EventType, ExpectedVersion, Hub, NatsLog, NatsLogConfig, NewEvent};
+    let nats = Nats::single();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let open = |dir: std::path::PathBuf| {
+        let urls = format!("{}?stream=WRITTEN", nats.urls());
+        async move {
+            let config = NatsLogConfig::parse(&urls, &dir).unwrap();
+            NatsLog::open(config, Hub::new(100)).await.unwrap()
+        }
+    };
+    let (a, b) = (open(da.path().into()).await, open(db.path().into()).await);
+    let start = |id: &str| {
+        vec![evhost::StreamAppend {
+            stream: "s".into(),
+            expected: ExpectedVersion::Any,
+            events: vec![
+                NewEvent::new(
+                    EventType::new("tool.invocation.started").unwrap(),
+                    evhost::Payload::from_json("{}").unwrap(),
+                )
+                .with_id(id),
+            ],
+        }]
+    };
+    let first = a.append(start("inv-1")).await.unwrap();
+    let second = b.append(start("inv-1")).await.unwrap();
+    assert_eq!(first[0].written, vec![true]);
+    assert_eq!(second[0].written, vec![false]);
+    assert_eq!(second[0].positions, first[0].positions);
+    // And so on at the same time: exactly one of the two stores each id.
+    for i in 0..20 {
+        let id = format!("inv-race-{i}");
+        let (x, y) = tokio::join!(a.append(start(&id)), b.append(start(&id)));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_eq!(x[0].positions, y[0].positions, "{id}");
+        assert!(
+            x[0].written[0] ^ y[0].written[0],
+            "{id}: {:?} {:?}",
+            x[0].written,
+            y[0].written
+        );
+    }
+}
