@@ -11,11 +11,12 @@
 //! Fencing is by time, on the holder's own monotonic clock: a renewal sent at `t` holds the
 //! lease until `t + ttl × 0.8`, and the server expires the entry no sooner than `ttl` after
 //! it stored it (which is after `t`). So a holder that cannot renew (cut off, stalled)
-//! stops committing before any other host can take the lease over; a runner asks
-//! [`Lease::holds`] before every append and commit. What fencing cannot stop (a commit
-//! begun just before the deadline) the log settles: derived events and tool starts and
-//! outcomes have fixed ids, so a second copy is never stored, and a tool runs only for the
-//! host whose start event the log stored.
+//! starts no append once another host could take the lease over; a runner asks
+//! [`Lease::holds`] before every batch, job and derived append. What fencing cannot stop
+//! (an append already in flight at the deadline) the log settles: derived events and tool
+//! starts and outcomes have fixed ids, indexed on the NATS log, so a second copy is never
+//! stored, and a tool runs only for the host whose start event the log stored
+//! ([`crate::log::Appended::written`]).
 //!
 //! A host that dies holds its leases until they expire: another host takes a plugin over at
 //! most `ttl + ttl / 4` later (it looks every quarter of the time to live). A host that
