@@ -153,8 +153,13 @@ impl Runner {
     /// A snapshot of the runner's status.
     pub fn status(&self) -> RunnerStatus {
         let mut s = self.status.read(Clone::clone);
-        s.placement = self.lease.as_ref().map(Lease::placement);
+        s.placement = self.placement();
         s
+    }
+
+    /// On a cluster: which host runs the plugin (without copying the whole status).
+    pub fn placement(&self) -> Option<crate::lease::Placement> {
+        self.lease.as_ref().map(Lease::placement)
     }
 
     /// What operators use to reach the runner, without holding on to it.

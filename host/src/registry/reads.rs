@@ -185,9 +185,7 @@ impl Registry {
     /// state here is as old as the last time it ran here.
     fn runs_here(&self, name: &str) -> Result<(), RegistryError> {
         let placement = self
-            .with(name, |l| {
-                l.runner.as_ref().and_then(|r| r.status().placement)
-            })
+            .with(name, |l| l.runner.as_ref().and_then(|r| r.placement()))
             .ok()
             .flatten();
         match placement {
