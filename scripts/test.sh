@@ -5,6 +5,8 @@
 # need first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A failing test prints its message and place, not a backtrace that buries them.
+export RUST_BACKTRACE=0
 scripts/setup.sh --guests
 scripts/build-plugins.sh
 scripts/build-guests.sh
