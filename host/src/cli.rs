@@ -6,7 +6,7 @@ mod streams;
 mod table;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -335,6 +335,11 @@ struct ServeArgs {
     /// Address of the HTTP API. Keep it on loopback unless a proxy guards it.
     #[arg(long, env = "EVHOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Write the address the API listens on (e.g. `127.0.0.1:40123`) to FILE once it
+    /// answers, so a supervisor or script can start it with `--listen 127.0.0.1:0` (any
+    /// free port) and find it. Removed again when the host stops.
+    #[arg(long, value_name = "FILE")]
+    listen_file: Option<PathBuf>,
     /// Keep the event log in NATS JetStream instead of the data directory:
     /// `nats://HOST:PORT[,nats://HOST:PORT...][?stream=NAME&replicas=N&duplicate_window=SECS&lease_ttl=SECS]`.
     /// Plugin state stays in the data directory. Appends then hold at most 1,000 events.
@@ -676,6 +681,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "--alert-tool-failure-rate {rate} is not a share between 0 and 1 (0.2 is one in five)"
         );
     }
+    // Bound before the host starts: a taken port is reported at once, not after recovery
+    // and plugin loading, and the address advertised to a cluster is the one bound.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding {}: is another host (or program) listening there? Give --listen another address",
+                args.listen
+            )
+        })?;
+    let bound = listener.local_addr().context("reading the bound address")?;
     let config = crate::host::HostConfig {
         data: args.data.clone(),
         cache_bytes: args.cache_mb * 1024 * 1024,
@@ -697,14 +713,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         log_url: args.log.clone(),
         host_id: args.host_id.clone(),
-        advertise: Some(format!("http://{}", args.listen)),
+        advertise: Some(format!("http://{bound}")),
     };
     let host = crate::host::Host::start(config).await?;
     let state = host.api_state();
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let bound = listener.local_addr().context("reading the bound address")?;
     let state = state.with_access(api::Access::for_listener(
         bound,
         tokens,
@@ -716,12 +728,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
     };
-    api::serve(listener, state, serve_config, shutdown_signal())
-        .await
-        .context("serving the HTTP API")?;
+    if let Some(file) = &args.listen_file {
+        write_listen_file(file, bound)?;
+    }
+    let served = api::serve(listener, state, serve_config, shutdown_signal()).await;
+    if let Some(file) = &args.listen_file {
+        let _ = std::fs::remove_file(file);
+    }
+    served.context("serving the HTTP API")?;
     host.stop().await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Writes `bound` to `file` whole or not at all (a reader never sees half an address).
+fn write_listen_file(file: &Path, bound: SocketAddr) -> Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{bound}\n"))
+        .and_then(|()| std::fs::rename(&tmp, file))
+        .with_context(|| format!("writing the listen address to {}", file.display()))
 }
 
 /// The tokens `serve` accepts: `--token` (admin) and the lines of `--tokens FILE`.

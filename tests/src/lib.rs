@@ -1,7 +1,6 @@
 //! Harness for the end-to-end tests: starts the real host binary on a loopback port with a
 //! data directory, waits until it answers, and kills it (gracefully or with SIGKILL).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +13,6 @@ pub struct Host {
     /// Base URL, e.g. `http://127.0.0.1:40123`.
     pub url: String,
     bin: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 impl Host {
@@ -53,14 +45,19 @@ impl Host {
         env: &[(&str, &str)],
         stderr: Stdio,
     ) -> Host {
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
+        // The host picks a free port itself and says which: a port the harness picked and
+        // let go could be taken meanwhile, by another test's host that would then answer
+        // for this one.
+        let listen_file = data.join("listen-addr");
+        let _ = std::fs::remove_file(&listen_file);
         let child = Command::new(bin)
             .arg("serve")
             .arg("--data")
             .arg(data)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
+            .arg("--listen-file")
+            .arg(&listen_file)
             .args(if extra.contains(&"--log") {
                 Vec::new()
             } else {
@@ -75,19 +72,33 @@ impl Host {
             .expect("spawn the host binary");
         let mut host = Host {
             child,
-            url,
+            url: String::new(),
             bin: bin.into(),
         };
-        host.wait_ready().await;
+        host.wait_ready(&listen_file).await;
         host
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, listen_file: &Path) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
         loop {
             if let Some(status) = self.child.try_wait().expect("poll the host") {
                 panic!("the host exited before answering: {status}");
+            }
+            if self.url.is_empty() {
+                match std::fs::read_to_string(listen_file) {
+                    Ok(addr) => self.url = format!("http://{}", addr.trim()),
+                    Err(_) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the host did not write {} within 30 s",
+                            listen_file.display()
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
             }
             // A host that needs a token answers 401: it is up all the same.
             if let Ok(r) = client.get(format!("{}/health", self.url)).send().await

@@ -491,3 +491,33 @@ async fn a_bad_dead_letter_id_is_named_as_such() {
         assert!(message.contains("<plugin>.<position>"), "{message}");
     }
 }
+
+/// A second host told to listen where one already does exits at once, naming the address,
+/// before it opens its data; the first goes on answering. With `--listen 127.0.0.1:0` a
+/// host takes any free port and `--listen-file` says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_refused_at_start_and_listen_file_names_the_port_taken() {
+    let first = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, first.path(), &[]).await;
+    let written = std::fs::read_to_string(first.path().join("listen-addr")).unwrap();
+    assert_eq!(format!("http://{}", written.trim()), h.url);
+    let taken = h.url.trim_start_matches("http://").to_owned();
+    let second = tempfile::tempdir().unwrap();
+    let data = second.path().join("data");
+    let started = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--plugins", PLUGINS, "--data"])
+        .arg(&data)
+        .args(["--listen", &taken])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("binding {taken}")) && err.contains("--listen"),
+        "{err}"
+    );
+    assert!(!data.exists(), "the refused host opened its data directory");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(get(&format!("{}/health", h.url)).await.0, 200);
+}
