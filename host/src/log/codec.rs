@@ -207,11 +207,51 @@ struct StoredMetadata<'a> {
     extra: Vec<(&'a str, &'a str)>,
 }
 
+/// [`StoredEvent`] as it is written: the same fields in the same order, read straight from
+/// an [`Event`] (the metadata's other keys from its map, with no list built per event).
+#[derive(Serialize)]
+struct StoredEventOut<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    stream: &'a str,
+    version: u64,
+    timestamp_micros: i64,
+    keyed: bool,
+    source: &'a str,
+    payload: &'a str,
+    metadata: StoredMetadataOut<'a>,
+}
+
+#[derive(Serialize)]
+struct StoredMetadataOut<'a> {
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    agent_id: Option<&'a str>,
+    schema_version: Option<&'a str>,
+    extra: ExtraPairs<'a>,
+}
+
+/// A metadata map written as the sequence of pairs [`StoredMetadata::extra`] reads.
+struct ExtraPairs<'a>(&'a std::collections::BTreeMap<String, String>);
+
+impl Serialize for ExtraPairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+}
+
 /// Encodes one event (its position is implied by the chunk it lands in); `keyed` says the
 /// id was supplied by the client.
 pub(super) fn encode_event(e: &Event, keyed: bool) -> Vec<u8> {
+    encode_event_onto(e, keyed, Vec::new())
+}
+
+/// [`encode_event`] appended to `out`, which is returned: the writer encodes a whole chunk's
+/// events into one buffer.
+pub(super) fn encode_event_onto(e: &Event, keyed: bool, out: Vec<u8>) -> Vec<u8> {
     let m = &e.metadata;
-    let stored = StoredEvent {
+    let stored = StoredEventOut {
         id: &e.id,
         event_type: e.event_type.as_str(),
         stream: &e.stream,
@@ -220,20 +260,16 @@ pub(super) fn encode_event(e: &Event, keyed: bool) -> Vec<u8> {
         keyed,
         source: &e.source,
         payload: e.payload.as_str(),
-        metadata: StoredMetadata {
+        metadata: StoredMetadataOut {
             correlation_id: m.correlation_id.as_deref(),
             causation_id: m.causation_id.as_deref(),
             user_id: m.user_id.as_deref(),
             agent_id: m.agent_id.as_deref(),
             schema_version: m.schema_version.as_deref(),
-            extra: m
-                .extra
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
+            extra: ExtraPairs(&m.extra),
         },
     };
-    postcard::to_stdvec(&stored).expect("encoding to a Vec cannot fail")
+    postcard::to_extend(&stored, out).expect("encoding to a Vec cannot fail")
 }
 
 /// Interns event types while decoding a chunk, so repeated types share one allocation.
@@ -385,29 +421,44 @@ const GROUP_END: u32 = 1 << 31;
 /// Builds a chunk: header, then `count: u32`, `count` end offsets (u32), the event bytes.
 /// `group_end` marks the last chunk of a commit group: recovery keeps whole groups only.
 pub(super) fn encode_chunk(first_position: u64, events: &[Vec<u8>], group_end: bool) -> Vec<u8> {
-    let body: usize = events.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(CHUNK_HEADER + 4 + 4 * events.len() + body);
+    let mut ends = Vec::with_capacity(events.len());
+    let mut body = Vec::with_capacity(events.iter().map(Vec::len).sum());
+    for e in events {
+        body.extend_from_slice(e);
+        ends.push(body.len() as u32);
+    }
+    let mut out = Vec::new();
+    write_chunk(&mut out, first_position, &ends, &body, group_end);
+    out
+}
+
+/// Appends to `out` the chunk of events encoded back to back in `body`, each ending at its
+/// offset in `ends` (see [`encode_chunk`]).
+pub(super) fn write_chunk(
+    out: &mut Vec<u8>,
+    first_position: u64,
+    ends: &[u32],
+    body: &[u8],
+    group_end: bool,
+) {
+    let start = out.len();
+    out.reserve(CHUNK_HEADER + 4 + 4 * ends.len() + body.len());
     out.extend_from_slice(&[0u8; 8]);
     out.extend_from_slice(&first_position.to_le_bytes());
-    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
-    let mut end = 0u32;
-    for e in events {
-        end += e.len() as u32;
+    out.extend_from_slice(&(ends.len() as u32).to_le_bytes());
+    for end in ends {
         out.extend_from_slice(&end.to_le_bytes());
     }
-    for e in events {
-        out.extend_from_slice(e);
-    }
-    let body_len = (out.len() - CHUNK_HEADER) as u32;
-    let crc = crc32fast::hash(&out[CHUNK_HEADER..]);
+    out.extend_from_slice(body);
+    let body_len = (out.len() - start - CHUNK_HEADER) as u32;
+    let crc = crc32fast::hash(&out[start + CHUNK_HEADER..]);
     let len_field = if group_end {
         body_len | GROUP_END
     } else {
         body_len
     };
-    out[..4].copy_from_slice(&len_field.to_le_bytes());
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out
+    out[start..start + 4].copy_from_slice(&len_field.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// A decoded chunk header.
@@ -514,5 +565,70 @@ impl<'a> Chunk<'a> {
             .get(start..end)
             .ok_or_else(|| LogError::Corrupt(format!("event at position {position}")))?;
         decode_event(bytes, position, types)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(extra: &[(&str, &str)]) -> Event {
+        let mut metadata = Metadata::default();
+        metadata.correlation_id = Some("c-1".into());
+        metadata.causation_id = Some("e-0".into());
+        metadata.extra = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Event {
+            id: "e-1".to_owned().into(),
+            event_type: EventType::new("memory.entity.extracted").unwrap(),
+            stream: "s-1".to_owned().into(),
+            position: 7,
+            version: 3,
+            timestamp: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            source: "entity-extractor".into(),
+            payload: Payload::from_json(r#"{"entities":["Ada"]}"#).unwrap(),
+            metadata,
+        }
+    }
+
+    /// The writer's encoding is the one the reader's `StoredEvent` has always had, byte for
+    /// byte, and a chunk encoded onto one buffer reads back event for event.
+    #[test]
+    fn events_encoded_onto_one_buffer_read_back_as_written() {
+        for extra in [&[][..], &[("derivation_depth", "1"), ("zone", "ü")][..]] {
+            let e = event(extra);
+            let m = &e.metadata;
+            let reference = postcard::to_stdvec(&StoredEvent {
+                id: &e.id,
+                event_type: e.event_type.as_str(),
+                stream: &e.stream,
+                version: e.version,
+                timestamp_micros: e.timestamp.timestamp_micros(),
+                keyed: true,
+                source: &e.source,
+                payload: e.payload.as_str(),
+                metadata: StoredMetadata {
+                    correlation_id: m.correlation_id.as_deref(),
+                    causation_id: m.causation_id.as_deref(),
+                    user_id: None,
+                    agent_id: None,
+                    schema_version: None,
+                    extra: m
+                        .extra
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                },
+            })
+            .unwrap();
+            assert_eq!(encode_event(&e, true), reference);
+            let onto = encode_event_onto(&e, true, b"before".to_vec());
+            assert_eq!(&onto[6..], &reference[..]);
+            let (back, keyed) = decode_event(&reference, 7, &mut TypeCache::default()).unwrap();
+            assert!(keyed);
+            assert_eq!(back, e);
+        }
     }
 }

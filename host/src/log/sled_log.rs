@@ -1006,8 +1006,8 @@ impl Writer {
             deleted: HashMap::new(),
             staged: Vec::new(),
         };
-        for op in ops {
-            match self.stage(&mut group, &op.groups, op.index_ids) {
+        for mut op in ops {
+            match self.stage(&mut group, &mut op.groups, op.index_ids) {
                 Ok(results) => group.staged.push(Staged {
                     reply: op.reply,
                     results,
@@ -1163,7 +1163,7 @@ impl Writer {
     fn stage(
         &mut self,
         group: &mut Group,
-        appends: &[StreamAppend],
+        appends: &mut [StreamAppend],
         index_ids: bool,
     ) -> Result<Vec<Appended>, AppendError> {
         let base = group.first_position + group.events.len() as u64;
@@ -1177,7 +1177,7 @@ impl Writer {
         // Never before the previous append's: timestamps do not decrease along the log even
         // when the wall clock steps back.
         let now = (self.shared.config.clock)().max(group.timestamp);
-        for append in appends {
+        for append in appends.iter_mut() {
             // An id already stored, earlier in the group, or earlier in this append is not
             // appended again: it reports the original position.
             let mut positions: Vec<Option<u64>> = Vec::with_capacity(append.events.len());
@@ -1245,14 +1245,16 @@ impl Writer {
             }
             let mut version = current;
             for &i in &fresh {
-                let e = &append.events[i];
+                // Moved, not copied: the append is the writer's, and only a stored event's
+                // fields are read again (a fresh event's position is already known).
+                let e = &mut append.events[i];
                 let position = base + staged.len() as u64;
-                let id = match &e.id {
+                let id = match e.id.take() {
                     Some(id) if index_ids => {
-                        ids.insert(id.clone().into(), position);
-                        id.clone()
+                        ids.insert(id.as_str().to_owned(), position);
+                        id
                     }
-                    Some(id) => id.clone(),
+                    Some(id) => id,
                     None => uuid::Uuid::now_v7().to_string().into(),
                 };
                 staged.push(Event {
@@ -1262,9 +1264,9 @@ impl Writer {
                     position,
                     version,
                     timestamp: now,
-                    source: e.source.clone(),
+                    source: std::mem::take(&mut e.source),
                     payload: e.payload.clone(),
-                    metadata: e.metadata.clone(),
+                    metadata: std::mem::take(&mut e.metadata),
                 });
                 positions[i] = Some(position);
                 version += 1;
@@ -1303,30 +1305,35 @@ impl Writer {
         // Every chunk of the group, back to back: one write, one fdatasync.
         let mut bytes: Vec<u8> = Vec::new();
         let mut chunks: Vec<(u64, usize, usize, u32)> = Vec::new(); // first, start, len, count
-        let mut encoded: Vec<Vec<u8>> = Vec::new();
-        let mut size = 0;
+        // The open chunk: its events encoded back to back, and where each ends.
+        let (mut body, mut ends): (Vec<u8>, Vec<u32>) = (Vec::new(), Vec::new());
         let mut chunk_first = group.first_position;
-        let mut close =
-            |encoded: &mut Vec<Vec<u8>>, first: u64, bytes: &mut Vec<u8>, last: bool| {
-                let chunk = codec::encode_chunk(first, encoded, last);
-                chunks.push((first, bytes.len(), chunk.len(), encoded.len() as u32));
-                bytes.extend_from_slice(&chunk);
-                encoded.clear();
-            };
+        let mut close = |body: &mut Vec<u8>,
+                         ends: &mut Vec<u32>,
+                         first: u64,
+                         bytes: &mut Vec<u8>,
+                         last: bool| {
+            let start = bytes.len();
+            codec::write_chunk(bytes, first, ends, body, last);
+            chunks.push((first, start, bytes.len() - start, ends.len() as u32));
+            body.clear();
+            ends.clear();
+        };
         for e in &group.events {
-            let enc = codec::encode_event(e, group.ids.contains_key(e.id.as_str()));
-            if !encoded.is_empty()
-                && (encoded.len() == codec::CHUNK_MAX_EVENTS
-                    || size + enc.len() > codec::CHUNK_MAX_BYTES)
+            let before = body.len();
+            body = codec::encode_event_onto(e, group.ids.contains_key(e.id.as_str()), body);
+            if !ends.is_empty()
+                && (ends.len() == codec::CHUNK_MAX_EVENTS || body.len() > codec::CHUNK_MAX_BYTES)
             {
-                close(&mut encoded, chunk_first, &mut bytes, false);
+                // The event opens the next chunk.
+                let enc = body.split_off(before);
+                close(&mut body, &mut ends, chunk_first, &mut bytes, false);
                 chunk_first = e.position;
-                size = 0;
+                body = enc;
             }
-            size += enc.len();
-            encoded.push(enc);
+            ends.push(body.len() as u32);
         }
-        close(&mut encoded, chunk_first, &mut bytes, true);
+        close(&mut body, &mut ends, chunk_first, &mut bytes, true);
         let (segment, base) = self.segment.append(&bytes).map_err(|e| (e, false))?;
         let synced = std::time::Instant::now();
         self.segment.sync().map_err(|e| (e, false))?;
