@@ -14,8 +14,10 @@ cargo build --workspace --all-targets --locked
 cargo test --workspace --locked "$@"
 # The end-to-end suite that matters again with every host on the NATS JetStream log (one
 # nats-server per test binary, one stream per data directory). Left out: tests of the
-# embedded log's own files (segments, the erase intent and its fault points).
-EVHOST_TEST_LOG=nats cargo test -p evhost-tests --locked \
+# embedded log's own files (segments, the erase intent and its fault points). Selected
+# with --workspace, as the pass above, so cargo reuses its build (`-p evhost-tests` alone
+# resolves dependency features differently and rebuilds wasmtime).
+EVHOST_TEST_LOG=nats cargo test --workspace --locked \
     --test http_api --test streams --test stream_admin --test time_travel \
     --test projections --test tools --test failures --test lifecycle --test upgrades \
     --test poison --test contract --test state_loss "$@" -- \
