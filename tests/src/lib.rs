@@ -87,9 +87,9 @@ impl Host {
                 panic!("the host exited before answering: {status}");
             }
             if self.url.is_empty() {
-                match std::fs::read_to_string(listen_file) {
-                    Ok(addr) => self.url = format!("http://{}", addr.trim()),
-                    Err(_) => {
+                match listened(listen_file) {
+                    Some(url) => self.url = url,
+                    None => {
                         assert!(
                             Instant::now() < deadline,
                             "the host did not write {} within 30 s",
@@ -178,6 +178,31 @@ impl Host {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+}
+
+/// The `http://` URL a host started with `--listen 127.0.0.1:0 --listen-file FILE` wrote to
+/// FILE, once it has.
+fn listened(file: &Path) -> Option<String> {
+    let addr = std::fs::read_to_string(file).ok()?;
+    Some(format!("http://{}", addr.trim()))
+}
+
+/// Waits (up to 30 s) for a host started with `--listen 127.0.0.1:0 --listen-file FILE` to
+/// write FILE; returns its `http://` URL. A port the test picked and let go could be taken
+/// by another test's host meanwhile, one the host picks cannot.
+pub async fn listen_url(file: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(url) = listened(file) {
+            return url;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host did not write {} within 30 s",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

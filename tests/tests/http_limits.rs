@@ -602,12 +602,7 @@ async fn sigterm_completes_with_a_subscriber_and_a_half_sent_request_attached() 
 async fn running_out_of_file_descriptors_is_logged_and_survived() {
     const CONNECTIONS: usize = 400;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let listen_file = dir.path().join("listen-addr");
     let stderr_path = dir.path().join("stderr.log");
     // The host with few descriptors and a cap above them: accept fails with EMFILE.
     let mut child = std::process::Command::new("sh")
@@ -616,9 +611,9 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         .arg(BIN)
         .args(["serve", "--data"])
         .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--listen-file"])
+        .arg(&listen_file)
         .args([
-            "--listen",
-            &addr,
             "--max-connections",
             "5000",
             "--header-timeout-ms",
@@ -630,7 +625,8 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let url = format!("http://{addr}");
+    let url = evhost_tests::listen_url(&listen_file).await;
+    let addr = url.trim_start_matches("http://").to_owned();
     let up = async {
         for _ in 0..300 {
             if let Ok(r) = reqwest::get(format!("{url}/health")).await

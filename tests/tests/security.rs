@@ -308,15 +308,13 @@ async fn tokens_with_roles_guard_every_endpoint() {
     let file = dir.path().join("tokens");
     std::fs::write(&file, format!("# roles\n{READ} read\n{APPEND} append\n")).unwrap();
     let log = dir.path().join("host.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let listen_file = dir.path().join("listen-addr");
     let mut child = Command::new(BIN)
         .args(["serve", "--data"])
         .arg(dir.path().join("data"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens"])
+        .args(["--listen", "127.0.0.1:0", "--listen-file"])
+        .arg(&listen_file)
+        .arg("--tokens")
         .arg(&file)
         .env("EVHOST_TOKEN", ADMIN)
         .env("RUST_LOG", "debug")
@@ -324,7 +322,7 @@ async fn tokens_with_roles_guard_every_endpoint() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = evhost_tests::listen_url(&listen_file).await;
     let c = reqwest::Client::new();
     let mut up = false;
     for _ in 0..300 {
@@ -335,7 +333,7 @@ async fn tokens_with_roles_guard_every_endpoint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(up, "the host answers");
-    let host = format!("127.0.0.1:{port}");
+    let host = url.trim_start_matches("http://").to_owned();
     let cli = |args: &[&str], token: Option<&str>| {
         let mut cmd = Command::new(BIN);
         cmd.args(args)

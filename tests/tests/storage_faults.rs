@@ -45,13 +45,8 @@ fn flip_middle_bit(data: &Path) {
 
 /// Runs `serve` expecting it to refuse to start; returns what it printed.
 fn refused_start(data: &Path) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
