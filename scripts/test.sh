@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A failing test prints its message and place, not a backtrace that buries them.
-export RUST_BACKTRACE=0
+export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
 scripts/setup.sh --guests
 scripts/build-plugins.sh
 scripts/build-guests.sh

@@ -681,6 +681,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             "--alert-tool-failure-rate {rate} is not a share between 0 and 1 (0.2 is one in five)"
         );
     }
+    if let Some(file) = &args.listen_file {
+        check_listen_file(file)?;
+    }
     // Bound before the host starts: a taken port is reported at once, not after recovery
     // and plugin loading, and the address advertised to a cluster is the one bound.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -728,25 +731,54 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
     };
-    if let Some(file) = &args.listen_file {
-        write_listen_file(file, bound)?;
+    // From here a SIGTERM stops the host cleanly, also one sent as soon as the listen file
+    // appears.
+    let signal = shutdown_signal();
+    if let Some(file) = &args.listen_file
+        && let Err(e) = write_listen_file(file, bound)
+    {
+        host.stop().await;
+        return Err(e);
     }
-    let served = api::serve(listener, state, serve_config, shutdown_signal()).await;
+    let served = api::serve(listener, state, serve_config, signal).await;
+    host.stop().await;
     if let Some(file) = &args.listen_file {
         let _ = std::fs::remove_file(file);
     }
     served.context("serving the HTTP API")?;
-    host.stop().await;
     tracing::info!("shut down");
     Ok(())
 }
 
 /// Writes `bound` to `file` whole or not at all (a reader never sees half an address).
 fn write_listen_file(file: &Path, bound: SocketAddr) -> Result<()> {
-    let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, format!("{bound}\n"))
-        .and_then(|()| std::fs::rename(&tmp, file))
-        .with_context(|| format!("writing the listen address to {}", file.display()))
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written =
+        std::fs::write(&tmp, format!("{bound}\n")).and_then(|()| std::fs::rename(&tmp, file));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| {
+        format!(
+            "writing the listen address to {} (--listen-file)",
+            file.display()
+        )
+    })
+}
+
+/// Checks before the host starts that `--listen-file`'s directory exists, so a mistyped path
+/// is reported at once rather than after recovery and plugin loading.
+fn check_listen_file(file: &Path) -> Result<()> {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => bail!(
+            "--listen-file {}: the directory {} does not exist",
+            file.display(),
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The tokens `serve` accepts: `--token` (admin) and the lines of `--tokens FILE`.
@@ -784,20 +816,27 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
 #[cfg(not(unix))]
 fn warn_if_readable_by_others(_: &std::path::Path) {}
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Waits for SIGTERM or Ctrl-C, with both handlers installed when this is called.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    // Installed now, not when first awaited: a signal from here on is a clean stop.
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).expect("installing the SIGTERM handler"),
+            signal(SignalKind::interrupt()).expect("installing the SIGINT handler"),
+        )
+    };
+    async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = ctrl_c => {},
             _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -49,6 +49,8 @@ impl Host {
         // let go could be taken meanwhile, by another test's host that would then answer
         // for this one.
         let listen_file = data.join("listen-addr");
+        // Made here (as the host would) so the listen file has its directory.
+        std::fs::create_dir_all(data).expect("create the data directory");
         let _ = std::fs::remove_file(&listen_file);
         let child = Command::new(bin)
             .arg("serve")

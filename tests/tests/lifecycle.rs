@@ -498,7 +498,7 @@ async fn a_bad_dead_letter_id_is_named_as_such() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_port_is_refused_at_start_and_listen_file_names_the_port_taken() {
     let first = tempfile::tempdir().unwrap();
-    let h = Host::start(BIN, first.path(), &[]).await;
+    let mut h = Host::start(BIN, first.path(), &[]).await;
     let written = std::fs::read_to_string(first.path().join("listen-addr")).unwrap();
     assert_eq!(format!("http://{}", written.trim()), h.url);
     let taken = h.url.trim_start_matches("http://").to_owned();
@@ -520,4 +520,21 @@ async fn a_taken_port_is_refused_at_start_and_listen_file_names_the_port_taken()
     assert!(!data.exists(), "the refused host opened its data directory");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(get(&format!("{}/health", h.url)).await.0, 200);
+    // A listen file in a directory that is not there is refused before anything starts.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--listen-file")
+        .arg(second.path().join("missing").join("addr"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!data.exists());
+    // A clean stop removes the listen file.
+    assert!(h.stop().success());
+    assert!(!first.path().join("listen-addr").exists());
 }

@@ -1325,11 +1325,12 @@ impl Writer {
             if !ends.is_empty()
                 && (ends.len() == codec::CHUNK_MAX_EVENTS || body.len() > codec::CHUNK_MAX_BYTES)
             {
-                // The event opens the next chunk.
-                let enc = body.split_off(before);
+                // The event opens the next chunk (the buffer is kept for it).
+                let enc = body[before..].to_vec();
+                body.truncate(before);
                 close(&mut body, &mut ends, chunk_first, &mut bytes, false);
                 chunk_first = e.position;
-                body = enc;
+                body.extend_from_slice(&enc);
             }
             ends.push(body.len() as u32);
         }
