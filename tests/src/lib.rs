@@ -190,14 +190,18 @@ fn listened(file: &Path) -> Option<String> {
     Some(format!("http://{}", addr.trim()))
 }
 
-/// Waits (up to 30 s) for a host started with `--listen 127.0.0.1:0 --listen-file FILE` to
-/// write FILE; returns its `http://` URL. A port the test picked and let go could be taken
-/// by another test's host meanwhile, one the host picks cannot.
-pub async fn listen_url(file: &Path) -> String {
+/// Waits (up to 30 s) for the host `child`, started with `--listen 127.0.0.1:0
+/// --listen-file FILE`, to write FILE; returns its `http://` URL, or fails at once if the
+/// host exits first. A port the test picked and let go could be taken by another test's
+/// host meanwhile, one the host picks cannot.
+pub async fn listen_url(file: &Path, child: &mut std::process::Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(url) = listened(file) {
             return url;
+        }
+        if let Some(status) = child.try_wait().expect("poll the host") {
+            panic!("the host exited before it served: {status}");
         }
         assert!(
             Instant::now() < deadline,

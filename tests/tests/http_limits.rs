@@ -625,7 +625,7 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let url = evhost_tests::listen_url(&listen_file).await;
+    let url = evhost_tests::listen_url(&listen_file, &mut child).await;
     let addr = url.trim_start_matches("http://").to_owned();
     let up = async {
         for _ in 0..300 {

@@ -322,7 +322,7 @@ async fn tokens_with_roles_guard_every_endpoint() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let url = evhost_tests::listen_url(&listen_file).await;
+    let url = evhost_tests::listen_url(&listen_file, &mut child).await;
     let c = reqwest::Client::new();
     let mut up = false;
     for _ in 0..300 {
