@@ -23,11 +23,49 @@ fn binary() -> String {
     std::env::var("EVHOST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
 }
 
+/// A loopback port for a server to listen on, free now and below the kernel's ephemeral
+/// range, so no socket bound to port 0 (every evhost host the tests start takes its port
+/// that way) can be handed it before the server binds it; picked at random per process, so
+/// test processes running side by side do not pick the same one.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    const FROM: u16 = 10_000;
+    let mut given = GIVEN.lock().expect("port lock");
+    let given = given.get_or_insert_with(HashSet::new);
+    if ephemeral_from > FROM + 1_000 {
+        let span = u64::from(ephemeral_from - FROM);
+        let mut seed = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+        for _ in 0..200 {
+            // xorshift: enough to spread the picks of processes started together.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let port = FROM + (seed % span) as u16;
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("a free loopback port")
+        .expect("a free loopback port");
+    given.insert(port);
+    port
 }
 
 impl Node {
@@ -77,7 +115,7 @@ impl Node {
         assert!(self.child.is_none(), "the node is running");
         let mut again = Node::spawn(self.config.clone(), self.port);
         self.child = again.child.take();
-        wait_port(self.port);
+        self.wait_listening();
     }
 }
 
@@ -87,14 +125,27 @@ impl Drop for Node {
     }
 }
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nats-server did not listen on {port} within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+impl Node {
+    /// Waits until the server takes connections on its port; fails at once, naming the
+    /// port, if the server exits first (its port taken by another program, a bad config).
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port = self.port;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "nats-server for port {port} exited ({status}) before it listened; was the port taken? config: {}",
+                    self.config.display()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {port} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -119,7 +170,7 @@ impl Nats {
             .iter()
             .map(|(_, r)| format!("nats-route://127.0.0.1:{r}"))
             .collect();
-        let nodes = ports
+        let mut nodes = ports
             .iter()
             .enumerate()
             .map(|(i, (port, route))| {
@@ -140,8 +191,8 @@ impl Nats {
                 Node::spawn(config, *port)
             })
             .collect::<Vec<_>>();
-        for node in &nodes {
-            wait_port(node.port);
+        for node in &mut nodes {
+            node.wait_listening();
         }
         Nats { nodes, _dir: dir }
     }
