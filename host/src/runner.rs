@@ -221,14 +221,14 @@ impl Parts {
             snapshots: self.options.snapshots,
             snapshotted,
             lease: self.options.lease.clone(),
+            // A plugin that never derived anything has nothing to recover.
+            recovery: Recovery::new(position, store.has_derived().unwrap_or(true)),
         };
         let committer = tokio::spawn(committer.run(queue));
         let task = Task {
             name: self.name.clone(),
             hash,
             view: Arc::new(store.clone()),
-            // A plugin that never derived anything has nothing to recover.
-            recovery: Recovery::new(position, store.has_derived().unwrap_or(true)),
             processed,
             plugin: self.plugin.clone(),
             store: store.clone(),

@@ -13,6 +13,13 @@
 //!
 //! Outcome and start events have ids fixed by the invocation id, so whichever way a request
 //! arrives (twice, after a crash, to a tool loaded twice) the log holds one of each.
+//!
+//! A worker handles its next batch while the last one's outcomes are still being appended
+//! ([`Handler::derives_ahead_of_commits`]). A repeated request in that batch finds the start
+//! but not yet the outcome, and derives a failed outcome under the same outcome id; the
+//! committer appends batches in order and the log keeps the first event of an id, so that
+//! repeat is dropped and the invocation's real outcome stays its only one. The invocation
+//! itself is never run again: its start is durable before it runs.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -282,6 +289,10 @@ impl Handler for ToolHandler {
         self.plugin.id()
     }
 
+    fn derives_ahead_of_commits(&self) -> bool {
+        true
+    }
+
     async fn handle(
         &self,
         _view: Arc<dyn StateView>,
@@ -462,6 +473,12 @@ impl UnknownTools {
 impl Handler for UnknownTools {
     fn id(&self) -> &str {
         "evhost.tools"
+    }
+
+    /// Its one output, a failed outcome under the invocation's outcome id, is dropped by
+    /// the log when derived again.
+    fn derives_ahead_of_commits(&self) -> bool {
+        true
     }
 
     async fn handle(

@@ -38,6 +38,17 @@ pub trait Handler: Send + Sync + 'static {
         view: Arc<dyn StateView>,
         events: Arc<Vec<Arc<Event>>>,
     ) -> Result<Output, HandlerError>;
+
+    /// True when the next batch may be handled before this one's derived events with fixed
+    /// ids are appended. By default a runner waits for them, since a handler may look those
+    /// ids up to decide what to derive next. A handler that answers true must be one for
+    /// which deriving an id again is harmless: the committer appends batches in order and
+    /// the log keeps the first event of an id, so a later batch's repeat is dropped (tool
+    /// workers: a repeated request seen before its outcome is appended derives the same
+    /// outcome id).
+    fn derives_ahead_of_commits(&self) -> bool {
+        false
+    }
 }
 
 /// Why a handler failed, which decides what the runner does next.

@@ -251,13 +251,14 @@ impl ExtractorPlugin {
             )));
         }
         let source = self.plugin.name().to_owned();
+        let mut last_type = None;
         let derived = lists
             .into_iter()
             .zip(events)
             .map(|(list, from)| {
                 list.into_iter()
                     .map(|e| {
-                        from_wit_new(e, &source).map_err(|m| {
+                        from_wit_new(e, &source, &mut last_type).map_err(|m| {
                             invalid(format!(
                                 "derived an invalid event from {} at position {}: {m}",
                                 from.event_type.as_str(),
@@ -372,8 +373,20 @@ impl From<v2::types::NewEvent> for Fields {
     }
 }
 
-fn from_wit_new(e: Fields, source: &str) -> Result<Derived, String> {
-    let event_type = EventType::new(&e.event_type).map_err(|e| e.to_string())?;
+/// Checks and converts one derived event; `last_type` is the type of the one before, whose
+/// checked text is shared when this one has the same (an extractor mostly derives one type).
+fn from_wit_new(
+    e: Fields,
+    source: &str,
+    last_type: &mut Option<EventType>,
+) -> Result<Derived, String> {
+    let event_type = match last_type {
+        Some(t) if t.as_str() == e.event_type => t.clone(),
+        _ => {
+            let t = EventType::new(&e.event_type).map_err(|e| e.to_string())?;
+            last_type.insert(t).clone()
+        }
+    };
     if event_type.as_str().starts_with("evhost.") {
         // The host's own events (deletions, restores, erasures, audits) carry authority a
         // plugin does not have.

@@ -12,17 +12,23 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::backoff::{Backoff, HOST_BACKOFF};
-use super::lineage::{MAX_DERIVATION_DEPTH, deepen, depth_of, derived_id};
+use super::lineage::{
+    MAX_DERIVATION_DEPTH, Recovery, deepen, depth_of, derived_appends, derived_id,
+};
 use super::status::{RunState, StatusCell};
 use crate::bus::Bus;
 use crate::dead_letter::{self, DeadLetter, Quarantine, audit};
 use crate::event::{Event, NewEvent};
 use crate::limits::{OutputLimits, split_appends};
 use crate::log::{AppendError, EventLog, StreamAppend};
-use crate::plugin::{PluginStore, Writes};
+use crate::plugin::{Derived, PluginStore, Writes};
 
 /// One handled batch, waiting to be appended and committed.
 pub(super) struct Job {
+    /// Per event of `part`, what the handler derived from it: stamped (ids, causation,
+    /// depth) and grouped into appends here, off the handler's path.
+    pub(super) output: Vec<Vec<Derived>>,
+    /// Appends made ready by the runner (a dead letter's announcements).
     pub(super) appends: Vec<StreamAppend>,
     /// True when the handler fixed the ids (tool outcomes): appended indexed.
     pub(super) fixed_ids: bool,
@@ -31,8 +37,6 @@ pub(super) struct Job {
     pub(super) resume: u64,
     /// Events handled since the state was started, once this job commits.
     pub(super) processed: u64,
-    pub(super) derived: u64,
-    pub(super) dropped: u64,
     pub(super) events: usize,
     pub(super) started: Instant,
     /// The events the batch was derived from (none for a dead letter's job): what a
@@ -48,13 +52,12 @@ impl Job {
     /// A job that commits `writes` up to `resume` with nothing derived.
     pub(super) fn empty(resume: u64, processed: u64) -> Self {
         Self {
+            output: Vec::new(),
             appends: Vec::new(),
             fixed_ids: false,
             writes: Writes::default(),
             resume,
             processed,
-            derived: 0,
-            dropped: 0,
             events: 0,
             started: Instant::now(),
             part: Arc::default(),
@@ -99,6 +102,8 @@ pub(super) struct Committer {
     pub(super) snapshotted: u64,
     /// On a cluster: the plugin's lease, without which nothing is appended or committed.
     pub(super) lease: Option<crate::lease::Lease>,
+    /// What this plugin appended before it last stopped, left out of what it derives again.
+    pub(super) recovery: Recovery,
 }
 
 /// An append still to make, with whether its ids are indexed.
@@ -113,32 +118,15 @@ impl Committer {
             if self.fenced() {
                 return;
             }
+            let (derived, dropped) = self.stamp(&mut job);
             let mut backoff = Backoff::new(HOST_BACKOFF);
-            let mut chunks: VecDeque<Chunk> = split_appends(
-                std::mem::take(&mut job.appends),
-                self.limits.max_batch_events,
-            )
-            .into_iter()
-            .map(|c| (c, job.fixed_ids))
-            .collect();
-            let (mut refused, letters) = (0u64, job.dead_letters.len());
+            // Split once what was appended before a restart is left out.
+            let mut chunks: Option<VecDeque<Chunk>> = None;
+            let (mut not_appended, letters) = (0u64, job.dead_letters.len());
             loop {
-                let step = match self
-                    .append(&mut job, &mut chunks, &mut marked, &mut refused)
-                    .await
-                {
-                    Ok(()) => self
-                        .store
-                        .commit_with(
-                            &job.writes,
-                            job.resume,
-                            job.processed,
-                            &job.dead_letters,
-                            job.quarantine.as_ref(),
-                        )
-                        .map_err(|e| format!("committing state failed: {e}")),
-                    Err(e) => Err(e),
-                };
+                let step = self
+                    .try_job(&mut job, &mut chunks, &mut marked, &mut not_appended)
+                    .await;
                 let Err(message) = step else { break };
                 let message = self.limits.bound(message);
                 let wait = backoff.next();
@@ -163,8 +151,8 @@ impl Committer {
                 s.events_processed = job.processed;
                 s.batches += 1;
                 s.consecutive_errors = 0;
-                s.derived += job.derived.saturating_sub(refused);
-                s.dropped_by_depth += job.dropped;
+                s.derived += derived.saturating_sub(not_appended);
+                s.dropped_by_depth += dropped;
                 s.dead_lettered += (job.dead_letters.len() - letters) as u64;
                 s.state = if live {
                     RunState::Live
@@ -176,8 +164,67 @@ impl Committer {
             metrics::histogram!(crate::telemetry::PLUGIN_BATCH_SECONDS, "plugin" => self.name.clone())
                 .record(job.started.elapsed());
             let _ = self.committed.send(job.resume);
+            self.recovery.passed(job.resume);
             self.snapshot_past(job.resume);
         }
+    }
+
+    /// Stamps what `job`'s handler derived (ids, causation, correlation, depth) and groups
+    /// it into appends after the job's own; answers how many events were kept and how many
+    /// were dropped as too deep.
+    fn stamp(&self, job: &mut Job) -> (u64, u64) {
+        if job.output.is_empty() {
+            return (0, 0);
+        }
+        let (appends, kept, dropped) =
+            derived_appends(&self.name, &job.part, std::mem::take(&mut job.output));
+        job.appends.extend(appends);
+        if dropped > 0 {
+            tracing::warn!(
+                plugin = self.plugin,
+                dropped,
+                limit = MAX_DERIVATION_DEPTH,
+                "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)"
+            );
+        }
+        (kept, dropped)
+    }
+
+    /// One try at `job`: leaves out (once) what this plugin appended before a restart,
+    /// makes the appends left, and commits the writes with the checkpoint.
+    async fn try_job(
+        &mut self,
+        job: &mut Job,
+        chunks: &mut Option<VecDeque<Chunk>>,
+        marked: &mut bool,
+        not_appended: &mut u64,
+    ) -> Result<(), String> {
+        let chunks = match chunks {
+            Some(c) => c,
+            None => {
+                // Ids a handler fixed are looked up by the log itself.
+                if !job.fixed_ids && !job.appends.is_empty() {
+                    self.recovery
+                        .drop_appended(&self.name, &self.log, &mut job.appends)
+                        .await?;
+                }
+                let split = split_appends(
+                    std::mem::take(&mut job.appends),
+                    self.limits.max_batch_events,
+                );
+                chunks.insert(split.into_iter().map(|c| (c, job.fixed_ids)).collect())
+            }
+        };
+        self.append(job, chunks, marked, not_appended).await?;
+        self.store
+            .commit_with(
+                &job.writes,
+                job.resume,
+                job.processed,
+                &job.dead_letters,
+                job.quarantine.as_ref(),
+            )
+            .map_err(|e| format!("committing state failed: {e}"))
     }
 
     /// True when the plugin's lease is lost: another host may run it now, so this one
@@ -212,14 +259,14 @@ impl Committer {
         }
     }
 
-    /// Makes the appends left in `chunks`; a storage failure puts the failed one back
-    /// and answers why.
+    /// Makes the appends left in `chunks`, counting in `not_appended` the events the log
+    /// refused or held already; a storage failure puts the failed one back and answers why.
     async fn append(
         &self,
         job: &mut Job,
         chunks: &mut VecDeque<Chunk>,
         marked: &mut bool,
-        refused: &mut u64,
+        not_appended: &mut u64,
     ) -> Result<(), String> {
         while let Some((chunk, indexed)) = chunks.pop_front() {
             if self.fenced() {
@@ -242,7 +289,15 @@ impl Committer {
                 self.log.append_unindexed(chunk.clone()).await
             };
             match r {
-                Ok(_) => {}
+                // An id the log held already (a repeat a handler derived ahead of this
+                // commit, or a batch run again) is not counted as derived.
+                Ok(done) => {
+                    *not_appended += done
+                        .iter()
+                        .flat_map(|a| &a.written)
+                        .filter(|w| !**w)
+                        .count() as u64
+                }
                 Err(e @ AppendError::Storage(_)) => {
                     chunks.push_front((chunk, indexed));
                     return Err(format!("appending derived events failed: {e}"));
@@ -263,7 +318,7 @@ impl Committer {
                         }
                         continue;
                     }
-                    *refused += 1;
+                    *not_appended += 1;
                     let event = &chunk[0].events[0];
                     if let Some(announce) = self.refused(job, event, &e) {
                         // Indexed: a batch that runs again announces once.

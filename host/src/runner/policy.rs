@@ -98,11 +98,11 @@ impl Task {
             let Some(job) = job else { continue };
             self.status.update(|s| s.dead_letters_in_a_row = 0);
             self.processed = job.processed;
-            self.recovery.passed(part_resume);
             // The next part may run while this one is appended and committed only when it
-            // cannot depend on them: no state writes to read back, and no fixed ids (tool
-            // outcomes) that the next part looks up.
-            let wait = job.fixed_ids || !job.writes.is_empty();
+            // cannot depend on them: no state writes to read back, and no fixed ids that the
+            // next part looks up (unless the handler derives them again harmlessly).
+            let wait = !job.writes.is_empty()
+                || (job.fixed_ids && !self.plugin.derives_ahead_of_commits());
             if !self.hand(job).await {
                 return Flow::Stopped;
             }

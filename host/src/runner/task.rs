@@ -9,7 +9,6 @@ use tokio::sync::{mpsc, watch};
 
 use super::backoff::HOST_BACKOFF;
 use super::commit::{Job, committed_to};
-use super::lineage::{MAX_DERIVATION_DEPTH, Recovery, derived_appends};
 use super::request::Control;
 use super::status::{RunState, RunnerOptions, StatusCell};
 use crate::bus::{Bus, Start, Subscription};
@@ -45,7 +44,6 @@ pub(super) struct Task {
     pub(super) status: StatusCell,
     pub(super) stopped: watch::Receiver<bool>,
     pub(super) view: Arc<dyn StateView>,
-    pub(super) recovery: Recovery,
     /// Events handled since the state was started, as of the last job handed on.
     pub(super) processed: u64,
     pub(super) jobs: mpsc::Sender<Job>,
@@ -174,7 +172,7 @@ impl Task {
     }
 
     /// One call over `part`, checked: derived events must fit the log and satisfy the
-    /// schemas; what the plugin already appended before a restart is left out.
+    /// schemas.
     pub(super) async fn attempt(
         &mut self,
         part: &Arc<Vec<Arc<Event>>>,
@@ -188,27 +186,10 @@ impl Task {
             .iter()
             .flatten()
             .any(|d| d.event.id.is_some());
-        let (mut appends, derived, dropped) = derived_appends(&self.name, part, output.derived);
-        if !appends.is_empty() && !fixed_ids {
-            self.recovery
-                .drop_appended(&self.name, &self.log, &mut appends)
-                .await
-                .map_err(HandlerError::Host)?;
-        }
-        if dropped > 0 {
-            tracing::warn!(
-                plugin = self.plugin.id(),
-                dropped,
-                limit = MAX_DERIVATION_DEPTH,
-                "derived events dropped: deeper than the derivation depth limit (a cycle between extractors?)"
-            );
-        }
         Ok(Job {
-            appends,
+            output: output.derived,
             fixed_ids,
             writes: output.writes,
-            derived,
-            dropped,
             events: part.len(),
             started,
             part: part.clone(),
