@@ -241,6 +241,7 @@ impl Parts {
             jobs,
             committed,
             handed: position,
+            handed_before: position,
         };
         self.status.update(|s| {
             s.position = position;

@@ -15,13 +15,14 @@
 //! arrives (twice, after a crash, to a tool loaded twice) the log holds one of each.
 //!
 //! A worker handles its next batch while the last one's outcomes are still being appended
-//! ([`Handler::derives_ahead_of_commits`]). A repeated request in that batch finds the start
-//! but not yet the outcome, and derives a failed outcome under the same outcome id; the
-//! committer appends batches in order and the log keeps the first event of an id, so that
-//! repeat is dropped and the invocation's real outcome stays its only one. The invocation
-//! itself is never run again: its start is durable before it runs.
+//! ([`Handler::derives_ahead_of_commits`]: never more than one batch ahead). It remembers
+//! the invocations its last call answered, with the request's position, so a later request
+//! for one of them whose outcome is not in the log yet is skipped as a duplicate, as it
+//! would be once the outcome is there (on any stream, with any input). The same request
+//! handled again (a batch re-run after a failure or a restart) is not a later one: it finds
+//! its start and fails as interrupted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -146,6 +147,10 @@ pub(crate) struct ToolHandler {
     log: Arc<dyn EventLog>,
     concurrency: usize,
     limits: OutputLimits,
+    /// The invocations the last call answered (ran, or failed without running), each with
+    /// the position of the request it answered: their outcomes may not be in the log yet
+    /// while the next call runs.
+    answered: std::sync::Mutex<Arc<HashMap<String, u64>>>,
 }
 
 impl ToolHandler {
@@ -168,6 +173,7 @@ impl ToolHandler {
             log,
             concurrency,
             limits: OutputLimits::default(),
+            answered: Default::default(),
         })
     }
 
@@ -302,6 +308,8 @@ impl Handler for ToolHandler {
         let mut seen = HashSet::new();
         let mut to_run: Vec<(usize, Parsed)> = Vec::new();
         let lookup = |id: EventId| find_id(&self.log, id);
+        let before = self.answered.lock().expect("answered lock").clone();
+        let mut answered: HashMap<String, u64> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
             let Some(p) = parse(event) else { continue };
             if p.tool != self.name || !seen.insert(p.invocation_id.clone()) {
@@ -310,6 +318,14 @@ impl Handler for ToolHandler {
             if lookup(outcome_id(&p.invocation_id)).await?.is_some() {
                 continue;
             }
+            if before
+                .get(&p.invocation_id)
+                .is_some_and(|at| *at < event.position)
+            {
+                // Answered by the last call: its outcome is on its way to the log.
+                continue;
+            }
+            answered.insert(p.invocation_id.clone(), event.position);
             if lookup(started_id(&p.invocation_id)).await?.is_some() {
                 out[i].push(failed(
                     &self.limits,
@@ -342,6 +358,7 @@ impl Handler for ToolHandler {
             to_run.push((i, p));
         }
         if to_run.is_empty() {
+            *self.answered.lock().expect("answered lock") = Arc::new(answered);
             return Ok(Output {
                 derived: out,
                 ..Output::default()
@@ -396,8 +413,12 @@ impl Handler for ToolHandler {
                     "another host started this invocation first: it runs there, not here"
                 );
             }
+            if !ours {
+                answered.remove(&p.invocation_id);
+            }
             ours
         });
+        *self.answered.lock().expect("answered lock") = Arc::new(answered);
         let results = self
             .run_all(to_run.iter().map(|(_, p)| p.input.to_string()).collect())
             .await;
@@ -473,12 +494,6 @@ impl UnknownTools {
 impl Handler for UnknownTools {
     fn id(&self) -> &str {
         "evhost.tools"
-    }
-
-    /// Its one output, a failed outcome under the invocation's outcome id, is dropped by
-    /// the log when derived again.
-    fn derives_ahead_of_commits(&self) -> bool {
-        true
     }
 
     async fn handle(

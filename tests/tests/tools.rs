@@ -463,47 +463,68 @@ async fn tool_metrics_count_every_invocation_by_its_outcome() {
 }
 
 /// A worker handles its next batch while the last one's outcomes are still being appended:
-/// a request repeated in that batch must neither run the invocation again nor leave a
-/// second outcome (the real one stays the only one).
+/// a request repeated in that batch, on another stream or with other input, must be
+/// skipped as a duplicate, as it is once the outcome is in the log: the invocation neither
+/// runs again nor gets a second outcome, and nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_repeated_in_the_next_batch_runs_once_with_its_real_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS, "--grant", GRANT]).await;
     // 700 invocations, each requested twice 700 events apart: more than math's batch of
-    // 512, so every repeat lands in a later batch than its first request.
+    // 512, so every repeat lands in a later batch than its first request. The odd ones
+    // first fail the tool's schema (no start, a failed outcome) and come back valid.
     let ids: Vec<String> = (0..700).map(|i| format!("rep-{i}")).collect();
-    let batch = |_: ()| {
-        Value::Array(
-            ids.iter()
-                .enumerate()
-                .map(|(i, id)| request(id, "math", json!({"expression": format!("{i}*2")})))
-                .collect(),
-        )
-    };
-    append(&h, "calls", batch(())).await;
-    let reply = append(&h, "calls", batch(())).await;
+    let first = Value::Array(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| match i % 2 {
+                0 => request(id, "math", json!({"expression": format!("{i}*2")})),
+                _ => request(id, "math", json!({"expr": format!("{i}*2")})),
+            })
+            .collect(),
+    );
+    let again = Value::Array(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| request(id, "math", json!({"expression": format!("{i}*3")})))
+            .collect(),
+    );
+    append(&h, "calls", first).await;
+    let reply = append(&h, "calls-again", again).await;
     let last = reply["positions"][699].as_u64().unwrap();
     // Past the last repeat: every outcome either batch derived is appended.
     let info = position_reaches(&h, "math", last + 1).await;
     assert_eq!(info["events_processed"], json!(1400), "{info}");
+    assert_eq!(info["dead_lettered"], json!(0), "{info}");
+    assert_eq!(info["errors"], json!(0), "{info}");
+    assert_eq!(info["derived"], json!(700), "one outcome each: {info}");
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let by_id = outcomes(&h, &id_refs).await;
     let events = all_events(&h).await;
     for (i, id) in ids.iter().enumerate() {
         let list = &by_id[id];
         assert_eq!(list.len(), 1, "{id} has {} outcomes: {list:?}", list.len());
-        assert_eq!(
-            list[0]["type"], "tool.invocation.completed",
-            "{id}: {}",
-            list[0]
-        );
-        assert_eq!(list[0]["payload"]["output"]["value"], json!(i * 2), "{id}");
         let starts = events
             .iter()
             .filter(|e| {
                 e["type"] == "tool.invocation.started" && e["payload"]["invocation_id"] == **id
             })
             .count();
-        assert_eq!(starts, 1, "{id} started {starts} times");
+        if i % 2 == 0 {
+            assert_eq!(
+                list[0]["type"], "tool.invocation.completed",
+                "{id}: {}",
+                list[0]
+            );
+            assert_eq!(list[0]["payload"]["output"]["value"], json!(i * 2), "{id}");
+            assert_eq!(starts, 1, "{id} started {starts} times");
+        } else {
+            assert_eq!(
+                list[0]["payload"]["error"]["code"], "invalid_input",
+                "{id}: {}",
+                list[0]
+            );
+            assert_eq!(starts, 0, "{id} ran after its outcome said it did not");
+        }
     }
 }

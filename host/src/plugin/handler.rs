@@ -40,12 +40,11 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<Output, HandlerError>;
 
     /// True when the next batch may be handled before this one's derived events with fixed
-    /// ids are appended. By default a runner waits for them, since a handler may look those
-    /// ids up to decide what to derive next. A handler that answers true must be one for
-    /// which deriving an id again is harmless: the committer appends batches in order and
-    /// the log keeps the first event of an id, so a later batch's repeat is dropped (tool
-    /// workers: a repeated request seen before its outcome is appended derives the same
-    /// outcome id).
+    /// ids are committed. By default a runner waits for them, since a handler may look
+    /// those ids up to decide what to derive next. When true, the runner handles at most
+    /// one batch ahead: when it calls [`Handler::handle`], everything the calls before the
+    /// previous one derived is committed, and the handler must itself answer for what the
+    /// previous call derived (tool workers remember the invocations it answered).
     fn derives_ahead_of_commits(&self) -> bool {
         false
     }

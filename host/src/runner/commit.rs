@@ -106,8 +106,14 @@ pub(super) struct Committer {
     pub(super) recovery: Recovery,
 }
 
-/// An append still to make, with whether its ids are indexed.
-type Chunk = (Vec<StreamAppend>, bool);
+/// An append still to make.
+struct Chunk {
+    appends: Vec<StreamAppend>,
+    /// Its ids are looked up and indexed (ids a handler fixed).
+    indexed: bool,
+    /// It holds events the handler derived (counted in the status), not announcements.
+    derived: bool,
+}
 
 impl Committer {
     /// Appends and commits each job of `queue` in order, until the queue closes or the
@@ -191,7 +197,8 @@ impl Committer {
     }
 
     /// One try at `job`: leaves out (once) what this plugin appended before a restart,
-    /// makes the appends left, and commits the writes with the checkpoint.
+    /// makes the appends left, and commits the writes with the checkpoint; what was left
+    /// out or not appended is counted in `not_appended`.
     async fn try_job(
         &mut self,
         job: &mut Job,
@@ -204,15 +211,31 @@ impl Committer {
             None => {
                 // Ids a handler fixed are looked up by the log itself.
                 if !job.fixed_ids && !job.appends.is_empty() {
+                    let count =
+                        |a: &[StreamAppend]| a.iter().map(|a| a.events.len()).sum::<usize>();
+                    let before = count(&job.appends);
                     self.recovery
                         .drop_appended(&self.name, &self.log, &mut job.appends)
                         .await?;
+                    *not_appended += (before - count(&job.appends)) as u64;
                 }
                 let split = split_appends(
                     std::mem::take(&mut job.appends),
                     self.limits.max_batch_events,
                 );
-                chunks.insert(split.into_iter().map(|c| (c, job.fixed_ids)).collect())
+                // A job derives events from its part, or carries a dead letter's
+                // announcements (and no part), never both.
+                let derived = !job.part.is_empty();
+                chunks.insert(
+                    split
+                        .into_iter()
+                        .map(|appends| Chunk {
+                            appends,
+                            indexed: job.fixed_ids,
+                            derived,
+                        })
+                        .collect(),
+                )
             }
         };
         self.append(job, chunks, marked, not_appended).await?;
@@ -259,8 +282,9 @@ impl Committer {
         }
     }
 
-    /// Makes the appends left in `chunks`, counting in `not_appended` the events the log
-    /// refused or held already; a storage failure puts the failed one back and answers why.
+    /// Makes the appends left in `chunks`, counting in `not_appended` the derived events the
+    /// log refused or held already; a storage failure puts the failed one back and answers
+    /// why.
     async fn append(
         &self,
         job: &mut Job,
@@ -268,38 +292,47 @@ impl Committer {
         marked: &mut bool,
         not_appended: &mut u64,
     ) -> Result<(), String> {
-        while let Some((chunk, indexed)) = chunks.pop_front() {
+        while let Some(c) = chunks.pop_front() {
             if self.fenced() {
-                chunks.push_front((chunk, indexed));
+                chunks.push_front(c);
                 return Err("the plugin's lease was lost".into());
             }
             // Durable before the first derived event of this plugin name, so a later start
             // knows to look for what it appended (see `Recovery`).
             if !*marked {
                 if let Err(e) = self.store.mark_derived() {
-                    chunks.push_front((chunk, indexed));
+                    chunks.push_front(c);
                     return Err(format!("recording that derived events follow failed: {e}"));
                 }
                 *marked = true;
             }
-            let r = if indexed {
+            let r = if c.indexed {
                 // Ids a handler fixed are looked up later (tool outcomes): indexed.
-                self.log.append(chunk.clone()).await
+                self.log.append(c.appends.clone()).await
             } else {
-                self.log.append_unindexed(chunk.clone()).await
+                self.log.append_unindexed(c.appends.clone()).await
             };
+            let Chunk {
+                appends: chunk,
+                indexed,
+                derived,
+            } = c;
             match r {
-                // An id the log held already (a repeat a handler derived ahead of this
-                // commit, or a batch run again) is not counted as derived.
-                Ok(done) => {
+                // An id the log held already (a batch run again) is not counted as derived.
+                Ok(done) if derived => {
                     *not_appended += done
                         .iter()
                         .flat_map(|a| &a.written)
                         .filter(|w| !**w)
                         .count() as u64
                 }
+                Ok(_) => {}
                 Err(e @ AppendError::Storage(_)) => {
-                    chunks.push_front((chunk, indexed));
+                    chunks.push_front(Chunk {
+                        appends: chunk,
+                        indexed,
+                        derived,
+                    });
                     return Err(format!("appending derived events failed: {e}"));
                 }
                 Err(e) => {
@@ -313,16 +346,26 @@ impl Committer {
                                     expected: a.expected,
                                     events: vec![ev],
                                 };
-                                chunks.push_front((vec![alone], indexed));
+                                chunks.push_front(Chunk {
+                                    appends: vec![alone],
+                                    indexed,
+                                    derived,
+                                });
                             }
                         }
                         continue;
                     }
-                    *not_appended += 1;
+                    if derived {
+                        *not_appended += 1;
+                    }
                     let event = &chunk[0].events[0];
                     if let Some(announce) = self.refused(job, event, &e) {
                         // Indexed: a batch that runs again announces once.
-                        chunks.push_back((vec![announce], true));
+                        chunks.push_back(Chunk {
+                            appends: vec![announce],
+                            indexed: true,
+                            derived: false,
+                        });
                     }
                     let message = self.limits.bound(format!(
                         "the log refused a derived {} event: {e}",

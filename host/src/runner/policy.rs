@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::backoff::{Backoff, HOST_BACKOFF};
-use super::commit::Job;
+use super::commit::{Job, committed_to};
 use super::lineage::{MAX_DERIVATION_DEPTH, deepen, depth_of, derived_id};
 use super::status::RunState;
 use super::task::{Flow, Task};
@@ -100,13 +100,19 @@ impl Task {
             self.processed = job.processed;
             // The next part may run while this one is appended and committed only when it
             // cannot depend on them: no state writes to read back, and no fixed ids that the
-            // next part looks up (unless the handler derives them again harmlessly).
-            let wait = !job.writes.is_empty()
-                || (job.fixed_ids && !self.plugin.derives_ahead_of_commits());
+            // next part looks up, unless the handler answers for those itself; then it runs
+            // at most one part ahead of the committed ones.
+            let ahead = job.fixed_ids && self.plugin.derives_ahead_of_commits();
+            let wait = !job.writes.is_empty() || (job.fixed_ids && !ahead);
             if !self.hand(job).await {
                 return Flow::Stopped;
             }
             if wait && !self.settled().await {
+                return Flow::Stopped;
+            }
+            if ahead
+                && !committed_to(&mut self.committed, self.handed_before, &mut self.stopped).await
+            {
                 return Flow::Stopped;
             }
         }

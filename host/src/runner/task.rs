@@ -50,6 +50,8 @@ pub(super) struct Task {
     pub(super) committed: watch::Receiver<u64>,
     /// Resume position of the last job handed to the committer.
     pub(super) handed: u64,
+    /// Resume position of the job handed before that one.
+    pub(super) handed_before: u64,
 }
 
 impl Task {
@@ -68,6 +70,7 @@ impl Task {
 
     /// Hands `job` to the committer; false when the runner is stopping.
     pub(super) async fn hand(&mut self, job: Job) -> bool {
+        self.handed_before = self.handed;
         self.handed = job.resume;
         self.jobs.send(job).await.is_ok()
     }
