@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use control::Controller;
 pub use lineage::{DEPTH_KEY, MAX_DERIVATION_DEPTH};
-pub(crate) use lineage::{derived_id, push_grouped, stamp};
+pub(crate) use lineage::{depth_of, derived_id, push_grouped, stamp};
 pub use request::{ControlError, RetryOutcome};
 pub use status::{RunState, RunnerOptions, RunnerStatus};
 

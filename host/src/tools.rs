@@ -20,7 +20,9 @@
 //! for one of them whose outcome is not in the log yet is skipped as a duplicate, as it
 //! would be once the outcome is there (on any stream, with any input). The same request
 //! handled again (a batch re-run after a failure or a restart) is not a later one: it finds
-//! its start and fails as interrupted.
+//! its start and fails as interrupted. A repeat skipped this way has no outcome of its own
+//! if the log then refuses the first one's (its stream deleted in between): that request
+//! is dead-lettered instead.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -36,7 +38,7 @@ use crate::plugin::{
     Derived, Handler, HandlerError, Output, PluginError, PluginLogs, StateView, ToolInfo,
     ToolPlugin,
 };
-use crate::runner::{derived_id, push_grouped, stamp};
+use crate::runner::{MAX_DERIVATION_DEPTH, depth_of, derived_id, push_grouped, stamp};
 
 /// Requests for tools.
 pub(crate) const REQUESTED: &str = "tool.invocation.requested";
@@ -325,7 +327,11 @@ impl Handler for ToolHandler {
                 // Answered by the last call: its outcome is on its way to the log.
                 continue;
             }
-            answered.insert(p.invocation_id.clone(), event.position);
+            // An outcome deeper than the derivation limit is dropped, never appended: a
+            // repeat of this request must not wait for it.
+            if depth_of(event) < MAX_DERIVATION_DEPTH {
+                answered.insert(p.invocation_id.clone(), event.position);
+            }
             if lookup(started_id(&p.invocation_id)).await?.is_some() {
                 out[i].push(failed(
                     &self.limits,

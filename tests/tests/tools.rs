@@ -470,9 +470,11 @@ async fn tool_metrics_count_every_invocation_by_its_outcome() {
 async fn a_request_repeated_in_the_next_batch_runs_once_with_its_real_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let h = Host::start(BIN, dir.path(), &["--plugins", PLUGINS, "--grant", GRANT]).await;
-    // 700 invocations, each requested twice 700 events apart: more than math's batch of
-    // 512, so every repeat lands in a later batch than its first request. The odd ones
-    // first fail the tool's schema (no start, a failed outcome) and come back valid.
+    // 700 invocations, each requested twice: more than math's batch of 512 apart, with a
+    // batch of another tool's requests (nothing for math to derive) between, and the
+    // repeats in reverse order, so those of the first request's last batch come first.
+    // The odd ones first fail the tool's schema (no start, a failed outcome) and come back
+    // valid.
     let ids: Vec<String> = (0..700).map(|i| format!("rep-{i}")).collect();
     let first = Value::Array(
         ids.iter()
@@ -483,18 +485,25 @@ async fn a_request_repeated_in_the_next_batch_runs_once_with_its_real_outcome() 
             })
             .collect(),
     );
+    let other = Value::Array(
+        (0..600)
+            .map(|i| request(&format!("other-{i}"), "no-such-tool", json!({})))
+            .collect(),
+    );
     let again = Value::Array(
         ids.iter()
             .enumerate()
+            .rev()
             .map(|(i, id)| request(id, "math", json!({"expression": format!("{i}*3")})))
             .collect(),
     );
     append(&h, "calls", first).await;
+    append(&h, "others", other).await;
     let reply = append(&h, "calls-again", again).await;
     let last = reply["positions"][699].as_u64().unwrap();
     // Past the last repeat: every outcome either batch derived is appended.
     let info = position_reaches(&h, "math", last + 1).await;
-    assert_eq!(info["events_processed"], json!(1400), "{info}");
+    assert_eq!(info["events_processed"], json!(2000), "{info}");
     assert_eq!(info["dead_lettered"], json!(0), "{info}");
     assert_eq!(info["errors"], json!(0), "{info}");
     assert_eq!(info["derived"], json!(700), "one outcome each: {info}");

@@ -42,9 +42,9 @@ pub trait Handler: Send + Sync + 'static {
     /// True when the next batch may be handled before this one's derived events with fixed
     /// ids are committed. By default a runner waits for them, since a handler may look
     /// those ids up to decide what to derive next. When true, the runner handles at most
-    /// one batch ahead: when it calls [`Handler::handle`], everything the calls before the
-    /// previous one derived is committed, and the handler must itself answer for what the
-    /// previous call derived (tool workers remember the invocations it answered).
+    /// one batch ahead: when it calls [`Handler::handle`], everything derived before the
+    /// last call whose output it took is committed, and the handler must itself answer for
+    /// what that call derived (tool workers remember the invocations it answered).
     fn derives_ahead_of_commits(&self) -> bool {
         false
     }

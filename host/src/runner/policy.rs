@@ -101,8 +101,8 @@ impl Task {
             // The next part may run while this one is appended and committed only when it
             // cannot depend on them: no state writes to read back, and no fixed ids that the
             // next part looks up, unless the handler answers for those itself; then it runs
-            // at most one part ahead of the committed ones.
-            let ahead = job.fixed_ids && self.plugin.derives_ahead_of_commits();
+            // at most one part ahead of the committed ones, whatever each part derived.
+            let ahead = self.plugin.derives_ahead_of_commits();
             let wait = !job.writes.is_empty() || (job.fixed_ids && !ahead);
             if !self.hand(job).await {
                 return Flow::Stopped;
