@@ -251,10 +251,11 @@ async fn health(State(st): State<AppState>) -> Response {
 /// One event in an append request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EventBody {
+struct EventBody<'a> {
     #[serde(rename = "type")]
     event_type: EventType,
-    payload: Box<RawValue>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
     #[serde(default)]
     metadata: Metadata,
     #[serde(default)]
@@ -265,21 +266,23 @@ struct EventBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StreamAppendBody {
+struct StreamAppendBody<'a> {
     #[serde(default)]
     expected_version: ExpectedVersion,
-    events: Vec<EventBody>,
+    #[serde(borrow)]
+    events: Vec<EventBody<'a>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MultiEventBody {
+struct MultiEventBody<'a> {
     stream: String,
     #[serde(default)]
     expected_version: ExpectedVersion,
     #[serde(rename = "type")]
     event_type: EventType,
-    payload: Box<RawValue>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
     #[serde(default)]
     metadata: Metadata,
     #[serde(default)]
@@ -290,12 +293,13 @@ struct MultiEventBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MultiAppendBody {
-    events: Vec<MultiEventBody>,
+struct MultiAppendBody<'a> {
+    #[serde(borrow)]
+    events: Vec<MultiEventBody<'a>>,
 }
 
 /// Parses a JSON body, turning every failure into a 400 that says what was wrong.
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
 }
@@ -313,7 +317,7 @@ pub fn parse_stream_append(
     let events = body
         .events
         .into_iter()
-        .map(|e| new_event(cfg, e.event_type, &e.payload, e.metadata, e.id, e.source))
+        .map(|e| new_event(cfg, e.event_type, e.payload, e.metadata, e.id, e.source))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(StreamAppend {
         stream: stream.to_owned().into(),
@@ -335,7 +339,7 @@ pub fn parse_multi_append(cfg: &ApiConfig, body: &[u8]) -> Result<Vec<StreamAppe
             events: vec![new_event(
                 cfg,
                 e.event_type,
-                &e.payload,
+                e.payload,
                 e.metadata,
                 e.id,
                 e.source,

@@ -106,8 +106,19 @@ impl Serialize for EventType {
 
 impl<'de> Deserialize<'de> for EventType {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        thread_local! {
+            // The type this thread read last: the events of one request or one page mostly
+            // share a type, and a repeat is then neither validated nor allocated again.
+            static LAST: std::cell::RefCell<Option<EventType>> = const { std::cell::RefCell::new(None) };
+        }
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        EventType::new(&s).map_err(D::Error::custom)
+        let cached = LAST.with_borrow(|last| last.as_ref().filter(|t| *t.0 == *s).cloned());
+        if let Some(t) = cached {
+            return Ok(t);
+        }
+        let t = EventType::new(&s).map_err(D::Error::custom)?;
+        LAST.set(Some(t.clone()));
+        Ok(t)
     }
 }
 
@@ -350,7 +361,18 @@ impl Metadata {
 
     /// Bytes of every key and value, counted toward an event's size limit.
     pub fn text_len(&self) -> usize {
-        self.to_pairs_ref().map(|(k, v)| k.len() + v.len()).sum()
+        // Counted on every append: the named fields directly, as `to_pairs_ref` names them.
+        let named = |key: &str, v: &Option<String>| v.as_ref().map_or(0, |v| key.len() + v.len());
+        named("correlation_id", &self.correlation_id)
+            + named("causation_id", &self.causation_id)
+            + named("user_id", &self.user_id)
+            + named("agent_id", &self.agent_id)
+            + named("schema_version", &self.schema_version)
+            + self
+                .extra
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// The pairs without copying them.
@@ -497,6 +519,38 @@ mod tests {
             );
         }
         assert!(EventType::new(&"a".repeat(MAX_TYPE_LEN + 1)).is_err());
+    }
+
+    /// A repeated type read from JSON is the one read before it (shared, not copied again),
+    /// and a bad type after a good one is still refused.
+    #[test]
+    fn event_types_read_from_json_are_validated_and_repeats_shared() {
+        let types: Vec<EventType> =
+            serde_json::from_str(r#"["a.b", "a.b", "c.d", "a.b"]"#).unwrap();
+        assert!(Arc::ptr_eq(&types[0].0, &types[1].0));
+        assert_eq!(types[2].as_str(), "c.d");
+        assert_eq!(types[3].as_str(), "a.b");
+        let bad: Result<Vec<EventType>, _> = serde_json::from_str(r#"["a.b", "a..b"]"#);
+        assert!(bad.unwrap_err().to_string().contains("invalid event type"));
+        let bad: Result<Vec<EventType>, _> = serde_json::from_str(r#"["a.*", "a.*"]"#);
+        assert!(bad.is_err());
+    }
+
+    /// The size counted toward the per-event limit is every set key and value.
+    #[test]
+    fn metadata_text_len_counts_every_pair() {
+        let mut m = Metadata {
+            correlation_id: Some("c1".into()),
+            causation_id: Some("cause".into()),
+            user_id: Some("u".into()),
+            agent_id: Some("agent-7".into()),
+            schema_version: Some("2".into()),
+            ..Metadata::default()
+        };
+        m.extra.insert("tenant".into(), "acme".into());
+        let pairs: usize = m.to_pairs().iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(m.text_len(), pairs);
+        assert_eq!(Metadata::default().text_len(), 0);
     }
 
     #[test]
