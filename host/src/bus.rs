@@ -28,6 +28,35 @@ use crate::limits::stored_bytes;
 use crate::log::{EventLog, LogError, ReadFilter};
 use crate::pattern::{PatternSet, Router};
 
+/// Batches of evicted history waiting for the reaper; past this the publisher frees its
+/// own, so what waits to be freed stays bounded (at 16 appends' worth of events).
+const REAPER_QUEUE: usize = 16;
+/// Fewer evicted events than this are freed by the publisher: cheaper than waking the
+/// reaper (a lone writer's one-event appends never do).
+const REAP_AT: usize = 64;
+
+/// Frees `events` on the reaper thread, or here when they are few, the reaper is behind
+/// or it could not start.
+fn reap(events: Vec<Arc<Event>>) {
+    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Vec<Arc<Event>>>>> =
+        std::sync::OnceLock::new();
+    if events.len() < REAP_AT {
+        return;
+    }
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Arc<Event>>>(REAPER_QUEUE);
+        std::thread::Builder::new()
+            .name("evhost-reaper".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = reaper {
+        // Full or gone: the events come back and are freed here.
+        let _ = tx.try_send(events);
+    }
+}
+
 /// Events buffered per live subscriber before it is switched to reading from the log.
 const LIVE_BUFFER: usize = 1024;
 /// Bytes of appends buffered per live subscriber before it is switched to reading from the
@@ -193,8 +222,11 @@ impl Hub {
         // Built for the first subscriber it goes to: an append nobody follows live costs
         // no copy.
         let mut batch: Option<Arc<Published>> = None;
-        let mut st = self.state.lock().expect("bus lock");
-        let st = &mut *st;
+        // What leaves the history is freed after the lock, and off the publisher's thread
+        // when the reaper keeps up: freeing an event is most of what publishing one costs.
+        let mut evicted: Vec<Arc<Event>> = Vec::new();
+        let mut guard = self.state.lock().expect("bus lock");
+        let st = &mut *guard;
         st.published += events.len() as u64;
         for (ty, n) in &types {
             match st.by_type.get_mut(*ty) {
@@ -212,8 +244,9 @@ impl Hub {
             while st.recent.len() > self.history
                 || (st.recent_bytes > self.history_bytes && !st.recent.is_empty())
             {
-                if let Some((_, size)) = st.recent.pop_front() {
+                if let Some((e, size)) = st.recent.pop_front() {
                     st.recent_bytes -= size;
+                    evicted.push(e);
                 }
             }
         }
@@ -284,6 +317,8 @@ impl Hub {
         // Under the lock: a subscriber registering now either was routed these events or
         // sees the new head and reads them from the log.
         self.head.send_replace(last.position + 1);
+        drop(guard);
+        reap(evicted);
     }
 
     /// Routes matching events to a fresh channel for `id`; `None` once it was unsubscribed.

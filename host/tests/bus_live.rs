@@ -483,3 +483,43 @@ async fn fan_out_timing() {
         println!("{subscribers} subscribers: 5,000-event appends took {took:?}");
     }
 }
+
+/// Events that leave the history are freed, whether the publisher frees them itself (a few
+/// at a time) or hands them to the reaper thread (a large append's worth), and the history
+/// keeps the newest either way.
+#[tokio::test]
+async fn events_leaving_the_history_are_freed() {
+    let f = fixture(); // a history of 50 events
+    let held = |bus: &Bus| -> Vec<std::sync::Weak<evhost::Event>> {
+        bus.history(&ReadFilter::default(), 1000)
+            .iter()
+            .map(Arc::downgrade)
+            .collect()
+    };
+    append(&f.log, "s", (0..100).map(|i| ev("a.b", i)).collect()).await;
+    let first = held(&f.bus);
+    assert_eq!(first.len(), 50);
+    // One-event appends: each evicts one event, freed by the publisher.
+    for i in 0..50 {
+        append(&f.log, "s", vec![ev("a.b", 100 + i)]).await;
+    }
+    assert!(first.iter().all(|w| w.upgrade().is_none()));
+    // A large append evicts all 50 at once: the reaper frees them, moments later.
+    let second = held(&f.bus);
+    append(&f.log, "s", (0..200).map(|i| ev("a.b", 150 + i)).collect()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.iter().any(|w| w.upgrade().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "evicted events still alive after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kept: Vec<u64> = f
+        .bus
+        .history(&ReadFilter::default(), 1000)
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(kept, (300..350).rev().collect::<Vec<u64>>());
+}
