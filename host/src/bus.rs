@@ -29,10 +29,11 @@ use crate::log::{EventLog, LogError, ReadFilter};
 use crate::pattern::{PatternSet, Router};
 
 /// Batches of evicted history waiting for the reaper; past this the publisher frees its
-/// own, so what waits to be freed stays bounded (at 16 appends' worth of events).
+/// own, so what waits to be freed stays bounded: 16 publishes' worth queued, one being
+/// freed.
 const REAPER_QUEUE: usize = 16;
-/// Fewer evicted events than this are freed by the publisher: cheaper than waking the
-/// reaper (a lone writer's one-event appends never do).
+/// A publish of fewer events than this frees what it evicts itself: cheaper than waking
+/// the reaper (a lone writer's one-event appends never do).
 const REAP_AT: usize = 64;
 
 /// Frees `events` on the reaper thread, or here when they are few, the reaper is behind
@@ -222,8 +223,10 @@ impl Hub {
         // Built for the first subscriber it goes to: an append nobody follows live costs
         // no copy.
         let mut batch: Option<Arc<Published>> = None;
-        // What leaves the history is freed after the lock, and off the publisher's thread
-        // when the reaper keeps up: freeing an event is most of what publishing one costs.
+        // What a large publish pushes out of the history is freed after the lock, and off
+        // the publisher's thread while the reaper keeps up: freeing those events costs more
+        // than publishing them. A small publish frees the few it evicts as it goes.
+        let reaping = events.len() >= REAP_AT;
         let mut evicted: Vec<Arc<Event>> = Vec::new();
         let mut guard = self.state.lock().expect("bus lock");
         let st = &mut *guard;
@@ -246,7 +249,9 @@ impl Hub {
             {
                 if let Some((e, size)) = st.recent.pop_front() {
                     st.recent_bytes -= size;
-                    evicted.push(e);
+                    if reaping {
+                        evicted.push(e);
+                    }
                 }
             }
         }

@@ -6,7 +6,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -106,17 +105,31 @@ impl Serialize for EventType {
 
 impl<'de> Deserialize<'de> for EventType {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(TypeVisitor)
+    }
+}
+
+/// Reads an event type from its text, with no copy of the text when it repeats the type
+/// this thread read last: the events of one request or one page mostly share a type, and a
+/// repeat is then neither validated nor allocated again.
+struct TypeVisitor;
+
+impl serde::de::Visitor<'_> for TypeVisitor {
+    type Value = EventType;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event type (a string such as \"memory.entity.extracted\")")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<EventType, E> {
         thread_local! {
-            // The type this thread read last: the events of one request or one page mostly
-            // share a type, and a repeat is then neither validated nor allocated again.
             static LAST: std::cell::RefCell<Option<EventType>> = const { std::cell::RefCell::new(None) };
         }
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        let cached = LAST.with_borrow(|last| last.as_ref().filter(|t| *t.0 == *s).cloned());
+        let cached = LAST.with_borrow(|last| last.as_ref().filter(|t| &*t.0 == s).cloned());
         if let Some(t) = cached {
             return Ok(t);
         }
-        let t = EventType::new(&s).map_err(D::Error::custom)?;
+        let t = EventType::new(s).map_err(E::custom)?;
         LAST.set(Some(t.clone()));
         Ok(t)
     }
