@@ -36,12 +36,12 @@ const REAPER_QUEUE: usize = 16;
 /// the reaper (a lone writer's one-event appends never do).
 const REAP_AT: usize = 64;
 
-/// Frees `events` on the reaper thread, or here when they are few, the reaper is behind
-/// or it could not start.
+/// Frees `events` on the reaper thread, or here when the reaper is behind or could not
+/// start.
 fn reap(events: Vec<Arc<Event>>) {
     static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Vec<Arc<Event>>>>> =
         std::sync::OnceLock::new();
-    if events.len() < REAP_AT {
+    if events.is_empty() {
         return;
     }
     let reaper = REAPER.get_or_init(|| {
