@@ -108,6 +108,48 @@ async fn append_read_and_stream_endpoints_round_trip_the_envelope() {
     assert_eq!((s, nf["error"]["code"].as_str()), (404, Some("not_found")));
 }
 
+/// A payload is stored as the text the client sent, escapes and all, through both append
+/// endpoints, and reads back as the same value.
+#[tokio::test]
+async fn payloads_with_escapes_are_stored_as_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Host::start(BIN, dir.path(), &[]).await;
+    let payload = r#"{"say":"\"hi\"\n","cafe":"caf\u00e9","smile":"\ud83d\ude00","path":"C:\\tmp","n":[1.5e3,-0]}"#;
+    let (s, body) = post(
+        &format!("{}/v1/streams/esc", h.url),
+        &format!(r#"{{"events":[{{"type":"a.b","payload":{payload}}},{{"type":"a.b","payload":{payload}}}]}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = post(
+        &format!("{}/v1/events", h.url),
+        &format!(r#"{{"events":[{{"stream":"esc","type":"a.c","payload":{payload}}}]}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let text = reqwest::get(format!("{}/v1/streams/esc", h.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        text.matches(payload).count(),
+        3,
+        "each payload's text as sent: {text}"
+    );
+    let page: Value = serde_json::from_str(&text).unwrap();
+    let expected: Value = serde_json::from_str(payload).unwrap();
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    for e in events {
+        assert_eq!(e["payload"], expected);
+        assert_eq!(e["payload"]["smile"], "😀");
+    }
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["a.b", "a.b", "a.c"]);
+}
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
