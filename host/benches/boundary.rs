@@ -49,8 +49,10 @@ impl evhost_sdk::Projection for TypeCounter {
 /// Events per call in the batched runs.
 const BATCH: usize = 2048;
 
-/// `n` events of the assistant types, in memory, as the log would hand them out.
-fn events(n: usize) -> Vec<Arc<Event>> {
+/// `n` events of the assistant types, in memory, as the log would hand them out: spread
+/// over 1,000 streams in turn, or in runs of `run` events per stream (as the projection
+/// bench's log holds them, 100 per stream per append).
+fn events_in_runs(n: usize, run: usize) -> Vec<Arc<Event>> {
     let now = chrono::Utc::now();
     (0..n)
         .map(|i| {
@@ -58,7 +60,7 @@ fn events(n: usize) -> Vec<Arc<Event>> {
             Arc::new(Event {
                 id: uuid::Uuid::now_v7().to_string().into(),
                 event_type: EventType::new(ty).unwrap(),
-                stream: format!("assistant-{}", i % 1000).into(),
+                stream: format!("assistant-{}", i / run % 1000).into(),
                 position: i as u64,
                 version: (i / 1000) as u64,
                 timestamp: now,
@@ -99,13 +101,23 @@ fn wasm(plugin: &ProjectionPlugin) -> Fold<'_> {
 }
 
 fn load(runtime: &Arc<Runtime>, name: &str) -> ProjectionPlugin {
+    load_with(runtime, name, "")
+}
+
+/// A bundled plugin with `limits` (TOML lines) added to its manifest's `[limits]`.
+fn load_with(runtime: &Arc<Runtime>, name: &str, limits: &str) -> ProjectionPlugin {
     let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
     let wasm = std::fs::read(plugins.join(format!("{name}.wasm"))).unwrap_or_else(|_| {
         panic!("target/plugins/{name}.wasm: run scripts/build-plugins.sh first")
     });
-    let manifest =
-        Manifest::parse(&std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap())
-            .unwrap();
+    let mut text = std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap();
+    if !limits.is_empty() {
+        text = match text.find("[limits]\n") {
+            Some(at) => format!("{}[limits]\n{limits}\n{}", &text[..at], &text[at + 9..]),
+            None => format!("{text}\n[limits]\n{limits}\n"),
+        };
+    }
+    let manifest = Manifest::parse(&text).unwrap();
     let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
     runtime.plugin(&compiled, &manifest).unwrap()
 }
@@ -131,7 +143,7 @@ fn main() {
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::new(&dir.path().join("compiled")).unwrap();
-    let events = events(n);
+    let events = events_in_runs(n, 1);
     println!("evhost boundary benchmark ({n} events per pass, runtime only, state in memory)");
     let counter = load(&runtime, "type-counter");
     // The same projection built against evhost:plugin@0.1.0, whose batch crosses as a list
@@ -230,6 +242,34 @@ fn main() {
             per.as_secs_f64() / rust_guest.as_secs_f64()
         );
     }
+    // The guests' own work per event, counted: fuel is wasmtime's count of the wasm
+    // instructions run, so unlike the times above the machine's noise does not move it
+    // (the host's encoding and copy are not in it). Both layouts: streams in turn (as
+    // above) and runs of 100 events per stream (as the catch-up benchmark's log).
+    let runs = events_in_runs(n.min(100_000), 100);
+    for name in ["type-counter", "assistant-stats"] {
+        for (layout, evs) in [
+            ("spread", &events[..n.min(100_000)]),
+            ("runs of 100", &runs[..]),
+        ] {
+            let plugin = load_with(&runtime, name, "fuel_per_event = 100000000");
+            run(&wasm(&plugin), evs, BATCH);
+            println!(
+                "fuel      {name:<16} {:>8.0} per event  (streams {layout}, batches of {BATCH})",
+                plugin.usage().fuel_used_per_event.unwrap_or(f64::NAN)
+            );
+        }
+    }
+    let count = load_built(
+        &runtime,
+        "batch_count",
+        "name = \"batch-count\"\nversion = \"1\"\nkind = \"projection\"\nsubscriptions = [\">\"]\n[limits]\nfuel_per_event = 100000000\n",
+    );
+    run(&wasm(&count), &runs, BATCH);
+    println!(
+        "fuel      batch-count      {:>8.0} per event  (the SDK's decode, with its UTF-8 checks, and a count)",
+        count.usage().fuel_used_per_event.unwrap_or(f64::NAN)
+    );
     // One call of one event: the fixed cost of a call (instance, store, epoch deadline).
     let few = &events[..n.min(20_000)];
     for (name, wasm, _) in &sides[..2] {

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// A committed event: the envelope's fields plus the payload as JSON text.
 ///
@@ -62,7 +62,10 @@ impl<'a> Event<'a> {
 
     /// Parses the payload into `T`; a payload that does not fit is the event's fault, and
     /// the event is dead-lettered with this reason.
-    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, Error> {
+    ///
+    /// `T` may borrow from the payload (`&'a str` or `Cow<'a, str>` fields marked
+    /// `#[serde(borrow)]`): a fold that only compares or counts a text then copies nothing.
+    pub fn payload<'p, T: Deserialize<'p>>(&'p self) -> Result<T, Error> {
         serde_json::from_str(&self.payload).map_err(|e| {
             Error::InvalidInput(format!(
                 "payload of {} at position {} does not fit: {e}",

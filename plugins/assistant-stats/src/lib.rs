@@ -5,6 +5,7 @@
 //! reflection_count, tick_count, is_stopped, version) plus the goals themselves, the last
 //! tool, the stop reason, configuration and the archive tombstone.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use evhost_sdk::{Error, Event, Projection};
@@ -51,17 +52,22 @@ struct Created {
     #[serde(default)]
     config: BTreeMap<String, Value>,
 }
+// The payloads below borrow their texts from the event (a `Cow` owns only a text with
+// escapes), so folding into a state that already holds the value copies nothing.
 #[derive(Deserialize)]
-struct ToolExecuted {
-    tool_name: String,
+struct ToolExecuted<'a> {
+    #[serde(borrow)]
+    tool_name: Cow<'a, str>,
 }
 #[derive(Deserialize)]
-struct GoalCreated {
-    goal_id: String,
-    #[serde(default)]
-    description: String,
+struct GoalCreated<'a> {
+    #[serde(borrow)]
+    goal_id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    description: Cow<'a, str>,
     priority: Option<i64>,
-    parent_id: Option<String>,
+    #[serde(borrow)]
+    parent_id: Option<Cow<'a, str>>,
 }
 #[derive(Deserialize)]
 struct GoalUpdated {
@@ -72,9 +78,11 @@ struct GoalUpdated {
     metadata: BTreeMap<String, Value>,
 }
 #[derive(Deserialize)]
-struct GoalCompleted {
-    goal_id: String,
-    outcome: Option<String>,
+struct GoalCompleted<'a> {
+    #[serde(borrow)]
+    goal_id: Cow<'a, str>,
+    #[serde(borrow)]
+    outcome: Option<Cow<'a, str>>,
 }
 #[derive(Deserialize)]
 struct StopTriggered {
@@ -110,21 +118,24 @@ impl AssistantStats {
             "assistant.tool.executed" => {
                 let p: ToolExecuted = e.payload()?;
                 self.tool_count += 1;
-                *self.tool_stats.entry(p.tool_name.clone()).or_default() += 1;
-                self.last_tool = Some(p.tool_name);
+                match self.tool_stats.get_mut(&*p.tool_name) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.tool_stats.insert(p.tool_name.to_string(), 1);
+                    }
+                }
+                set_opt(&mut self.last_tool, Some(&p.tool_name));
             }
             "assistant.goal.created" => {
                 let p: GoalCreated = e.payload()?;
-                self.goals.insert(
-                    p.goal_id,
-                    Goal {
-                        description: p.description,
-                        priority: p.priority,
-                        parent_id: p.parent_id,
-                        status: "active".into(),
-                        ..Goal::default()
-                    },
-                );
+                // A goal created again starts over, as a new one would.
+                let goal = goal_mut(&mut self.goals, &p.goal_id);
+                set(&mut goal.description, &p.description);
+                goal.priority = p.priority;
+                set_opt(&mut goal.parent_id, p.parent_id.as_deref());
+                set(&mut goal.status, "active");
+                goal.outcome = None;
+                goal.metadata.clear();
             }
             "assistant.goal.updated" => {
                 let p: GoalUpdated = e.payload()?;
@@ -142,12 +153,12 @@ impl AssistantStats {
             }
             "assistant.goal.completed" => {
                 let p: GoalCompleted = e.payload()?;
-                let goal = self.goals.entry(p.goal_id).or_default();
+                let goal = goal_mut(&mut self.goals, &p.goal_id);
                 if goal.status != "completed" {
                     self.completed_goals += 1;
+                    set(&mut goal.status, "completed");
                 }
-                goal.status = "completed".into();
-                goal.outcome = p.outcome;
+                set_opt(&mut goal.outcome, p.outcome.as_deref());
             }
             "assistant.reflection.recorded" => self.reflection_count += 1,
             "assistant.emergency_stop.triggered" => {
@@ -178,6 +189,30 @@ impl Projection for AssistantStatsProjection {
 
     fn apply(_stream: &str, state: &mut AssistantStats, e: &Event) -> Result<(), Error> {
         state.apply(e)
+    }
+}
+
+/// The goal under `id`, a default one inserted if there is none (the id copied only then).
+fn goal_mut<'g>(goals: &'g mut BTreeMap<String, Goal>, id: &str) -> &'g mut Goal {
+    if !goals.contains_key(id) {
+        goals.insert(id.to_owned(), Goal::default());
+    }
+    goals.get_mut(id).expect("inserted above")
+}
+
+/// Sets `slot` to `value`, reusing its allocation.
+fn set(slot: &mut String, value: &str) {
+    if slot != value {
+        slot.clear();
+        slot.push_str(value);
+    }
+}
+
+/// Sets `slot` to `value` (or clears it), reusing its allocation.
+fn set_opt(slot: &mut Option<String>, value: Option<&str>) {
+    match (slot.as_mut(), value) {
+        (Some(s), Some(v)) => set(s, v),
+        (_, v) => *slot = v.map(str::to_owned),
     }
 }
 
@@ -311,6 +346,48 @@ mod tests {
         )])
         .unwrap();
         assert!(!h.state("assistant-1").unwrap().is_stopped);
+    }
+
+    #[test]
+    fn a_goal_created_again_starts_over_and_escaped_texts_fold_as_their_value() {
+        let mut h = Harness::<AssistantStatsProjection>::new();
+        h.handle(vec![
+            ev(
+                "assistant.goal.created",
+                r#"{"goal_id":"g1","description":"Build tavern","priority":1,"parent_id":"p"}"#,
+                0,
+            ),
+            ev(
+                "assistant.goal.updated",
+                r#"{"goal_id":"g1","metadata":{"k":1}}"#,
+                1,
+            ),
+            ev(
+                "assistant.goal.completed",
+                r#"{"goal_id":"g1","outcome":"built"}"#,
+                2,
+            ),
+            ev("assistant.tool.executed", r#"{"tool_name":"say"}"#, 3),
+            ev("assistant.tool.executed", r#"{"tool_name":"s\u0061y"}"#, 4),
+        ])
+        .unwrap();
+        h.handle(vec![ev(
+            "assistant.goal.created",
+            r#"{"goal_id":"g\u0031","description":"Sweep"}"#,
+            5,
+        )])
+        .unwrap();
+        let s = h.state("assistant-1").unwrap();
+        let want = Goal {
+            description: "Sweep".into(),
+            status: "active".into(),
+            ..Goal::default()
+        };
+        assert_eq!(s.goals.len(), 1);
+        assert_eq!(s.goals["g1"], want);
+        assert_eq!((s.active_goals, s.completed_goals), (1, 1));
+        assert_eq!(s.tool_stats["say"], 2);
+        assert_eq!(s.last_tool.as_deref(), Some("say"));
     }
 
     #[test]
