@@ -25,14 +25,16 @@ serde = { version = "1", features = ["derive"] }
 [workspace]
 TOML
 cat > "$scratch/my-counter/src/lib.rs" <<'RUST'
+use std::borrow::Cow;
+
 use evhost_sdk::{Error, Event, Projection};
 
 pub struct Counter;
 
 impl Projection for Counter {
     type State = u64;
-    fn key(e: &Event) -> Result<String, Error> {
-        Ok(e.event_type.to_string())
+    fn key<'e>(e: &'e Event) -> Result<Cow<'e, str>, Error> {
+        Ok(Cow::Borrowed(&e.event_type))
     }
     fn apply(_key: &str, n: &mut u64, _e: &Event) -> Result<(), Error> {
         *n += 1;

@@ -32,8 +32,10 @@ struct TypeCounter;
 impl evhost_sdk::Projection for TypeCounter {
     type State = u64;
 
-    fn key(event: &evhost_sdk::Event) -> Result<String, evhost_sdk::Error> {
-        Ok(event.event_type.to_string())
+    fn key<'e>(
+        event: &'e evhost_sdk::Event,
+    ) -> Result<std::borrow::Cow<'e, str>, evhost_sdk::Error> {
+        Ok(std::borrow::Cow::Borrowed(&event.event_type))
     }
 
     fn apply(

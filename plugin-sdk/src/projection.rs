@@ -1,6 +1,6 @@
 //! The projection model: typed state per key, folded from events batch by batch.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 
 /// The batch's states by key.
 pub(crate) type HashMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
@@ -40,15 +40,17 @@ pub trait Projection {
 
     /// The key an event's state lives under. Defaults to its stream. An error (say, a
     /// payload without the field the key comes from) dead-letters the event with its
-    /// reason instead of skipping it silently.
-    fn key(event: &Event<'_>) -> Result<String, Error> {
-        Ok(event.stream.to_string())
+    /// reason instead of skipping it silently. A key borrowed from the event
+    /// (`Cow::Borrowed(&event.event_type)`) costs no allocation; one built from its parts
+    /// is `Cow::Owned(format!(..))`, or `.into()` of a `String`.
+    fn key<'e>(event: &'e Event<'_>) -> Result<Cow<'e, str>, Error> {
+        Ok(Cow::Borrowed(&event.stream))
     }
 
     /// Every key an event folds into, for projections where one event touches several
     /// states (an entity graph, say), or none to skip it ([`Keys::none`]). Defaults to
     /// [`Projection::key`].
-    fn keys(event: &Event<'_>) -> Result<Keys, Error> {
+    fn keys<'e>(event: &'e Event<'_>) -> Result<Keys<'e>, Error> {
         Self::key(event).map(Keys::from)
     }
 
@@ -62,56 +64,71 @@ pub trait Projection {
     }
 }
 
-/// The keys an event folds into: one (the common case, with no allocation beyond the key),
+/// The keys an event folds into: one (the common case, borrowed from the event or owned),
 /// several, or none. Built with `Keys::from(key)`, `Keys::from(vec![..])` or
 /// [`Keys::none`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Keys(KeysRepr);
+pub struct Keys<'e>(KeysRepr<'e>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum KeysRepr {
-    One(String),
+enum KeysRepr<'e> {
+    One(Cow<'e, str>),
     Many(Vec<String>),
 }
 
-impl Keys {
+impl Keys<'_> {
     /// No key: the event is skipped.
     pub fn none() -> Self {
         Keys(KeysRepr::Many(Vec::new()))
     }
 }
 
-impl From<String> for Keys {
-    fn from(key: String) -> Self {
+impl<'e> From<Cow<'e, str>> for Keys<'e> {
+    fn from(key: Cow<'e, str>) -> Self {
         Keys(KeysRepr::One(key))
     }
 }
 
-impl From<&str> for Keys {
-    fn from(key: &str) -> Self {
-        Keys(KeysRepr::One(key.to_owned()))
+impl From<String> for Keys<'_> {
+    fn from(key: String) -> Self {
+        Keys(KeysRepr::One(Cow::Owned(key)))
     }
 }
 
-impl From<Vec<String>> for Keys {
+impl<'e> From<&'e str> for Keys<'e> {
+    fn from(key: &'e str) -> Self {
+        Keys(KeysRepr::One(Cow::Borrowed(key)))
+    }
+}
+
+impl From<Vec<String>> for Keys<'_> {
     fn from(keys: Vec<String>) -> Self {
         Keys(KeysRepr::Many(keys))
     }
 }
 
-impl From<Option<String>> for Keys {
+impl From<Option<String>> for Keys<'_> {
     fn from(key: Option<String>) -> Self {
         match key {
-            Some(k) => Keys(KeysRepr::One(k)),
+            Some(k) => Keys::from(k),
             None => Keys::none(),
         }
     }
 }
 
-impl IntoIterator for Keys {
-    type Item = String;
-    type IntoIter = KeysIter;
-    fn into_iter(self) -> KeysIter {
+impl<'e> From<Option<&'e str>> for Keys<'e> {
+    fn from(key: Option<&'e str>) -> Self {
+        match key {
+            Some(k) => Keys::from(k),
+            None => Keys::none(),
+        }
+    }
+}
+
+impl<'e> IntoIterator for Keys<'e> {
+    type Item = Cow<'e, str>;
+    type IntoIter = KeysIter<'e>;
+    fn into_iter(self) -> KeysIter<'e> {
         KeysIter(match self.0 {
             KeysRepr::One(k) => KeysIterRepr::One(Some(k)),
             KeysRepr::Many(v) => KeysIterRepr::Many(v.into_iter()),
@@ -120,19 +137,19 @@ impl IntoIterator for Keys {
 }
 
 /// The iterator of [`Keys`].
-pub struct KeysIter(KeysIterRepr);
+pub struct KeysIter<'e>(KeysIterRepr<'e>);
 
-enum KeysIterRepr {
-    One(Option<String>),
+enum KeysIterRepr<'e> {
+    One(Option<Cow<'e, str>>),
     Many(std::vec::IntoIter<String>),
 }
 
-impl Iterator for KeysIter {
-    type Item = String;
-    fn next(&mut self) -> Option<String> {
+impl<'e> Iterator for KeysIter<'e> {
+    type Item = Cow<'e, str>;
+    fn next(&mut self) -> Option<Cow<'e, str>> {
         match &mut self.0 {
             KeysIterRepr::One(k) => k.take(),
-            KeysIterRepr::Many(v) => v.next(),
+            KeysIterRepr::Many(v) => v.next().map(Cow::Owned),
         }
     }
 }

@@ -5,13 +5,17 @@
 //! Build with `evhost plugin build`, run it over `fixtures/` with `evhost plugin test`,
 //! and load it into a running host with `evhost plugin deploy --wait`.
 
+use std::borrow::Cow;
+
 use evhost_sdk::{Error, Event, Projection};
 use serde::{Deserialize, Serialize};
 
-/// The payload of `order.placed`.
+/// The payload of `order.placed`; its text borrows the event's (copied only if it has
+/// escapes).
 #[derive(Deserialize)]
-struct OrderPlaced {
-    customer: String,
+struct OrderPlaced<'a> {
+    #[serde(borrow)]
+    customer: Cow<'a, str>,
     total: f64,
 }
 
@@ -29,7 +33,7 @@ impl Projection for Plugin {
 
     /// The state an event folds into: its customer's. An event without a customer is
     /// refused, and the host dead-letters it with this reason.
-    fn key(event: &Event) -> Result<String, Error> {
+    fn key<'e>(event: &'e Event) -> Result<Cow<'e, str>, Error> {
         let order: OrderPlaced = event.payload()?;
         Ok(order.customer)
     }

@@ -28,8 +28,8 @@ impl Projection for History {
     type State = Flow;
 
     /// One state per flow; an event outside any flow (no correlation id) is skipped.
-    fn keys(event: &Event) -> Result<Keys, Error> {
-        Ok(event.correlation_id().map(str::to_owned).into())
+    fn keys<'e>(event: &'e Event) -> Result<Keys<'e>, Error> {
+        Ok(event.correlation_id().into())
     }
 
     fn apply(_flow_id: &str, flow: &mut Flow, e: &Event) -> Result<(), Error> {

@@ -42,7 +42,7 @@ impl Projection for KnowledgeGraph {
     type State = Node;
 
     /// One node per entity mentioned; a payload that does not fit dead-letters the event.
-    fn keys(event: &Event) -> Result<Keys, Error> {
+    fn keys(event: &Event) -> Result<Keys<'static>, Error> {
         let x: Extracted = event.payload()?;
         let mut keys: Vec<String> = x
             .entities

@@ -16,6 +16,7 @@
 //! | `probe.config`  | records its configuration (`config.entries`)   |
 //! | anything else   | counts it                                      |
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use evhost_sdk::{Error, Event, Projection};
@@ -34,8 +35,8 @@ fn recurse(n: u64, pad: &mut [u8; 256]) -> u64 {
 impl Projection for Probe {
     type State = BTreeMap<String, String>;
 
-    fn key(_: &Event) -> Result<String, Error> {
-        Ok("probe".into())
+    fn key(_: &Event) -> Result<Cow<'static, str>, Error> {
+        Ok(Cow::Borrowed("probe"))
     }
 
     fn apply(_: &str, seen: &mut Self::State, e: &Event) -> Result<(), Error> {

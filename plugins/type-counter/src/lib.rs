@@ -1,5 +1,7 @@
 //! type-counter: counts events by type, for whatever patterns its manifest subscribes to.
 
+use std::borrow::Cow;
+
 use evhost_sdk::{Error, Event, Projection};
 
 /// Counts events per type; the state under key `T` is the number of `T` events seen.
@@ -8,8 +10,8 @@ pub struct TypeCounter;
 impl Projection for TypeCounter {
     type State = u64;
 
-    fn key(event: &Event) -> Result<String, Error> {
-        Ok(event.event_type.to_string())
+    fn key<'e>(event: &'e Event) -> Result<Cow<'e, str>, Error> {
+        Ok(Cow::Borrowed(&event.event_type))
     }
 
     fn apply(_type: &str, count: &mut u64, _event: &Event) -> Result<(), Error> {
