@@ -103,23 +103,21 @@ fn wasm(plugin: &ProjectionPlugin) -> Fold<'_> {
 }
 
 fn load(runtime: &Arc<Runtime>, name: &str) -> ProjectionPlugin {
-    load_with(runtime, name, "")
+    load_with(runtime, name, None)
 }
 
-/// A bundled plugin with `limits` (TOML lines) added to its manifest's `[limits]`.
-fn load_with(runtime: &Arc<Runtime>, name: &str, limits: &str) -> ProjectionPlugin {
+/// A bundled plugin, with a fuel budget per event if `fuel` is given.
+fn load_with(runtime: &Arc<Runtime>, name: &str, fuel: Option<u64>) -> ProjectionPlugin {
     let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins");
     let wasm = std::fs::read(plugins.join(format!("{name}.wasm"))).unwrap_or_else(|_| {
         panic!("target/plugins/{name}.wasm: run scripts/build-plugins.sh first")
     });
-    let mut text = std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap();
-    if !limits.is_empty() {
-        text = match text.find("[limits]\n") {
-            Some(at) => format!("{}[limits]\n{limits}\n{}", &text[..at], &text[at + 9..]),
-            None => format!("{text}\n[limits]\n{limits}\n"),
-        };
+    let mut manifest =
+        Manifest::parse(&std::fs::read_to_string(plugins.join(format!("{name}.toml"))).unwrap())
+            .unwrap();
+    if fuel.is_some() {
+        manifest.limits.fuel_per_event = fuel;
     }
-    let manifest = Manifest::parse(&text).unwrap();
     let compiled = runtime.compile_for(&manifest, &wasm).unwrap();
     runtime.plugin(&compiled, &manifest).unwrap()
 }
@@ -254,7 +252,7 @@ fn main() {
             ("spread", &events[..n.min(100_000)]),
             ("runs of 100", &runs[..]),
         ] {
-            let plugin = load_with(&runtime, name, "fuel_per_event = 100000000");
+            let plugin = load_with(&runtime, name, Some(100_000_000));
             run(&wasm(&plugin), evs, BATCH);
             println!(
                 "fuel      {name:<16} {:>8.0} per event  (streams {layout}, batches of {BATCH})",

@@ -124,8 +124,8 @@ fn main() {
             let native_run = catch_up(Arc::new(Native), &dyn_log, &db, &native_name, &bus, head, batch);
             let wasm_run = catch_up(Arc::new(plugin.clone()), &dyn_log, &db, &wasm_name, &bus, head, batch);
             let (native, wasm_took) = if r % 2 == 0 {
-                let n = native_run.await;
-                (n, wasm_run.await)
+                let native = native_run.await;
+                (native, wasm_run.await)
             } else {
                 let w = wasm_run.await;
                 (native_run.await, w)

@@ -63,8 +63,10 @@ impl<'a> Event<'a> {
     /// Parses the payload into `T`; a payload that does not fit is the event's fault, and
     /// the event is dead-lettered with this reason.
     ///
-    /// `T` may borrow from the payload (`&'a str` or `Cow<'a, str>` fields marked
-    /// `#[serde(borrow)]`): a fold that only compares or counts a text then copies nothing.
+    /// `T` may borrow from the payload for as long as the event is borrowed: a
+    /// `#[serde(borrow)] Cow<'p, str>` field borrows a text without escapes and copies one
+    /// with them, so a fold that only compares or counts a text copies nothing. (A `&'p str`
+    /// field refuses a text with escapes.)
     pub fn payload<'p, T: Deserialize<'p>>(&'p self) -> Result<T, Error> {
         serde_json::from_str(&self.payload).map_err(|e| {
             Error::InvalidInput(format!(

@@ -205,3 +205,98 @@ pub(crate) fn state_of<'a, S: DeserializeOwned + Default>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Harness;
+
+    fn collect(keys: Keys<'_>) -> Vec<(String, bool)> {
+        keys.into_iter()
+            .map(|k| (k.to_string(), matches!(k, Cow::Borrowed(_))))
+            .collect()
+    }
+
+    #[test]
+    fn keys_convert_and_iterate_borrowed_or_owned() {
+        let text = String::from("a");
+        assert_eq!(collect(Keys::from(&*text)), [("a".into(), true)]);
+        assert_eq!(collect(Keys::from(Some(&*text))), [("a".into(), true)]);
+        assert_eq!(
+            collect(Keys::from(Cow::Borrowed("b"))),
+            [("b".into(), true)]
+        );
+        assert_eq!(collect(Keys::from("c".to_string())), [("c".into(), false)]);
+        assert_eq!(
+            collect(Keys::from(Some("d".to_string()))),
+            [("d".into(), false)]
+        );
+        assert_eq!(
+            collect(Keys::from(vec!["e".to_string(), "f".to_string()])),
+            [("e".into(), false), ("f".into(), false)]
+        );
+        assert!(collect(Keys::none()).is_empty());
+        assert!(collect(Keys::from(None::<&str>)).is_empty());
+        assert!(collect(Keys::from(None::<String>)).is_empty());
+    }
+
+    /// Counts events per type, keyed by the type borrowed from the event; an event of type
+    /// `bad.key` has no key.
+    struct ByType;
+
+    impl Projection for ByType {
+        type State = u64;
+        fn key<'e>(event: &'e Event<'_>) -> Result<Cow<'e, str>, Error> {
+            if event.event_type == "bad.key" {
+                return Err(Error::InvalidInput("no key".into()));
+            }
+            Ok(Cow::Borrowed(&event.event_type))
+        }
+        fn apply(key: &str, n: &mut u64, event: &Event<'_>) -> Result<(), Error> {
+            assert_eq!(key, &*event.event_type);
+            *n += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_borrowed_key_folds_and_a_failed_key_fails_the_whole_batch() {
+        let mut h = Harness::<ByType>::new();
+        h.handle(vec![
+            Event::new("a.b", "1"),
+            Event::new("a.c", "1"),
+            Event::new("a.b", "1"),
+        ])
+        .unwrap();
+        assert_eq!((h.state("a.b"), h.state("a.c")), (Some(2), Some(1)));
+        let err = h
+            .handle(vec![
+                Event::new("a.b", "1"),
+                Event::new("bad.key", "1").at(9),
+            ])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::InvalidInput("bad.key at position 9: no key".into())
+        );
+        assert_eq!(
+            h.state("a.b"),
+            Some(2),
+            "nothing of the failed batch is kept"
+        );
+        // The default key is the stream, borrowed.
+        assert_eq!(
+            collect(ByStream::keys(&Event::new("a.b", "1").with_stream("s-1")).unwrap()),
+            [("s-1".into(), true)]
+        );
+    }
+
+    struct ByStream;
+
+    impl Projection for ByStream {
+        type State = u64;
+        fn apply(_: &str, _: &mut u64, _: &Event<'_>) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+}

@@ -52,8 +52,21 @@ struct Created {
     #[serde(default)]
     config: BTreeMap<String, Value>,
 }
-// The payloads below borrow their texts from the event (a `Cow` owns only a text with
-// escapes), so folding into a state that already holds the value copies nothing.
+/// A payload text borrowed from the event where it can be (a text with escapes is owned).
+/// serde borrows a `Cow<str>` field marked `#[serde(borrow)]`, but not one inside an
+/// `Option`: `Option<Text>` does.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+// The payloads below borrow their texts from the event, so folding into a state that
+// already holds the value copies nothing.
 #[derive(Deserialize)]
 struct ToolExecuted<'a> {
     #[serde(borrow)]
@@ -67,7 +80,7 @@ struct GoalCreated<'a> {
     description: Cow<'a, str>,
     priority: Option<i64>,
     #[serde(borrow)]
-    parent_id: Option<Cow<'a, str>>,
+    parent_id: Option<Text<'a>>,
 }
 #[derive(Deserialize)]
 struct GoalUpdated {
@@ -82,7 +95,7 @@ struct GoalCompleted<'a> {
     #[serde(borrow)]
     goal_id: Cow<'a, str>,
     #[serde(borrow)]
-    outcome: Option<Cow<'a, str>>,
+    outcome: Option<Text<'a>>,
 }
 #[derive(Deserialize)]
 struct StopTriggered {
@@ -388,6 +401,19 @@ mod tests {
         assert_eq!((s.active_goals, s.completed_goals), (1, 1));
         assert_eq!(s.tool_stats["say"], 2);
         assert_eq!(s.last_tool.as_deref(), Some("say"));
+    }
+
+    #[test]
+    fn payload_texts_are_borrowed_unless_they_have_escapes() {
+        let p: GoalCompleted =
+            serde_json::from_str(r#"{"goal_id":"g1","outcome":"built"}"#).unwrap();
+        assert!(matches!(p.goal_id, Cow::Borrowed("g1")));
+        assert!(matches!(p.outcome, Some(Text(Cow::Borrowed("built")))));
+        let p: GoalCompleted =
+            serde_json::from_str(r#"{"goal_id":"g1","outcome":"b\u00fcilt"}"#).unwrap();
+        assert!(matches!(p.outcome, Some(Text(Cow::Owned(ref o))) if o == "büilt"));
+        let p: GoalCreated = serde_json::from_str(r#"{"goal_id":"g1"}"#).unwrap();
+        assert!(p.parent_id.is_none() && p.description.is_empty());
     }
 
     #[test]
