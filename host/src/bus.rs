@@ -28,6 +28,10 @@ use crate::limits::stored_bytes;
 use crate::log::{EventLog, LogError, ReadFilter};
 use crate::pattern::{PatternSet, Router};
 
+mod prefetch;
+
+use prefetch::{Page, Prefetch};
+
 /// Batches of evicted history waiting for the reaper; past this the publisher frees its
 /// own, so what waits to be freed stays bounded: 16 publishes' worth queued, one being
 /// freed.
@@ -67,8 +71,9 @@ const LIVE_BUFFER_BYTES: usize = 16 << 20;
 const CATCH_UP_PAGE: usize = 512;
 /// Most events read at once when filling a batch while catching up.
 const MAX_CATCH_UP_READ: usize = 4096;
-/// Bytes of events a subscription holds read ahead from the log while catching up; the next
-/// read asks for as many events as fit, sized by the largest event of the previous read.
+/// Bytes of events a subscription holds read ahead from the log while catching up (waiting
+/// in it and being read, together); the next read asks for as many events as fit, sized by
+/// the largest event of the previous read. A batch handed out no longer counts.
 const CATCH_UP_BYTES: usize = 16 << 20;
 /// The size assumed for events before a subscription has read any (the log's default
 /// event limit), so its first read asks for few.
@@ -434,6 +439,7 @@ impl Bus {
             caught_up: false,
             cancelled,
             read_failures: 0,
+            ahead: None,
         }
     }
 
@@ -516,6 +522,8 @@ pub struct Subscription {
     /// Log reads that failed in a row (a damaged chunk, a storage fault): the next read
     /// waits longer each time, so a reader stuck on one never spins.
     read_failures: u32,
+    /// The next catch-up read, started when a batch was handed out.
+    ahead: Option<Prefetch>,
 }
 
 /// The wait before a log read after `failures` failed ones in a row: 50 ms doubling, at
@@ -543,19 +551,45 @@ impl Subscription {
 
     fn push_pending(&mut self, e: Arc<Event>) {
         let size = stored_bytes(&e);
+        self.push_sized(e, size);
+    }
+
+    fn push_sized(&mut self, e: Arc<Event>, size: usize) {
         self.pending_bytes += size;
         self.pending.push_back((e, size));
     }
 
-    /// Reads from the log at the cursor, up to `want` events and about as many as fit in
-    /// what is left of [`CATCH_UP_BYTES`]; keeps what matches in `pending`.
-    async fn read_ahead(&mut self, want: usize) -> Result<bool, LogError> {
+    /// How many events a read may ask for when `want` are wanted: as many as fit in what
+    /// is left of [`CATCH_UP_BYTES`].
+    fn fitting(&self, want: usize) -> usize {
         let room = CATCH_UP_BYTES.saturating_sub(self.pending_bytes);
-        let want = want.min(room / self.event_size.max(1)).max(1);
-        if self.read_failures > 0 {
-            tokio::time::sleep(read_backoff(self.read_failures)).await;
-        }
-        let page = match self.bus.log.read(self.cursor, want, &self.filter).await {
+        want.min(room / self.event_size.max(1)).max(1)
+    }
+
+    /// Reads from the log at the cursor, up to `want` events and about as many as fit in
+    /// what is left of [`CATCH_UP_BYTES`]; keeps what matches in `pending`. A read started
+    /// ahead from the cursor is taken instead.
+    async fn read_ahead(&mut self, want: usize) -> Result<bool, LogError> {
+        let prefetched = match &mut self.ahead {
+            Some(p) if p.from() == self.cursor => Some(p.page().await),
+            _ => None,
+        };
+        self.ahead = None;
+        let page = match prefetched {
+            Some(page) => page,
+            None => {
+                let want = self.fitting(want);
+                if self.read_failures > 0 {
+                    tokio::time::sleep(read_backoff(self.read_failures)).await;
+                }
+                self.bus
+                    .log
+                    .read(self.cursor, want, &self.filter)
+                    .await
+                    .map(Page::from)
+            }
+        };
+        let page = match page {
             Ok(page) => {
                 self.read_failures = 0;
                 page
@@ -568,15 +602,30 @@ impl Subscription {
         let progressed = page.next > self.cursor || !page.events.is_empty();
         self.cursor = self.cursor.max(page.next);
         let mut largest = 0;
-        for e in page.events {
-            let e = Arc::new(e);
-            self.push_pending(e);
-            largest = largest.max(self.pending.back().map_or(0, |(_, s)| *s));
+        for (e, size) in page.events {
+            largest = largest.max(size);
+            self.push_sized(e, size);
         }
         if largest > 0 {
             self.event_size = largest;
         }
         Ok(progressed)
+    }
+
+    /// While catching up, starts reading what the next batch needs from the log, so the
+    /// read runs while the caller handles the batch it was just given.
+    fn read_on(&mut self, max: usize) {
+        let wanted = self.pending.len() < max
+            && !self.caught_up
+            && self.ahead.is_none()
+            && self.read_failures == 0
+            && self.cursor < self.bus.hub.head()
+            && !self.cancelled.load(Ordering::Acquire);
+        if wanted {
+            let want = self.fitting((max - self.pending.len()).min(MAX_CATCH_UP_READ));
+            self.ahead =
+                Prefetch::start(self.bus.log.clone(), self.cursor, want, self.filter.clone());
+        }
     }
 
     /// Takes the events of a delivered batch this subscription has not examined and that
@@ -702,6 +751,7 @@ impl Subscription {
             Some((e, _)) => e.position,
             None => self.cursor,
         };
+        self.read_on(max);
         Some(Ok((events, resume)))
     }
 

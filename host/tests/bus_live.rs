@@ -279,14 +279,18 @@ async fn batches_cut_short_by_timeouts_lose_no_event() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            // Most waits end in the middle of a read, some after matching events were
-            // already taken; the rest are long enough for reading to make progress.
-            let wait = if seed.is_multiple_of(3) {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_micros(20 + seed % 40_000)
+            // Most waits end in the middle of a read (a read started ahead while the last
+            // batch was taken, or one of the batch's own), some after matching events were
+            // already taken; the rest are long enough for reading to make progress. A
+            // zero wait polls once: it is cut unless the batch is ready at once.
+            let wait = match seed % 6 {
+                0 | 3 => Duration::from_millis(200),
+                1 => Duration::ZERO,
+                _ => Duration::from_micros(20 + seed % 40_000),
             };
-            match tokio::time::timeout(wait, sub.next_batch(4096)).await {
+            // Batches that take several reads, and batches a read started ahead can fill.
+            let max = if seed % 4 < 2 { 4096 } else { 200 };
+            match tokio::time::timeout(wait, sub.next_batch(max)).await {
                 Ok(batch) => got.extend(batch.unwrap().unwrap().0.iter().map(|e| e.position)),
                 Err(_) => cut += 1,
             }
@@ -386,6 +390,55 @@ async fn lagging_subscribers_with_several_patterns_resync_from_the_log() {
     for sub in &mut subs {
         assert_eq!(take(sub, 1).await, vec![5000]);
     }
+}
+
+/// A consumer that is slow with each batch while appends go on: the subscription reads its
+/// next page during each batch, and hands over from the log to the live channel with such a
+/// read in flight; every event arrives once, in order, and the last ones live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_catching_up_while_appends_go_on_gets_each_event_once_in_order() {
+    let f = fixture();
+    for chunk in 0..20u64 {
+        let events = (0..1000)
+            .map(|i| ev("load.tick", chunk * 1000 + i))
+            .collect();
+        append(&f.log, "s", events).await;
+    }
+    let writer = {
+        let log = f.log.clone();
+        tokio::spawn(async move {
+            for chunk in 0..60u64 {
+                let events = (0..100).map(|i| ev("load.tick", chunk * 100 + i)).collect();
+                append(&log, "s", events).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let total = 20_000 + 6_000;
+    let mut sub = f
+        .bus
+        .subscribe(pats("load.*"), ReadFilter::default(), Start::Position(0));
+    let mut got: Vec<u64> = Vec::new();
+    let mut resumes = Vec::new();
+    while got.len() < total {
+        let (batch, resume) = tokio::time::timeout(Duration::from_secs(10), sub.next_batch(700))
+            .await
+            .expect("a batch within 10 s")
+            .expect("subscription open")
+            .expect("no log error");
+        assert!(batch.len() <= 700, "a batch of {} events", batch.len());
+        got.extend(batch.iter().map(|e| e.position));
+        resumes.push(resume);
+        // The consumer's work on the batch, while the next page is read.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    writer.await.unwrap();
+    assert_eq!(got, (0..total as u64).collect::<Vec<_>>());
+    assert!(
+        resumes.windows(2).all(|w| w[0] <= w[1]),
+        "resume positions go back: {resumes:?}"
+    );
+    assert_eq!(*resumes.last().unwrap(), total as u64);
 }
 
 /// The history keeps the newest events within its byte budget as well as its count.

@@ -32,7 +32,7 @@ impl Task {
             } else {
                 last.position + 1
             };
-            let part = Arc::new(part);
+            let mut part = Arc::new(part);
             let mut attempts = 0u32;
             let mut backoff = Backoff::new((
                 Duration::from_millis(policy.backoff_ms),
@@ -73,7 +73,7 @@ impl Task {
                         return Flow::Stopped;
                     }
                     tracing::debug!(plugin = self.plugin.id(), events = part.len(), error = %message, "batch failed; splitting it to find the failing event");
-                    let mut first = Arc::unwrap_or_clone(part);
+                    let mut first = Arc::unwrap_or_clone(std::mem::take(&mut part));
                     let second = first.split_off(first.len() / 2);
                     parts.push_front(second);
                     parts.push_front(first);
@@ -96,6 +96,9 @@ impl Task {
                 }
             };
             let Some(job) = job else { continue };
+            // The job holds the events now: the committer frees them after its commit,
+            // off this task's way to the next batch.
+            drop(part);
             self.status.update(|s| s.dead_letters_in_a_row = 0);
             self.processed = job.processed;
             // The next part may run while this one is appended and committed only when it
