@@ -188,6 +188,83 @@ async fn an_existing_id_returns_its_original_position_and_is_not_appended_again(
     assert_eq!(log.head(), 3);
 }
 
+/// Waits until the log rules out new ids in memory (its scan of the index at open).
+async fn filter_ready(log: &SledLog) {
+    for _ in 0..1000 {
+        if log.id_filter_ready() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the id filter's scan did not finish within 10 s");
+}
+
+#[tokio::test]
+async fn ids_stored_before_a_reopen_or_in_a_rebuilt_index_are_still_found_once_the_filter_is_filled()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = |range: std::ops::Range<usize>| -> Vec<NewEvent> {
+        range
+            .map(|i| ev("a.b", &i.to_string()).with_id(format!("own-{i}")))
+            .collect()
+    };
+    {
+        let log = open(dir.path());
+        filter_ready(&log).await;
+        // More ids than the filter's first layer holds, in appends of 1,000.
+        for b in 0..80 {
+            log.append(one(
+                "s",
+                ExpectedVersion::Any,
+                ids(b * 1000..(b + 1) * 1000),
+            ))
+            .await
+            .unwrap();
+        }
+        assert_eq!(log.find("own-79999").await.unwrap(), Some(79_999));
+        assert_eq!(log.find("own-80000").await.unwrap(), None);
+    }
+    for rebuilt in [false, true] {
+        if rebuilt {
+            // The index is lost: recovery indexes the ids again, then the scan reads them.
+            std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        }
+        let log = open(dir.path());
+        filter_ready(&log).await;
+        for i in [0, 1, 65_535, 65_536, 79_999] {
+            assert_eq!(log.find(&format!("own-{i}")).await.unwrap(), Some(i as u64));
+        }
+        // Retries of stored ids, spread over the whole range: nothing is appended again.
+        let retry: Vec<NewEvent> = (0..80_000)
+            .step_by(97)
+            .map(|i| ev("a.b", "\"again\"").with_id(format!("own-{i}")))
+            .collect();
+        let n = retry.len();
+        let r = log
+            .append(one("s", ExpectedVersion::Any, retry))
+            .await
+            .unwrap();
+        assert_eq!(r[0].written, vec![false; n], "rebuilt index: {rebuilt}");
+        assert_eq!(r[0].positions[1], 97);
+        assert_eq!(log.head(), 80_000);
+        // On another stream a stored id is refused, naming where it is.
+        let e = log
+            .append(one("t", ExpectedVersion::Any, ids(12_345..12_346)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                AppendError::IdInUse {
+                    position: 12_345,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_appends_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,7 @@
 
 mod by_time;
 pub(super) mod erase;
+mod id_filter;
 mod streams;
 
 use std::collections::{HashMap, HashSet};
@@ -105,6 +106,20 @@ struct Shared {
     /// Told of every commit (the bus, in the host).
     sink: Arc<dyn CommitSink>,
     config: SledLogConfig,
+    /// Rules out most new ids before the id index is asked.
+    ids: id_filter::IdFilter,
+}
+
+impl Shared {
+    /// The position the id index holds for a client-supplied `id`.
+    fn indexed_id(&self, id: &str) -> Result<Option<u64>, LogError> {
+        if !self.ids.may_hold(id) {
+            return Ok(None);
+        }
+        position_value(&self.db, codec::id_key(id), || {
+            format!("id index entry of {id:?}")
+        })
+    }
 }
 
 /// What `/health` reports about the log.
@@ -163,6 +178,7 @@ pub struct SledLog {
     tx: Option<mpsc::Sender<AppendOp>>,
     writer: Option<JoinHandle<()>>,
     checker: Option<JoinHandle<()>>,
+    id_scan: Option<JoinHandle<()>>,
 }
 
 impl SledLog {
@@ -220,7 +236,13 @@ impl SledLog {
             closing: AtomicBool::new(false),
             sink,
             config,
+            ids: id_filter::IdFilter::new(),
         });
+        let scanned = shared.clone();
+        let id_scan = std::thread::Builder::new()
+            .name("evhost-id-filter".into())
+            .spawn(move || id_filter::fill(&scanned.db, &scanned.ids, &scanned.closing))
+            .map_err(|e| LogError::Storage(format!("cannot start the id filter's scan: {e}")))?;
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
         let last_timestamp = by_time::last_timestamp(&shared, head);
         let writer = Writer {
@@ -246,7 +268,15 @@ impl SledLog {
             tx: Some(tx),
             writer: Some(handle),
             checker: Some(checker),
+            id_scan: Some(id_scan),
         })
+    }
+
+    /// Whether new ids are ruled out in memory before the id index is asked: false from
+    /// open until the background scan has read every id the index holds (lookups ask the
+    /// index meanwhile, so only their cost differs).
+    pub fn id_filter_ready(&self) -> bool {
+        self.shared.ids.is_complete()
     }
 
     /// The sled database, for modules that keep their own trees beside the log.
@@ -274,6 +304,9 @@ impl SledLog {
         if let Some(h) = self.checker.take() {
             let _ = h.join();
         }
+        if let Some(h) = self.id_scan.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -281,13 +314,6 @@ impl Drop for SledLog {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// The position the id index holds for a client-supplied `id`.
-fn indexed_position(db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
-    position_value(db, codec::id_key(id), || {
-        format!("id index entry of {id:?}")
-    })
 }
 
 /// The position of the tombstone that deleted `stream`, if it is deleted.
@@ -610,7 +636,7 @@ impl EventLog for SledLog {
     async fn find(&self, id: &str) -> Result<Option<u64>, LogError> {
         // The writer indexes a group before it is durable: not found until it is.
         let durable = self.shared.durable.load(Ordering::Acquire);
-        Ok(indexed_position(&self.shared.db, id)?.filter(|p| *p < durable))
+        Ok(self.shared.indexed_id(id)?.filter(|p| *p < durable))
     }
 
     async fn deletion(&self, stream: &str) -> Result<Option<u64>, LogError> {
@@ -1114,7 +1140,7 @@ impl Writer {
         if let Some(p) = group.ids.get(id) {
             return Ok(Some(*p));
         }
-        indexed_position(&self.shared.db, id)
+        self.shared.indexed_id(id)
     }
 
     /// The stream of the event at `position`: staged in this append (from `base`), earlier
@@ -1288,6 +1314,9 @@ impl Writer {
                 written,
                 next_version: version,
             });
+        }
+        for id in ids.keys() {
+            self.shared.ids.add(id);
         }
         group.ids.extend(ids);
         group.versions.extend(versions);
