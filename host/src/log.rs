@@ -274,15 +274,30 @@ pub struct ReadFilter {
 impl ReadFilter {
     /// True when `event` passes every set criterion.
     pub fn admits(&self, event: &Event) -> bool {
-        self.types
-            .as_ref()
-            .is_none_or(|t| t.matches(event.event_type.as_str()))
-            && self.stream.as_ref().is_none_or(|s| *s == event.stream)
+        self.admits_fields(
+            event.event_type.as_str(),
+            &event.stream,
+            event.metadata.correlation_id.as_deref(),
+            &event.source,
+        )
+    }
+
+    /// [`ReadFilter::admits`] on an event's fields, for a log that filters before it
+    /// decodes the whole event.
+    pub(crate) fn admits_fields(
+        &self,
+        event_type: &str,
+        stream: &str,
+        correlation_id: Option<&str>,
+        source: &str,
+    ) -> bool {
+        self.types.as_ref().is_none_or(|t| t.matches(event_type))
+            && self.stream.as_deref().is_none_or(|s| s == stream)
             && self
                 .correlation_id
-                .as_ref()
-                .is_none_or(|c| event.metadata.correlation_id.as_ref() == Some(c))
-            && self.source.as_ref().is_none_or(|s| *s == event.source)
+                .as_deref()
+                .is_none_or(|c| correlation_id == Some(c))
+            && self.source.as_deref().is_none_or(|s| s == source)
     }
 
     /// True when no criterion is set.

@@ -376,8 +376,27 @@ fn decode_event(
     position: u64,
     types: &mut TypeCache,
 ) -> Result<(Event, bool), LogError> {
-    let s: StoredEvent<'_> = postcard::from_bytes(bytes)
-        .map_err(|e| LogError::Corrupt(format!("event at position {position}: {e}")))?;
+    owned(stored(bytes, position)?, position, types)
+}
+
+fn stored(bytes: &[u8], position: u64) -> Result<StoredEvent<'_>, LogError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| LogError::Corrupt(format!("event at position {position}: {e}")))
+}
+
+/// What a read filters on, borrowed from a stored event before anything is copied.
+pub(super) struct Fields<'a> {
+    pub event_type: &'a str,
+    pub stream: &'a str,
+    pub correlation_id: Option<&'a str>,
+    pub source: &'a str,
+}
+
+fn owned(
+    s: StoredEvent<'_>,
+    position: u64,
+    types: &mut TypeCache,
+) -> Result<(Event, bool), LogError> {
     if s.event_type.is_empty() {
         return Ok((erased_event(position, s.timestamp_micros)?, false));
     }
@@ -557,14 +576,37 @@ impl<'a> Chunk<'a> {
         position: u64,
         types: &mut TypeCache,
     ) -> Result<(Event, bool), LogError> {
+        decode_event(self.event_bytes(position)?, position, types)
+    }
+
+    /// The event at `position` if `keep` admits its fields, decoded only then: a read that
+    /// filters copies nothing of the events it leaves out. Erased events are never kept.
+    pub(super) fn event_where(
+        &self,
+        position: u64,
+        types: &mut TypeCache,
+        keep: impl FnOnce(&Fields<'_>) -> bool,
+    ) -> Result<Option<Event>, LogError> {
+        let s = stored(self.event_bytes(position)?, position)?;
+        let fields = Fields {
+            event_type: s.event_type,
+            stream: s.stream,
+            correlation_id: s.metadata.correlation_id,
+            source: s.source,
+        };
+        if s.event_type.is_empty() || !keep(&fields) {
+            return Ok(None);
+        }
+        Ok(Some(owned(s, position, types)?.0))
+    }
+
+    fn event_bytes(&self, position: u64) -> Result<&[u8], LogError> {
         let i = (position - self.first_position) as usize;
         let start = if i == 0 { 0 } else { self.end_offset(i - 1) };
         let end = self.end_offset(i);
-        let bytes = self
-            .body
+        self.body
             .get(start..end)
-            .ok_or_else(|| LogError::Corrupt(format!("event at position {position}")))?;
-        decode_event(bytes, position, types)
+            .ok_or_else(|| LogError::Corrupt(format!("event at position {position}")))
     }
 }
 

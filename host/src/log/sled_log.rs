@@ -845,9 +845,12 @@ fn read_positions(
             }
         };
         for pos in page.next.max(first)..chunk.end().min(stop) {
-            let event = chunk.event(pos, &mut types)?;
+            let kept = chunk.event_where(pos, &mut types, |f| {
+                f.event_type != super::ERASED_TYPE
+                    && filter.admits_fields(f.event_type, f.stream, f.correlation_id, f.source)
+            })?;
             page.next = pos + 1;
-            if filter.admits(&event) && event.event_type.as_str() != super::ERASED_TYPE {
+            if let Some(event) = kept {
                 page.events.push(event);
                 if page.events.len() == limit {
                     return Ok(page);
