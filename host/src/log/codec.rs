@@ -588,6 +588,12 @@ impl<'a> Chunk<'a> {
         keep: impl FnOnce(&Fields<'_>) -> bool,
     ) -> Result<Option<Event>, LogError> {
         let s = stored(self.event_bytes(position)?, position)?;
+        // Checked for every event, kept or not, as a full decode checks it.
+        if DateTime::from_timestamp_micros(s.timestamp_micros).is_none() {
+            return Err(LogError::Corrupt(format!(
+                "timestamp of the event at position {position}"
+            )));
+        }
         let fields = Fields {
             event_type: s.event_type,
             stream: s.stream,

@@ -238,11 +238,6 @@ impl SledLog {
             config,
             ids: id_filter::IdFilter::new(),
         });
-        let scanned = shared.clone();
-        let id_scan = std::thread::Builder::new()
-            .name("evhost-id-filter".into())
-            .spawn(move || id_filter::fill(&scanned.db, &scanned.ids, &scanned.closing))
-            .map_err(|e| LogError::Storage(format!("cannot start the id filter's scan: {e}")))?;
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
         let last_timestamp = by_time::last_timestamp(&shared, head);
         let writer = Writer {
@@ -263,12 +258,24 @@ impl SledLog {
             .name("evhost-log-check".into())
             .spawn(move || verify_chunks(&checked, head))
             .map_err(|e| LogError::Storage(format!("cannot start the log check: {e}")))?;
+        // Last, so a failed open leaves no scan holding the database. Without the scan the
+        // filter rules nothing out: every lookup asks sled, as it would without a filter.
+        let scanned = shared.clone();
+        let id_scan = std::thread::Builder::new()
+            .name("evhost-id-filter".into())
+            .spawn(move || id_filter::fill(&scanned.db, &scanned.ids, &scanned.closing))
+            .map_err(|e| {
+                tracing::warn!(
+                    "the id filter's scan did not start, so every id lookup asks the index: {e}"
+                )
+            })
+            .ok();
         Ok(Self {
             shared,
             tx: Some(tx),
             writer: Some(handle),
             checker: Some(checker),
-            id_scan: Some(id_scan),
+            id_scan,
         })
     }
 
