@@ -1,17 +1,16 @@
 //! A filter in memory in front of the id index: it answers "certainly not indexed" for
 //! most ids that are new, so an append or a lookup of a new id does not walk sled's tree.
 //!
-//! Appends with ids (derived events, tool starts and outcomes, a client's own ids) look
-//! every id up before they store it, and nearly every id is new: a lookup in sled costs
-//! a few microseconds where this costs one or two cache lines per layer. The filter is a
+//! Indexed appends (a client's own ids, and the ids a handler fixes: tool starts and
+//! outcomes) look every id up before they store it, and nearly every id is new: a lookup
+//! in sled costs a few microseconds where this reads one cache line per layer. The filter is a
 //! blocked Bloom filter (each id sets up to five bits of one 64-bit word) in layers that
 //! each hold twice the one before, so it never needs a rebuild. It holds 2 bytes per id
 //! it was given when its last layer is full and about 4 just after one is added (more
 //! while it holds fewer than 200,000 ids, since the first layer takes 128 KiB): 1M ids
 //! take 2-4 MB. An id the filter does not rule out is looked up in sled as before, so a
 //! false positive costs only that lookup: about 0.4% of new ids per full layer, and the
-//! layers add up (about 1-2% at a million ids, 3-5% at 10-100 million). A lookup reads
-//! one cache line per layer.
+//! layers add up (about 1-2% at a million ids, 3-5% at 10-100 million).
 //! Ids are never taken out (an erased stream's ids stay in): that too only costs a lookup.
 //!
 //! At open the filter starts empty and answers "maybe" for every id until a background
