@@ -26,6 +26,11 @@ pub(super) const EVENT_PREFIX: u8 = b'E';
 pub(super) const STREAM_PREFIX: u8 = b'S';
 pub(super) const ID_PREFIX: u8 = b'I';
 pub(super) const DELETED_PREFIX: u8 = b'D';
+/// One past the last position whose client ids are all in the id index. Ids go into sled
+/// after their group is acknowledged, so at start-up the ids from here to the last chunk
+/// entry are indexed again. An index without it (written before ids lagged) holds every id
+/// of its chunks. Its prefix `M` is the index's own records.
+pub(super) const IDS_INDEXED_KEY: &[u8] = b"Mids-indexed-through";
 
 /// Most events per chunk.
 pub(super) const CHUNK_MAX_EVENTS: usize = 256;

@@ -5,16 +5,20 @@
 //!
 //! 1. the group's chunks are written to the current segment and `fdatasync`ed: one sync
 //!    for every append in the group, which is what makes the group durable;
-//! 2. their stream runs and client ids, then their chunk entries, are inserted into sled's
-//!    index, in memory: nothing else waits for the disk before the acknowledgement.
+//! 2. its stream runs, then its chunk entries, are inserted into sled's index, in memory;
+//!    then the group is readable, published to the bus and acknowledged (in that order: a
+//!    subscriber from the head that an appender starts after its acknowledgement never sees
+//!    its event);
+//! 3. its client ids are inserted into sled after the acknowledgement; until they are
+//!    there, every id lookup answers them from memory (`pending_ids`).
 //!
-//! Then the events are published to the bus and the appenders acknowledged (in that order:
-//! a subscriber from the head that an appender starts after its acknowledgement never sees
-//! its event). sled flushes
-//! its index in the background (every 500 ms); at start-up, chunks in the segments past
-//! sled's last index entry are verified and indexed again, so an index lost in a crash is
-//! rebuilt and bytes of a group cut short are truncated. Readers never see past the
-//! durable head.
+//! Steps 2 and 3 run on the index thread (`indexer`), beside the writer's sync of the next
+//! group; a group with nothing behind it has step 2 done by the writer itself. Nothing
+//! waits for sled's disk: sled flushes its index in the background (every 500 ms). At
+//! start-up the ids from the index's ids-indexed record to its last chunk entry are indexed
+//! again, chunks in the segments past the last chunk entry are verified and indexed, so an
+//! index lost in a crash is rebuilt, and bytes of a group cut short are truncated. Readers
+//! never see past the durable head.
 //!
 //! The writer gives each append the later of the wall clock and the previous timestamp, so
 //! timestamps never decrease along the log and `by_time` finds a time by binary search.
@@ -23,9 +27,10 @@
 mod by_time;
 pub(super) mod erase;
 mod id_filter;
+mod indexer;
 mod streams;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +57,9 @@ const MAX_GROUP_OPS: usize = 1024;
 const MAX_GROUP_EVENTS: usize = 32 * 1024;
 /// Most positions one read examines.
 const MAX_SCAN: u64 = 64 * 1024;
+/// Most ids of acknowledged groups waiting in memory for the index thread to put them into
+/// sled; the writer waits at this bound.
+const MAX_PENDING_IDS: usize = 256 * 1024;
 /// Events recovery indexes per sled batch when it rebuilds the index from the segments.
 const RECOVERY_BATCH_EVENTS: usize = 100_000;
 
@@ -108,6 +116,11 @@ struct Shared {
     config: SledLogConfig,
     /// Rules out most new ids before the id index is asked.
     ids: id_filter::IdFilter,
+    /// Ids of groups handed to the index thread and not yet in sled, with their positions.
+    pending_ids: std::sync::Mutex<HashMap<String, u64>>,
+    /// One past the last position whose ids are all in sled (what
+    /// [`codec::IDS_INDEXED_KEY`] says once sled flushes).
+    ids_through: AtomicU64,
 }
 
 impl Shared {
@@ -115,6 +128,9 @@ impl Shared {
     fn indexed_id(&self, id: &str) -> Result<Option<u64>, LogError> {
         if !self.ids.may_hold(id) {
             return Ok(None);
+        }
+        if let Some(p) = self.pending_ids.lock().expect("pending ids lock").get(id) {
+            return Ok(Some(*p));
         }
         position_value(&self.db, codec::id_key(id), || {
             format!("id index entry of {id:?}")
@@ -237,6 +253,8 @@ impl SledLog {
             sink,
             config,
             ids: id_filter::IdFilter::new(),
+            pending_ids: Default::default(),
+            ids_through: AtomicU64::new(head),
         });
         let (tx, rx) = mpsc::channel(MAX_GROUP_OPS * 4);
         let last_timestamp = by_time::last_timestamp(&shared, head);
@@ -248,6 +266,8 @@ impl SledLog {
             deleted,
             next_position: head,
             last_timestamp,
+            indexer: indexer::Indexer::start(shared.clone(), head)?,
+            handed: VecDeque::new(),
         };
         let handle = std::thread::Builder::new()
             .name("evhost-log-writer".into())
@@ -382,6 +402,7 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
     let from = last
         .map(|(_, c)| (c.location.segment, c.location.end()))
         .unwrap_or((0, 0));
+    reindex_ids(db, dir, head)?;
     let mut recovered = 0u64;
     let mut batch = sled::Batch::default();
     let mut types = TypeCache::default();
@@ -413,7 +434,11 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
             // Whole groups are indexed in bounded batches, so rebuilding a lost index never
             // holds a large log in memory; a crash in between resumes after the last one.
             if events.len() >= RECOVERY_BATCH_EVENTS {
-                index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
+                index_events(
+                    &mut batch,
+                    events.iter().map(|(e, k)| (e, *k)),
+                    Entries::All,
+                );
                 db.apply_batch(std::mem::take(&mut batch))
                     .map_err(storage)?;
                 events.clear();
@@ -442,7 +467,11 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
     }
     let end = committed_end;
     if !events.is_empty() {
-        index_events(&mut batch, events.iter().map(|(e, k)| (e, *k)));
+        index_events(
+            &mut batch,
+            events.iter().map(|(e, k)| (e, *k)),
+            Entries::All,
+        );
         db.apply_batch(batch).map_err(storage)?;
     }
     if torn.is_some() {
@@ -457,11 +486,64 @@ fn recover(db: &sled::Db, dir: &Path, data_file: &File) -> Result<Recovered, Log
             "indexed events written before the last stop"
         );
     }
+    // Every id through the head is in the index now; an index sled recovers from here on
+    // has this record, so a missing one always means an index of an older host.
+    db.insert(codec::IDS_INDEXED_KEY, &head.to_be_bytes()[..])
+        .map_err(storage)?;
     db.flush().map_err(storage)?;
     data_file
         .sync_data()
         .map_err(|e| LogError::Storage(format!("fdatasync of sled's data file: {e}")))?;
     Ok((head, end, torn))
+}
+
+/// Indexes again the ids of the chunks sled holds past [`codec::IDS_INDEXED_KEY`], up to
+/// `indexed_end` (one past its last chunk entry's events): the ids of acknowledged groups
+/// that a crash took out of sled before it flushed them.
+fn reindex_ids(db: &sled::Db, dir: &Path, indexed_end: u64) -> Result<(), LogError> {
+    let from = match db.get(codec::IDS_INDEXED_KEY).map_err(storage)? {
+        Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+            LogError::Corrupt("the index's ids-indexed record is not 8 bytes".into())
+        })?,
+        None => return Ok(()),
+    };
+    if from >= indexed_end {
+        return Ok(());
+    }
+    let segments = SegmentReader::new(dir.to_path_buf());
+    let mut types = TypeCache::default();
+    let mut batch = sled::Batch::default();
+    let mut position = from;
+    let mut count = 0u64;
+    while position < indexed_end {
+        let (first, entry) = chunk_at(db, position)?
+            .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {position}")))?;
+        let bytes = segments.read(entry.location)?;
+        let chunk = Chunk::parse(first, &bytes).map_err(|e| {
+            LogError::Corrupt(format!(
+                "indexing ids again at start-up: {e}; {}",
+                damaged_chunk(first, entry)
+            ))
+        })?;
+        let mut events = Vec::new();
+        for p in position..chunk.end() {
+            events.push(chunk.event_keyed(p, &mut types)?);
+        }
+        count += events.len() as u64;
+        index_events(
+            &mut batch,
+            events.iter().map(|(e, k)| (e, *k)),
+            Entries::Ids,
+        );
+        position = chunk.end();
+    }
+    db.apply_batch(batch).map_err(storage)?;
+    tracing::info!(
+        from,
+        events = count,
+        "indexed again the ids of events acknowledged before the last stop"
+    );
+    Ok(())
 }
 
 /// Where index entries go: a sled batch when recovery rebuilds the index, the writer's
@@ -511,8 +593,24 @@ impl OrderedWrites {
     }
 }
 
-/// Adds stream runs and client ids of `events` (consecutive positions) to `batch`.
-fn index_events<'a>(batch: &mut impl IndexSink, events: impl Iterator<Item = (&'a Event, bool)>) {
+/// Which of an event's index entries [`index_events`] adds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entries {
+    /// Stream runs and deletion marks: what reads and version checks need.
+    Runs,
+    /// Client ids: what the id index needs.
+    Ids,
+    /// Both (recovery).
+    All,
+}
+
+/// Adds index entries of `events` (consecutive positions) to `batch`.
+fn index_events<'a>(
+    batch: &mut impl IndexSink,
+    events: impl Iterator<Item = (&'a Event, bool)>,
+    entries: Entries,
+) {
+    let (runs, ids) = (entries != Entries::Ids, entries != Entries::Runs);
     // Consecutive versions at consecutive positions share one run entry.
     let mut open: HashMap<&str, (u64, u64, u32)> = HashMap::new(); // first version, first position, count
     fn put(batch: &mut impl IndexSink, stream: &str, (v, p, n): (u64, u64, u32)) {
@@ -526,14 +624,18 @@ fn index_events<'a>(batch: &mut impl IndexSink, events: impl Iterator<Item = (&'
         match e.event_type.as_str() {
             // An erased event belongs to no stream and has no id.
             super::ERASED_TYPE => continue,
+            _ if !runs => {}
             super::STREAM_DELETED_TYPE => {
                 batch.insert(codec::deleted_key(&e.stream), &e.position.to_be_bytes()[..]);
             }
             super::STREAM_RESTORED_TYPE => batch.remove(codec::deleted_key(&e.stream)),
             _ => {}
         }
-        if keyed {
+        if keyed && ids {
             batch.insert(codec::id_key(&e.id), &e.position.to_be_bytes()[..]);
+        }
+        if !runs {
+            continue;
         }
         match open.get_mut(e.stream.as_str()) {
             Some((v, p, n))
@@ -978,6 +1080,18 @@ struct Writer {
     next_position: u64,
     /// The timestamp of the last durable event; no later append gets an earlier one.
     last_timestamp: DateTime<Utc>,
+    /// Indexes, publishes and acknowledges each durable group (see `indexer`).
+    indexer: indexer::Indexer,
+    /// Groups handed to the indexer, oldest first, kept until they are indexed: the
+    /// writer's checks of later groups look here before they look in sled.
+    handed: VecDeque<Handed>,
+}
+
+/// A durable group whose chunk entries the index thread may not have put into sled yet.
+struct Handed {
+    first: u64,
+    end: u64,
+    events: Arc<[Arc<Event>]>,
 }
 
 /// What one append became before the group is committed.
@@ -1021,8 +1135,10 @@ impl Writer {
                 }
                 continue;
             }
-            self.commit_group(ops);
+            let alone = rx.is_empty();
+            self.commit_group(ops, alone);
         }
+        self.indexer.stop();
         if let Err(e) = self.sync() {
             tracing::warn!(error = %e, "could not flush the index at shutdown; it will be rebuilt at the next start");
         }
@@ -1032,7 +1148,9 @@ impl Writer {
         tracing::debug!("event log writer stopped");
     }
 
-    fn commit_group(&mut self, ops: Vec<AppendOp>) {
+    /// Commits one group; `alone` when no append waits behind it.
+    fn commit_group(&mut self, ops: Vec<AppendOp>, alone: bool) {
+        self.forget_indexed();
         let mut group = Group {
             first_position: self.next_position,
             events: Vec::new(),
@@ -1061,39 +1179,37 @@ impl Writer {
             return;
         }
         let start = self.segment.position();
-        if let Err((e, synced)) = self.write(&group) {
-            let health = &self.shared.health;
-            health.write_errors.fetch_add(1, Ordering::Relaxed);
-            health.failing.store(true, Ordering::Release);
-            *health.last_write_error.lock().expect("health lock") = Some(e.to_string());
-            // Nothing of the group may stay behind; when its bytes are back out, the log is
-            // as before the group and the next append is tried as usual (a full disk or a
-            // descriptor shortage passes). Only when they cannot be taken out does the log
-            // stop writing, since its end is then unknown.
-            // An index batch that failed after the sync may be partly applied in sled's
-            // memory, so its positions must not be reused: the log stops writing, and the
-            // next start indexes the synced group again.
-            let undone = if synced {
-                Err(LogError::Storage(
-                    "the group was durable, its index was not".into(),
-                ))
-            } else {
-                self.segment.discard_since(start)
-            };
-            match undone {
-                Ok(()) => {
-                    tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again")
+        let keyed: Vec<bool> = group
+            .events
+            .iter()
+            .map(|e| group.ids.contains_key(e.id.as_str()))
+            .collect();
+        let chunks = match self.write(&group, &keyed) {
+            Ok(chunks) => chunks,
+            Err(e) => {
+                let health = &self.shared.health;
+                health.write_errors.fetch_add(1, Ordering::Relaxed);
+                health.failing.store(true, Ordering::Release);
+                *health.last_write_error.lock().expect("health lock") = Some(e.to_string());
+                // Nothing of the group may stay behind; when its bytes are back out, the log
+                // is as before the group and the next append is tried as usual (a full disk
+                // or a descriptor shortage passes). Only when they cannot be taken out does
+                // the log stop writing, since its end is then unknown.
+                match self.segment.discard_since(start) {
+                    Ok(()) => {
+                        tracing::error!(error = %e, "an append failed on storage and was taken back; later appends are tried again")
+                    }
+                    Err(undo) => {
+                        tracing::error!(error = %e, undo = %undo, "an append failed on storage and could not be taken back; refusing further appends until a restart");
+                        self.shared.poisoned.store(true, Ordering::Release);
+                    }
                 }
-                Err(undo) => {
-                    tracing::error!(error = %e, undo = %undo, "an append failed on storage and could not be taken back; refusing further appends until a restart");
-                    self.shared.poisoned.store(true, Ordering::Release);
+                for s in group.staged {
+                    let _ = s.reply.send(Err(AppendError::Storage(e.clone())));
                 }
+                return;
             }
-            for s in group.staged {
-                let _ = s.reply.send(Err(AppendError::Storage(e.clone())));
-            }
-            return;
-        }
+        };
         if self.shared.health.failing.swap(false, Ordering::AcqRel) {
             *self
                 .shared
@@ -1113,12 +1229,103 @@ impl Writer {
             };
         }
         self.last_timestamp = group.timestamp;
-        self.shared.durable.store(end, Ordering::Release);
-        let published: Vec<Arc<Event>> = group.events.into_iter().map(Arc::new).collect();
-        self.shared.sink.committed(&published);
-        for s in group.staged {
-            let _ = s.reply.send(Ok(s.results));
+        let events: Arc<[Arc<Event>]> = group.events.into_iter().map(Arc::new).collect();
+        if !group.ids.is_empty() {
+            // Until the index thread has put them into sled, the group's ids are answered
+            // from memory; it takes them out once they are there.
+            self.wait_for_pending_room();
+            self.shared
+                .pending_ids
+                .lock()
+                .expect("pending ids lock")
+                .extend(group.ids);
         }
+        if alone && self.indexer.idle_at(group.first_position) {
+            // Nothing to overlap with: a hand-over would only add its wake-up before the
+            // acknowledgement. The ids still go to the index thread.
+            let job = indexer::IndexJob {
+                end,
+                events,
+                keyed,
+                chunks,
+                staged: group.staged,
+                acknowledged: false,
+            };
+            if self.indexer.acknowledge_here(&self.shared, job).is_err() {
+                tracing::error!(
+                    "the log's index thread stopped; refusing further appends until a restart"
+                );
+                self.shared.poisoned.store(true, Ordering::Release);
+            }
+            return;
+        }
+        self.handed.push_back(Handed {
+            first: group.first_position,
+            end,
+            events: events.clone(),
+        });
+        let job = indexer::IndexJob {
+            end,
+            events,
+            keyed,
+            chunks,
+            staged: group.staged,
+            acknowledged: false,
+        };
+        if let Err(job) = self.indexer.send(job) {
+            // The index thread is gone (it panicked): nothing more can be acknowledged.
+            tracing::error!(
+                "the log's index thread stopped; refusing further appends until a restart"
+            );
+            self.shared.poisoned.store(true, Ordering::Release);
+            for s in job.staged {
+                let _ = s.reply.send(Err(poisoned()));
+            }
+        }
+    }
+
+    /// Waits while the ids not yet in sled are at their bound, so they never hold more than
+    /// [`MAX_PENDING_IDS`] in memory.
+    fn wait_for_pending_room(&self) {
+        while self
+            .shared
+            .pending_ids
+            .lock()
+            .expect("pending ids lock")
+            .len()
+            >= MAX_PENDING_IDS
+            && !self.shared.poisoned.load(Ordering::Acquire)
+        {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    /// Forgets the handed groups the index thread has finished.
+    fn forget_indexed(&mut self) {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        while self.handed.front().is_some_and(|h| h.end <= durable) {
+            self.handed.pop_front();
+        }
+    }
+
+    /// Waits until the index thread has indexed every group handed to it (or the log is
+    /// poisoned), so sled alone answers for everything written.
+    fn wait_indexed(&mut self) {
+        while self.shared.durable.load(Ordering::Acquire) < self.next_position
+            && !self.shared.poisoned.load(Ordering::Acquire)
+        {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        self.forget_indexed();
+    }
+
+    /// A handed group not yet indexed holding `position`.
+    fn handed_event(&self, position: u64) -> Option<&Arc<Event>> {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        self.handed
+            .iter()
+            .find(|h| h.end > durable && h.first <= position && position < h.end)
+            .map(|h| &h.events[(position - h.first) as usize])
     }
 
     /// The stream's next version as this group sees it.
@@ -1131,6 +1338,9 @@ impl Writer {
         }
         let v = durable_stream_version(&self.shared, stream)?;
         if self.versions.len() > 1_000_000 {
+            // The cache is what covers streams of groups not yet indexed: sled must hold
+            // them all before it is emptied.
+            self.wait_indexed();
             self.versions.clear();
         }
         self.versions.insert(stream.to_owned(), v);
@@ -1150,6 +1360,7 @@ impl Writer {
         if let Some(p) = group.ids.get(id) {
             return Ok(Some(*p));
         }
+        // Ids of groups not yet in sled are in `pending_ids`, which this asks first.
         self.shared.indexed_id(id)
     }
 
@@ -1180,6 +1391,9 @@ impl Writer {
                 .get((position - group.first_position) as usize)
                 .map(|e| e.stream.to_string())
                 .ok_or_else(stale);
+        }
+        if let Some(e) = self.handed_event(position) {
+            return Ok(e.stream.to_string());
         }
         if !matches!(cached, Some((first, end, _)) if *first <= position && position < *end) {
             let (first, entry) = chunk_at(&self.shared.db, position)?
@@ -1338,12 +1552,17 @@ impl Writer {
         Ok(results)
     }
 
-    /// Makes the group durable and applies its index as one batch. An error says whether
-    /// the group's bytes were already synced (only the index failed).
-    fn write(&mut self, group: &Group) -> Result<(), (LogError, bool)> {
+    /// Makes the group durable (one write, one `fdatasync`) and returns its chunk entries
+    /// for the index; `keyed` says which events' ids are indexed. On error nothing was
+    /// synced.
+    fn write(
+        &mut self,
+        group: &Group,
+        keyed: &[bool],
+    ) -> Result<Vec<([u8; 9], [u8; 20])>, LogError> {
         // Every chunk of the group, back to back: one write, one fdatasync.
         let mut bytes: Vec<u8> = Vec::new();
-        let mut chunks: Vec<(u64, usize, usize, u32)> = Vec::new(); // first, start, len, count
+        let mut chunks: Vec<(u64, usize, u32, u32)> = Vec::new(); // first, start, len, count
         // The open chunk: its events encoded back to back, and where each ends.
         let (mut body, mut ends): (Vec<u8>, Vec<u32>) = (Vec::new(), Vec::new());
         let mut chunk_first = group.first_position;
@@ -1351,79 +1570,57 @@ impl Writer {
                          ends: &mut Vec<u32>,
                          first: u64,
                          bytes: &mut Vec<u8>,
-                         last: bool| {
+                         last: bool|
+         -> Result<(), LogError> {
             let start = bytes.len();
             codec::write_chunk(bytes, first, ends, body, last);
-            chunks.push((first, start, bytes.len() - start, ends.len() as u32));
+            let len = bytes.len() - start;
+            let len = u32::try_from(len)
+                .map_err(|_| LogError::Storage(format!("a chunk of {len} bytes is too large")))?;
+            chunks.push((first, start, len, ends.len() as u32));
             body.clear();
             ends.clear();
+            Ok(())
         };
-        for e in &group.events {
+        for (e, &keyed) in group.events.iter().zip(keyed) {
             let before = body.len();
-            body = codec::encode_event_onto(e, group.ids.contains_key(e.id.as_str()), body);
+            body = codec::encode_event_onto(e, keyed, body);
             if !ends.is_empty()
                 && (ends.len() == codec::CHUNK_MAX_EVENTS || body.len() > codec::CHUNK_MAX_BYTES)
             {
                 // The event opens the next chunk (the buffer is kept for it).
                 let enc = body[before..].to_vec();
                 body.truncate(before);
-                close(&mut body, &mut ends, chunk_first, &mut bytes, false);
+                close(&mut body, &mut ends, chunk_first, &mut bytes, false)?;
                 chunk_first = e.position;
                 body.extend_from_slice(&enc);
             }
             ends.push(body.len() as u32);
         }
-        close(&mut body, &mut ends, chunk_first, &mut bytes, true);
-        let (segment, base) = self.segment.append(&bytes).map_err(|e| (e, false))?;
+        close(&mut body, &mut ends, chunk_first, &mut bytes, true)?;
+        let (segment, base) = self.segment.append(&bytes)?;
         let synced = std::time::Instant::now();
-        self.segment.sync().map_err(|e| (e, false))?;
+        self.segment.sync()?;
         metrics::histogram!(crate::telemetry::FSYNC_SECONDS).record(synced.elapsed());
         metrics::histogram!(crate::telemetry::GROUP_EVENTS).record(group.events.len() as f64);
         metrics::counter!(crate::telemetry::APPENDED_EVENTS).increment(group.events.len() as u64);
         metrics::counter!(crate::telemetry::APPENDED_BYTES).increment(bytes.len() as u64);
-        let mut entries = Vec::with_capacity(chunks.len());
-        for (first, start, len, count) in chunks {
-            let entry = ChunkEntry {
-                location: ChunkLocation {
-                    segment,
-                    offset: base + start as u64,
-                    len: u32::try_from(len).map_err(|_| {
-                        (
-                            LogError::Storage(format!("a chunk of {len} bytes is too large")),
-                            true,
-                        )
-                    })?,
-                },
-                count,
-            };
-            entries.push((codec::event_key(first), entry.encode()));
-        }
-        // Durable already (the segment sync): the index is sled's to flush in the
-        // background, and is rebuilt from the segments if a crash loses it. The stream runs
-        // and ids go first and the chunk entries last, so an index recovered up to some
-        // write never holds a chunk entry whose runs and ids are missing; a group's chunk
-        // entries are written at once (one insert, or one batch over several chunks), so
-        // recovery finds either all of them or none.
-        let mut index = OrderedWrites::default();
-        index_events(
-            &mut index,
-            group
-                .events
-                .iter()
-                .map(|e| (e, group.ids.contains_key(e.id.as_str()))),
-        );
-        let db = &self.shared.db;
-        index.apply(db).map_err(|e| (storage(e), true))?;
-        let applied = if let [(key, value)] = &entries[..] {
-            db.insert(key, &value[..]).map(|_| ())
-        } else {
-            let mut batch = sled::Batch::default();
-            for (key, value) in &entries {
-                batch.insert(&key[..], &value[..]);
-            }
-            db.apply_batch(batch)
-        };
-        applied.map_err(|e| (storage(e), true))
+        // Durable now: the index is the index thread's to write into sled, and sled's to
+        // flush in the background; a crash that loses it has it rebuilt from the segments.
+        Ok(chunks
+            .into_iter()
+            .map(|(first, start, len, count)| {
+                let entry = ChunkEntry {
+                    location: ChunkLocation {
+                        segment,
+                        offset: base + start as u64,
+                        len,
+                    },
+                    count,
+                };
+                (codec::event_key(first), entry.encode())
+            })
+            .collect())
     }
 
     /// Makes sled's index durable, so the next start has nothing to index again.

@@ -196,6 +196,13 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
     // A tombstone the writer has indexed but not yet made durable is not a deletion yet
     // (its runs and chunk entries may still be on their way into the index).
     let durable = shared.durable.load(Ordering::Acquire);
+    // Ids reach sled after their group is acknowledged: an id the index thread put there
+    // after this erasure took it out would name an erased event.
+    while shared.ids_through.load(Ordering::Acquire) < durable
+        && !shared.poisoned.load(Ordering::Acquire)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let tombstone = deletion_of(&shared.db, stream)?
         .filter(|t| *t < durable)
         .ok_or_else(|| LogError::NotDeleted(stream.to_owned()))?;
