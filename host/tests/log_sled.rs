@@ -325,8 +325,8 @@ async fn ids_a_crash_kept_out_of_the_index_are_indexed_again_at_start_up() {
 }
 
 /// Appenders racing with the same client ids, in groups that follow each other before the
-/// earlier ones' ids reach sled: each id is stored once, and every appender is told the
-/// position it got.
+/// earlier ones' ids reach sled: each id is stored once, every appender is told the
+/// position it got, and what it is told of is readable by then.
 #[tokio::test]
 async fn racing_retries_of_the_same_ids_store_each_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -346,6 +346,19 @@ async fn racing_retries_of_the_same_ids_store_each_once() {
                     .append(one("s", ExpectedVersion::Any, events))
                     .await
                     .unwrap();
+                // What an appender is told of is readable when it is told, retry or not.
+                let first = log.find(&format!("race-{}", b * 200)).await.unwrap();
+                assert_eq!(first, Some(r[0].positions[0]));
+                let page = log
+                    .read(r[0].positions[199], 1, &ReadFilter::default())
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    page.events.len(),
+                    1,
+                    "position {} readable",
+                    r[0].positions[199]
+                );
                 told.extend((b * 200..b * 200 + 200).zip(r[0].positions.clone()));
             }
             told

@@ -13,7 +13,8 @@
 //!    there, every id lookup answers them from memory (`pending_ids`).
 //!
 //! Steps 2 and 3 run on the index thread (`indexer`), beside the writer's sync of the next
-//! group; a group with nothing behind it has step 2 done by the writer itself. Nothing
+//! group; a group with nothing behind it, once every group before it is acknowledged, has
+//! step 2 done by the writer itself. Nothing
 //! waits for sled's disk: sled flushes its index in the background (every 500 ms). At
 //! start-up the ids from the index's ids-indexed record to its last chunk entry are indexed
 //! again, chunks in the segments past the last chunk entry are verified and indexed, so an
@@ -518,13 +519,26 @@ fn reindex_ids(db: &sled::Db, dir: &Path, indexed_end: u64) -> Result<(), LogErr
     while position < indexed_end {
         let (first, entry) = chunk_at(db, position)?
             .ok_or_else(|| LogError::Corrupt(format!("no chunk holds position {position}")))?;
-        let bytes = segments.read(entry.location)?;
-        let chunk = Chunk::parse(first, &bytes).map_err(|e| {
-            LogError::Corrupt(format!(
-                "indexing ids again at start-up: {e}; {}",
-                damaged_chunk(first, entry)
-            ))
-        })?;
+        let end = first + u64::from(entry.count);
+        if end <= position {
+            return Err(LogError::Corrupt(format!(
+                "the index's chunk entries leave a gap at position {position}"
+            )));
+        }
+        // A damaged chunk keeps the log open, as it does past this step: the background
+        // check reports it in `/health`, and `evhost log repair` moves it aside.
+        let chunk = match segments.read(entry.location).and_then(|bytes| {
+            Chunk::parse(first, &bytes)?;
+            Ok(bytes)
+        }) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(error = %e, damage = %damaged_chunk(first, entry), "a chunk whose ids are indexed again at start-up cannot be read; its ids are left out");
+                position = end;
+                continue;
+            }
+        };
+        let chunk = Chunk::parse_checked(first, &chunk)?;
         let mut events = Vec::new();
         for p in position..chunk.end() {
             events.push(chunk.event_keyed(p, &mut types)?);
@@ -546,8 +560,8 @@ fn reindex_ids(db: &sled::Db, dir: &Path, indexed_end: u64) -> Result<(), LogErr
     Ok(())
 }
 
-/// Where index entries go: a sled batch when recovery rebuilds the index, the writer's
-/// [`OrderedWrites`] on the acknowledgement path.
+/// Where index entries go: a sled batch when recovery rebuilds the index, the index
+/// thread's [`OrderedWrites`] for each new group.
 trait IndexSink {
     fn insert(&mut self, key: impl AsRef<[u8]>, value: &[u8]);
     fn remove(&mut self, key: impl AsRef<[u8]>);
@@ -567,8 +581,9 @@ impl IndexSink for sled::Batch {
 /// Not a sled `Batch`: sled writes out and `sync_file_range`s its IO buffers around every
 /// batch, which put two to four synchronous disk waits on each acknowledgement. Single
 /// inserts only fill the buffer, which sled's flusher writes in the background. Atomicity
-/// is not needed: sled recovers a prefix of its writes, the writer adds each group's chunk
-/// entries last, and recovery re-indexes every group after the last chunk entry found.
+/// is not needed: sled recovers a prefix of its writes; each group's runs go in before its
+/// chunk entries and its ids after them, followed by the ids-indexed record; recovery
+/// indexes again the ids past that record and every group after the last chunk entry.
 #[derive(Default)]
 struct OrderedWrites(Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
@@ -1097,7 +1112,21 @@ struct Handed {
 /// What one append became before the group is committed.
 struct Staged {
     reply: Reply,
-    results: Vec<Appended>,
+    /// Its results, or why it was refused before anything was written.
+    results: Result<Vec<Appended>, AppendError>,
+}
+
+impl Staged {
+    /// Answers the appender: with its results once the group is acknowledged, or with its
+    /// own refusal.
+    fn answer(self) {
+        let _ = self.reply.send(self.results);
+    }
+
+    /// Answers with `error` unless the append was refused already (its own refusal stands).
+    fn fail(self, error: AppendError) {
+        let _ = self.reply.send(self.results.and(Err(error)));
+    }
 }
 
 /// State of one group while its appends are checked and staged.
@@ -1161,21 +1190,38 @@ impl Writer {
             staged: Vec::new(),
         };
         for mut op in ops {
-            match self.stage(&mut group, &mut op.groups, op.index_ids) {
-                Ok(results) => group.staged.push(Staged {
-                    reply: op.reply,
-                    results,
-                }),
-                Err(e) => {
-                    let _ = op.reply.send(Err(e));
-                }
-            }
+            // Answered in log order, after every group before: a retry told its original
+            // position, or a conflict told the current version, can then read what it was
+            // told of.
+            let results = self.stage(&mut group, &mut op.groups, op.index_ids);
+            group.staged.push(Staged {
+                reply: op.reply,
+                results,
+            });
         }
         if group.events.is_empty() {
-            // Only duplicates (or rejects): nothing to write.
-            for s in group.staged {
-                let _ = s.reply.send(Ok(s.results));
+            // Only duplicates (or rejects): nothing to write. Answered at once unless a
+            // group before is still on its way to its acknowledgement.
+            if self.indexer.idle_at(group.first_position) {
+                group.staged.into_iter().for_each(Staged::answer);
+            } else {
+                let job = indexer::IndexJob {
+                    end: group.first_position,
+                    events: Arc::from(Vec::new()),
+                    keyed: Vec::new(),
+                    chunks: Vec::new(),
+                    staged: group.staged,
+                    acknowledged: false,
+                };
+                if let Err(job) = self.indexer.send(job) {
+                    self.index_thread_gone(job);
+                }
             }
+            return;
+        }
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            // An index write failed while this group was staged.
+            group.staged.into_iter().for_each(|s| s.fail(poisoned()));
             return;
         }
         let start = self.segment.position();
@@ -1205,12 +1251,15 @@ impl Writer {
                     }
                 }
                 for s in group.staged {
-                    let _ = s.reply.send(Err(AppendError::Storage(e.clone())));
+                    s.fail(AppendError::Storage(e.clone()));
                 }
                 return;
             }
         };
-        if self.shared.health.failing.swap(false, Ordering::AcqRel) {
+        // Not when poisoned meanwhile: the index thread's error stays in `/health`.
+        if !self.shared.poisoned.load(Ordering::Acquire)
+            && self.shared.health.failing.swap(false, Ordering::AcqRel)
+        {
             *self
                 .shared
                 .health
@@ -1251,11 +1300,8 @@ impl Writer {
                 staged: group.staged,
                 acknowledged: false,
             };
-            if self.indexer.acknowledge_here(&self.shared, job).is_err() {
-                tracing::error!(
-                    "the log's index thread stopped; refusing further appends until a restart"
-                );
-                self.shared.poisoned.store(true, Ordering::Release);
+            if let Err(job) = self.indexer.acknowledge_here(&self.shared, job) {
+                self.index_thread_gone(job);
             }
             return;
         }
@@ -1273,15 +1319,16 @@ impl Writer {
             acknowledged: false,
         };
         if let Err(job) = self.indexer.send(job) {
-            // The index thread is gone (it panicked): nothing more can be acknowledged.
-            tracing::error!(
-                "the log's index thread stopped; refusing further appends until a restart"
-            );
-            self.shared.poisoned.store(true, Ordering::Release);
-            for s in job.staged {
-                let _ = s.reply.send(Err(poisoned()));
-            }
+            self.index_thread_gone(job);
         }
+    }
+
+    /// The index thread is gone (it panicked): nothing more can be acknowledged, and the
+    /// ids it had not put into sled stay answered from memory until a restart.
+    fn index_thread_gone(&self, job: indexer::IndexJob) {
+        tracing::error!("the log's index thread stopped; refusing further appends until a restart");
+        self.shared.poisoned.store(true, Ordering::Release);
+        job.staged.into_iter().for_each(|s| s.fail(poisoned()));
     }
 
     /// Waits while the ids not yet in sled are at their bound, so they never hold more than
@@ -1341,6 +1388,12 @@ impl Writer {
             // The cache is what covers streams of groups not yet indexed: sled must hold
             // them all before it is emptied.
             self.wait_indexed();
+            if self.shared.poisoned.load(Ordering::Acquire) {
+                // Groups whose runs never reached sled are known only to the cache.
+                return Err(LogError::Storage(
+                    "an earlier write failed and could not be taken back; restart the host".into(),
+                ));
+            }
             self.versions.clear();
         }
         self.versions.insert(stream.to_owned(), v);

@@ -195,6 +195,12 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
     finish_pending(&shared.config.path, &shared.db, &shared.segments)?;
     // A tombstone the writer has indexed but not yet made durable is not a deletion yet
     // (its runs and chunk entries may still be on their way into the index).
+    if shared.poisoned.load(Ordering::Acquire) {
+        return Err(LogError::Storage(
+            "the log refuses writes after a write it could not take back; restart the host, then erase"
+                .into(),
+        ));
+    }
     let durable = shared.durable.load(Ordering::Acquire);
     // Ids reach sled after their group is acknowledged: an id the index thread put there
     // after this erasure took it out would name an erased event.

@@ -11,9 +11,11 @@
 //! `MAX_PENDING_IDS`; the writer waits at that bound), so an acknowledged id is always
 //! found. Readers and subscribers see what they did before: a group's positions become
 //! readable (`durable`), are published and are acknowledged only once its chunk entries
-//! are in sled, in log order. The writer stays at most [`QUEUED`] groups ahead and keeps
-//! the groups whose chunk entries are not in sled yet, so its checks of stored ids' streams
-//! see them. A group with nothing queued behind it, while no group waits here for its
+//! are in sled, in log order. The writer hands over at most [`QUEUED`] groups beyond the
+//! one this thread works on (then it waits), and keeps the groups whose chunk entries are
+//! not in sled yet, so its checks of stored ids' streams see them. An append that wrote
+//! nothing (all retries) waits here behind the groups before it, so what it is told of is
+//! readable when it is told. A group with nothing queued behind it, while no group waits here for its
 //! acknowledgement, is acknowledged by the writer itself, so a lone appender pays no
 //! hand-over between threads; its ids still come here.
 
@@ -64,12 +66,20 @@ impl Indexer {
         let thread = std::thread::Builder::new()
             .name("evhost-log-index".into())
             .spawn(move || {
+                let _poison = PoisonOnPanic(&shared);
+                let mut recorded = head;
                 while let Ok(mut job) = rx.recv() {
                     if !job.acknowledged {
                         acknowledge(&shared, &mut job);
                         done.store(job.end, Ordering::Release);
                     }
-                    index_ids(&shared, &job);
+                    index_ids(&shared, &job, &mut recorded);
+                }
+                // Closing: the record covers everything, so the next start indexes nothing
+                // again.
+                let through = shared.ids_through.load(Ordering::Acquire);
+                if through > recorded && !shared.poisoned.load(Ordering::Acquire) {
+                    let _ = record(&shared, through);
                 }
             })
             .map_err(|e| LogError::Storage(format!("cannot start the log's index thread: {e}")))?;
@@ -112,8 +122,27 @@ impl Indexer {
     /// Waits until every group handed over is acknowledged and its ids are in sled.
     pub(super) fn stop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::warn!(
+                "the log's index thread had panicked; the next start indexes again what it had not"
+            );
+        }
+    }
+}
+
+/// Stops appends if the index thread unwinds: nothing it held can be acknowledged, and
+/// the writer's and an erasure's waits for it give up once the log is poisoned.
+struct PoisonOnPanic<'a>(&'a Shared);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "the log's index thread panicked; refusing further appends until a restart"
+            );
+            self.0.poisoned.store(true, Ordering::Release);
         }
     }
 }
@@ -126,22 +155,22 @@ fn acknowledge(shared: &Shared, job: &mut IndexJob) {
         // Durable in the segment, but an earlier group's index failed: the next start
         // indexes both again from the segments.
         for s in staged {
-            let _ = s.reply.send(Err(poisoned()));
+            s.fail(poisoned());
         }
         return;
     }
     match apply_runs(shared, job) {
         Ok(()) => {
-            shared.durable.store(job.end, Ordering::Release);
-            shared.sink.committed(&job.events);
-            for s in staged {
-                let _ = s.reply.send(Ok(s.results));
+            shared.durable.fetch_max(job.end, Ordering::AcqRel);
+            if !job.events.is_empty() {
+                shared.sink.committed(&job.events);
             }
+            staged.into_iter().for_each(Staged::answer);
         }
         Err(e) => {
             failed(shared, &e);
             for s in staged {
-                let _ = s.reply.send(Err(AppendError::Storage(e.clone())));
+                s.fail(AppendError::Storage(e.clone()));
             }
         }
     }
@@ -172,7 +201,7 @@ fn apply_runs(shared: &Shared, job: &IndexJob) -> Result<(), LogError> {
     index.apply(db).map_err(storage)?;
     if let [(key, value)] = &job.chunks[..] {
         db.insert(key, &value[..]).map_err(storage)?;
-    } else {
+    } else if !job.chunks.is_empty() {
         let mut batch = sled::Batch::default();
         for (key, value) in &job.chunks {
             batch.insert(&key[..], &value[..]);
@@ -182,11 +211,35 @@ fn apply_runs(shared: &Shared, job: &IndexJob) -> Result<(), LogError> {
     Ok(())
 }
 
-/// Puts an acknowledged group's ids into sled, then [`codec::IDS_INDEXED_KEY`] past them,
-/// and only then takes them out of the ids answered from memory.
-fn index_ids(shared: &Shared, job: &IndexJob) {
-    if !job.keyed.iter().any(|k| *k) || shared.poisoned.load(Ordering::Acquire) {
-        shared.ids_through.store(job.end, Ordering::Release);
+/// Groups without client ids move [`codec::IDS_INDEXED_KEY`] at least this often, so a
+/// start after a crash indexes at most this many positions again for nothing.
+const RECORD_EVERY: u64 = 64 * 1024;
+
+/// Writes [`codec::IDS_INDEXED_KEY`]: every id before `through` is in sled.
+fn record(shared: &Shared, through: u64) -> sled::Result<()> {
+    shared
+        .db
+        .insert(codec::IDS_INDEXED_KEY, &through.to_be_bytes()[..])
+        .map(|_| ())
+}
+
+/// Puts an acknowledged group's ids into sled, then [`codec::IDS_INDEXED_KEY`] past them
+/// (`recorded` is where it stands), and only then takes them out of the ids answered from
+/// memory.
+fn index_ids(shared: &Shared, job: &IndexJob, recorded: &mut u64) {
+    if shared.poisoned.load(Ordering::Acquire) {
+        shared.ids_through.fetch_max(job.end, Ordering::AcqRel);
+        return;
+    }
+    if !job.keyed.iter().any(|k| *k) {
+        if job.end >= *recorded + RECORD_EVERY {
+            if let Err(e) = record(shared, job.end) {
+                failed(shared, &storage(e));
+                return;
+            }
+            *recorded = job.end;
+        }
+        shared.ids_through.fetch_max(job.end, Ordering::AcqRel);
         return;
     }
     let mut index = OrderedWrites::default();
@@ -195,23 +248,21 @@ fn index_ids(shared: &Shared, job: &IndexJob) {
         job.events.iter().zip(&job.keyed).map(|(e, k)| (&**e, *k)),
         Entries::Ids,
     );
-    let written = index.apply(&shared.db).and_then(|()| {
-        shared
-            .db
-            .insert(codec::IDS_INDEXED_KEY, &job.end.to_be_bytes()[..])
-            .map(|_| ())
-    });
+    let written = index
+        .apply(&shared.db)
+        .and_then(|()| record(shared, job.end));
     if let Err(e) = written {
         // Acknowledged already and durable in the segment: the ids stay answered from
         // memory, and the next start indexes them again from the segments.
         failed(shared, &storage(e));
         return;
     }
+    *recorded = job.end;
     {
         let mut pending = shared.pending_ids.lock().expect("pending ids lock");
         for (e, _) in job.events.iter().zip(&job.keyed).filter(|(_, k)| **k) {
             pending.remove(e.id.as_str());
         }
     }
-    shared.ids_through.store(job.end, Ordering::Release);
+    shared.ids_through.fetch_max(job.end, Ordering::AcqRel);
 }
