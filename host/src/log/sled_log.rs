@@ -532,15 +532,25 @@ fn reindex_ids(db: &sled::Db, dir: &Path, indexed_end: u64) -> Result<(), LogErr
             Ok(bytes)
         }) {
             Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::error!(error = %e, damage = %damaged_chunk(first, entry), "a chunk whose ids are indexed again at start-up cannot be read; its ids are left out");
+            // Only damage: a segment that cannot be opened now (descriptors, permissions)
+            // fails the open, to be tried again, rather than lose the chunk's ids for good.
+            Err(e @ LogError::Corrupt(_)) => {
+                tracing::error!(error = %e, damage = %damaged_chunk(first, entry), "a chunk whose ids are indexed again at start-up is damaged; its ids are left out");
                 position = end;
                 continue;
             }
+            Err(e) => return Err(e),
         };
         let chunk = Chunk::parse_checked(first, &chunk)?;
+        if chunk.end() != end {
+            return Err(LogError::Corrupt(format!(
+                "the index's chunk entry at position {first} counts {} events, its chunk {}",
+                entry.count,
+                chunk.end() - first
+            )));
+        }
         let mut events = Vec::new();
-        for p in position..chunk.end() {
+        for p in position..end {
             events.push(chunk.event_keyed(p, &mut types)?);
         }
         count += events.len() as u64;
@@ -549,7 +559,7 @@ fn reindex_ids(db: &sled::Db, dir: &Path, indexed_end: u64) -> Result<(), LogErr
             events.iter().map(|(e, k)| (e, *k)),
             Entries::Ids,
         );
-        position = chunk.end();
+        position = end;
     }
     db.apply_batch(batch).map_err(storage)?;
     tracing::info!(
@@ -1202,7 +1212,9 @@ impl Writer {
         if group.events.is_empty() {
             // Only duplicates (or rejects): nothing to write. Answered at once unless a
             // group before is still on its way to its acknowledgement.
-            if self.indexer.idle_at(group.first_position) {
+            if self.indexer.idle_at(group.first_position)
+                && !self.shared.poisoned.load(Ordering::Acquire)
+            {
                 group.staged.into_iter().for_each(Staged::answer);
             } else {
                 let job = indexer::IndexJob {
@@ -1289,27 +1301,14 @@ impl Writer {
                 .expect("pending ids lock")
                 .extend(group.ids);
         }
-        if alone && self.indexer.idle_at(group.first_position) {
-            // Nothing to overlap with: a hand-over would only add its wake-up before the
-            // acknowledgement. The ids still go to the index thread.
-            let job = indexer::IndexJob {
+        let inline = alone && self.indexer.idle_at(group.first_position);
+        if !inline {
+            self.handed.push_back(Handed {
+                first: group.first_position,
                 end,
-                events,
-                keyed,
-                chunks,
-                staged: group.staged,
-                acknowledged: false,
-            };
-            if let Err(job) = self.indexer.acknowledge_here(&self.shared, job) {
-                self.index_thread_gone(job);
-            }
-            return;
+                events: events.clone(),
+            });
         }
-        self.handed.push_back(Handed {
-            first: group.first_position,
-            end,
-            events: events.clone(),
-        });
         let job = indexer::IndexJob {
             end,
             events,
@@ -1318,7 +1317,14 @@ impl Writer {
             staged: group.staged,
             acknowledged: false,
         };
-        if let Err(job) = self.indexer.send(job) {
+        let handed = if inline {
+            // Nothing to overlap with: a hand-over would only add its wake-up before the
+            // acknowledgement. The ids still go to the index thread.
+            self.indexer.acknowledge_here(&self.shared, job)
+        } else {
+            self.indexer.send(job)
+        };
+        if let Err(job) = handed {
             self.index_thread_gone(job);
         }
     }
@@ -1390,9 +1396,7 @@ impl Writer {
             self.wait_indexed();
             if self.shared.poisoned.load(Ordering::Acquire) {
                 // Groups whose runs never reached sled are known only to the cache.
-                return Err(LogError::Storage(
-                    "an earlier write failed and could not be taken back; restart the host".into(),
-                ));
+                return Err(LogError::Storage(poisoned_message().into()));
             }
             self.versions.clear();
         }
@@ -1686,8 +1690,10 @@ impl Writer {
     }
 }
 
+fn poisoned_message() -> &'static str {
+    "an earlier write failed and could not be taken back, so the log's end is unknown; restart the host (it checks the segments at start-up)"
+}
+
 fn poisoned() -> AppendError {
-    AppendError::Storage(LogError::Storage(
-        "an earlier write failed and could not be taken back, so the log's end is unknown; restart the host (it checks the segments at start-up)".into(),
-    ))
+    AppendError::Storage(LogError::Storage(poisoned_message().into()))
 }

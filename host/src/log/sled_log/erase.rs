@@ -193,14 +193,6 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
     let _one = ERASING.lock().unwrap_or_else(|e| e.into_inner());
     // An intent a failed apply left behind is finished first, never overwritten.
     finish_pending(&shared.config.path, &shared.db, &shared.segments)?;
-    // A tombstone the writer has indexed but not yet made durable is not a deletion yet
-    // (its runs and chunk entries may still be on their way into the index).
-    if shared.poisoned.load(Ordering::Acquire) {
-        return Err(LogError::Storage(
-            "the log refuses writes after a write it could not take back; restart the host, then erase"
-                .into(),
-        ));
-    }
     let durable = shared.durable.load(Ordering::Acquire);
     // Ids reach sled after their group is acknowledged: an id the index thread put there
     // after this erasure took it out would name an erased event.
@@ -209,6 +201,16 @@ pub(super) fn erase_stream(shared: &Shared, stream: &str) -> Result<Erased, LogE
     {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    if shared.poisoned.load(Ordering::Acquire) {
+        // Ids that never reached sled stay answered from memory: erasing their events
+        // would leave them naming erased positions.
+        return Err(LogError::Storage(
+            "the log refuses writes after a write it could not take back; restart the host, then erase"
+                .into(),
+        ));
+    }
+    // A tombstone the writer has indexed but not yet made durable is not a deletion yet
+    // (its runs and chunk entries may still be on their way into the index).
     let tombstone = deletion_of(&shared.db, stream)?
         .filter(|t| *t < durable)
         .ok_or_else(|| LogError::NotDeleted(stream.to_owned()))?;

@@ -14,8 +14,8 @@
 //! are in sled, in log order. The writer hands over at most [`QUEUED`] groups beyond the
 //! one this thread works on (then it waits), and keeps the groups whose chunk entries are
 //! not in sled yet, so its checks of stored ids' streams see them. An append that wrote
-//! nothing (all retries) waits here behind the groups before it, so what it is told of is
-//! readable when it is told. A group with nothing queued behind it, while no group waits here for its
+//! nothing (all retries, or refused) waits here behind the groups before it, so what it
+//! is told of is readable when it is told. A group with nothing queued behind it, while no group waits here for its
 //! acknowledgement, is acknowledged by the writer itself, so a lone appender pays no
 //! hand-over between threads; its ids still come here.
 
@@ -71,7 +71,9 @@ impl Indexer {
                 while let Ok(mut job) = rx.recv() {
                     if !job.acknowledged {
                         acknowledge(&shared, &mut job);
-                        done.store(job.end, Ordering::Release);
+                        // Never back: an empty job ends where the writer may have
+                        // acknowledged a later group itself.
+                        done.fetch_max(job.end, Ordering::AcqRel);
                     }
                     index_ids(&shared, &job, &mut recorded);
                 }
